@@ -1,0 +1,1 @@
+"""Sub-commands of the ``mcsd`` command line (see mcsd.cli)."""
