@@ -1,0 +1,257 @@
+"""The decoding loop (DESIGN section 1): draft a token tree, verify it in one target forward,
+accept a path losslessly, commit it to both KV caches.
+
+Invariants between steps (``committed`` = prompt + generated tokens):
+- the target's cache holds ``committed[:-1]``; the last token is *pending* (position ``L``);
+- the draft's cache holds a prefix of ``committed``; ``draft_uncached`` is the rest (it always
+  ends with the pending token, and sometimes starts with an accepted leaf the draft never ran).
+
+One step:
+1. DRAFT   one draft forward per tree level: level 0 runs ``draft_uncached`` and gives q at the
+           root; level d runs every depth-d node that has children, with the tree mask. Children
+           are sampled from q (or taken as the draft's top-k for deterministic rules).
+2. VERIFY  one target forward over [pending, nodes...] with the tree mask; p for every node.
+3. ACCEPT  ``verify_tree`` walks the tree with the rule: accepted path + correction/bonus token.
+4. COMMIT  both caches keep the prefix and the accepted path; stop at EOS / max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.models.base import SpecModel, causal_mask
+from mcsd.sampling import sample_candidates, warp
+from mcsd.stats import StepRecord
+from mcsd.tree import ROOT, TokenTree
+from mcsd.verify import verify_tree
+
+RULES_WITH_Q = ("sps", "mcss", "mcss-wor")  # rules that read the draft distribution q
+DETERMINISTIC_RULES = ("topk", "greedy")  # children are the draft's top-k, not samples
+
+
+@dataclass(frozen=True)
+class Step:
+    tokens: tuple[int, ...]  # tokens committed by this step
+    record: StepRecord
+    finish_reason: str | None  # "stop" (a stop token), "length", or None (not finished)
+
+
+def speculative_decode(
+    target: SpecModel,
+    draft: SpecModel,
+    prompt_ids: list[int],
+    spec: SpecConfig,
+    *,
+    vocab_size: int,
+    stop_token_ids: frozenset[int] = frozenset(),
+) -> Iterator[Step]:
+    """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``.
+
+    ``vocab_size`` is the common vocabulary: logits of both models are cut to it, so padding
+    ids beyond the tokenizer are never sampled.
+    """
+    tree: TokenTree = spec.token_tree()
+    rule = spec.resolved_rule()
+    max_new_tokens = _check_lengths(target, draft, prompt_ids, spec, tree)
+    if max(len(tree.children(u)) for u in (ROOT, *range(tree.num_nodes))) > vocab_size:
+        raise ValueError(
+            f"tree {tree.describe()} has more children per node than {vocab_size} tokens"
+        )
+    device = target.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
+    drafter = _Drafter(draft, tree, spec.draft_sampling, rule, vocab_size, generator)
+    verify_mask = _tree_mask(tree, device)  # [N+1, N+1]
+    offsets = torch.tensor([0, *tree.depth], device=device)  # [N+1] positions after the root
+
+    committed = list(prompt_ids)
+    target.reset()
+    draft.reset()
+    _prefill(target, committed[:-1])
+    _prefill(draft, committed[:-1])
+    draft_uncached = committed[-1:]
+    produced = 0
+    while True:
+        cache = len(committed) - 1  # the pending token sits at position `cache`
+        started = time.perf_counter()
+        node_tokens, q = drafter.draft(draft_uncached, cache)  # [N], [N+1, V]
+        drafted = time.perf_counter()
+
+        tokens = torch.tensor([[committed[-1], *node_tokens.tolist()]], device=device)  # [1, N+1]
+        mask = torch.cat(
+            [torch.ones(tree.num_nodes + 1, cache, dtype=torch.bool, device=device), verify_mask], 1
+        )[None]  # [1, N+1, cache + N+1]
+        logits = target.forward(tokens, (cache + offsets)[None], mask)[0, :, :vocab_size]
+        p = warp(logits, spec.target)  # [N+1, V]
+        result = verify_tree(
+            tree, node_tokens, p, q if rule in RULES_WITH_Q else None, rule, generator
+        )
+        verified = time.perf_counter()
+
+        accepted = list(result.accepted)
+        target.compact(cache + 1, torch.tensor([[cache + 1 + a for a in accepted]], device=device))
+        draft_uncached = [*drafter.commit(cache, accepted, node_tokens), result.token]
+        new_tokens = [int(node_tokens[a]) for a in accepted] + [result.token]
+        new_tokens, finish_reason = _truncate(new_tokens, max_new_tokens - produced, stop_token_ids)
+        if finish_reason is None and produced + len(new_tokens) >= max_new_tokens:
+            finish_reason = "length"
+        committed += new_tokens
+        produced += len(new_tokens)
+        record = StepRecord(
+            accepted=len(accepted),
+            emitted=len(new_tokens),
+            attempted=len(accepted) + (0 if result.bonus else 1),
+            ranks=result.ranks,
+            tree_size=tree.num_nodes,
+            draft_time=drafted - started,
+            target_time=verified - drafted,
+        )
+        yield Step(tuple(new_tokens), record, finish_reason)
+        if finish_reason is not None:
+            return
+
+
+class _Drafter:
+    """Grows the token tree with the draft model, one forward per level, and tracks which tree
+    nodes the draft's cache holds so the accepted path can be kept after verification."""
+
+    def __init__(
+        self,
+        model: SpecModel,
+        tree: TokenTree,
+        sampling: SamplingConfig,
+        rule: str,
+        vocab_size: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.model = model
+        self.tree = tree
+        self.sampling = sampling
+        self.deterministic = rule in DETERMINISTIC_RULES or sampling.greedy
+        self.replacement = rule != "mcss-wor"
+        self.vocab_size = vocab_size
+        self.generator = generator
+        self.mask = tree.ancestor_mask(model.device)  # [N, N]
+        self.slots: dict[int, int] = {}  # tree node -> draft cache position, this step
+
+    def draft(self, uncached: list[int], cache: int) -> tuple[Tensor, Tensor]:
+        """Returns the node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u;
+        rows of nodes without children stay zero)."""
+        tree, device, n = self.tree, self.model.device, len(uncached)
+        start = self.model.cache_length
+        assert start + n == cache + 1, "draft cache out of step with the committed tokens"
+        tokens = torch.tensor([uncached], device=device)  # [1, n]
+        positions = torch.arange(start, start + n, device=device)[None]  # [1, n]
+        logits = self.model.forward(tokens, positions, causal_mask(1, start, n, device))
+        q = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
+        row_logits = {ROOT: logits[0, -1, : self.vocab_size]}
+        q[0] = warp(row_logits[ROOT], self.sampling)
+        node_tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)  # [N]
+        self.slots = {}
+        for level in tree.levels:
+            parents = sorted({tree.parents[u] for u in level})
+            for parent in parents:
+                children = list(tree.children(parent))
+                node_tokens[children] = self._pick(row_logits[parent], q[parent + 1], len(children))
+            run = [u for u in level if tree.children(u)]
+            if not run:
+                continue
+            base = self.model.cache_length
+            slotted = list(self.slots)  # nodes in the draft cache, in cache order
+            level_mask = torch.zeros(len(run), base + len(run), dtype=torch.bool, device=device)
+            level_mask[:, : cache + 1] = True  # committed tokens
+            level_mask[:, cache + 1 : base] = self.mask[run][:, slotted]  # ancestors in the tree
+            level_mask[:, base:] = torch.eye(len(run), dtype=torch.bool, device=device)  # itself
+            positions = torch.tensor([[cache + tree.depth[u] for u in run]], device=device)
+            out = self.model.forward(node_tokens[run][None], positions, level_mask[None])
+            for j, u in enumerate(run):
+                self.slots[u] = base + j
+                row_logits[u] = out[0, j, : self.vocab_size]
+                q[u + 1] = warp(row_logits[u], self.sampling)
+        return node_tokens, q
+
+    def _pick(self, logits: Tensor, q: Tensor, k: int) -> Tensor:
+        """k children: the draft's top-k, or k samples from q (with or without replacement)."""
+        if self.deterministic:
+            return torch.topk(logits, k).indices
+        if self.replacement:
+            return sample_candidates(q, k, replacement=True, generator=self.generator)
+        support = int((q > 0).sum())
+        if support >= k:
+            return sample_candidates(q, k, replacement=False, generator=self.generator)
+        # Fewer than k tokens have draft mass (top-k / top-p / a peaked draft): draw them all,
+        # then pad with zero-mass tokens, which the rule rejects without changing p (lossless).
+        drawn = sample_candidates(q, support, replacement=False, generator=self.generator)
+        padding = torch.nonzero(q == 0).flatten()[: k - support]
+        return torch.cat([drawn, padding])
+
+    def commit(self, cache: int, accepted: list[int], node_tokens: Tensor) -> list[int]:
+        """Keep the accepted nodes the draft ran; return the accepted tokens it has not run."""
+        kept = [a for a in accepted if a in self.slots]
+        assert kept == accepted[: len(kept)], "only the accepted leaf can be missing"
+        index = torch.tensor(
+            [[self.slots[a] for a in kept]], dtype=torch.long, device=self.model.device
+        )
+        self.model.compact(cache + 1, index)
+        return [int(node_tokens[a]) for a in accepted[len(kept) :]]
+
+
+def _tree_mask(tree: TokenTree, device: torch.device) -> Tensor:
+    """Boolean ``[N+1, N+1]`` mask over [pending root, nodes]: everyone sees the root, nodes see
+    their ancestors and themselves."""
+    n = tree.num_nodes
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool, device=device)
+    mask[:, 0] = True
+    mask[1:, 1:] = tree.ancestor_mask(device)
+    return mask
+
+
+def _prefill(model: SpecModel, tokens: list[int]) -> None:
+    if not tokens:
+        return
+    device = model.device
+    ids = torch.tensor([tokens], device=device)  # [1, T]
+    positions = torch.arange(len(tokens), device=device)[None]  # [1, T]
+    model.forward(ids, positions, causal_mask(1, 0, len(tokens), device))
+
+
+def _truncate(
+    tokens: list[int], budget: int, stop_token_ids: frozenset[int]
+) -> tuple[list[int], str | None]:
+    """Cut ``tokens`` after the first stop token (kept, as Hugging Face does) or at ``budget``."""
+    for i, token in enumerate(tokens[:budget]):
+        if token in stop_token_ids:
+            return tokens[: i + 1], "stop"
+    if len(tokens) >= budget:
+        return tokens[:budget], "length"
+    return tokens, None
+
+
+def _check_lengths(
+    target: SpecModel, draft: SpecModel, prompt_ids: list[int], spec: SpecConfig, tree: TokenTree
+) -> int:
+    """Validate the prompt against the context limits; return the usable max_new_tokens."""
+    if not prompt_ids:
+        raise ValueError("prompt must contain at least one token")
+    limits = [m.max_context for m in (target, draft) if m.max_context is not None]
+    if not limits:
+        return spec.max_new_tokens
+    context = min(limits)
+    if len(prompt_ids) >= context:
+        raise ValueError(
+            f"prompt has {len(prompt_ids)} tokens, at or beyond the model context of {context}"
+        )
+    # Each step needs positions up to (committed - 1) + max_depth.
+    room = context - len(prompt_ids) - tree.max_depth
+    if room < 1:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens leaves no room for tree depth {tree.max_depth} "
+            f"within the model context of {context}"
+        )
+    return min(spec.max_new_tokens, room)
