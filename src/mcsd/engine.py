@@ -117,9 +117,19 @@ def speculative_decode(
             return
 
 
+@dataclass(frozen=True)
+class _Level:
+    """What the drafter does at one tree depth; static for a given tree."""
+
+    groups: tuple[tuple[int, tuple[int, ...]], ...]  # (parent, its children) to pick now
+    run: tuple[int, ...]  # nodes of this depth that have children: run through the draft
+    tree_mask: Tensor  # [len(run), slots before + len(run)] bool, over the tree part of the cache
+    offsets: Tensor  # [len(run)] long, position of each run node relative to the root
+
+
 class _Drafter:
-    """Grows the token tree with the draft model, one forward per level, and tracks which tree
-    nodes the draft's cache holds so the accepted path can be kept after verification."""
+    """Grows the token tree with the draft model, one forward per level. The draft's cache
+    holds, after the committed tokens, every node that has children, in BFS order (its slot)."""
 
     def __init__(
         self,
@@ -137,8 +147,25 @@ class _Drafter:
         self.replacement = rule != "mcss-wor"
         self.vocab_size = vocab_size
         self.generator = generator
-        self.mask = tree.ancestor_mask(model.device)  # [N, N]
-        self.slots: dict[int, int] = {}  # tree node -> draft cache position, this step
+        device = model.device
+        ancestors = tree.ancestor_mask(device)  # [N, N]
+        inner = [u for u in range(tree.num_nodes) if tree.children(u)]
+        self.slot = {u: i for i, u in enumerate(inner)}  # node -> index after the committed
+        self.levels: list[_Level] = []
+        for level in tree.levels:
+            parents = dict.fromkeys(tree.parents[u] for u in level)
+            run = tuple(u for u in level if tree.children(u))
+            before = [u for u in inner if u < level.start]
+            mask = torch.cat(
+                [
+                    ancestors[list(run)][:, before],
+                    torch.eye(len(run), dtype=torch.bool, device=device),
+                ],
+                dim=1,
+            )
+            offsets = torch.tensor([tree.depth[u] for u in run], device=device)
+            groups = tuple((parent, tree.children(parent)) for parent in parents)
+            self.levels.append(_Level(groups, run, mask, offsets))
 
     def draft(self, uncached: list[int], cache: int) -> tuple[Tensor, Tensor]:
         """Returns the node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u;
@@ -150,30 +177,26 @@ class _Drafter:
         positions = torch.arange(start, start + n, device=device)[None]  # [1, n]
         logits = self.model.forward(tokens, positions, causal_mask(1, start, n, device))
         q = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
-        row_logits = {ROOT: logits[0, -1, : self.vocab_size]}
-        q[0] = warp(row_logits[ROOT], self.sampling)
+        row_logits = torch.zeros_like(q)  # [N+1, V] draft logits, rows as in q
+        row_logits[0] = logits[0, -1, : self.vocab_size]
+        q[0] = warp(row_logits[0], self.sampling)
         node_tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)  # [N]
-        self.slots = {}
-        for level in tree.levels:
-            parents = sorted({tree.parents[u] for u in level})
-            for parent in parents:
-                children = list(tree.children(parent))
-                node_tokens[children] = self._pick(row_logits[parent], q[parent + 1], len(children))
-            run = [u for u in level if tree.children(u)]
-            if not run:
+        for level in self.levels:
+            for parent, children in level.groups:
+                row = parent + 1
+                node_tokens[list(children)] = self._pick(row_logits[row], q[row], len(children))
+            if not level.run:
                 continue
             base = self.model.cache_length
-            slotted = list(self.slots)  # nodes in the draft cache, in cache order
-            level_mask = torch.zeros(len(run), base + len(run), dtype=torch.bool, device=device)
-            level_mask[:, : cache + 1] = True  # committed tokens
-            level_mask[:, cache + 1 : base] = self.mask[run][:, slotted]  # ancestors in the tree
-            level_mask[:, base:] = torch.eye(len(run), dtype=torch.bool, device=device)  # itself
-            positions = torch.tensor([[cache + tree.depth[u] for u in run]], device=device)
-            out = self.model.forward(node_tokens[run][None], positions, level_mask[None])
-            for j, u in enumerate(run):
-                self.slots[u] = base + j
-                row_logits[u] = out[0, j, : self.vocab_size]
-                q[u + 1] = warp(row_logits[u], self.sampling)
+            committed = torch.ones(len(level.run), cache + 1, dtype=torch.bool, device=device)
+            mask = torch.cat([committed, level.tree_mask], dim=1)[None]  # [1, r, base + r]
+            rows = [u + 1 for u in level.run]
+            out = self.model.forward(
+                node_tokens[list(level.run)][None], (cache + level.offsets)[None], mask
+            )
+            row_logits[rows] = out[0, :, : self.vocab_size]
+            q[rows] = warp(row_logits[rows], self.sampling)
+            assert self.model.cache_length == base + len(level.run)
         return node_tokens, q
 
     def _pick(self, logits: Tensor, q: Tensor, k: int) -> Tensor:
@@ -193,12 +216,12 @@ class _Drafter:
 
     def commit(self, cache: int, accepted: list[int], node_tokens: Tensor) -> list[int]:
         """Keep the accepted nodes the draft ran; return the accepted tokens it has not run."""
-        kept = [a for a in accepted if a in self.slots]
+        kept = [a for a in accepted if a in self.slot]
         assert kept == accepted[: len(kept)], "only the accepted leaf can be missing"
-        index = torch.tensor(
-            [[self.slots[a] for a in kept]], dtype=torch.long, device=self.model.device
+        index = [[cache + 1 + self.slot[a] for a in kept]]
+        self.model.compact(
+            cache + 1, torch.tensor(index, dtype=torch.long, device=self.model.device)
         )
-        self.model.compact(cache + 1, index)
         return [int(node_tokens[a]) for a in accepted[len(kept) :]]
 
 

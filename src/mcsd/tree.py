@@ -108,7 +108,7 @@ class TokenTree:
             if len(key) > 1 and key[:-1] not in index:
                 raise ValueError(f"tree path {list(key)} has no parent path {list(key[:-1])}")
             rank = key[-1]
-            if rank > 0 and key[:-1] + (rank - 1,) not in unique:
+            if rank > 0 and (*key[:-1], rank - 1) not in unique:
                 raise ValueError(f"tree path {list(key)} skips sibling rank {rank - 1}")
             index[key] = len(parents)
             parents.append(index[key[:-1]] if len(key) > 1 else ROOT)
@@ -204,12 +204,16 @@ class TokenTree:
     def ancestor_mask(self, device: torch.device | str = "cpu") -> Tensor:
         """Boolean ``[N, N]``: ``mask[i, j]`` is true when node ``i`` may attend to node ``j``
         (``j`` is ``i`` or one of its ancestors)."""
+        return self._ancestor_mask.to(device, copy=True)
+
+    @cached_property
+    def _ancestor_mask(self) -> Tensor:
         n = self.num_nodes
         mask = torch.eye(n, dtype=torch.bool)
         for i, parent in enumerate(self.parents):
             if parent != ROOT:
                 mask[i] |= mask[parent]
-        return mask.to(device)
+        return mask
 
     def positions(self, device: torch.device | str = "cpu") -> Tensor:
         """Position offsets ``[N]`` of the nodes relative to the root (= depth)."""
@@ -223,7 +227,10 @@ class TokenTree:
         return f"<{self.num_nodes} nodes, depth {self.max_depth}>"
 
     def k_config(self) -> tuple[int, ...] | None:
-        """The k-config this tree was built from, or None if it is not a full k-ary tree."""
+        """The k-config this tree was built from, or None if it is not a full k-ary tree laid
+        out as ``from_config`` lays it out (siblings contiguous, parents in order)."""
+        if any(b < a for a, b in itertools.pairwise(self.parents)):
+            return None  # same shape as a k-config tree, but numbered differently
         ks = []
         for level in self.levels:
             parents_of_level = [self.parents[i] for i in level]

@@ -29,6 +29,7 @@ class TableLM:
         self._vocab_size = vocab_size
         self._max_context = max_context
         self._tokens: list[int] = []  # cached tokens (batch of one row)
+        self._memo: dict[tuple[int, ...], Tensor] = {}  # context -> logits [V]
         self.forward_calls = 0  # forwards run (the engine's step counts are checked against it)
 
     @classmethod
@@ -78,20 +79,25 @@ class TableLM:
             raise ValueError(f"mask must have shape [1, {n}, {cache + n}], got {list(mask.shape)}")
         row_tokens = self._tokens + tokens[0].tolist()
         logits = torch.empty(1, n, self._vocab_size)
-        for j in range(n):
-            visible = mask[0, j].nonzero().flatten().tolist()
+        for j, (row, position) in enumerate(
+            zip(mask[0].tolist(), positions[0].tolist(), strict=True)
+        ):
+            visible = [i for i, seen in enumerate(row) if seen]
             if not visible or visible[-1] != cache + j:
                 raise ValueError(f"new token {j} must attend to itself and nothing after it")
-            if int(positions[0, j]) != len(visible) - 1:
-                position = int(positions[0, j])
+            if position != len(visible) - 1:
                 raise ValueError(
                     f"new token {j} sees {len(visible)} tokens but has position {position}"
                 )
-            context = tuple(row_tokens[i] for i in visible)
-            logits[0, j] = torch.log(self.table(context)).float()
+            logits[0, j] = self._logits(tuple(row_tokens[i] for i in visible))
         self._tokens = row_tokens
         self.forward_calls += 1
         return logits
+
+    def _logits(self, context: tuple[int, ...]) -> Tensor:
+        if context not in self._memo:
+            self._memo[context] = torch.log(self.table(context)).float()
+        return self._memo[context]
 
     def compact(self, start: int, keep: Tensor) -> None:
         self._tokens = self._tokens[:start] + [self._tokens[i] for i in keep[0].tolist()]
