@@ -109,15 +109,13 @@ def test_caches_hold_the_committed_sequence(arch: str, tree, rule: str) -> None:
     prompt = [5, 17, 33, 2, 9]
     spec = SpecConfig(tree=tree, rule=rule, target=SamplingConfig(1.0), max_new_tokens=24, seed=3)
     committed = list(prompt)
-    steps = 0
-    for step in speculative_decode(target, draft, prompt, spec, vocab_size=VOCAB):
+    for steps, step in enumerate(speculative_decode(target, draft, prompt, spec, vocab_size=VOCAB)):
         # Forward 0 is the prefill; forward s + 1 verifies step s, whose root is committed[-1].
         root = target.roots[steps + 1]
         with torch.no_grad():
             fresh = target_model(torch.tensor([committed])).logits[0, -1]
         torch.testing.assert_close(root, fresh, atol=1e-5, rtol=0)
         committed += step.tokens
-        steps += 1
     assert len(committed) == len(prompt) + 24
 
 

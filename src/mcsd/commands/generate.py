@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     started = time.perf_counter()
     text, tokens, finish, stats = "", [], "length", None
-    for chunk, stats in stream(pair, prompt, spec, chat=args.chat):
+    for chunk, running in stream(pair, prompt, spec, chat=args.chat):
+        stats = running
         text += chunk.text
         tokens += chunk.token_ids
         finish = chunk.finish_reason or finish
