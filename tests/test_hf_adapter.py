@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mcsd.config import GREEDY, SamplingConfig, SpecConfig
-from mcsd.engine import speculative_decode
+from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.models.base import causal_mask
 from mcsd.models.hf import HFModel
 from mcsd.tree import TokenTree
@@ -152,3 +152,21 @@ def test_greedy_matches_generate(arch: str, tree) -> None:
         same += step.tokens
         assert step.record.accepted == TokenTree.parse(tree).max_depth
     assert same == reference
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_autoregressive_baseline_matches_generate(arch: str) -> None:
+    model = tiny_model(arch, 0)
+    prompt = [3, 14, 15, 92, 65, 35]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=20,
+            min_new_tokens=20,
+        )[0, len(prompt) :].tolist()
+    steps = list(autoregressive_decode(HFModel(model), prompt, GREEDY, 20, vocab_size=VOCAB))
+    assert [t for step in steps for t in step.tokens] == reference
+    assert steps[-1].finish_reason == "length" and len(steps) == 20

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.models.base import SpecModel, causal_mask
-from mcsd.sampling import sample_candidates, warp
+from mcsd.sampling import sample, sample_candidates, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import verify_tree
@@ -114,6 +114,42 @@ def speculative_decode(
         )
         yield Step(tuple(new_tokens), record, finish_reason)
         if finish_reason is not None:
+            return
+
+
+def autoregressive_decode(
+    target: SpecModel,
+    prompt_ids: list[int],
+    sampling: SamplingConfig,
+    max_new_tokens: int,
+    *,
+    vocab_size: int,
+    stop_token_ids: frozenset[int] = frozenset(),
+    seed: int | None = None,
+) -> Iterator[Step]:
+    """The target alone, one token per forward (the baseline ``ar`` of ``mcsd bench``), through
+    the same model adapter, warping and stopping as ``speculative_decode``."""
+    spec = SpecConfig(tree=(1,), target=sampling, max_new_tokens=max_new_tokens, seed=seed)
+    budget = _check_lengths(target, target, prompt_ids, spec, spec.token_tree())
+    device = target.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.seed()))
+    target.reset()
+    _prefill(target, prompt_ids[:-1])
+    pending = prompt_ids[-1]
+    for produced in range(1, budget + 1):
+        started = time.perf_counter()
+        cache = target.cache_length
+        tokens = torch.tensor([[pending]], device=device)  # [1, 1]
+        logits = target.forward(
+            tokens, torch.tensor([[cache]], device=device), causal_mask(1, cache, 1, device)
+        )
+        p = warp(logits[0, -1, :vocab_size], sampling)  # [V]
+        pending = int(p.argmax()) if sampling.greedy else sample(p, generator)
+        finish = "stop" if pending in stop_token_ids else "length" if produced == budget else None
+        record = StepRecord(0, 1, 0, (), 0, 0.0, time.perf_counter() - started)
+        yield Step((pending,), record, finish)
+        if finish is not None:
             return
 
 
