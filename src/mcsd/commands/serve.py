@@ -1,0 +1,69 @@
+"""``mcsd serve``: the OpenAI-compatible HTTP server (FastAPI app under uvicorn).
+
+mcsd serve --host 127.0.0.1 --port 8000 --tree 4,2,2 --max-queue 64
+
+The decoding options (``--tree``, ``--rule``, ``--temperature``, ...) are the server's defaults;
+a request overrides them with the OpenAI fields and the ``mcsd`` extension object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from mcsd.commands.generate import add_decoding_arguments, add_model_arguments, spec_from_args
+
+DEFAULT_PORT = 8000
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the OpenAI API (completions, chat) with speculative decoding",
+        description=(
+            "Serve POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health and "
+            "/metrics. One generation runs at a time; requests wait in a FIFO queue."
+        ),
+    )
+    add_model_arguments(parser)
+    add_decoding_arguments(parser)
+    # The OpenAI API samples at temperature 1 unless told otherwise; clients rely on that.
+    parser.set_defaults(temperature=1.0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 8000)")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait behind the running one; more get 429 (default 64)",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="model id clients use (default: the target)"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mcsd.api import load_pair
+    from mcsd.server import create_app
+
+    spec = spec_from_args(args)  # validate before the slow model load
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    started = time.perf_counter()
+    print("loading models...", file=sys.stderr)
+    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    app = create_app(pair, spec, model_name=args.served_model_name, max_queue=args.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,373 @@
+"""The FastAPI application: OpenAI-compatible endpoints over one ``ModelPair``.
+
+    POST /v1/completions        text (or token-id) prompt
+    POST /v1/chat/completions   chat messages, the tokenizer's chat template applied
+    GET  /v1/models             the served model, with the speculation defaults and the concurrency
+    GET  /health                200 while the worker runs (with running / waiting counts), else 503
+    GET  /metrics               Prometheus text format (see ``mcsd.server.metrics``)
+
+Streaming answers are server-sent events in OpenAI's chunk format; one speculative step may
+commit several tokens, and they travel in one chunk. With ``stream_options.include_usage`` the
+last chunk carries ``usage`` with a ``speculative`` summary (tree, rule, steps, mean accepted
+length, acceptance per depth, tokens per step); non-streaming answers always carry it.
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status; a
+stack trace never reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from mcsd.api import Chunk, ModelPair
+from mcsd.config import SpecConfig
+from mcsd.server.metrics import CONTENT_TYPE, Metrics
+from mcsd.server.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Limits,
+    invalid,
+    messages_of,
+    parse_request,
+    prompt_of,
+    spec_for,
+)
+from mcsd.server.worker import Failed, Finished, Job, QueueFull, Scheduler, ShuttingDown
+from mcsd.stats import Stats
+
+log = logging.getLogger("mcsd.server")
+
+MAX_BODY_BYTES = 16 << 20  # 16 MiB: far beyond any context, small enough to refuse junk early
+DISCONNECT_POLL_S = 0.05  # how often a request waiting for its turn checks its client is there
+UNBOUNDED_MAX_TOKENS = 1 << 20  # max_tokens cap when the models declare no context limit
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def create_app(
+    pair: ModelPair,
+    defaults: SpecConfig | None = None,
+    *,
+    model_name: str | None = None,
+    max_queue: int = 64,
+) -> FastAPI:
+    """An ASGI app serving ``pair``; ``defaults`` are the speculation settings a request may
+    override (``mcsd`` object, sampling fields). Run it with uvicorn (``mcsd serve`` does)."""
+    defaults = defaults or SpecConfig()
+    model_name = model_name or pair.target_name
+    scheduler = Scheduler(pair, max_queue=max_queue)
+    metrics = scheduler.metrics
+    contexts = [m.max_context for m in (pair.target, pair.draft) if m.max_context is not None]
+    limits = Limits(pair.vocab_size, min(contexts) if contexts else UNBOUNDED_MAX_TOKENS)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="mcsd", version="0.1.0", lifespan=lifespan)
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        body = APIError(error.status_code, str(error.detail), type=kind).body()
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(invalid(str(error), None).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        message = f"internal error: {type(error).__name__}"
+        return JSONResponse(APIError(500, message, type="server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = {
+            "status": "ok" if scheduler.alive else "unavailable",
+            "running": scheduler.running_count(),
+            "waiting": scheduler.waiting_count(),
+        }
+        return JSONResponse(status, status_code=200 if scheduler.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "mcsd",
+            "max_model_len": limits.max_tokens,
+            "mcsd": {
+                "target": pair.target_name,
+                "draft": pair.draft_name,
+                "max_concurrent_generations": 1,
+                "batching": False,
+                "scheduling": "one generation at a time (batch 1); requests wait in a FIFO "
+                f"queue of at most {max_queue}, beyond which the server answers 429",
+                "defaults": {
+                    "tree": defaults.token_tree().describe(),
+                    "rule": defaults.rule or "auto",
+                    "temperature": defaults.target.temperature,
+                    "top_p": defaults.target.top_p,
+                    "top_k": defaults.target.top_k,
+                    "draft_temperature": defaults.draft_sampling.temperature,
+                    "max_tokens": defaults.max_new_tokens,
+                },
+            },
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        with _count_invalid(metrics):
+            body = parse_request(CompletionRequest, await _read_json(request))
+            assert isinstance(body, CompletionRequest)
+            _check_model(body.model, model_name)
+            prompt = prompt_of(body, limits)
+            spec = spec_for(body, defaults, limits)
+        return await _generate(request, body, prompt, spec, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        with _count_invalid(metrics):
+            body = parse_request(ChatCompletionRequest, await _read_json(request))
+            assert isinstance(body, ChatCompletionRequest)
+            _check_model(body.model, model_name)
+            messages = messages_of(body)
+            spec = spec_for(body, defaults, limits)
+        return await _generate(request, body, messages, spec, chat=True)
+
+    async def _generate(
+        request: Request, body: Any, prompt: Any, spec: SpecConfig, *, chat: bool
+    ) -> Response:
+        job = Job(prompt, chat, spec, "messages" if chat else "prompt", asyncio.get_running_loop())
+        try:
+            scheduler.submit(job)
+        except QueueFull:
+            metrics.requests.labels("rejected").inc()
+            raise APIError(
+                429,
+                f"the server is busy: one generation runs at a time and {max_queue} requests "
+                "are already waiting; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+            ) from None
+        except ShuttingDown:
+            raise APIError(
+                503, "the server is shutting down", type="server_error", code="unavailable"
+            ) from None
+        view = _View(chat, model_name, body.return_token_ids, spec)
+        streaming = False  # once the response streams, _sse owns the job's cancellation
+        try:
+            first = await _next_event(request, job)  # waits for our turn and the first step
+            if isinstance(first, Failed):
+                raise first.error
+            if body.stream:
+                include_usage = body.stream_options is not None and (
+                    body.stream_options.include_usage
+                )
+                streaming = True
+                return StreamingResponse(
+                    _sse(job, first, view, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    background=BackgroundTask(scheduler.cancel, job),
+                )
+            chunks: list[Chunk] = [first]
+            while not isinstance(event := await _next_event(request, job), Finished | Failed):
+                chunks.append(event)
+            if isinstance(event, Failed):
+                raise event.error
+            return JSONResponse(view.response(chunks, event, job))
+        except _Disconnected:
+            return Response(status_code=499)  # nobody reads it; the job is already cancelled
+        finally:
+            if not streaming:
+                scheduler.cancel(job)  # a no-op unless something above broke off early
+
+    async def _next_event(request: Request, job: Job) -> Any:
+        """The job's next event; cancels the job if the client goes away meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    scheduler.cancel(job)
+                    raise _Disconnected from None
+
+    async def _sse(job: Job, event: Any, view: _View, include_usage: bool) -> AsyncIterator[str]:
+        # A client that disconnects makes Starlette cancel this generator; ``finally`` and the
+        # response's background task then cancel the job, which stops after the current step.
+        try:
+            while True:
+                if isinstance(event, Chunk):
+                    yield _data(view.chunk(event))
+                elif isinstance(event, Finished):
+                    if include_usage:
+                        yield _data(view.usage_chunk(event.stats, job))
+                    break
+                else:
+                    yield _data(event.error.body())
+                    break
+                event = await job.events.get()
+            yield "data: [DONE]\n\n"
+        finally:
+            scheduler.cancel(job)
+
+    return app
+
+
+@contextmanager
+def _count_invalid(metrics: Metrics) -> Iterator[None]:
+    """Count a request refused before it reached the queue as outcome "invalid"."""
+    try:
+        yield
+    except APIError:
+        metrics.requests.labels("invalid").inc()
+        raise
+
+
+def _check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(
+            404,
+            f"model {requested!r} is not served here; this server serves {served!r}",
+            param="model",
+            type="not_found_error",
+            code="model_not_found",
+        )
+
+
+async def _read_json(request: Request) -> object:
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    if not body:
+        raise invalid("the request body is empty; send a JSON object", None)
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise invalid(f"malformed JSON body: {error}", None) from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def speculative_summary(spec: SpecConfig, stats: Stats) -> dict[str, Any]:
+    """What speculation did for one request (``usage.speculative``)."""
+    tree = spec.token_tree()
+    return {
+        "tree": tree.describe(),
+        "tree_size": tree.num_nodes,
+        "rule": spec.resolved_rule(),
+        "steps": stats.steps,
+        "draft_tokens": tree.num_nodes * stats.steps,
+        "accepted_tokens": sum(r.accepted for r in stats.records),
+        "mean_accepted_length": stats.mean_accepted_length,
+        "acceptance_per_depth": stats.acceptance_per_depth(),
+        "accept_lengths": stats.accept_lengths,
+        "draft_time": stats.draft_time,
+        "target_time": stats.target_time,
+    }
+
+
+class _View:
+    """Renders one request's events as OpenAI objects (completion or chat flavour)."""
+
+    def __init__(self, chat: bool, model: str, token_ids: bool, spec: SpecConfig) -> None:
+        self.chat = chat
+        self.model = model
+        self.token_ids = token_ids
+        self.spec = spec
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.sent_role = False
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool) -> dict:
+        choice: dict[str, Any] = {"index": 0}
+        if not self.chat:
+            choice["text"] = text
+        elif stream:
+            choice["delta"] = {"content": text}
+            if not self.sent_role:
+                choice["delta"] = {"role": "assistant", "content": text}
+                self.sent_role = True
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish
+        if self.token_ids:
+            choice["token_ids"] = ids
+        return choice
+
+    def _kind(self, stream: bool) -> str:
+        if not self.chat:
+            return "text_completion"
+        return "chat.completion.chunk" if stream else "chat.completion"
+
+    def chunk(self, chunk: Chunk) -> dict[str, Any]:
+        choice = self._choice(chunk.text, list(chunk.token_ids), chunk.finish_reason, True)
+        return self._envelope(self._kind(True), [choice])
+
+    def usage(self, stats: Stats, job: Job) -> dict[str, Any]:
+        return {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+            "speculative": speculative_summary(self.spec, stats),
+        }
+
+    def usage_chunk(self, stats: Stats, job: Job) -> dict[str, Any]:
+        return self._envelope(self._kind(True), []) | {"usage": self.usage(stats, job)}
+
+    def response(self, chunks: list[Chunk], end: Finished, job: Job) -> dict[str, Any]:
+        text = "".join(c.text for c in chunks)
+        ids = [t for c in chunks for t in c.token_ids]
+        choice = self._choice(text, ids, end.finish_reason, False)
+        return self._envelope(self._kind(False), [choice]) | {"usage": self.usage(end.stats, job)}
