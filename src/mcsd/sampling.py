@@ -15,6 +15,8 @@ This module imports only torch: it never sees a model, a cache or a tokenizer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -58,7 +60,7 @@ def _top_p(probs: Tensor, top_p: float) -> Tensor:
 
 
 def normalize(weights: Tensor) -> Tensor | None:
-    """``weights / weights.sum()`` for a non-negative ``[V]`` vector, or None when its mass is ~0."""
+    """``weights / weights.sum()`` for a non-negative ``[V]`` vector; None when its mass is ~0."""
     mass = weights.sum()
     if float(mass) <= EMPTY_MASS:
         return None
@@ -67,14 +69,22 @@ def normalize(weights: Tensor) -> Tensor | None:
 
 def sample(probs: Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a ``[V]`` distribution (inverse CDF on one uniform draw)."""
+    return _inverse_cdf(probs, 1, generator)[0]
+
+
+def _inverse_cdf(probs: Tensor, n: int, generator: torch.Generator | None) -> list[int]:
+    """Draw ``n`` iid token ids from ``probs`` ``[V]``, one uniform draw each."""
     cdf = torch.cumsum(probs.double(), dim=-1)  # [V]
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device)
-    index = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
-    # Guard against u * total landing on the last edge through rounding; never pick a zero.
-    index = min(index, probs.shape[-1] - 1)
-    if float(probs[index]) <= 0.0:
-        index = int(torch.nonzero(probs > 0)[-1])
-    return index
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=probs.device)  # [n]
+    picks = torch.searchsorted(cdf, u * cdf[-1], right=True).tolist()  # n ints in [0, V]
+    last = probs.shape[-1] - 1
+    for j, index in enumerate(picks):
+        # Guard against u * total landing on the last edge through rounding; never pick a zero.
+        index = min(index, last)
+        if float(probs[index]) <= 0.0:
+            index = int(torch.nonzero(probs > 0)[-1])
+        picks[j] = index
+    return picks
 
 
 def uniform(generator: torch.Generator | None, device: torch.device | str = "cpu") -> float:
@@ -89,26 +99,33 @@ def sample_candidates(
 
     With replacement the draws are iid from ``q``. Without replacement each draw comes from ``q``
     with the earlier draws removed and the rest renormalised (sequential sampling, which is what
-    the MCSS-without-replacement rule assumes).
+    the MCSS-without-replacement rule assumes). That is done in one pass by an exponential race:
+    with E_v ~ Exp(1) iid, the tokens sorted by E_v / q(v) come out in exactly that sequential
+    order (the first is v w.p. q(v); by memorylessness the rest race on afresh).
     """
     if q.dim() != 1:
         raise ValueError(f"q must be a [V] probability vector, got shape {tuple(q.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if replacement:
-        picks = [sample(q, generator) for _ in range(k)]
-    else:
-        support = int((q > 0).sum())
-        if support < k:
-            raise ValueError(
-                f"cannot draw k={k} candidates without replacement: q has only {support} tokens "
-                "with positive probability (lower k, raise the draft temperature, or use "
-                "rule 'topk' for a deterministic draft)"
-            )
-        remaining = q.double().clone()
-        picks = []
-        for _ in range(k):
-            token = sample(remaining, generator)
-            picks.append(token)
-            remaining[token] = 0.0
-    return torch.tensor(picks, dtype=torch.long, device=q.device)
+        return torch.tensor(_inverse_cdf(q, k, generator), dtype=torch.long, device=q.device)
+    if k > q.shape[-1]:
+        raise _support_error(q, k)
+    # float64 so that E / q(v) stays finite for every positive float32 q(v); q(v) = 0 gives inf
+    # (or nan for E = 0), which topk ranks after every finite key.
+    race = torch.empty(q.shape, dtype=torch.float64, device=q.device).exponential_(
+        generator=generator
+    )  # [V]
+    keys, picks = torch.topk(race / q.double(), k, largest=False)  # [k], [k] ascending
+    if not math.isfinite(float(keys[-1])):
+        raise _support_error(q, k)
+    return picks
+
+
+def _support_error(q: Tensor, k: int) -> ValueError:
+    support = int((q > 0).sum())
+    return ValueError(
+        f"cannot draw k={k} candidates without replacement: q has only {support} tokens "
+        "with positive probability (lower k, raise the draft temperature, or use "
+        "rule 'topk' for a deterministic draft)"
+    )

@@ -33,6 +33,7 @@ through such measure-zero events, and then p is kept unchanged. This module impo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,8 +137,7 @@ def verify_node(
     generator: torch.Generator | None = None,
 ) -> NodeResult:
     """Run ``rule`` at one node: accept one candidate or emit a correction token."""
-    _check_inputs(rule, p, q, candidates)
-    return _verify_node(rule, p, q, candidates.tolist(), generator)
+    return _verify_node(rule, p, q, _check_inputs(rule, p, q, candidates), generator)
 
 
 def _verify_node(
@@ -165,12 +165,12 @@ def node_outcome(
     ``correction`` ``[V]`` float64 (probability of each correction token, times the probability
     that every candidate was rejected).
     """
-    _check_inputs(rule, p, q, candidates)
+    tokens = _check_inputs(rule, p, q, candidates)
     accept_fn, reject_fn = _RULES[rule]
     state = _State(p.double(), None if q is None or rule in RULES_WITHOUT_Q else q.double())
-    accept = torch.zeros(len(candidates), dtype=torch.float64)
+    accept = torch.zeros(len(tokens), dtype=torch.float64)
     reach = 1.0  # probability that every earlier candidate was rejected
-    for i, c in enumerate(candidates.tolist()):
+    for i, c in enumerate(tokens):
         a = accept_fn(state, c)
         accept[i] = reach * a
         reach *= 1.0 - a
@@ -204,10 +204,25 @@ def verify_tree(
 ) -> TreeResult:
     """Walk ``tree`` from the root, verifying each node's children with ``rule``."""
     n = tree.num_nodes
-    _check_distributions(rule, p, q, rows=n + 1)
-    if tokens.shape != (n,):
-        raise ValueError(f"tokens must have shape [{n}] (one per tree node), got {tuple(tokens.shape)}")
-    node_tokens = tokens.tolist()
+    _check_distributions(rule, p, None, rows=n + 1, need_q=False)
+    if q is not None:
+        if not isinstance(q, Tensor) or q.dim() != 2 or len(q) != n + 1:
+            shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+            raise ValueError(f"q must have shape [{n + 1}, V], got {shape}")
+        # Only rows whose children were drawn are read (the engine leaves leaf rows empty).
+        inner = [0] + [u + 1 for u in range(n) if tree.children(u)]
+        _check_distributions(rule, p[inner], q[inner], rows=len(inner))
+    elif rule not in RULES_WITHOUT_Q:
+        raise ValueError(f"rule {rule!r} needs the draft distribution q (got None)")
+    if rule == "sps" and tree.max_children != 1:
+        raise ValueError(
+            f"rule 'sps' verifies one candidate per node, but tree {tree.describe()} has nodes "
+            f"with {tree.max_children} children"
+        )
+    if not isinstance(tokens, Tensor) or tokens.shape != (n,):
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must have shape [{n}] (one per tree node), got {shape}")
+    node_tokens = _check_token_ids("tokens", tokens, p.shape[-1])
     accepted: list[int] = []
     ranks: list[int] = []
     node = ROOT
@@ -215,7 +230,8 @@ def verify_tree(
         children = tree.children(node)
         row = node + 1
         if not children:
-            return TreeResult(tuple(accepted), tuple(ranks), _correction(rule, p[row], generator), True)
+            bonus = _correction(rule, p[row], generator)
+            return TreeResult(tuple(accepted), tuple(ranks), bonus, True)
         result = _verify_node(
             rule,
             p[row],
@@ -231,38 +247,59 @@ def verify_tree(
 
 
 # ---------------------------------------------------------------- validation
-def _check_inputs(rule: str, p: Tensor, q: Tensor | None, candidates: Tensor) -> None:
+# verify_node runs once per tree node and per Monte Carlo trial of ``mcsd check``, so the checks
+# below use few tensor reductions (each costs a few microseconds of dispatch on small vectors).
+def _check_inputs(rule: str, p: Tensor, q: Tensor | None, candidates: Tensor) -> list[int]:
+    """Validate one node's inputs; return the candidates as a list of ints."""
     check_rule(rule)
     _check_distributions(rule, p, q, rows=None)
     if not isinstance(candidates, Tensor) or candidates.dim() != 1 or candidates.numel() < 1:
         raise ValueError("candidates must be a non-empty LongTensor[k]")
-    if candidates.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"candidates must hold integer token ids, got dtype {candidates.dtype}")
-    v = p.shape[-1]
-    if int(candidates.min()) < 0 or int(candidates.max()) >= v:
-        raise ValueError(f"candidates must be token ids in [0, {v}), got {candidates.tolist()}")
-    if rule == "sps" and candidates.numel() != 1:
-        raise ValueError(f"rule 'sps' takes exactly one candidate, got k={candidates.numel()}")
+    tokens = _check_token_ids("candidates", candidates, p.shape[-1])
+    if rule == "sps" and len(tokens) != 1:
+        raise ValueError(f"rule 'sps' takes exactly one candidate, got k={len(tokens)}")
+    return tokens
 
 
-def _check_distributions(rule: str, p: Tensor, q: Tensor | None, rows: int | None) -> None:
+def _check_token_ids(name: str, ids: Tensor, vocab: int) -> list[int]:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    values = ids.tolist()
+    if values and (min(values) < 0 or max(values) >= vocab):
+        raise ValueError(f"{name} must be token ids in [0, {vocab}), got {values}")
+    return values
+
+
+def _check_distributions(
+    rule: str, p: Tensor, q: Tensor | None, rows: int | None, need_q: bool = True
+) -> None:
     check_rule(rule)
     expected = "[V]" if rows is None else f"[{rows}, V]"
     dims = 1 if rows is None else 2
     for name, x in (("p", p), ("q", q)):
         if x is None:
-            if name == "q" and rule not in RULES_WITHOUT_Q:
+            if name == "q" and need_q and rule not in RULES_WITHOUT_Q:
                 raise ValueError(f"rule {rule!r} needs the draft distribution q (got None)")
             continue
-        if not isinstance(x, Tensor) or x.dim() != dims or (rows is not None and x.shape[0] != rows):
+        if (
+            not isinstance(x, Tensor)
+            or x.dim() != dims
+            or x.shape[-1] == 0
+            or (rows is not None and len(x) != rows)
+        ):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name} must have shape {expected}, got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point probability tensor, got {x.dtype}")
         if x.shape[-1] != p.shape[-1]:
-            raise ValueError(f"p and q must share the vocabulary size: {p.shape[-1]} vs {x.shape[-1]}")
-        if bool((x < 0).any()) or not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"p and q must share the vocabulary size: {p.shape[-1]} vs {x.shape[-1]}"
+            )
+        # min and sum propagate NaN; an infinite entry makes the sum infinite.
+        lowest = float(x.min())
+        sums = x.sum(dim=-1, dtype=torch.float64)  # [] or [rows]
+        worst = abs(float(sums) - 1.0) if rows is None else float((sums - 1.0).abs().max())
+        if not lowest >= 0.0 or not math.isfinite(worst):
             raise ValueError(f"{name} must have finite, non-negative entries")
-        worst = float((x.double().sum(dim=-1) - 1.0).abs().max())
         if worst > DISTRIBUTION_TOLERANCE:
             raise ValueError(f"{name} must sum to 1 (probability vectors); off by {worst:.6f}")
