@@ -1,0 +1,322 @@
+"""Statistical tests: seeded Monte Carlo through the real sampling and verification code.
+
+- One node: ``sample_candidates`` (the draft top-k for topk/greedy) + ``verify_node``, counts of
+  the emitted token against p (``mcsd.check.monte_carlo``).
+- Tree walk: toy target/draft tables indexed by context (the tokens after the root), a tree
+  drafted level by level from the draft table, ``verify_tree``. The emitted tokens (accepted path
+  + correction/bonus) are completed to a fixed length L = depth + 1 with tokens sampled from the
+  target table. A lossless step followed by the target itself is the target, so the completed
+  sequences must follow prod_t p(x_t | x_<t) exactly: a chi-square over all V^L sequences.
+
+Every comparison goes through ``assert_matches`` (chi-square p-value >= ALPHA, TV within a bound
+that holds with probability 1 - ALPHA, no impossible outcome), with fixed seeds.
+
+Trial counts (the whole file must stay under a minute on 2 cores; one trial costs 50-200 us of
+Python): 20,000 per node case, 10,000 per tree (64-81 sequences, ~150 expected draws each).
+They still catch a wrong rule: for a bias of TV distance d the chi-square statistic grows like
+n * sum(delta_i^2 / p_i) >= 4 n d^2, so d = 0.03 at n = 20,000 gives >= 72 on a handful of
+degrees of freedom (p-value ~1e-14 against ALPHA = 1e-4). The two wrong rules at the end have
+d > 0.04 (asserted from the exact enumeration) and the same helper rejects them; tree-walk bugs
+(bonus or q taken from the wrong row) give d > 0.1 on every tree here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+from torch import Tensor
+
+import mcsd.check as check_module
+from mcsd.check import (
+    CASES,
+    RULE_SCHEME,
+    Fit,
+    acceptance_bound,
+    chi_square,
+    draw_candidates,
+    exact_outcome,
+    goodness_of_fit,
+    make_case,
+    monte_carlo,
+    rule_k,
+    run_checks,
+)
+from mcsd.commands import check as check_command
+from mcsd.sampling import sample
+from mcsd.tree import ROOT, TokenTree
+from mcsd.verify import NodeResult, verify_tree
+
+ALPHA = 1e-4  # per assertion; all seeded, so a pass is reproducible, not luck
+NODE_TRIALS = 20_000
+TREE_TRIALS = 10_000
+
+
+def assert_matches(
+    counts: Tensor, expected: Tensor, *, alpha: float = ALPHA, context: str = ""
+) -> Fit:
+    """Assert ``counts`` ``[C]`` are consistent with the probabilities ``expected`` ``[C]``."""
+    fit = goodness_of_fit(counts, expected, alpha=alpha)
+    assert fit.passed, (
+        f"{context}: counts do not match (TV {fit.tv:.4f} vs bound {fit.tv_bound:.4f}, "
+        f"chi2 {fit.chi2:.1f} on {fit.dof} dof, p-value {fit.p_value:.3g}, "
+        f"{fit.impossible} impossible draws)"
+    )
+    return fit
+
+
+# ---------------------------------------------------------------- one node
+# Every rule on one case, the default rule (mcss-wor) on all; `mcsd check` covers the rest.
+NODE_CASES = [
+    ("sps", "dirichlet"),
+    ("mcss", "sparse"),
+    ("topk", "near-one-hot"),
+    ("mcns", "p=q"),
+    ("greedy", "disjoint"),
+    *(("mcss-wor", case) for case in CASES),
+]
+
+
+@pytest.mark.parametrize(("rule", "case"), NODE_CASES)
+def test_node_emits_target(rule: str, case: str) -> None:
+    generator = torch.Generator().manual_seed(11)
+    k = rule_k(rule, 3)
+    pq = make_case(case, 6, k, generator)
+    counts = monte_carlo(rule, pq.p, pq.q, k, NODE_TRIALS, generator)
+    exact = exact_outcome(rule, pq.p, pq.q, k)
+    assert_matches(counts.emitted, exact.target, context=f"{rule}/{case}")
+    measured = counts.accepted / NODE_TRIALS
+    assert abs(measured - exact.acceptance) <= acceptance_bound(NODE_TRIALS, ALPHA)
+
+
+# ---------------------------------------------------------------- tree walk
+class ToyPair:
+    """Target and draft next-token tables, indexed by the context after the root."""
+
+    def __init__(self, vocab: int, depth: int, generator: torch.Generator, greedy: bool) -> None:
+        self.vocab = vocab
+        self.p: dict[tuple[int, ...], Tensor] = {}  # context -> [V] float64
+        self.q: dict[tuple[int, ...], Tensor] = {}
+        for length in range(depth + 1):
+            for context in itertools.product(range(vocab), repeat=length):
+                p = -torch.log1p(-torch.rand(vocab, generator=generator, dtype=torch.float64))
+                if float(torch.rand((), generator=generator)) < 0.3:
+                    p[int(torch.randint(vocab, (), generator=generator))] = 0.0  # some zeros
+                p = p**2  # peakier than the draft, so rejections are common
+                self.p[context] = p / p.sum()
+                q = -torch.log1p(-torch.rand(vocab, generator=generator, dtype=torch.float64))
+                # half the draft mass follows the target: a draft that is right fairly often
+                self.q[context] = 0.5 * q / q.sum() + 0.5 * self.p[context]
+        if greedy:
+            self.p = {
+                c: torch.eye(vocab, dtype=torch.float64)[p.argmax()] for c, p in self.p.items()
+            }
+
+    def sequence_distribution(self, length: int) -> Tensor:
+        """Probability ``[V**length]`` of every token sequence (base-V index, first token most
+        significant) under the target."""
+        probs = torch.zeros(self.vocab**length, dtype=torch.float64)
+        for index, seq in enumerate(itertools.product(range(self.vocab), repeat=length)):
+            prob = 1.0
+            for t in range(length):
+                prob *= float(self.p[seq[:t]][seq[t]])
+            probs[index] = prob
+        return probs
+
+
+def draft(
+    tree: TokenTree, toy: ToyPair, scheme: str, generator: torch.Generator
+) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Grow the tree level by level, each node's children drawn from q(its context). Returns the
+    node tokens ``[N]`` and the contexts of the root (row 0) and after every node (row u + 1)."""
+    tokens = [0] * tree.num_nodes
+    rows: list[tuple[int, ...]] = [()] * (tree.num_nodes + 1)
+    for node in (ROOT, *range(tree.num_nodes)):  # BFS: a node's context is known before use
+        children = tree.children(node)
+        if children:
+            drawn = draw_candidates(scheme, toy.q[rows[node + 1]], len(children), generator)
+            for child, token in zip(children, drawn.tolist(), strict=True):
+                tokens[child] = token
+                rows[child + 1] = (*rows[node + 1], token)
+    return tokens, rows
+
+
+def run_tree(
+    tree: TokenTree, toy: ToyPair, rule: str, trials: int, generator: torch.Generator
+) -> tuple[Tensor, int]:
+    """Counts ``[V**L]`` of the completed emitted sequences (L = depth + 1), and the number of
+    accepted tokens over all trials."""
+    length = tree.max_depth + 1
+    counts = [0] * toy.vocab**length
+    accepted_tokens = 0
+    for _ in range(trials):
+        tokens, rows = draft(tree, toy, RULE_SCHEME[rule], generator)
+        p = torch.stack([toy.p[c] for c in rows])  # [N+1, V]
+        q = torch.stack([toy.q[c] for c in rows])  # [N+1, V]
+        result = verify_tree(tree, torch.tensor(tokens), p, q, rule, generator)
+        emitted = [tokens[a] for a in result.accepted] + [result.token]
+        accepted_tokens += len(result.accepted)
+        while len(emitted) < length:  # the target itself continues
+            emitted.append(sample(toy.p[tuple(emitted)], generator))
+        index = 0
+        for token in emitted:
+            index = index * toy.vocab + token
+        counts[index] += 1
+    return torch.tensor(counts), accepted_tokens
+
+
+PATH_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+TREE_CASES = [
+    ("mcss-wor", "2,2", 4),
+    ("mcss", "2,2", 4),
+    ("mcns", "2,2", 4),
+    ("topk", "3,1", 4),
+    ("mcss-wor", PATH_TREE, 3),
+    ("sps", "1,1,1", 3),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "shape", "vocab"),
+    TREE_CASES,
+    ids=[f"{rule}-{TokenTree.parse(shape).describe()}" for rule, shape, _ in TREE_CASES],
+)
+def test_tree_walk_emits_target_sequences(rule: str, shape: object, vocab: int) -> None:
+    tree = TokenTree.parse(shape)
+    generator = torch.Generator().manual_seed(12)
+    toy = ToyPair(vocab, tree.max_depth, generator, greedy=False)
+    counts, accepted = run_tree(tree, toy, rule, TREE_TRIALS, generator)
+    expected = toy.sequence_distribution(tree.max_depth + 1)
+    assert_matches(counts, expected, context=f"{rule} on {tree.describe()}")
+    assert accepted > TREE_TRIALS // 4  # the walk really descends (not only corrections)
+
+
+def test_greedy_tree_walk_emits_the_greedy_sequence() -> None:
+    tree = TokenTree.from_config((2, 2))
+    generator = torch.Generator().manual_seed(13)
+    toy = ToyPair(4, tree.max_depth, generator, greedy=True)
+    expected = toy.sequence_distribution(3)
+    counts, accepted = run_tree(tree, toy, "greedy", 2000, generator)
+    assert torch.equal(counts, (expected * 2000).long())  # every trial: the one greedy sequence
+    assert accepted > 0
+
+
+# ---------------------------------------------------------------- the helper itself
+def test_chi_square_matches_scipy() -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")
+    counts = torch.tensor([480, 220, 140, 110, 50])
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    statistic, dof, p_value = chi_square(counts, probs)
+    reference = scipy_stats.chisquare(counts.numpy(), (probs * 1000).numpy())
+    assert dof == 4
+    assert statistic == pytest.approx(float(reference.statistic), rel=1e-12)
+    assert p_value == pytest.approx(float(reference.pvalue), rel=1e-6)
+
+
+def test_helper_false_failure_rate_is_at_most_alpha() -> None:
+    """Counts that really come from ``expected`` fail in about an alpha fraction of seeds (the
+    chi-square is calibrated, pooling included; the TV bound is conservative)."""
+    generator = torch.Generator().manual_seed(16)
+    probs = torch.tensor([0.6, 0.3, 0.0995, 0.0004, 0.0001], dtype=torch.float64)  # tiny bins
+    failures = 0
+    for _ in range(400):
+        draws = torch.multinomial(probs, 2000, replacement=True, generator=generator)
+        failures += not goodness_of_fit(draws.bincount(minlength=5), probs, alpha=0.01).passed
+    assert failures <= 12  # 4 expected at alpha = 0.01
+
+
+def test_helper_rejects_impossible_outcomes() -> None:
+    probs = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    fit = goodness_of_fit(torch.tensor([5000, 5000, 1]), probs)
+    assert fit.impossible == 1 and not fit.passed
+    assert goodness_of_fit(torch.tensor([5000, 5000, 0]), probs).passed
+
+
+# ---------------------------------------------------------------- the helper can fail
+def softmax_top_k(q: Tensor, k: int) -> Tensor:
+    """The distribution the paper's code verifies a top-k draft against: q renormalised on its
+    top k tokens (= softmax over the top-k logits)."""
+    top = torch.topk(q, k).indices
+    restricted = torch.zeros_like(q)
+    restricted[top] = q[top]
+    return restricted / restricted.sum()
+
+
+def test_helper_rejects_softmax_over_top_k() -> None:
+    """DESIGN 3's known bias: deterministic top-k candidates verified by MCSS-wor as if they had
+    been sampled from softmax(top-k)."""
+    generator = torch.Generator().manual_seed(14)
+    pq = make_case("dirichlet", 6, 3, generator)
+    q_wrong = softmax_top_k(pq.q, 3)
+    wrong = exact_outcome("mcss-wor", pq.p, q_wrong, 3, scheme="top", draft=pq.q)
+    bias = 0.5 * float((wrong.emitted - pq.p).abs().sum())
+    assert bias > 0.04  # the exact size of the bias this test has to catch
+    counts = monte_carlo(
+        "mcss-wor", pq.p, q_wrong, 3, NODE_TRIALS, generator, scheme="top", draft=pq.q
+    )
+    with pytest.raises(AssertionError, match="counts do not match"):
+        assert_matches(counts.emitted, pq.p)
+    assert_matches(counts.emitted, wrong.emitted)  # ...and the counts do follow the biased law
+    # the right rule for these candidates passes on the same case
+    assert_matches(monte_carlo("topk", pq.p, pq.q, 3, NODE_TRIALS, generator).emitted, pq.p)
+
+
+def test_helper_rejects_wor_math_on_iid_candidates() -> None:
+    """Candidates drawn with replacement but verified with the without-replacement rule."""
+    generator = torch.Generator().manual_seed(15)
+    pq = make_case("dirichlet", 4, 3, generator)
+    wrong = exact_outcome("mcss-wor", pq.p, pq.q, 3, scheme="iid")
+    bias = 0.5 * float((wrong.emitted - pq.p).abs().sum())
+    assert bias > 0.04
+    counts = monte_carlo("mcss-wor", pq.p, pq.q, 3, NODE_TRIALS, generator, scheme="iid")
+    with pytest.raises(AssertionError, match="counts do not match"):
+        assert_matches(counts.emitted, pq.p)
+    assert_matches(counts.emitted, wrong.emitted)
+
+
+# ---------------------------------------------------------------- mcsd check
+def check_args(**overrides: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    check_command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["check", "--trials", "300", "--vocab", "5", "--jobs", "1"])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def test_check_command_passes_and_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_command.run(check_args(rule="mcss-wor")) == 0
+    out = capsys.readouterr().out
+    for case in CASES:
+        assert case in out
+    assert "passed 5 checks" in out
+
+
+def test_check_command_fails_on_a_wrong_rule(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken verify_node (never accepts, always emits argmax p) makes the command fail."""
+
+    def wrong(rule: str, p: Tensor, q: Tensor | None, candidates: Tensor, generator=None):
+        return NodeResult(-1, int(p.argmax()))
+
+    monkeypatch.setattr(check_module, "verify_node", wrong)
+    assert check_command.run(check_args(rule="mcss", cases="dirichlet")) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "mcss/dirichlet" in out
+
+
+def test_check_command_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="--vocab must be larger than --k"):
+        check_command.run(check_args(vocab=3, k=3))
+    with pytest.raises(ValueError, match="unknown case 'nope'"):
+        check_command.run(check_args(cases="dirichlet,nope"))
+
+
+def test_check_results_do_not_depend_on_the_number_of_processes() -> None:
+    kwargs = {"k": 2, "vocab": 4, "trials": 200, "seed": 3, "cases": ("sparse", "p=q")}
+    serial = run_checks(["mcss-wor", "topk"], jobs=1, **kwargs)
+    parallel = run_checks(["mcss-wor", "topk"], jobs=2, **kwargs)
+    assert serial == parallel
