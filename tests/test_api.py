@@ -1,0 +1,149 @@
+"""The Python API and ``mcsd generate`` on a small real model (SmolLM2-135M as its own draft).
+
+Covers prompt forms (text, chat messages, ids), streaming, stop strings, EOS, and the bad
+inputs a user can give: each must be one clear error, never a stack trace from torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mcsd import cli
+from mcsd.api import check_same_tokenizer, encode_prompt, generate, load_model, load_pair, stream
+from mcsd.config import GREEDY, SamplingConfig, SpecConfig
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    # float32 target, bfloat16 draft: the same weights at two precisions make a real draft.
+    target, tokenizer, eos = load_model(SMOL, dtype="float32", device="cpu", progress=False)
+    draft, _, _ = load_model(SMOL, dtype="bfloat16", device="cpu", progress=False)
+    from mcsd.api import ModelPair
+
+    return ModelPair(target, draft, tokenizer, SMOL, SMOL, eos)
+
+
+def test_greedy_text_prompt_matches_target_generate(pair) -> None:
+    result = generate(
+        pair, "def reverse(s):", SpecConfig(tree="2,2,2", target=GREEDY, max_new_tokens=24)
+    )
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = pair.target.model.generate(
+            torch.tensor([result.prompt_ids]),
+            attention_mask=torch.ones(1, len(result.prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=24,
+            eos_token_id=list(pair.eos_token_ids),
+        )[0, len(result.prompt_ids) :].tolist()
+    assert result.token_ids == reference
+    assert result.stats.steps < len(result.token_ids)  # speculation accepted something
+
+
+def test_stream_chunks_add_up_to_generate(pair) -> None:
+    spec = SpecConfig(tree="3,1", target=SamplingConfig(0.8), max_new_tokens=20, seed=5)
+    chunks = [chunk for chunk, _ in stream(pair, "Once upon a time", spec)]
+    whole = generate(pair, "Once upon a time", spec)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_messages_stop_at_eos(pair) -> None:
+    messages = [{"role": "user", "content": "What is 2 + 2? Answer with one number."}]
+    result = generate(pair, messages, SpecConfig(target=GREEDY, max_new_tokens=64))
+    assert result.finish_reason == "stop"
+    assert result.token_ids[-1] in pair.eos_token_ids  # EOS kept, nothing after it
+    assert "4" in result.text
+
+
+def test_stop_string_cuts_text_and_tokens(pair) -> None:
+    spec = SpecConfig(target=GREEDY, max_new_tokens=60, stop_strings=("return",))
+    result = generate(pair, "def add(a, b):\n", spec)
+    free = generate(pair, "def add(a, b):\n", SpecConfig(target=GREEDY, max_new_tokens=60))
+    assert "return" in free.text
+    assert result.finish_reason == "stop"
+    assert result.text == free.text[: free.text.index("return")]
+    # Tokens stop at the one completing the stop string.
+    decoded = pair.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert "return" in decoded and "return" not in pair.tokenizer.decode(result.token_ids[:-1])
+
+
+def test_prompt_ids_and_max_new_tokens(pair) -> None:
+    ids = encode_prompt(pair.tokenizer, "Hello")
+    result = generate(pair, ids, SpecConfig(target=GREEDY, max_new_tokens=5))
+    assert result.prompt_ids == ids
+    assert len(result.token_ids) == 5 and result.finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt", ["", [], [{"role": "user"}], [1.5, 2]])
+def test_bad_prompts(pair, prompt) -> None:
+    with pytest.raises(ValueError, match=r"prompt|role"):
+        generate(pair, prompt, SpecConfig(max_new_tokens=4))
+
+
+def test_prompt_longer_than_context(pair) -> None:
+    context = pair.target.max_context
+    with pytest.raises(ValueError, match=f"model context of {context}"):
+        generate(pair, [1] * (context + 5), SpecConfig(max_new_tokens=4))
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match="known"):
+        load_pair("no-such-model", SMOL)
+
+
+def test_different_tokenizers_are_refused(pair) -> None:
+    from transformers import AutoTokenizer
+
+    from mcsd.models.sources import resolve
+
+    qwen_like = AutoTokenizer.from_pretrained(resolve(SMOL, progress=False))
+    qwen_like.add_tokens(["<extra-token>"])
+    with pytest.raises(ValueError, match="different tokenizers"):
+        check_same_tokenizer(pair.tokenizer, qwen_like)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tree", "0,2"], "k_1"),
+        (["--rule", "sps", "--tree", "2,2", "--temperature", "1"], "sps"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--temperature", "1", "--draft-temperature", "0", "--rule", "mcss"], "topk"),
+    ],
+)
+def test_cli_rejects_bad_options_before_loading(argv, message, capsys) -> None:
+    code = cli.main(["generate", "hello", "--target", "no-such-model", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_generate_json(capsys) -> None:
+    code = cli.main(
+        [
+            "generate",
+            "def f(x):",
+            "--target",
+            SMOL,
+            "--draft",
+            SMOL,
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ]
+    )
+    assert code == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 6 and out["stats"]["steps"] >= 1
