@@ -216,14 +216,19 @@ def create_app(
                 scheduler.cancel(job)  # a no-op unless something above broke off early
 
     async def _next_event(request: Request, job: Job) -> Any:
-        """The job's next event; cancels the job if the client goes away meanwhile."""
+        """The job's next event; cancels the job if the client goes away meanwhile (checked at
+        least every ``DISCONNECT_POLL_S``, also while events keep arriving)."""
         while True:
+            now = time.monotonic()
+            if now - job.client_checked >= DISCONNECT_POLL_S:
+                job.client_checked = now
+                if await request.is_disconnected():
+                    scheduler.cancel(job)
+                    raise _Disconnected
             try:
                 return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
             except TimeoutError:
-                if await request.is_disconnected():
-                    scheduler.cancel(job)
-                    raise _Disconnected from None
+                pass
 
     async def _sse(job: Job, event: Any, view: _View, include_usage: bool) -> AsyncIterator[str]:
         # A client that disconnects makes Starlette cancel this generator; ``finally`` and the

@@ -69,6 +69,9 @@ class Job:
     prompt_tokens: int = 0  # set by the worker before the first event
     completion_tokens: int = 0
     done: bool = False  # set by the worker before the last event
+    client_checked: float = field(
+        default_factory=time.monotonic
+    )  # last disconnect check (HTTP side)
 
     def post(self, event: Event) -> None:
         """Hand an event to the asyncio side (from the worker thread)."""
@@ -195,8 +198,11 @@ class Scheduler:
             if first is None:
                 outcome = "invalid"
                 job.done = True
-                param = job.prompt_param if "prompt" in str(error) else None
-                job.post(Failed(APIError(400, str(error), param=param), True))
+                message = str(error)
+                param = job.prompt_param if "prompt" in message else None
+                if param is not None and not message.startswith(param):
+                    message = f"{param}: {message}"  # e.g. "messages: prompt has 9000 tokens..."
+                job.post(Failed(APIError(400, message, param=param), True))
             else:
                 self._fail(job, error, first is None)
         except Exception as error:
