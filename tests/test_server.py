@@ -262,6 +262,19 @@ def test_chat_stream(client: openai.OpenAI, reference: ModelPair) -> None:
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
 
 
+def test_stop_string(client: openai.OpenAI, reference: ModelPair) -> None:
+    full = generate(reference, PROMPT, SpecConfig(target=GREEDY, max_new_tokens=24)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        response = client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop], stream=stream
+        )
+        chunks = list(response) if stream else [response]
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_sampling_with_seed_is_reproducible(client: openai.OpenAI) -> None:
     def once() -> str:
         response = client.completions.create(

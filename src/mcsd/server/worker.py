@@ -165,6 +165,9 @@ class Scheduler:
         metrics.queue_time.observe(started - job.arrival)
         outcome, first, last = "error", None, started
         try:
+            if job.cancelled.is_set():  # the client left between leaving the queue and now
+                outcome = "cancelled"
+                return
             prompt_ids = encode_prompt(self.pair.tokenizer, job.prompt, chat=job.chat)
             job.prompt_tokens = len(prompt_ids)
             generation = stream(self.pair, prompt_ids, job.spec)
