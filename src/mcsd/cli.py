@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "mcsd.commands.generate",
     "check": "mcsd.commands.check",
     "models": "mcsd.commands.models",
+    "bench": "mcsd.commands.bench",
     "serve": "mcsd.commands.serve",
 }
 

@@ -1,0 +1,172 @@
+"""Run every method on every prompt, interleaved prompt by prompt, after a warm-up.
+
+Interleaving (question 1: all methods, question 2: all methods, ...; the method order rotates
+from one question to the next) makes slow drifts of the machine - thermal state, other processes
+- hit every method alike instead of whichever ran last. Multi-turn questions are answered turn
+by turn, each method continuing its own conversation (as Spec-Bench does).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mcsd.api import ModelPair, encode_prompt
+from mcsd.bench.datasets import Question
+from mcsd.bench.methods import Generation, Method, run_method
+from mcsd.config import SpecConfig
+
+WARMUP_TOKENS = 16  # enough to run every tree level and the verification shapes once
+
+
+@dataclass
+class Answer:
+    """One method's answer to one turn of one question."""
+
+    method: str
+    question: Question
+    turn: int  # 0-based
+    position: int  # the question's index in the run (ids from files may repeat)
+    prompt_ids: list[int]
+    generation: Generation
+    text: str
+    matches_reference: bool | None = None  # greedy only: same prompt and same tokens as reference
+
+    @property
+    def dataset(self) -> str:
+        return self.question.dataset
+
+
+def reference_method(methods: Sequence[Method]) -> str | None:
+    """The method whose greedy output the others must reproduce: ``hf-ar``, else ``ar``."""
+    names = [m.name for m in methods]
+    return next((name for name in ("hf-ar", "ar") if name in names), None)
+
+
+def build_prompt(
+    tokenizer: Any, question: Question, answers: Sequence[str], turn: int, chat: bool
+) -> list[int]:
+    """Token ids of ``question`` up to user turn ``turn``, after this method's own earlier
+    answers. Without a chat template the turns and answers are joined as plain text."""
+    if chat:
+        messages: list[dict[str, str]] = []
+        for i in range(turn + 1):
+            messages.append({"role": "user", "content": question.turns[i]})
+            if i < turn:
+                messages.append({"role": "assistant", "content": answers[i]})
+        return encode_prompt(tokenizer, messages)
+    parts = [question.turns[0]]
+    for i in range(1, turn + 1):
+        parts += [answers[i - 1], question.turns[i]]
+    return encode_prompt(tokenizer, "\n\n".join(parts))
+
+
+def turn_seed(seed: int | None, index: int, turn: int) -> int:
+    """A distinct, reproducible seed for each (question, turn), shared by all methods."""
+    return ((seed or 0) * 1_000_003 + index * 64 + turn) % (2**63)
+
+
+def run_bench(
+    pair: ModelPair,
+    questions: Sequence[Question],
+    methods: Sequence[Method],
+    base: SpecConfig,
+    *,
+    chat: bool | None = None,
+    warmup_tokens: int = WARMUP_TOKENS,
+    progress: bool = True,
+) -> list[Answer]:
+    """Answer every turn of every question with every method; return the answers in run order.
+
+    ``chat=None`` applies the tokenizer's chat template when it has one."""
+    if not questions or not methods:
+        raise ValueError("need at least one question and one method")
+    tokenizer = pair.tokenizer
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
+    reference = reference_method(methods) if base.target.greedy else None
+    total = sum(len(q.turns) for q in questions) * len(methods)
+
+    with _Progress(progress, total + len(methods)) as bar:
+        if warmup_tokens > 0:
+            first = build_prompt(tokenizer, questions[0], [], 0, chat)
+            short = replace(base, max_new_tokens=min(warmup_tokens, base.max_new_tokens))
+            for method in methods:
+                bar.describe(f"warm-up {method.name}")
+                run_method(method, pair, first, short)
+                bar.advance()
+
+        answers: list[Answer] = []
+        for index, question in enumerate(questions):
+            shift = index % len(methods)
+            order = [*methods[shift:], *methods[:shift]]
+            texts: dict[str, list[str]] = {m.name: [] for m in methods}
+            for turn in range(len(question.turns)):
+                spec = replace(base, seed=turn_seed(base.seed, index, turn))
+                done: dict[str, Answer] = {}
+                for method in order:
+                    label = f"{question.dataset} {question.question_id} turn {turn + 1}"
+                    bar.describe(f"{method.name} | {label}")
+                    prompt_ids = build_prompt(tokenizer, question, texts[method.name], turn, chat)
+                    generation = run_method(method, pair, prompt_ids, spec)
+                    text = tokenizer.decode(generation.tokens, skip_special_tokens=True)
+                    texts[method.name].append(text)
+                    done[method.name] = Answer(
+                        method.name, question, turn, index, prompt_ids, generation, text
+                    )
+                    bar.advance()
+                if reference is not None:
+                    ref = done[reference]
+                    for answer in done.values():
+                        answer.matches_reference = (
+                            answer.prompt_ids == ref.prompt_ids
+                            and answer.generation.tokens == ref.generation.tokens
+                        )
+                answers += [done[m.name] for m in methods]
+    return answers
+
+
+class _Progress:
+    """A rich progress bar on stderr (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description:<48}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=sys.stderr),
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text[:48])
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)

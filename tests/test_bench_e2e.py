@@ -1,0 +1,124 @@
+"""``mcsd bench`` end to end on two tiny random models saved to disk (built here, no download):
+every kind of method, the table, the answer files, summary.json and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcsd.cli import main
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a few lines, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|end|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["def add(a, b):\n    return a + b\n", "Write a short story about a cat."] * 20
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|end|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def tiny_model(directory: Path, tokenizer, seed: int, layers: int) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_tokenizer()
+    target = tiny_model(root / "target", tokenizer, seed=0, layers=2)
+    draft = tiny_model(root / "draft", tokenizer, seed=1, layers=1)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"question_id": 1, "turns": ["def add(a, b):", "Now in one line."]})
+        + "\n"
+        + json.dumps({"prompt": "Write a short story about a cat."})
+        + "\n"
+    )
+    return target, draft, prompts
+
+
+def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys) -> None:
+    target, draft, prompts = tiny_pair
+    out = tmp_path / "out"
+    methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2"]
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--turns", "2", "--max-new-tokens", "8"]
+    quiet = ["--warmup-tokens", "2", "--no-progress", "--out", str(out)]
+    code = main(["bench", *models, *run, *quiet, "--methods", *methods])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tree:2,2" in printed and "x hf-ar" in printed
+    for name in ("speedup.png", "al_vs_tree_size.png", "acceptance_per_depth.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"]["transformers"] and summary["dtype"] == "float32"
+    pooled = summary["results"]["all"]
+    for name in methods:  # fp32 greedy: everyone reproduces the target's own output
+        assert pooled[name]["equal_rate"] == 1.0, name
+        assert pooled[name]["turns"] == 3  # two turns of the first question, one of the second
+    assert pooled["tree:2,2"]["tree_size"] == 6
+    assert pooled["ar"]["mean_accepted_length"] == 1.0
+    lines = (out / "answers" / "tree-2.2.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])["choices"][0]
+    assert len(first["turns"]) == 2 and sum(first["new_tokens"]) == sum(first["accept_lengths"])
+    assert (out / "table.txt").read_text().count("tree:2,2") == 2  # prompts + all
+
+
+def test_bench_sampling_runs(tiny_pair, tmp_path: Path) -> None:
+    target, draft, prompts = tiny_pair
+    out = tmp_path / "out"
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--n", "1", "--max-new-tokens", "6", "--temperature", "1"]
+    methods = ["hf-ar", "hf-assisted", "sps:2", "tree:2,1:mcss"]
+    quiet = ["--warmup-tokens", "0", "--no-progress", "--no-plots", "--out", str(out)]
+    code = main(["bench", *models, *run, *quiet, "--methods", *methods])
+    assert code == 0
+    pooled = json.loads((out / "summary.json").read_text())["results"]["all"]
+    assert pooled["tree:2,1:mcss"]["equal_rate"] is None  # only compared in greedy runs
+    assert pooled["sps:2"]["new_tokens"] > 0
+
+
+def test_bench_rejects_bad_method_before_loading(tmp_path: Path, capsys) -> None:
+    code = main(["bench", "--methods", "tree:2,2:mcss", "--out", str(tmp_path)])  # greedy + mcss
+    assert code == 2
+    assert "needs a sampling target" in capsys.readouterr().err
