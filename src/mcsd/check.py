@@ -58,6 +58,9 @@ DEFAULT_ALPHA = 1e-6  # false-failure probability of each test (chi-square, TV, 
 EXACT_TOLERANCE = 1e-9  # max |emitted - target| allowed in the exact enumeration
 MAX_ENUMERATED_TUPLES = 200_000  # beyond this, skip the exact enumeration (it would take minutes)
 MIN_EXPECTED_COUNT = 5.0  # chi-square bins with fewer expected draws are pooled
+# Below this many trials in all, worker processes (each spends seconds importing torch) cost more
+# than they save; one trial costs 50-150 us.
+PARALLEL_MIN_TRIALS = 100_000
 
 
 # ---------------------------------------------------------------- candidates
@@ -475,6 +478,10 @@ def _map(tasks: list[CheckTask], jobs: int) -> Iterator[CheckResult]:
         yield from pool.map(_check_case_in_worker, tasks)
 
 
-def default_jobs() -> int:
-    """The number of CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def default_jobs(tasks: int, trials: int) -> int:
+    """Worker processes for ``tasks`` (rule, case) pairs of ``trials`` each: the CPU cores this
+    process may use, or 1 when the work is too small to pay for starting workers."""
+    if tasks * trials < PARALLEL_MIN_TRIALS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(tasks, cores or 1))

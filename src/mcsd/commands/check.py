@@ -1,4 +1,4 @@
-"""``mcsd check``: verify that a verification rule is lossless, on this machine, in a minute.
+"""``mcsd check``: verify on this machine, in minutes, that the verification rules are lossless.
 
     mcsd check --rule mcss-wor --k 3 --vocab 8 --trials 200000 --seed 0
     mcsd check --rule all
@@ -45,12 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--jobs",
         type=int,
         default=None,
-        help="worker processes (default: the number of CPU cores); results do not depend on it",
+        help="worker processes (default: the CPU cores, 1 for small runs); results do not "
+        "depend on it",
     )
     node = parser.add_argument_group("node check: one tree node, random (p, q) cases")
     node.add_argument("--k", type=int, default=3, help="candidates per node (sps always uses 1)")
     node.add_argument("--vocab", type=int, default=8, help="vocabulary size of the cases")
-    node.add_argument("--trials", type=int, default=200_000, help="Monte Carlo trials per case")
+    node.add_argument("--trials", type=int, default=100_000, help="Monte Carlo trials per case")
     node.add_argument(
         "--cases",
         default=",".join(CASES),
@@ -91,8 +92,8 @@ def _node_check(args: argparse.Namespace, console: Console) -> list[CheckResult]
         raise ValueError(f"--vocab must be >= 2, got {args.vocab}")
     if args.vocab <= args.k:
         raise ValueError(f"--vocab must be larger than --k (got {args.vocab} and {args.k})")
-    jobs = default_jobs() if args.jobs is None else args.jobs
     total = len(rules) * len(cases)
+    jobs = default_jobs(total, args.trials) if args.jobs is None else args.jobs
     console.print(
         f"checking {', '.join(rules)} on {len(cases)} cases: k={args.k}, vocab={args.vocab}, "
         f"{args.trials} trials each, seed {args.seed}, {min(jobs, total)} processes"
