@@ -61,3 +61,11 @@ def test_greedy_draft_with_sampled_verification_is_caught(monkeypatch: pytest.Mo
     monkeypatch.setattr(engine._Drafter, "__init__", deterministic)
     result = run_engine_case(EngineCase("mcss", "2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
+
+
+def test_check_command_engine_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from mcsd import cli
+
+    assert cli.main(["check", "--engine", "--rule", "sps", "--engine-trials", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "sps tree=1,1,1" in out and "passed 1 engine checks" in out

@@ -57,14 +57,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=",".join(CASES),
         help="comma-separated subset of: " + ", ".join(CASES),
     )
-    # The whole-engine check (toy models through drafting, tree mask, caches and verification)
-    # adds its own argument group and mode here, and a branch in run().
+    engine = parser.add_argument_group(
+        "engine check: toy LMs through drafting, tree masks, caches and verification"
+    )
+    engine.add_argument(
+        "--engine",
+        action="store_true",
+        help="check whole-engine generations (every rule and tree) instead of single nodes",
+    )
+    engine.add_argument(
+        "--engine-trials",
+        type=int,
+        default=20_000,
+        help="generations per engine case (default: %(default)s; ~2 ms each)",
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    if args.engine:
+        return _engine_check(args, console)
     started = time.perf_counter()
     results = _node_check(args, console)
     console.print(results_table(results))
@@ -148,3 +162,41 @@ def results_table(results: list[CheckResult]) -> Table:
             "[green]ok[/]" if r.passed else f"[bold red]FAIL {', '.join(r.failures)}[/]",
         )
     return table
+
+
+def _engine_check(args: argparse.Namespace, console: Console) -> int:
+    from mcsd.enginecheck import engine_cases, run_engine_case
+
+    if args.engine_trials < 100:
+        raise ValueError(f"--engine-trials must be >= 100, got {args.engine_trials}")
+    cases = [c for c in engine_cases() if args.rule in ("all", c.rule)]
+    started = time.perf_counter()
+    table = Table(
+        title="generated 3-token sequences vs the exact target distribution",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("case", "trials", "TV", "TV max", "p-value", "AL", "result"):
+        table.add_column(column, justify="left" if column in ("case", "result") else "right")
+    failed = []
+    with console.status("running") as status:
+        for i, case in enumerate(cases, start=1):
+            status.update(f"running {case.describe()} ({i}/{len(cases)})")
+            result = run_engine_case(case, args.engine_trials, seed=args.seed, alpha=args.alpha)
+            if not result.passed:
+                failed.append(case.describe())
+            table.add_row(
+                case.describe(),
+                str(result.trials),
+                f"{result.fit.tv:.4f}",
+                f"{result.fit.tv_bound:.4f}",
+                f"{result.fit.p_value:.3g}",
+                f"{result.mean_accepted_length:.2f}",
+                "[green]ok[/]" if result.passed else "[bold red]FAIL[/]",
+            )
+    console.print(table)
+    elapsed = time.perf_counter() - started
+    if failed:
+        console.print(f"[bold red]FAILED[/] {len(failed)} of {len(cases)}: {', '.join(failed)}")
+        return 1
+    console.print(f"[bold green]passed[/] {len(cases)} engine checks in {elapsed:.1f} s")
+    return 0
