@@ -19,6 +19,7 @@ COMMANDS = {
     "check": "mcsd.commands.check",
     "models": "mcsd.commands.models",
     "bench": "mcsd.commands.bench",
+    "tune": "mcsd.commands.tune",
     "serve": "mcsd.commands.serve",
 }
 

@@ -9,7 +9,8 @@ Method names (``parse_method``):
 - ``ar``               mcsd's target alone (``autoregressive_decode``: same adapter, no draft);
 - ``sps:G``            an mcsd chain of depth G (rule ``sps`` when sampling, ``greedy`` when not);
 - ``tree:K[:RULE]``    an mcsd k-config tree such as ``tree:4,2,2:mcss-wor`` (default rule: the
-                       natural one, see ``SpecConfig``).
+                       natural one, see ``SpecConfig``); K may also be a JSON list of sibling-rank
+                       paths, ``tree:[[0],[1],[0,0]]`` (what ``mcsd bench --sweep`` prints).
 
 Every method turns prompt token ids into a ``Generation``: the new tokens, the wall time and one
 ``StepRecord`` per target forward, so one set of metrics (``mcsd.stats.Stats``) covers them all.
@@ -21,6 +22,7 @@ position of the first token of every target forward, from which the tokens commi
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,7 +45,7 @@ class Method:
 
     name: str  # as written on the command line, e.g. "tree:4,2,2:mcss-wor"
     kind: str  # "hf-ar", "hf-assisted", "ar", "sps" or "tree"
-    tree: str | None = None  # k-config of mcsd methods, e.g. "1,1,1,1"
+    tree: str | None = None  # k-config ("1,1,1,1") or JSON rank paths ("[[0],[1],[0,0]]")
     rule: str | None = None  # verification rule; None = SpecConfig's natural choice
     assistant_tokens: int | None = None  # hf-assisted's num_assistant_tokens; None = its default
 
@@ -55,7 +57,7 @@ class Method:
         """``base`` (sampling, lengths, seed) with this method's tree and rule."""
         if not self.is_mcsd:
             return replace(base, tree=(1,), rule=None)
-        return replace(base, tree=self.tree, rule=self.rule)
+        return replace(base, tree=parse_tree(self.tree or ""), rule=self.rule)
 
     def describe(self, base: SpecConfig) -> str:
         if not self.is_mcsd:
@@ -85,12 +87,25 @@ def parse_method(text: str) -> Method:
         shape, _, rule = rest.partition(":")
         if rule and rule not in RULES:
             raise ValueError(f"method {name!r}: rule must be one of {', '.join(RULES)}")
-        SpecConfig(tree=shape, rule=None)  # a bad shape fails here, with the tree's own message
+        SpecConfig(tree=parse_tree(shape), rule=None)  # a bad shape fails here, clearly
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
         f"unknown method {name!r}; use hf-ar, hf-assisted, hf-assisted:N, ar, sps:G, "
         "tree:K-CONFIG or tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor)"
     )
+
+
+def parse_tree(shape: str) -> str | list:
+    """A k-config string as is, or the rank paths of a JSON list."""
+    if not shape.lstrip().startswith("["):
+        return shape
+    try:
+        paths = json.loads(shape)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"tree {shape!r} is not a JSON list of rank paths: {error.msg}") from None
+    if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
+        raise ValueError(f"tree {shape!r} must be a list of paths like [[0],[1],[0,0]]")
+    return paths
 
 
 @dataclass

@@ -215,6 +215,7 @@ def detail_record(answer: Answer) -> dict[str, Any]:
         else 0.0,
         "finish_reason": generation.finish_reason,
         "matches_reference": answer.matches_reference,
+        "load_average": answer.load,
         "token_ids": generation.tokens,
     } | stats.to_dict()
 
@@ -238,6 +239,11 @@ def write_results(
         paths.append(path)
     details = out / "details.jsonl"
     details.write_text("".join(json.dumps(detail_record(a)) + "\n" for a in answers))
+    loads = sorted(a.load for a in answers if a.load is not None)
+    if loads:  # other processes on the machine disturb timings: say how busy it was
+        meta = meta | {
+            "load_average": {"min": loads[0], "median": loads[len(loads) // 2], "max": loads[-1]}
+        }
     path = out / "summary.json"
     path.write_text(json.dumps(meta | {"results": summary}, indent=2) + "\n")
     return [*paths, details, path]

@@ -8,6 +8,7 @@ by turn, each method continuing its own conversation (as Spec-Bench does).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ class Answer:
     generation: Generation
     text: str
     matches_reference: bool | None = None  # greedy only: same prompt and same tokens as reference
+    load: float | None = None  # 1-minute load average after the answer (other processes?)
 
     @property
     def dataset(self) -> str:
@@ -116,6 +118,7 @@ def run_bench(
                     done[method.name] = Answer(
                         method.name, question, turn, index, prompt_ids, generation, text
                     )
+                    done[method.name].load = _load_average()
                     bar.advance()
                 if reference is not None:
                     ref = done[reference]
@@ -126,6 +129,13 @@ def run_bench(
                         )
                 answers += [done[m.name] for m in methods]
     return answers
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 class _Progress:

@@ -41,6 +41,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_bench_arguments(parser)
+    from mcsd.commands.tune import add_sweep_arguments
+
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of --methods: simulate tree shapes under --budgets (greedy) and run the "
+        "best --verify of them (mcsd tune also saves the fastest)",
+    )
+    add_sweep_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -99,6 +108,11 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.sweep:
+        from mcsd.commands.tune import run_sweep
+
+        return run_sweep(args, save=False)
 
     from mcsd.api import load_pair
     from mcsd.bench.report import render_table, summarize, table_text, write_results

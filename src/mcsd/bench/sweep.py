@@ -1,0 +1,306 @@
+"""Tree shapes under node budgets: which tree is best for a pair on this machine?
+
+Running every shape on real prompts would take hours on a CPU, so greedy sweeps are simulated
+exactly and only the winners are run:
+
+1. ``reference outputs``: the target's greedy answer to each prompt (any lossless method gives it;
+   a short chain is the fastest way to get it);
+2. ``draft ranks``: one teacher-forced draft forward over prompt + answer gives, for every answer
+   token, its rank among the draft's logits given the true prefix;
+3. ``simulate``: with deterministic (top-k) drafting and greedy verification, a tree accepts
+   child ``i`` of a node exactly when the next answer token has draft rank ``i``, so the accepted
+   length of any tree on these answers follows from the ranks alone (up to bf16 near-ties between
+   a tree forward and the teacher-forced chain forward);
+4. ``costs``: measured draft and target forward times for each number of new tokens;
+   predicted tokens/s = accepted length / (draft forwards + target forward + step overhead);
+5. the best shapes by predicted tokens/s are then run for real (``mcsd bench --sweep``).
+
+Candidate shapes: every non-increasing k-config up to the largest budget, plus for each budget and
+depth limit the "top-B tree": the B nodes of highest path probability when each sibling rank r
+is accepted with its observed frequency P(rank = r) (the Sequoia / EAGLE-2 idea; the set of the
+B most probable paths is always a tree, because a path is never more probable than its prefix).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mcsd.models.base import SpecModel, causal_mask
+from mcsd.tree import ROOT, TokenTree
+
+DEFAULT_BUDGETS = (4, 8, 16, 32, 64)
+MAX_DEPTH = 10
+COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)  # new tokens per timed forward
+
+
+# ------------------------------------------------------------------------------ ranks
+
+
+@torch.inference_mode()
+def draft_ranks(
+    draft: SpecModel, prompt_ids: Sequence[int], answer: Sequence[int], vocab_size: int
+) -> list[int]:
+    """Rank (0 = the draft's top token) of each answer token among the draft's logits given the
+    prompt and the answer before it: one teacher-forced forward."""
+    if not answer:
+        return []
+    tokens = [*prompt_ids, *answer]
+    device = draft.device
+    draft.reset()
+    ids = torch.tensor([tokens], device=device)  # [1, L]
+    positions = torch.arange(len(tokens), device=device)[None]  # [1, L]
+    logits = draft.forward(ids, positions, causal_mask(1, 0, len(tokens), device))
+    draft.reset()
+    rows = logits[0, len(prompt_ids) - 1 : len(tokens) - 1, :vocab_size]  # [T, V]
+    wanted = torch.tensor(answer, device=device)[:, None]  # [T, 1]
+    chosen = rows.gather(1, wanted)  # [T, 1]
+    return (rows > chosen).sum(dim=1).tolist()
+
+
+# ------------------------------------------------------------------------------ simulation
+
+
+@dataclass(frozen=True)
+class Simulated:
+    steps: int
+    tokens: int
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+
+def simulate(tree: TokenTree, traces: Iterable[Sequence[int]]) -> Simulated:
+    """Steps and tokens a greedy top-k tree needs to reproduce answers with these draft ranks.
+
+    Each step starts at the next answer token and walks down: a node's i-th child (the draft's
+    i-th best token) is accepted when the answer's next token has rank i; the step then adds the
+    target's own token (correction or bonus)."""
+    children = [tree.children(ROOT), *(tree.children(u) for u in range(tree.num_nodes))]
+    steps = tokens = 0
+    for ranks in traces:
+        j, n = 0, len(ranks)
+        while j < n:
+            node, accepted = ROOT, 0
+            while j + accepted < n - 1:  # the last token is always the step's own
+                kids = children[node + 1]
+                rank = ranks[j + accepted]
+                if rank >= len(kids):
+                    break
+                node = kids[rank]
+                accepted += 1
+            steps += 1
+            j += accepted + 1
+        tokens += n
+    return Simulated(steps, tokens)
+
+
+def rank_frequencies(traces: Iterable[Sequence[int]], width: int = 16) -> list[float]:
+    """P(rank = r) over all answer tokens, r < width."""
+    counts = [0] * width
+    total = 0
+    for ranks in traces:
+        for r in ranks:
+            total += 1
+            if r < width:
+                counts[r] += 1
+    return [c / total if total else 0.0 for c in counts]
+
+
+def top_paths_tree(frequencies: Sequence[float], budget: int, max_depth: int) -> TokenTree:
+    """The ``budget`` most probable rank paths of depth <= ``max_depth`` when sibling rank r is
+    accepted with probability ``frequencies[r]`` independently at every depth."""
+    heap: list[tuple[float, tuple[int, ...]]] = [(-frequencies[0], (0,))]
+    chosen: list[tuple[int, ...]] = []
+    while heap and len(chosen) < budget:
+        negative, path = heapq.heappop(heap)
+        chosen.append(path)
+        value = -negative
+        rank = path[-1]
+        if rank + 1 < len(frequencies) and frequencies[rank] > 0:  # next sibling
+            sibling = (*path[:-1], rank + 1)
+            heapq.heappush(heap, (-value / frequencies[rank] * frequencies[rank + 1], sibling))
+        if len(path) < max_depth:  # first child
+            heapq.heappush(heap, (-value * frequencies[0], (*path, 0)))
+    return TokenTree.from_paths(chosen)
+
+
+def k_configs(max_nodes: int, max_depth: int = MAX_DEPTH) -> list[tuple[int, ...]]:
+    """Every non-increasing k-config with at most ``max_nodes`` nodes."""
+    found = []
+
+    def grow(prefix: tuple[int, ...], width: int, nodes: int) -> None:
+        if prefix:
+            found.append(prefix)
+        if len(prefix) == max_depth:
+            return
+        top = prefix[-1] if prefix else max_nodes
+        for k in range(1, top + 1):
+            if nodes + width * k > max_nodes:
+                break
+            grow((*prefix, k), width * k, nodes + width * k)
+
+    grow((), 1, 0)
+    return found
+
+
+def candidate_trees(
+    traces: Sequence[Sequence[int]], budgets: Sequence[int], max_depth: int = MAX_DEPTH
+) -> list[TokenTree]:
+    """k-configs up to the largest budget and the top-path trees of every budget and depth."""
+    frequencies = rank_frequencies(traces)
+    trees = {TokenTree.from_config(k): None for k in k_configs(max(budgets), max_depth)}
+    for budget in budgets:
+        for depth in range(1, max_depth + 1):
+            trees.setdefault(top_paths_tree(frequencies, budget, depth), None)
+    return list(trees)
+
+
+# ------------------------------------------------------------------------------ costs
+
+
+@dataclass
+class CostModel:
+    """Seconds per forward of n new tokens after a fixed context, for draft and target."""
+
+    context: int
+    sizes: list[int]
+    target: list[float]
+    draft: list[float]
+    overhead: float = 0.0  # seconds per step outside the forwards (sampling, cache compaction)
+    notes: dict[str, float] = field(default_factory=dict)
+
+    def _interpolate(self, values: list[float], n: int) -> float:
+        i = bisect.bisect_left(self.sizes, n)
+        if i < len(self.sizes) and self.sizes[i] == n:
+            return values[i]
+        if i == 0:
+            return values[0]
+        if i == len(self.sizes):  # extrapolate with the last slope
+            i -= 1
+        x0, x1, y0, y1 = self.sizes[i - 1], self.sizes[i], values[i - 1], values[i]
+        return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+
+    def target_time(self, n: int) -> float:
+        return self._interpolate(self.target, n)
+
+    def draft_time(self, n: int) -> float:
+        return self._interpolate(self.draft, n)
+
+    def step_time(self, tree: TokenTree, uncached: float = 1.0) -> float:
+        """Draft forwards (the uncached tokens, then every level that has children), the target
+        forward over pending + nodes, and the per-step overhead."""
+        draft = self.draft_time(round(uncached))
+        for level in tree.levels:
+            width = sum(1 for u in level if tree.children(u))
+            if width:
+                draft += self.draft_time(width)
+        return draft + self.target_time(tree.num_nodes + 1) + self.overhead
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "context": self.context,
+            "sizes": self.sizes,
+            "target_ms": [1e3 * t for t in self.target],
+            "draft_ms": [1e3 * t for t in self.draft],
+            "overhead_ms": 1e3 * self.overhead,
+        } | self.notes
+
+
+@torch.inference_mode()
+def forward_time(model: SpecModel, context: Sequence[int], n: int, repeats: int = 5) -> float:
+    """Seconds of one forward of ``n`` new tokens after ``context``: the fastest of ``repeats``
+    (the minimum is the estimate least disturbed by other processes on the machine)."""
+    device = model.device
+    model.reset()
+    c = len(context)
+    model.forward(
+        torch.tensor([list(context)], device=device),
+        torch.arange(c, device=device)[None],
+        causal_mask(1, 0, c, device),
+    )
+    ids = torch.tensor([[context[i % c] for i in range(n)]], device=device)  # [1, n] any tokens
+    positions = torch.arange(c, c + n, device=device)[None]
+    mask = causal_mask(1, c, n, device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.forward(ids, positions, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+        model.trim(c)
+    model.reset()
+    return min(times)
+
+
+def measure_costs(
+    target: SpecModel,
+    draft: SpecModel,
+    context: Sequence[int],
+    sizes: Sequence[int] = COST_SIZES,
+    repeats: int = 5,
+) -> CostModel:
+    """Time draft and target forwards of every size after ``context`` (one warm-up each)."""
+    forward_time(target, context, 1, repeats=1)
+    forward_time(draft, context, 1, repeats=1)
+    target_times = [forward_time(target, context, n, repeats) for n in sizes]
+    draft_times = [forward_time(draft, context, n, repeats) for n in sizes]
+    return CostModel(len(context), list(sizes), target_times, draft_times)
+
+
+# ------------------------------------------------------------------------------ ranking
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tree: TokenTree
+    simulated: Simulated
+    step_time: float  # predicted seconds per step
+
+    @property
+    def name(self) -> str:
+        return tree_name(self.tree)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.simulated.mean_accepted_length / self.step_time if self.step_time else 0.0
+
+
+def tree_name(tree: TokenTree) -> str:
+    """``4,2,2`` for a k-config, else the JSON list of rank paths (both parse as ``--tree``)."""
+    config = tree.k_config()
+    if config is not None:
+        return ",".join(map(str, config))
+    return "[" + ",".join("[" + ",".join(map(str, p)) + "]" for p in tree.rank_paths()) + "]"
+
+
+def rank_candidates(
+    trees: Iterable[TokenTree], traces: Sequence[Sequence[int]], costs: CostModel
+) -> list[Candidate]:
+    """Every tree simulated and costed, best predicted tokens/s first."""
+    candidates = [Candidate(t, simulate(t, traces), costs.step_time(t)) for t in trees]
+    return sorted(candidates, key=lambda c: -c.tokens_per_s)
+
+
+def best_per_budget(
+    candidates: Sequence[Candidate], budgets: Sequence[int]
+) -> dict[int, dict[str, Candidate]]:
+    """For each budget: the best candidate within it by accepted length and by tokens/s."""
+    best = {}
+    for budget in sorted(budgets):
+        within = [c for c in candidates if c.tree.num_nodes <= budget]
+        if within:
+            best[budget] = {
+                "by_accepted_length": max(
+                    within, key=lambda c: (c.simulated.mean_accepted_length, -c.tree.num_nodes)
+                ),
+                "by_tokens_per_s": max(within, key=lambda c: c.tokens_per_s),
+            }
+    return best
