@@ -122,3 +122,20 @@ def test_bench_rejects_bad_method_before_loading(tmp_path: Path, capsys) -> None
     code = main(["bench", "--methods", "tree:2,2:mcss", "--out", str(tmp_path)])  # greedy + mcss
     assert code == 2
     assert "needs a sampling target" in capsys.readouterr().err
+
+
+def test_tune_saves_the_fastest_tree(tiny_pair, tmp_path: Path, monkeypatch) -> None:
+    target, draft, prompts = tiny_pair
+    monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--n", "2", "--max-new-tokens", "8", "--budgets", "2,4"]
+    quiet = ["--warmup-tokens", "0", "--no-progress", "--verify", "1", "--out", str(tmp_path)]
+    assert main(["tune", *models, *run, *quiet]) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(sweep["best_per_budget"]) == {"2", "4"}
+    assert all(c["nodes"] <= 4 for c in sweep["candidates"])
+    assert "ar" in sweep["measured"]
+    tuned = json.loads((tmp_path / "cache" / "tuned.json").read_text())
+    ((key, entry),) = tuned.items()
+    assert key.startswith(f"{target}|{draft}|cpu|float32|greedy")
+    assert entry["source"] == "measured" and entry["tree"]

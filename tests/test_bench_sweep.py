@@ -1,0 +1,93 @@
+"""The tree sweep: exact greedy simulation from draft ranks, candidate shapes, the cost model,
+and tuned defaults; the simulation is checked against the real engine on toy models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcsd.bench import sweep
+from mcsd.bench.tuned import save_tuned, tuned_key, tuned_tree
+from mcsd.config import GREEDY, SpecConfig
+from mcsd.engine import autoregressive_decode, speculative_decode
+from mcsd.tree import TokenTree
+
+
+def test_simulate_by_hand() -> None:
+    chain = TokenTree.from_config("1,1,1")
+    # 8 tokens all top-1: a step accepts 3 and adds 1 -> 2 steps.
+    assert sweep.simulate(chain, [[0] * 8]) == sweep.Simulated(2, 8)
+    # ranks 0,1 | 0,0,5 | 0: steps accept 1, 2, then the last token alone.
+    assert sweep.simulate(chain, [[0, 1, 0, 0, 5, 0]]) == sweep.Simulated(3, 6)
+    wide = TokenTree.from_config("2,1")
+    assert sweep.simulate(wide, [[1, 0, 3, 0]]) == sweep.Simulated(2, 4)  # rank 1 then its child
+    assert sweep.simulate(chain, [[], [0]]).mean_accepted_length == 1.0
+
+
+def test_top_paths_tree_and_k_configs() -> None:
+    frequencies = [0.8, 0.1, 0.05]
+    assert sweep.tree_name(sweep.top_paths_tree(frequencies, 4, 10)) == "1,1,1,1"
+    tree = sweep.top_paths_tree(frequencies, 5, 2)
+    # 0.8, 0.64 (00), 0.1 (1), 0.08 (01 and 10): depth capped at 2.
+    assert sorted(tree.rank_paths()) == [[0], [0, 0], [0, 1], [1], [1, 0]]
+    configs = sweep.k_configs(6, max_depth=3)
+    assert (4, 2, 2) not in configs and (2, 2) in configs and (1, 1, 1) in configs
+    assert all(TokenTree.from_config(k).num_nodes <= 6 for k in configs)
+    assert all(list(k) == sorted(k, reverse=True) for k in configs)
+    trees = sweep.candidate_trees([[0, 0, 1, 0]], budgets=[4, 8], max_depth=4)
+    assert len(set(trees)) == len(trees) and all(t.num_nodes <= 8 for t in trees)
+
+
+def test_cost_model() -> None:
+    costs = sweep.CostModel(100, [1, 2, 4], target=[1.0, 1.0, 2.0], draft=[0.25, 0.5, 0.5])
+    assert costs.target_time(3) == pytest.approx(1.5)
+    assert costs.target_time(6) == pytest.approx(3.0)  # extrapolated with the last slope
+    costs.overhead = 0.1
+    # (2,1): draft runs the root (1 token) and level 1 (2 nodes), not the leaves; target 5 tokens.
+    tree = TokenTree.from_config("2,1")
+    assert costs.step_time(tree) == pytest.approx(0.25 + 0.5 + 2.5 + 0.1)
+
+
+def test_simulation_matches_the_engine() -> None:
+    """AL predicted from draft ranks equals the engine's, for several shapes (toy HF models)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mcsd.models.hf import HFModel
+
+    def model(seed: int, layers: int) -> HFModel:
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        return HFModel(Qwen2ForCausalLM(config).float())
+
+    target, draft = model(0, 2), model(0, 1)  # same embeddings: the draft is often right
+    prompt = [3, 14, 15, 9, 26]
+    answer = [s.tokens[0] for s in autoregressive_decode(target, prompt, GREEDY, 40, vocab_size=64)]
+    ranks = sweep.draft_ranks(draft, prompt, answer, 64)
+    assert len(ranks) == 40 and min(ranks) >= 0
+    for shape in ("1", "1,1,1", "2,1", "3,2,1", [[0], [1], [0, 0], [2], [0, 1]]):
+        tree = TokenTree.parse(shape)
+        spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=40)
+        steps = list(speculative_decode(target, draft, prompt, spec, vocab_size=64))
+        assert [t for s in steps for t in s.tokens] == answer
+        assert sweep.simulate(tree, [ranks]).steps == len(steps), shape
+
+
+def test_tuned_defaults_round_trip(tmp_path) -> None:
+    key = tuned_key("t", "d", "cuda:1", "bfloat16", greedy=True)
+    assert key == "t|d|cuda|bfloat16|greedy"
+    assert tuned_tree("t", "d", "cuda", "bfloat16", True, cache=tmp_path) is None
+    save_tuned(key, {"tree": "2,1,1"}, cache=tmp_path)
+    save_tuned(tuned_key("t", "d", "cpu", "bfloat16", False), {"tree": "4,2"}, cache=tmp_path)
+    assert tuned_tree("t", "d", "cuda:0", "bfloat16", True, cache=tmp_path) == "2,1,1"
+    assert tuned_tree("t", "d", "cpu", "bfloat16", False, cache=tmp_path) == "4,2"
+    (tmp_path / "tuned.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tuned_tree("t", "d", "cpu", "bfloat16", False, cache=tmp_path)
