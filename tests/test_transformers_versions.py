@@ -3,7 +3,7 @@
 The newest 5.x is what pip installs into the test environment; the lowest (5.17, the GPU
 machine's version) has a different cache API (``past_key_values`` keyword, ``crop`` meaning).
 It is installed once with ``pip install --target`` into the mcsd cache directory and put first
-on ``PYTHONPATH`` for a subprocess running tests/test_hf_adapter.py.
+on ``PYTHONPATH`` for a subprocess running the adapter tests (``ADAPTER_TESTS``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_TESTS = ("test_hf_adapter.py", "test_static_cache.py")  # tests touching transformers
 
 
 def lowest_transformers() -> str:
@@ -74,7 +75,7 @@ def test_adapter_under_lowest_transformers() -> None:
             "-q",
             "-p",
             "no:cacheprovider",
-            str(ROOT / "tests" / "test_hf_adapter.py"),
+            *(str(ROOT / "tests" / name) for name in ADAPTER_TESTS),
         ],
         env=env,
         capture_output=True,

@@ -30,6 +30,7 @@ from mcsd.sampling import sample, sample_candidates, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import verify_tree
+from mcsd.verify_batched import GreedyTreeVerifier
 
 RULES_WITH_Q = ("sps", "mcss", "mcss-wor")  # rules that read the draft distribution q
 DETERMINISTIC_RULES = ("topk", "greedy")  # children are the draft's top-k, not samples
@@ -68,6 +69,8 @@ def speculative_decode(
     generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
     drafter = _Drafter(draft, tree, spec.draft_sampling, rule, vocab_size, generator)
     verify_mask = _tree_mask(tree, device)  # [N+1, N+1]
+    # Greedy verification runs on the device: one host transfer per step (mcsd.verify_batched).
+    greedy = GreedyTreeVerifier(tree, device) if rule == "greedy" else None
     offsets = torch.tensor([0, *tree.depth], device=device)  # [N+1] positions after the root
 
     committed = list(prompt_ids)
@@ -80,24 +83,30 @@ def speculative_decode(
     while True:
         cache = len(committed) - 1  # the pending token sits at position `cache`
         started = time.perf_counter()
-        node_tokens, q = drafter.draft(draft_uncached, cache)  # [N], [N+1, V]
+        node_tokens, q = drafter.draft(draft_uncached, cache)  # [N], [N+1, V] or None
         drafted = time.perf_counter()
 
-        tokens = torch.tensor([[committed[-1], *node_tokens.tolist()]], device=device)  # [1, N+1]
+        tokens = torch.cat([to_device([committed[-1]], device), node_tokens])[None]  # [1, N+1]
         mask = torch.cat(
             [torch.ones(tree.num_nodes + 1, cache, dtype=torch.bool, device=device), verify_mask], 1
         )[None]  # [1, N+1, cache + N+1]
         logits = target.forward(tokens, (cache + offsets)[None], mask)[0, :, :vocab_size]
-        p = warp(logits, spec.target)  # [N+1, V]
-        result = verify_tree(
-            tree, node_tokens, p, q if rule in RULES_WITH_Q else None, rule, generator
-        )
+        if greedy is not None:  # p is one-hot at the argmax: skip building it
+            fetched = greedy.device_result(node_tokens, logits.argmax(dim=-1)).tolist()
+            result, accepted_tokens = greedy.result(fetched)
+        else:
+            p = warp(logits, spec.target)  # [N+1, V]
+            result = verify_tree(
+                tree, node_tokens, p, q if rule in RULES_WITH_Q else None, rule, generator
+            )
+            node_list = node_tokens.tolist()
+            accepted_tokens = [node_list[a] for a in result.accepted]
         verified = time.perf_counter()
 
         accepted = list(result.accepted)
-        target.compact(cache + 1, torch.tensor([[cache + 1 + a for a in accepted]], device=device))
-        draft_uncached = [*drafter.commit(cache, accepted, node_tokens), result.token]
-        new_tokens = [int(node_tokens[a]) for a in accepted] + [result.token]
+        target.compact(cache + 1, to_device([[cache + 1 + a for a in accepted]], device))
+        draft_uncached = [*drafter.commit(cache, accepted, accepted_tokens), result.token]
+        new_tokens = [*accepted_tokens, result.token]
         new_tokens, finish_reason = _truncate(new_tokens, max_new_tokens - produced, stop_token_ids)
         if finish_reason is None and produced + len(new_tokens) >= max_new_tokens:
             finish_reason = "length"
@@ -140,12 +149,12 @@ def autoregressive_decode(
     for produced in range(1, budget + 1):
         started = time.perf_counter()
         cache = target.cache_length
-        tokens = torch.tensor([[pending]], device=device)  # [1, 1]
-        logits = target.forward(
-            tokens, torch.tensor([[cache]], device=device), causal_mask(1, cache, 1, device)
-        )
-        p = warp(logits[0, -1, :vocab_size], sampling)  # [V]
-        pending = int(p.argmax()) if sampling.greedy else sample(p, generator)
+        tokens = to_device([[pending, cache]], device)  # [1, 2]: the token and its position
+        logits = target.forward(tokens[:, :1], tokens[:, 1:], causal_mask(1, cache, 1, device))
+        if sampling.greedy:  # argmax of the one-hot p is the argmax of the logits
+            pending = int(logits[0, -1, :vocab_size].argmax())
+        else:
+            pending = sample(warp(logits[0, -1, :vocab_size], sampling), generator)
         finish = "stop" if pending in stop_token_ids else "length" if produced == budget else None
         record = StepRecord(0, 1, 0, (), 0, 0.0, time.perf_counter() - started)
         yield Step((pending,), record, finish)
@@ -157,15 +166,18 @@ def autoregressive_decode(
 class _Level:
     """What the drafter does at one tree depth; static for a given tree."""
 
-    groups: tuple[tuple[int, tuple[int, ...]], ...]  # (parent, its children) to pick now
+    groups: tuple[tuple[int, Tensor], ...]  # (parent, its children [k] long) to pick now
+    picks: tuple[tuple[Tensor, Tensor], ...]  # batched top-k: (parent rows [P], children [P, k])
     run: tuple[int, ...]  # nodes of this depth that have children: run through the draft
+    run_index: Tensor  # [len(run)] long, the same nodes as a device tensor
     tree_mask: Tensor  # [len(run), slots before + len(run)] bool, over the tree part of the cache
     offsets: Tensor  # [len(run)] long, position of each run node relative to the root
 
 
 class _Drafter:
     """Grows the token tree with the draft model, one forward per level. The draft's cache
-    holds, after the committed tokens, every node that has children, in BFS order (its slot)."""
+    holds, after the committed tokens, every node that has children, in BFS order (its slot).
+    Index tensors are built once, so a level issues no host synchronisation."""
 
     def __init__(
         self,
@@ -179,6 +191,7 @@ class _Drafter:
         self.model = model
         self.tree = tree
         self.sampling = sampling
+        self.rule = rule
         self.deterministic = rule in DETERMINISTIC_RULES or sampling.greedy
         self.replacement = rule != "mcss-wor"
         self.vocab_size = vocab_size
@@ -189,7 +202,7 @@ class _Drafter:
         self.slot = {u: i for i, u in enumerate(inner)}  # node -> index after the committed
         self.levels: list[_Level] = []
         for level in tree.levels:
-            parents = dict.fromkeys(tree.parents[u] for u in level)
+            parents = list(dict.fromkeys(tree.parents[u] for u in level))
             run = tuple(u for u in level if tree.children(u))
             before = [u for u in inner if u < level.start]
             mask = torch.cat(
@@ -200,38 +213,60 @@ class _Drafter:
                 dim=1,
             )
             offsets = torch.tensor([tree.depth[u] for u in run], device=device)
-            groups = tuple((parent, tree.children(parent)) for parent in parents)
-            self.levels.append(_Level(groups, run, mask, offsets))
+            groups = tuple(
+                (parent, torch.tensor(tree.children(parent), device=device)) for parent in parents
+            )
+            by_k: dict[int, list[int]] = {}
+            for parent in parents:
+                by_k.setdefault(len(tree.children(parent)), []).append(parent)
+            picks = tuple(
+                (
+                    torch.tensor([parent + 1 for parent in same], device=device),
+                    torch.tensor([tree.children(parent) for parent in same], device=device),
+                )
+                for same in by_k.values()
+            )
+            run_index = torch.tensor(run, dtype=torch.long, device=device)
+            self.levels.append(_Level(groups, picks, run, run_index, mask, offsets))
 
-    def draft(self, uncached: list[int], cache: int) -> tuple[Tensor, Tensor]:
+    def draft(self, uncached: list[int], cache: int) -> tuple[Tensor, Tensor | None]:
         """Returns the node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u;
-        rows of nodes without children stay zero)."""
+        rows of nodes without children stay zero), or None for q when neither the picking nor
+        the rule reads it (deterministic drafts under greedy / top-k verification)."""
         tree, device, n = self.tree, self.model.device, len(uncached)
+        need_q = not self.deterministic or self.rule in RULES_WITH_Q
         start = self.model.cache_length
         assert start + n == cache + 1, "draft cache out of step with the committed tokens"
-        tokens = torch.tensor([uncached], device=device)  # [1, n]
-        positions = torch.arange(start, start + n, device=device)[None]  # [1, n]
-        logits = self.model.forward(tokens, positions, causal_mask(1, start, n, device))
-        q = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
-        row_logits = torch.zeros_like(q)  # [N+1, V] draft logits, rows as in q
+        ids = to_device([[*uncached, *range(start, start + n)]], device)  # [1, 2n]
+        logits = self.model.forward(ids[:, :n], ids[:, n:], causal_mask(1, start, n, device))
+        row_logits = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
         row_logits[0] = logits[0, -1, : self.vocab_size]
-        q[0] = warp(row_logits[0], self.sampling)
+        q = torch.zeros_like(row_logits) if need_q else None  # [N+1, V]
+        if q is not None:
+            q[0] = warp(row_logits[0], self.sampling)
         node_tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)  # [N]
         for level in self.levels:
-            for parent, children in level.groups:
-                row = parent + 1
-                node_tokens[list(children)] = self._pick(row_logits[row], q[row], len(children))
+            if self.deterministic:  # every parent of the level at once
+                for rows, children in level.picks:
+                    top = torch.topk(row_logits[rows], children.shape[1], dim=-1).indices
+                    node_tokens[children] = top  # [P, k]
+            else:
+                assert q is not None
+                for parent, children in level.groups:
+                    row = parent + 1
+                    node_tokens[children] = self._pick(row_logits[row], q[row], len(children))
             if not level.run:
                 continue
             base = self.model.cache_length
             committed = torch.ones(len(level.run), cache + 1, dtype=torch.bool, device=device)
             mask = torch.cat([committed, level.tree_mask], dim=1)[None]  # [1, r, base + r]
-            rows = [u + 1 for u in level.run]
+            rows = level.run_index + 1
             out = self.model.forward(
-                node_tokens[list(level.run)][None], (cache + level.offsets)[None], mask
+                node_tokens[level.run_index][None], (cache + level.offsets)[None], mask
             )
             row_logits[rows] = out[0, :, : self.vocab_size]
-            q[rows] = warp(row_logits[rows], self.sampling)
+            if q is not None:
+                q[rows] = warp(row_logits[rows], self.sampling)
             assert self.model.cache_length == base + len(level.run)
         return node_tokens, q
 
@@ -250,15 +285,22 @@ class _Drafter:
         padding = torch.nonzero(q == 0).flatten()[: k - support]
         return torch.cat([drawn, padding])
 
-    def commit(self, cache: int, accepted: list[int], node_tokens: Tensor) -> list[int]:
+    def commit(self, cache: int, accepted: list[int], accepted_tokens: list[int]) -> list[int]:
         """Keep the accepted nodes the draft ran; return the accepted tokens it has not run."""
         kept = [a for a in accepted if a in self.slot]
         assert kept == accepted[: len(kept)], "only the accepted leaf can be missing"
         index = [[cache + 1 + self.slot[a] for a in kept]]
-        self.model.compact(
-            cache + 1, torch.tensor(index, dtype=torch.long, device=self.model.device)
-        )
-        return [int(node_tokens[a]) for a in accepted[len(kept) :]]
+        self.model.compact(cache + 1, to_device(index, self.model.device))
+        return accepted_tokens[len(kept) :]
+
+
+def to_device(values: list, device: torch.device) -> Tensor:
+    """A long tensor from nested Python ints on ``device``. On CUDA it goes through pinned
+    memory without blocking: a plain ``torch.tensor(..., device="cuda")`` waits for every queued
+    kernel, which would stall the host once per call."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
 
 
 def _tree_mask(tree: TokenTree, device: torch.device) -> Tensor:
@@ -275,7 +317,7 @@ def _prefill(model: SpecModel, tokens: list[int]) -> None:
     if not tokens:
         return
     device = model.device
-    ids = torch.tensor([tokens], device=device)  # [1, T]
+    ids = to_device([tokens], device)  # [1, T]
     positions = torch.arange(len(tokens), device=device)[None]  # [1, T]
     model.forward(ids, positions, causal_mask(1, 0, len(tokens), device))
 
