@@ -71,6 +71,7 @@ def test_stop_string_cuts_text_and_tokens(pair) -> None:
     assert result.finish_reason == "stop"
     assert result.text == free.text[: free.text.index("return")]
     # Tokens stop at the one completing the stop string.
+    assert result.stats.new_tokens == len(result.token_ids)
     decoded = pair.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     assert "return" in decoded and "return" not in pair.tokenizer.decode(result.token_ids[:-1])
 

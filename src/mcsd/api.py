@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -205,7 +205,6 @@ def stream(
         vocab_size=pair.vocab_size,
         stop_token_ids=stop_ids,
     ):
-        stats.add(step.record)
         step_tokens = list(step.tokens)
         finish = step.finish_reason
         tokens += step_tokens
@@ -220,6 +219,8 @@ def stream(
             while safe > 0 and text[safe - 1] == "\ufffd":
                 safe -= 1
             text = text[: max(safe, len(emitted_text))]
+        # Count only the tokens returned (a stop string can end the text mid-step).
+        stats.add(replace(step.record, emitted=len(step_tokens)))
         delta = text[len(emitted_text) :]
         emitted_text = text
         yield Chunk(delta, tuple(step_tokens), finish), stats
