@@ -57,13 +57,13 @@ class GreedyTreeVerifier:
         chosen = match & ~(self.earlier_sibling & match[None, :]).any(dim=1)  # [N]
         on_path = ~(self.ancestors & ~chosen[None, :]).any(dim=1)  # [N]
         score = torch.where(on_path, self.depth, 0)  # [N]
-        m, leaf = score.max(dim=0)  # ties only at 0 (no node accepted)
-        row = torch.where(m > 0, leaf + 1, 0)
-        nodes = torch.where(
-            torch.arange(self.path.shape[1], device=tokens.device) < m, self.path[leaf], NO_NODE
-        )  # [D]
+        m, leaf = score.max(dim=0, keepdim=True)  # [1], [1]; ties only at 0 (none accepted)
+        row = torch.where(m > 0, leaf + 1, 0)  # [1]
+        # Index with [1]-shaped tensors only: a 0-dim index tensor is read back to the host.
+        depths = torch.arange(self.path.shape[1], device=tokens.device)  # [D]
+        nodes = torch.where(depths < m, self.path[leaf][0], NO_NODE)  # [D]
         node_tokens = torch.where(nodes >= 0, tokens[nodes.clamp(min=0)], NO_NODE)  # [D]
-        return torch.cat([m[None], target_argmax[row][None], nodes, node_tokens])
+        return torch.cat([m, target_argmax[row], nodes, node_tokens])
 
     def result(self, fetched: list[int]) -> tuple[TreeResult, list[int]]:
         """Host side of ``device_result`` (after its one ``.tolist()``): the ``TreeResult`` and
