@@ -40,6 +40,12 @@ SIZES = {  # Qwen2.5 configs: hidden, layers, heads, kv heads, intermediate, voc
 VERIFY_N = (1, 8, 16, 32, 64)
 TREES = ("1,1,1,1", "2,2,2", "4,2,2", "8,4,2")
 CONTEXT = 512
+KERNEL_KINDS = (  # profiler kernel names -> kind, first match wins
+    ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "splitk")),
+    ("attention", ("fmha", "attention", "flash", "softmax")),
+    ("copy/index", ("copy", "memcpy", "memset", "index", "gather", "cat")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "triton")),
+)
 
 
 def build(size: str, dtype=torch.bfloat16, layers: int | None = None):
@@ -185,7 +191,7 @@ def step_profile(target, draft, tree: str, steps: int = 24) -> dict:
     spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=4 * steps)
     prompt = prompt_ids(vocab)
     for _ in range(2):  # the first run captures every shape
-        times, drafts, syncs = [], [], []
+        times, drafts, syncs, where = [], [], [], set()
         gen = speculative_decode(target, draft, prompt, spec, vocab_size=vocab)
         torch.cuda.synchronize()
         last = time.perf_counter()
@@ -203,7 +209,9 @@ def step_profile(target, draft, tree: str, steps: int = 24) -> dict:
             times.append(now - last)
             last = now
             drafts.append(step.record.draft_time)
-            syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+            found = [w for w in caught if "synchroniz" in str(w.message)]
+            syncs.append(len(found))
+            where.update(f"{Path(w.filename).name}:{w.lineno}" for w in found)
     # Forward-only time of the same shapes: draft levels and the target's tree forward.
     from mcsd.tree import TokenTree
 
@@ -219,7 +227,54 @@ def step_profile(target, draft, tree: str, steps: int = 24) -> dict:
         "forwards_ms": forwards,
         "other_pct": 100 * (step_ms - forwards) / step_ms,
         "syncs": statistics.median(syncs[1:]),
+        "sync_lines": sorted(where),
     }
+
+
+def profile_forward(model, n: int = 1, cache: int = CONTEXT) -> dict:
+    """GPU kernel time of one eager forward, by kind of kernel (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from mcsd.models.base import causal_mask
+
+    m = static_model(model, cuda_graphs=False)
+    ids = torch.tensor([prompt_ids(m.vocab_size, cache + n)], device="cuda")
+    m.forward(
+        ids[:, :cache], torch.arange(cache, device="cuda")[None], causal_mask(1, 0, cache, "cuda")
+    )
+    tokens, positions = ids[:, cache:], torch.arange(cache, cache + n, device="cuda")[None]
+    mask = causal_mask(1, cache, n, "cuda").contiguous()
+
+    def fn():
+        m.forward(tokens, positions, mask)
+        m.trim(cache)
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds.setdefault(kind, []).append(e.time_range.elapsed_us() / 1e3)
+    out = {k: {"ms": round(sum(v), 3), "kernels": len(v)} for k, v in kinds.items()}
+    out["total_kernel_ms"] = round(sum(sum(v) for v in kinds.values()), 3)
+    top = sorted(
+        (
+            (e.name[:60], e.time_range.elapsed_us())
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA
+        ),
+        key=lambda x: -x[1],
+    )[:8]
+    out["top_us"] = [(name, round(us, 1)) for name, us in top]
+    return out
 
 
 def check_graphs() -> dict:
@@ -276,6 +331,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.5b,1.5b,7b")
     parser.add_argument("--parts", default="check,hf,mcsd,steps")
     parser.add_argument("--compile", action="store_true", help="torch.compile before capture")
+    parser.add_argument(
+        "--compile-draft", action="store_true", help="torch.compile the 0.5B draft in the steps"
+    )
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--table", nargs="*", default=None, help="print the table of JSON files")
     parser.add_argument("--al", nargs="*", default=[], help="TREE=AL (CPU, real pair)")
@@ -324,8 +382,15 @@ def main() -> None:
             print(size, "compiled", row, flush=True)
             del m
         save(args.out, results)
+        if "profile" in parts:
+            try:
+                row["profile_fwd1"] = profile_forward(model)
+            except Exception as error:  # the profiler is a diagnostic: never lose the run
+                row["profile_fwd1"] = {"error": repr(error)}
+            print(size, "profile", row["profile_fwd1"], flush=True)
         if "steps" in parts and size in ("0.5b", "7b"):
-            keep[size] = static_model(model, **kwargs)
+            draft_compile = args.compile_draft and size == "0.5b"
+            keep[size] = static_model(model, **{**kwargs, "compile": draft_compile or args.compile})
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -122,6 +122,11 @@ class StaticHFModel:
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
         self._run = self._forward_impl
         if compile:
+            # One compilation per captured shape, and every instance shares the method's code
+            # object: lift dynamo's default limit of 8 so later shapes are not left uncompiled.
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 256)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
             self._run = torch.compile(self._forward_impl, dynamic=False)
         self.graph_captures = 0  # shapes captured so far (reported by the benchmarks)
 
