@@ -77,10 +77,12 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return target, draft, prompts
 
 
-def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys) -> None:
+def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys, monkeypatch) -> None:
     target, draft, prompts = tiny_pair
     out = tmp_path / "out"
-    methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2"]
+    monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))  # the +fr token ranking goes there
+    monkeypatch.setattr("mcsd.bench.draft_vocab.CORPUS_CHARS", 20_000)
+    methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2", "tree:2,1+fr=100"]
     models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
     run = ["--dataset", str(prompts), "--turns", "2", "--max-new-tokens", "8"]
     quiet = ["--warmup-tokens", "2", "--no-progress", "--out", str(out)]
@@ -97,6 +99,7 @@ def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys) -> None:
         assert pooled[name]["equal_rate"] == 1.0, name
         assert pooled[name]["turns"] == 3  # two turns of the first question, one of the second
     assert pooled["tree:2,2"]["tree_size"] == 6
+    assert list((tmp_path / "cache" / "vocab").glob("*.pt"))
     assert pooled["ar"]["mean_accepted_length"] == 1.0
     lines = (out / "answers" / "tree-2.2.jsonl").read_text().splitlines()
     first = json.loads(lines[0])["choices"][0]

@@ -12,6 +12,9 @@ Method names (``parse_method``):
                        natural one, see ``SpecConfig``); K may also be a JSON list of sibling-rank
                        paths, ``tree:[[0],[1],[0,0]]`` (what ``mcsd bench --sweep`` prints).
 
+An mcsd method may end in ``+fr=K`` (``sps:4+fr=32768``, ``K`` also as ``32k``): its draft then
+scores only the K most frequent tokens (``mcsd.bench.draft_vocab``; lossless, cheaper drafts).
+
 Every method turns prompt token ids into a ``Generation``: the new tokens, the wall time and one
 ``StepRecord`` per target forward, so one set of metrics (``mcsd.stats.Stats``) covers them all.
 transformers' own loops are observed, not modified: a forward pre-hook on the target records the
@@ -48,6 +51,7 @@ class Method:
     tree: str | None = None  # k-config ("1,1,1,1") or JSON rank paths ("[[0],[1],[0,0]]")
     rule: str | None = None  # verification rule; None = SpecConfig's natural choice
     assistant_tokens: int | None = None  # hf-assisted's num_assistant_tokens; None = its default
+    draft_vocab: int | None = None  # mcsd methods: the draft scores only this many tokens
 
     @property
     def is_mcsd(self) -> bool:
@@ -70,6 +74,15 @@ class Method:
 def parse_method(text: str) -> Method:
     """A ``Method`` from its command-line name; ``ValueError`` naming the accepted forms."""
     name = text.strip()
+    body, plus, modifier = name.partition("+")
+    if plus:
+        method = parse_method(body)
+        key, _, value = modifier.partition("=")
+        if key != "fr" or not method.is_mcsd:
+            raise ValueError(
+                f"method {name!r}: the only modifier is +fr=K (draft vocabulary), on sps/tree"
+            )
+        return replace(method, name=name, draft_vocab=parse_count(value, name))
     kind, _, rest = name.partition(":")
     if kind in ("hf-ar", "ar") and not rest:
         return Method(name, kind)
@@ -93,6 +106,15 @@ def parse_method(text: str) -> Method:
         f"unknown method {name!r}; use hf-ar, hf-assisted, hf-assisted:N, ar, sps:G, "
         "tree:K-CONFIG or tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor)"
     )
+
+
+def parse_count(text: str, name: str) -> int:
+    """``32768`` or ``32k`` (= 32768)."""
+    scale = 1024 if text.lower().endswith("k") else 1
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise ValueError(f"method {name!r}: +fr=K needs a positive token count like 32768 or 32k")
+    return int(digits) * scale
 
 
 def parse_tree(shape: str) -> str | list:

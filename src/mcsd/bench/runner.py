@@ -65,6 +65,21 @@ def build_prompt(
     return encode_prompt(tokenizer, "\n\n".join(parts))
 
 
+def method_pairs(pair: ModelPair, methods: Sequence[Method]) -> dict[str, ModelPair]:
+    """The pair each method runs with: ``pair``, or a copy with a restricted-vocabulary draft
+    (one per vocabulary size, sharing the weights) for ``+fr=K`` methods."""
+    from mcsd.bench.draft_vocab import restrict_draft
+
+    restricted: dict[int, ModelPair] = {}
+    pairs = {}
+    for method in methods:
+        k = method.draft_vocab
+        if k is not None and k not in restricted:
+            restricted[k] = restrict_draft(pair, k)
+        pairs[method.name] = pair if k is None else restricted[k]
+    return pairs
+
+
 def turn_seed(seed: int | None, index: int, turn: int) -> int:
     """A distinct, reproducible seed for each (question, turn), shared by all methods."""
     return ((seed or 0) * 1_000_003 + index * 64 + turn) % (2**63)
@@ -89,6 +104,7 @@ def run_bench(
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
     reference = reference_method(methods) if base.target.greedy else None
+    pairs = method_pairs(pair, methods)
     total = sum(len(q.turns) for q in questions) * len(methods)
 
     with _Progress(progress, total + len(methods)) as bar:
@@ -97,7 +113,7 @@ def run_bench(
             short = replace(base, max_new_tokens=min(warmup_tokens, base.max_new_tokens))
             for method in methods:
                 bar.describe(f"warm-up {method.name}")
-                run_method(method, pair, first, short)
+                run_method(method, pairs[method.name], first, short)
                 bar.advance()
 
         answers: list[Answer] = []
@@ -112,7 +128,7 @@ def run_bench(
                     label = f"{question.dataset} {question.question_id} turn {turn + 1}"
                     bar.describe(f"{method.name} | {label}")
                     prompt_ids = build_prompt(tokenizer, question, texts[method.name], turn, chat)
-                    generation = run_method(method, pair, prompt_ids, spec)
+                    generation = run_method(method, pairs[method.name], prompt_ids, spec)
                     text = tokenizer.decode(generation.tokens, skip_special_tokens=True)
                     texts[method.name].append(text)
                     done[method.name] = Answer(

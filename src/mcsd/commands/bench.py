@@ -74,6 +74,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_METHODS)}"
     )
     parser.add_argument("--out", default="bench-out", help="output directory")
+    parser.add_argument(
+        "--draft-vocab",
+        default=None,
+        help="FR-Spec: mcsd drafts score only the K most frequent tokens (e.g. 32k); same as "
+        "adding +fr=K to every sps/tree method",
+    )
     parser.add_argument("--warmup-tokens", type=int, default=16, help="0 disables the warm-up")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -99,6 +105,13 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
     if args.tree:  # --tree/--rule of the shared decoding options add one more tree
         names.append(f"tree:{args.tree}" + (f":{args.rule}" if args.rule else ""))
     methods = [parse_method(name) for name in names]
+    if args.draft_vocab:
+        methods = [
+            parse_method(f"{m.name}+fr={args.draft_vocab}")
+            if m.is_mcsd and m.draft_vocab is None
+            else m
+            for m in methods
+        ]
     seen = [m.name for m in methods]
     duplicates = sorted({n for n in seen if seen.count(n) > 1})
     if duplicates:

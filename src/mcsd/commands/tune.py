@@ -79,6 +79,12 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     print("loading models...", file=sys.stderr)
     pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    draft_name = pair.draft_name  # tuned.json is keyed by the draft model, not its variant
+    if args.draft_vocab:
+        from mcsd.bench.draft_vocab import restrict_draft
+        from mcsd.bench.methods import parse_count
+
+        pair = restrict_draft(pair, parse_count(args.draft_vocab, "--draft-vocab"))
     chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
 
     # 1-2. Reference answers (a chain reproduces the target's greedy output) and draft ranks.
@@ -158,6 +164,16 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
             for b, entry in best.items()
         },
         "measured": verified,
+        "references": [
+            {
+                "dataset": q.dataset,
+                "question_id": q.question_id,
+                "prompt_tokens": len(p),
+                "tokens": g.tokens,
+                "draft_ranks": r,
+            }
+            for q, p, g, r in zip(questions, prompts, chain_runs, traces, strict=True)
+        ],
     }
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"sweep results in {out}/sweep.json", file=sys.stderr)
@@ -172,10 +188,8 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
         else:
             name, tree, source = candidates[0].name, candidates[0].name, "predicted"
         dtype = str(next(pair.target.model.parameters()).dtype).removeprefix("torch.")
-        key = tuned_key(
-            pair.target_name, pair.draft_name, str(pair.target.device), dtype, greedy=True
-        )
-        entry = {"tree": tree, "source": source}
+        key = tuned_key(pair.target_name, draft_name, str(pair.target.device), dtype, greedy=True)
+        entry = {"tree": tree, "source": source, "draft_vocab": args.draft_vocab}
         if source == "measured":
             entry |= {k: verified[name][k] for k in ("tokens_per_s", "mean_accepted_length")}
             entry["speedup_vs_ar"] = verified[name].get("speedup_vs_ar")
