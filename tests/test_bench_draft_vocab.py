@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import pytest
 import torch
 
 from mcsd.bench.draft_vocab import RestrictedVocabModel, frequent_tokens, token_counts
@@ -12,6 +13,15 @@ from mcsd.config import GREEDY, SamplingConfig, SpecConfig
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.models.base import causal_mask
 from mcsd.models.hf import HFModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: thread hand-offs cost more than the work (and crawl on a shared CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class _Tokenizer:

@@ -11,6 +11,16 @@ import torch
 
 from mcsd.cli import main
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: thread hand-offs cost more than the work (and crawl on a shared CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

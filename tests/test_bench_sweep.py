@@ -13,6 +13,15 @@ from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.tree import TokenTree
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: thread hand-offs cost more than the work (and crawl on a shared CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_simulate_by_hand() -> None:
     chain = TokenTree.from_config("1,1,1")
     # 8 tokens all top-1: a step accepts 3 and adds 1 -> 2 steps.
