@@ -160,3 +160,15 @@ def test_full_cache_and_sliding_window_are_refused() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="full-attention layers only"):
         StaticHFModel(transformers.Qwen2ForCausalLM(config))
+
+
+def test_failed_capture_falls_back_to_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """A capture failure (here: no CUDA on this machine) logs one line and runs eagerly."""
+    model = tiny_model("qwen2", 0)
+    fixed = static(model)
+    fixed._use_graphs = True  # pretend to be on a GPU
+    args = (torch.tensor([[3, 14, 15]]), torch.arange(3)[None], causal_mask(1, 0, 3, "cpu"))
+    with caplog.at_level("WARNING", logger="mcsd.models.static"):
+        out = fixed.forward(*args)
+    assert "running eagerly from now on" in caplog.text and not fixed._use_graphs
+    torch.testing.assert_close(out, HFModel(model).forward(*args), atol=1e-5, rtol=0)
