@@ -77,6 +77,11 @@ NODE_CASES = [
     ("mcns", "p=q"),
     ("greedy", "disjoint"),
     *(("mcss-wor", case) for case in ("sparse", "p=q", "disjoint", "near-one-hot")),
+    ("kseq", "dirichlet"),
+    ("kseq", "near-one-hot"),
+    ("optimal", "dirichlet"),
+    ("optimal", "sparse"),
+    ("traversal", "dirichlet"),
 ]
 
 
@@ -176,6 +181,12 @@ TREE_CASES = [
     ("topk", "3,1", 4),
     ("mcss-wor", PATH_TREE, 3),
     ("sps", "1,1,1", 3),
+    ("kseq", "2,2", 4),
+    ("optimal", "2,2", 4),
+    ("optimal", PATH_TREE, 3),
+    ("traversal", "1,1,1", 3),  # a chain: block verification
+    ("traversal", "2,2", 4),
+    ("traversal", PATH_TREE, 3),
 ]
 
 

@@ -49,6 +49,9 @@ RULE_SCHEME: dict[str, str] = {
     "topk": "top",
     "mcns": "iid",
     "greedy": "top",  # a greedy target's draft is usually greedy too; any candidates would do
+    "kseq": "iid",
+    "optimal": "iid",
+    "traversal": "wor",
 }
 assert tuple(RULE_SCHEME) == RULES
 

@@ -12,7 +12,22 @@ from dataclasses import dataclass, field
 from mcsd.tree import TokenTree
 
 # Verification rules (DESIGN section 3). Lossless rules only; see mcsd.verify for the math.
-RULES: tuple[str, ...] = ("sps", "mcss", "mcss-wor", "topk", "mcns", "greedy")
+RULES: tuple[str, ...] = (
+    "sps",
+    "mcss",
+    "mcss-wor",
+    "topk",
+    "mcns",
+    "greedy",
+    "kseq",
+    "optimal",
+    "traversal",
+)
+# Rules that read the draft distribution q (the engine passes it; a greedy draft has none).
+RULES_WITH_Q: tuple[str, ...] = ("sps", "mcss", "mcss-wor", "kseq", "optimal", "traversal")
+# Rules whose siblings must be drawn without replacement; every other sampled rule assumes iid
+# draws from q (the deterministic rules topk and greedy take the draft's top-k).
+RULES_WITHOUT_REPLACEMENT: tuple[str, ...] = ("mcss-wor", "traversal")
 
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
@@ -135,7 +150,7 @@ class SpecConfig:
                 f"rule 'sps' verifies one candidate per node, but tree {tree.describe()} has "
                 f"nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'"
             )
-        if self.draft_sampling.greedy and rule in ("sps", "mcss", "mcss-wor"):
+        if self.draft_sampling.greedy and rule in RULES_WITH_Q:
             raise ValueError(
                 f"rule {rule!r} needs the draft's sampling distribution q, but the draft is greedy "
                 "(draft temperature 0); use rule 'topk' (deterministic candidates) instead"

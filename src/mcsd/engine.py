@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.config import RULES_WITH_Q, RULES_WITHOUT_REPLACEMENT, SamplingConfig, SpecConfig
 from mcsd.models.base import SpecModel, causal_mask
 from mcsd.sampling import sample, sample_candidates, warp
 from mcsd.stats import StepRecord
@@ -32,7 +32,6 @@ from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import verify_tree
 from mcsd.verify_batched import GreedyTreeVerifier
 
-RULES_WITH_Q = ("sps", "mcss", "mcss-wor")  # rules that read the draft distribution q
 DETERMINISTIC_RULES = ("topk", "greedy")  # children are the draft's top-k, not samples
 
 
@@ -193,7 +192,7 @@ class _Drafter:
         self.sampling = sampling
         self.rule = rule
         self.deterministic = rule in DETERMINISTIC_RULES or sampling.greedy
-        self.replacement = rule != "mcss-wor"
+        self.replacement = rule not in RULES_WITHOUT_REPLACEMENT
         self.vocab_size = vocab_size
         self.generator = generator
         device = model.device

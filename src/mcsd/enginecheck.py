@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from mcsd.check import DEFAULT_ALPHA, Fit, goodness_of_fit
-from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.config import RULES, SamplingConfig, SpecConfig
 from mcsd.engine import speculative_decode
 from mcsd.models.toy import TableLM, sequence_distribution
 from mcsd.tree import TokenTree
@@ -29,6 +29,19 @@ TREES: dict[str, object] = {
     "3,1": (3, 1),
     "4,2,2": (4, 2, 2),
     "paths": PATH_TREE,
+}
+
+
+# Draft == target must accept every drafted token: checked for the rules whose acceptance is 1
+# when p = q (alpha* = 1 for any k; K-SEQ needs rho = 1, which holds only for k = 1).
+SAME_MODEL_RULES = ("mcss-wor", "optimal", "traversal")
+# Trees per rule (default: all). sps verifies chains only; the rules of issue 7 cost more per
+# node, so they run on the shapes that exercise them: varying k (paths), depth, wide roots.
+RULE_TREES: dict[str, tuple[str, ...]] = {
+    "sps": ("1,1,1",),
+    "kseq": ("3,1", "paths"),
+    "optimal": ("2,2", "4,2,2", "paths"),
+    "traversal": ("1,1,1", "4,2,2", "paths"),
 }
 
 
@@ -80,10 +93,10 @@ class EngineCase:
 def engine_cases() -> list[EngineCase]:
     """Every rule on every tree it applies to (sps needs a chain), plus draft == target."""
     cases = []
-    for rule in ("sps", "mcss", "mcss-wor", "topk", "mcns", "greedy"):
-        trees = ["1,1,1"] if rule == "sps" else list(TREES)
+    for rule in RULES:
+        trees = RULE_TREES.get(rule, tuple(TREES))
         cases += [EngineCase(rule, tree) for tree in trees]
-    cases.append(EngineCase("mcss-wor", "4,2,2", same_models=True))
+    cases += [EngineCase(rule, "4,2,2", same_models=True) for rule in SAME_MODEL_RULES]
     return cases
 
 

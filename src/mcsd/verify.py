@@ -21,10 +21,21 @@ Rules at one node with candidates c_1..c_k, visited in the order they were sampl
 - ``greedy``   accept the child equal to argmax p, else emit argmax p.
 In every case the last residual p is the correction distribution.
 
-Each rule is two pure functions on float64 tensors: the probability of accepting the current
-candidate given that the earlier ones were rejected, and the state update after a rejection.
-``verify_node`` flips the coins; ``node_outcome`` computes the exact outcome distribution from
-the same two functions, which is what the exact enumeration tests and ``mcsd check`` use.
+Beyond the paper (issue 7; each class docstring below gives the proof idea):
+- ``kseq``      SpecTr's K-SEQ (c_i iid ~ q): accept c_i w.p. min(1, p(c_i) / (rho q(c_i))) with
+                one rho per node (``mcsd.optimal.kseq_rho``); all rejected: the K-SEQ residual.
+- ``optimal``   c_i iid ~ q: the optimal transport. Select one candidate with the plan of
+                ``mcsd.optimal.transport_plan`` (selection marginal r), then single-draft
+                speculative sampling of p against r. Acceptance = alpha*, the bound.
+- ``traversal`` Traversal Verification (Weng et al. 2025): sequence-level, leaf to root, over the
+                whole tree (``verify_tree``); siblings drawn without replacement. At a single
+                node it is ``mcss-wor``.
+
+The sequential rules are two pure functions on float64 tensors: the probability of accepting
+the current candidate given that the earlier ones were rejected, and the state update after a
+rejection. Every rule is a ``NodeRule``: ``verify`` flips the coins, ``outcome`` computes the
+exact outcome distribution for fixed candidates (what the exact enumeration tests and
+``mcsd check`` use); ``verify_node`` and ``node_outcome`` dispatch on the rule name.
 
 Numerics: a candidate with q(c) = 0 is rejected (it cannot have been drawn from q; dividing
 would give NaN); a residual whose mass is zero in exact arithmetic (p = q) can only be reached
@@ -41,6 +52,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import RULES, check_rule
+from mcsd.optimal import TransportPlan, kseq_rho, transport_plan
 from mcsd.sampling import normalize, sample, uniform
 from mcsd.tree import ROOT, TokenTree
 
@@ -111,15 +123,214 @@ def _unchanged(state: _State, c: int) -> None:
 
 _AcceptFn = Callable[[_State, int], float]
 _RejectFn = Callable[[_State, int], None]
-_RULES: dict[str, tuple[_AcceptFn, _RejectFn]] = {
-    "sps": (_ratio, _subtract_q),
-    "mcss": (_ratio, _subtract_q),
-    "mcss-wor": (_ratio, _subtract_q_then_remove),
-    "topk": (_p_of_candidate, _remove_from_p),
-    "mcns": (_p_of_candidate, _remove_from_p),
-    "greedy": (_is_argmax, _unchanged),
+
+
+class NodeRule:
+    """How one rule verifies the k candidates of one node (``candidates`` are token ids in the
+    order they were sampled; p and q are ``[V]``)."""
+
+    def verify(
+        self, p: Tensor, q: Tensor | None, candidates: list[int], generator: torch.Generator | None
+    ) -> NodeResult:
+        raise NotImplementedError
+
+    def outcome(self, p: Tensor, q: Tensor | None, candidates: list[int]) -> tuple[Tensor, Tensor]:
+        """``accept`` ``[k]`` float64 (P(candidate i is the accepted one)) and ``correction``
+        ``[V]`` float64 (P(every candidate rejected and this correction token))."""
+        raise NotImplementedError
+
+
+class _Sequential(NodeRule):
+    """Visit the candidates in order: accept the current one with ``accept_fn``, else update the
+    state with ``reject_fn``; after the last rejection, correct from the state's residual p."""
+
+    def __init__(self, name: str, accept_fn: _AcceptFn, reject_fn: _RejectFn) -> None:
+        self.name = name
+        self.accept_fn = accept_fn
+        self.reject_fn = reject_fn
+
+    def _state(self, p: Tensor, q: Tensor | None) -> _State:
+        return _State(p.double(), None if q is None or self.name in RULES_WITHOUT_Q else q.double())
+
+    def verify(self, p, q, candidates, generator):
+        state = self._state(p, q)
+        for i, c in enumerate(candidates):
+            a = self.accept_fn(state, c)
+            if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
+                return NodeResult(i, c)
+            self.reject_fn(state, c)
+        return NodeResult(NONE_ACCEPTED, _correction(self.name, state.p, generator))
+
+    def outcome(self, p, q, candidates):
+        state = self._state(p, q)
+        accept = torch.zeros(len(candidates), dtype=torch.float64)
+        reach = 1.0  # probability that every earlier candidate was rejected
+        for i, c in enumerate(candidates):
+            a = self.accept_fn(state, c)
+            accept[i] = reach * a
+            reach *= 1.0 - a
+            if reach <= 0.0:
+                break
+            self.reject_fn(state, c)
+        if self.name == "greedy":
+            residual = torch.zeros_like(state.p)
+            residual[int(state.p.argmax())] = 1.0
+        else:
+            residual = state.p
+        return accept, reach * residual.cpu()
+
+
+class _PlanCache:
+    """Per-node plans keyed by (p, q, k) for small vocabularies: the exact enumeration calls
+    ``outcome`` once per candidate tuple with the same (p, q)."""
+
+    MAX_VOCAB = 4096
+    MAX_ENTRIES = 64
+
+    def __init__(self, build: Callable[[Tensor, Tensor, int], object]) -> None:
+        self.build = build
+        self.entries: dict[tuple[bytes, bytes, int], object] = {}
+
+    def __call__(self, p: Tensor, q: Tensor, k: int):  # returns the plan build() makes
+        if p.shape[-1] > self.MAX_VOCAB:
+            return self.build(p, q, k)
+        key = (p.double().cpu().numpy().tobytes(), q.double().cpu().numpy().tobytes(), k)
+        plan = self.entries.get(key)
+        if plan is None:
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            plan = self.entries[key] = self.build(p, q, k)
+        return plan
+
+
+class _KSeq(NodeRule):
+    """SpecTr's K-SEQ (Sun et al., NeurIPS 2023) for k iid candidates from q.
+
+    Proof idea: every candidate is accepted with the same a(x) = min(1, p(x) / (rho q(x))), so
+    step i accepts token x with probability (1 - beta)^(i-1) min(q(x), p(x) / rho), beta =
+    sum_x min(q(x), p(x) / rho). Summed over the k steps, token x is accepted with probability
+    m(x) = min(q(x), p(x) / rho) (1 - (1 - beta)^k) / beta, which is <= p(x) exactly when
+    1 - (1 - beta)^k <= rho beta (``kseq_rho`` takes the smallest such rho >= 1). Every
+    candidate rejected, probability (1 - beta)^k, the correction comes from
+    (p - m) / (1 - beta)^k >= 0, so the emitted token is p. Acceptance 1 - (1 - beta)^k, within
+    a factor 1 - 1/e of alpha*; rho = 1 for k = 1 (SpS).
+
+    Cost per node: one sort of the support of q plus O(V)."""
+
+    name = "kseq"
+
+    def __init__(self) -> None:
+        self._plan = _PlanCache(self._build)
+
+    @staticmethod
+    def _build(p: Tensor, q: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Accept probability ``[V]``, residual ``[V]`` and P(all rejected) as a 0-dim tensor."""
+        p64, q64 = p.double(), q.double()
+        rho = kseq_rho(p64, q64, k)
+        kept = torch.minimum(q64, p64 / rho)  # [V] min(q, p / rho)
+        beta = kept.sum()
+        accept = torch.where(q64 > 0, kept / torch.where(q64 > 0, q64, 1.0), 0.0)  # [V]
+        none = (1.0 - beta).clamp(min=0.0) ** k  # P(every candidate rejected)
+        if float(beta) <= 0.0:
+            return accept, p64, none
+        accepted = kept * (1.0 - none) / beta  # [V] m(x) above
+        residual = normalize(torch.clamp(p64 - accepted, min=0.0))
+        return accept, p64 if residual is None else residual, none
+
+    def verify(self, p, q, candidates, generator):
+        assert q is not None
+        accept, residual, _ = self._plan(p, q, len(candidates))
+        for i, c in enumerate(candidates):
+            a = float(accept[c])
+            if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
+                return NodeResult(i, c)
+        return NodeResult(NONE_ACCEPTED, sample(residual, generator))
+
+    def outcome(self, p, q, candidates):
+        assert q is not None
+        accept_of, residual, _ = self._plan(p, q, len(candidates))
+        accept = torch.zeros(len(candidates), dtype=torch.float64)
+        reach = 1.0
+        for i, c in enumerate(candidates):
+            a = float(accept_of[c])
+            accept[i] = reach * a
+            reach *= 1.0 - a
+        return accept, reach * residual.cpu()
+
+
+class _Optimal(NodeRule):
+    """The optimal transport for k iid candidates from q (``mcsd.optimal``).
+
+    Proof idea: the plan selects one candidate so that the selected token has a known marginal
+    r (``TransportPlan.selection``, computed from the plan actually used, so exact); accepting
+    the selected token z with min(1, p(z) / r(z)) and otherwise emitting from
+    norm(max(0, p - r)) emits min(p, r) + max(0, p - r) = p (single-draft speculative sampling
+    with r as the draft). The plan's r is the lexicographically optimal base of the coverage
+    polymatroid, for which sum min(p, r) = alpha* = 1 - max_H [q(H)^k - p(H)]: no lossless rule
+    accepts more (max-flow/min-cut; with more than ``MAX_ATOMS`` tokens, light tokens are pooled
+    and the gap to alpha* is ~1e-5 on real distributions).
+
+    Candidates must be drawn with replacement (iid): the selection probabilities assume it.
+    A candidate with q(c) = 0 cannot have been drawn and is never selected.
+
+    Cost per node: O(V) tensor work (one top-k, one unique) and O(A log A) scalar work for
+    A <= ``MAX_ATOMS`` atoms; a few ms on one CPU core."""
+
+    name = "optimal"
+
+    def __init__(self) -> None:
+        self.plan: Callable[[Tensor, Tensor, int], TransportPlan] = _PlanCache(transport_plan)
+
+    def verify(self, p, q, candidates, generator):
+        assert q is not None
+        plan = self.plan(p, q, len(candidates))
+        chosen = plan.select(candidates, generator)
+        p64 = p.double().cpu()
+        if chosen is None:  # no candidate could have been drawn from q: emit from p itself
+            return NodeResult(NONE_ACCEPTED, sample(p64, generator))
+        token = candidates[chosen]
+        a = _ratio_of(float(p64[token]), float(plan.selection[token]))
+        if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
+            return NodeResult(chosen, token)
+        return NodeResult(NONE_ACCEPTED, sample(_optimal_residual(p64, plan.selection), generator))
+
+    def outcome(self, p, q, candidates):
+        assert q is not None
+        plan = self.plan(p, q, len(candidates))
+        p64 = p.double().cpu()
+        selected = plan.selection_probabilities(candidates)
+        accept = torch.zeros(len(candidates), dtype=torch.float64)
+        for i, (c, s) in enumerate(zip(candidates, selected, strict=True)):
+            accept[i] = s * _ratio_of(float(p64[c]), float(plan.selection[c]))
+        rejected = max(0.0, 1.0 - float(accept.sum()))
+        if sum(selected) <= 0.0:
+            return accept, p64.clone()
+        return accept, rejected * _optimal_residual(p64, plan.selection)
+
+
+def _ratio_of(p: float, r: float) -> float:
+    """min(1, p / r); 0 for r = 0 (a token the plan never selects)."""
+    return 0.0 if r <= 0.0 else min(1.0, p / r)
+
+
+def _optimal_residual(p: Tensor, selection: Tensor) -> Tensor:
+    residual = normalize(torch.clamp(p - selection, min=0.0))
+    return p if residual is None else residual
+
+
+_NODE_RULES: dict[str, NodeRule] = {
+    "sps": _Sequential("sps", _ratio, _subtract_q),
+    "mcss": _Sequential("mcss", _ratio, _subtract_q),
+    "mcss-wor": _Sequential("mcss-wor", _ratio, _subtract_q_then_remove),
+    "topk": _Sequential("topk", _p_of_candidate, _remove_from_p),
+    "mcns": _Sequential("mcns", _p_of_candidate, _remove_from_p),
+    "greedy": _Sequential("greedy", _is_argmax, _unchanged),
+    "kseq": _KSeq(),
+    "optimal": _Optimal(),
+    # one node of a traversal is mcss-wor; the tree walk differs (verify_tree, _traverse)
+    "traversal": _Sequential("traversal", _ratio, _subtract_q_then_remove),
 }
-assert tuple(_RULES) == RULES
+assert tuple(_NODE_RULES) == RULES
 
 
 def _correction(rule: str, residual: Tensor, generator: torch.Generator | None) -> int:
@@ -143,14 +354,7 @@ def verify_node(
 def _verify_node(
     rule: str, p: Tensor, q: Tensor | None, candidates: list[int], generator: torch.Generator | None
 ) -> NodeResult:
-    accept_fn, reject_fn = _RULES[rule]
-    state = _State(p.double(), None if q is None or rule in RULES_WITHOUT_Q else q.double())
-    for i, c in enumerate(candidates):
-        a = accept_fn(state, c)
-        if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
-            return NodeResult(i, c)
-        reject_fn(state, c)
-    return NodeResult(NONE_ACCEPTED, _correction(rule, state.p, generator))
+    return _NODE_RULES[rule].verify(p, q, candidates, generator)
 
 
 def node_outcome(
@@ -166,23 +370,7 @@ def node_outcome(
     that every candidate was rejected).
     """
     tokens = _check_inputs(rule, p, q, candidates)
-    accept_fn, reject_fn = _RULES[rule]
-    state = _State(p.double(), None if q is None or rule in RULES_WITHOUT_Q else q.double())
-    accept = torch.zeros(len(tokens), dtype=torch.float64)
-    reach = 1.0  # probability that every earlier candidate was rejected
-    for i, c in enumerate(tokens):
-        a = accept_fn(state, c)
-        accept[i] = reach * a
-        reach *= 1.0 - a
-        if reach <= 0.0:
-            break
-        reject_fn(state, c)
-    if rule == "greedy":
-        residual = torch.zeros_like(state.p)
-        residual[int(state.p.argmax())] = 1.0
-    else:
-        residual = state.p
-    return accept, reach * residual.cpu()
+    return _NODE_RULES[rule].outcome(p, q, tokens)
 
 
 # ---------------------------------------------------------------- the tree walk
@@ -223,6 +411,8 @@ def verify_tree(
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must have shape [{n}] (one per tree node), got {shape}")
     node_tokens = _check_token_ids("tokens", tokens, p.shape[-1])
+    if rule == "traversal":
+        return _traverse(tree, node_tokens, p, q, generator)
     accepted: list[int] = []
     ranks: list[int] = []
     node = ROOT
@@ -244,6 +434,71 @@ def verify_tree(
         node = children[result.accepted]
         accepted.append(node)
         ranks.append(result.accepted)
+
+
+def _traverse(
+    tree: TokenTree,
+    node_tokens: list[int],
+    p: Tensor,  # [N+1, V]
+    q: Tensor | None,  # [N+1, V]
+    generator: torch.Generator | None,
+) -> TreeResult:
+    """Traversal Verification (Weng et al., NeurIPS 2025): sequence-level acceptance, deciding
+    each subtree from its leaves up before its parent.
+
+    ``visit(u, w)`` accepts node u (the path root..u) with probability exactly w and, when it
+    does, emits a continuation after u distributed as the target. Proof by induction on the
+    subtree: u's node keeps a target *sub*-measure mu = w p_u (mass w) against the draft qbar
+    its children came from. Child c (token b ~ qbar) gets weight min(1, mu(b) / qbar(b)) and is
+    visited first (leaf to root): by induction it is accepted with exactly that probability,
+    so step i takes min(qbar, mu) of mu. After a rejection mu <- max(0, mu - qbar) / (1 - beta)
+    (beta = sum min(mu, qbar), the chance the child was accepted) and, siblings being drawn
+    without replacement, b leaves qbar. With no child left u is accepted with probability
+    mass(mu) and emits a correction from norm(mu). Total: min(qbar, mu) + (1 - beta) mu' = mu,
+    the sub-measure w p_u; at the root w = 1 and the mass stays 1, so a token is always
+    emitted. On a chain this is block verification (Sun et al. 2024), the optimal chain rule;
+    the weight carries a child's surplus p/q up to its ancestors (0.5 then 4/3 gives 2/3, not
+    0.5), and a rejected child's siblings still get their turn.
+
+    Cost: O(V) per visited node; a step may visit every node of the tree."""
+    assert q is not None
+    device = p.device
+
+    def visit(node: int, weight: float) -> tuple[bool, list[int], list[int], int, bool]:
+        """(accepted, path below node, sibling ranks on it, emitted token, bonus)."""
+        row = node + 1
+        children = tree.children(node)
+        if not children:  # a leaf: accept with its weight, then a bonus token from p
+            if weight >= 1.0 or uniform(generator, device) < weight:
+                return True, [], [], sample(p[row], generator), True
+            return False, [], [], -1, False
+        mu = weight * p[row].double()  # [V] target sub-measure of mass `weight`
+        qbar = q[row].double()  # [V] the distribution the next child was drawn from
+        for rank, child in enumerate(children):
+            b = node_tokens[child]
+            qb = float(qbar[b])
+            a = 0.0 if qb <= 0.0 else min(1.0, float(mu[b]) / qb)
+            if a > 0.0:
+                accepted, path, ranks, token, bonus = visit(child, a)
+                if accepted:
+                    return True, [child, *path], [rank, *ranks], token, bonus
+            beta = float(torch.minimum(mu, qbar).sum())
+            mu = torch.clamp(mu - qbar, min=0.0)
+            if 1.0 - beta > 0.0:
+                mu = mu / (1.0 - beta)
+            removed = qbar.clone()
+            removed[b] = 0.0
+            qbar = normalize(removed)
+            if qbar is None:
+                qbar = removed  # the draft's support is exhausted: later children have q = 0
+        mass = float(mu.sum())
+        if mass >= 1.0 or uniform(generator, device) < mass:
+            residual = normalize(mu)
+            return True, [], [], sample(p[row] if residual is None else residual, generator), False
+        return False, [], [], -1, False
+
+    _, path, ranks, token, bonus = visit(ROOT, 1.0)
+    return TreeResult(tuple(path), tuple(ranks), token, bonus)
 
 
 # ---------------------------------------------------------------- validation
