@@ -2,6 +2,7 @@
 
     mcsd check --rule mcss-wor --k 3 --vocab 8 --trials 200000 --seed 0
     mcsd check --rule all
+    mcsd check --compare --ks 2,3,4         # acceptance of every rule vs the bound alpha*
 
 For each rule and each random (p, q) case (dense, sparse with zeros, p = q, disjoint supports,
 near one-hot p) it draws candidates from q, runs ``mcsd.verify.verify_node`` ``--trials`` times
@@ -15,13 +16,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from mcsd.check import CASES, DEFAULT_ALPHA, CheckResult, default_jobs, run_checks
+from mcsd.compare import DEFAULT_SAMPLES, WITHIN, Comparison, compare, markdown, random_pairs
 from mcsd.config import RULES
+
+DEFAULT_PAIRS = Path("tests/data/qwen_pairs.pt")  # captured by python -m mcsd.capture
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -71,12 +76,42 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=20_000,
         help="generations per engine case (default: %(default)s; ~2 ms each)",
     )
+    compare = parser.add_argument_group(
+        "compare: per-node acceptance of the rules against the optimal-transport bound alpha*"
+    )
+    compare.add_argument(
+        "--compare",
+        action="store_true",
+        help="print every rule's acceptance next to alpha* (random and captured (p, q) pairs)",
+    )
+    compare.add_argument(
+        "--pairs",
+        default=None,
+        help="captured pairs (python -m mcsd.capture); default: tests/data/qwen_pairs.pt when "
+        "run from the repository",
+    )
+    compare.add_argument("--ks", default="2,3,4", help="candidate counts (default: %(default)s)")
+    compare.add_argument(
+        "--random-pairs", type=int, default=200, help="random pairs (0: none; %(default)s)"
+    )
+    compare.add_argument(
+        "--random-vocab", type=int, default=50, help="their vocabulary (default: %(default)s)"
+    )
+    compare.add_argument(
+        "--samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help="Monte Carlo chains per pair where no closed form exists (default: %(default)s)",
+    )
+    compare.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    if args.compare:
+        return _compare(args, console)
     if args.engine:
         return _engine_check(args, console)
     started = time.perf_counter()
@@ -200,3 +235,75 @@ def _engine_check(args: argparse.Namespace, console: Console) -> int:
         return 1
     console.print(f"[bold green]passed[/] {len(cases)} engine checks in {elapsed:.1f} s")
     return 0
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    started = time.perf_counter()
+    ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--ks must list integers >= 1, got {args.ks!r}")
+    if args.random_pairs < 0 or args.random_vocab < 2:
+        raise ValueError("--random-pairs must be >= 0 and --random-vocab >= 2")
+    if args.samples < 2:
+        raise ValueError(f"--samples must be >= 2, got {args.samples}")
+    sources = {}
+    if args.random_pairs:
+        name = f"random V={args.random_vocab}"
+        sources[name] = random_pairs(args.random_pairs, args.random_vocab, args.seed)
+    path = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
+    if path.exists():
+        from mcsd.capture import load_pairs
+
+        p, q = load_pairs(path)
+        sources[f"captured {path.stem} V={p.shape[-1]}"] = (p, q)
+    elif args.pairs:
+        raise ValueError(f"--pairs: no file {path}")
+    if not sources:
+        raise ValueError("nothing to compare: no random pairs and no captured pairs")
+    described = ", ".join(f"{name} ({len(pair[0])} pairs)" for name, pair in sources.items())
+    console.print(
+        f"comparing rules against alpha* on {described}, k = {', '.join(map(str, ks))}, "
+        f"seed {args.seed}"
+    )
+    with console.status("computing"):
+        results = compare(sources, ks, samples=args.samples, seed=args.seed)
+    console.print(comparison_table(results))
+    console.print(
+        "acceptance: mean per-node acceptance probability; alpha*: mean optimal-transport bound "
+        "for candidates drawn that way (iid: with replacement, wor: without); gap: mean alpha* - "
+        f"acceptance; within: pairs with acceptance >= {1 - WITHIN:.0%} of alpha*; ± is 2 standard "
+        "errors of a Monte Carlo estimate (mcss-wor, k >= 3). traversal's node rule is mcss-wor."
+    )
+    if args.markdown:
+        console.print(markdown(results), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def comparison_table(results: list[Comparison]) -> Table:
+    table = Table(
+        title="per-node acceptance vs the optimal-transport bound alpha*",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for column in ("source", "draws"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("k", justify="right")
+    table.add_column("rule", no_wrap=True)
+    for column in ("acceptance", "alpha*", "gap", "gap %", "within"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in results:
+        value = f"{r.acceptance:.4f}" + ("" if r.exact else f"±{2 * r.stderr:.4f}")
+        table.add_row(
+            r.source,
+            r.scheme,
+            str(r.k),
+            r.rule,
+            value,
+            f"{r.alpha:.4f}",
+            f"{r.gap:.4f}",
+            f"{100 * r.relative_gap:.2f}",
+            f"{100 * r.within:.0f}%",
+        )
+    return table
