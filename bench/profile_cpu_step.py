@@ -56,15 +56,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1, help="prompts per dataset")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--draft-vocab", type=int, default=None)
+    parser.add_argument("--draft-int8", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = load_pair(progress=False)
-    if args.draft_vocab:
-        from mcsd.bench.draft_vocab import restrict_draft
+    if args.draft_vocab or args.draft_int8:
+        from mcsd.bench.cheap_draft import cheap_draft
 
-        pair = restrict_draft(pair, args.draft_vocab)
+        pair = cheap_draft(pair, vocab=args.draft_vocab, int8=args.draft_int8)
     prompts = [
         encode_prompt(pair.tokenizer, q.turns[0], chat=True)
         for name in PROMPTS

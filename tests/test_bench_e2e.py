@@ -91,8 +91,8 @@ def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys, monkeypatch)
     target, draft, prompts = tiny_pair
     out = tmp_path / "out"
     monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))  # the +fr token ranking goes there
-    monkeypatch.setattr("mcsd.bench.draft_vocab.CORPUS_CHARS", 20_000)
-    methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2", "tree:2,1+fr=100"]
+    monkeypatch.setattr("mcsd.bench.cheap_draft.CORPUS_CHARS", 20_000)
+    methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2", "tree:2,1+fr=100", "sps:2+int8"]
     models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
     run = ["--dataset", str(prompts), "--turns", "2", "--max-new-tokens", "8"]
     quiet = ["--warmup-tokens", "2", "--no-progress", "--out", str(out)]

@@ -12,8 +12,9 @@ Method names (``parse_method``):
                        natural one, see ``SpecConfig``); K may also be a JSON list of sibling-rank
                        paths, ``tree:[[0],[1],[0,0]]`` (what ``mcsd bench --sweep`` prints).
 
-An mcsd method may end in ``+fr=K`` (``sps:4+fr=32768``, ``K`` also as ``32k``): its draft then
-scores only the K most frequent tokens (``mcsd.bench.draft_vocab``; lossless, cheaper drafts).
+An mcsd method may end in modifiers that make its draft cheaper (``mcsd.bench.cheap_draft``;
+still lossless): ``+int8`` (int8 weights, CPU) and ``+fr=K`` (the draft scores only the K most
+frequent tokens, FR-Spec; ``K`` also as ``32k``), e.g. ``sps:5+int8`` or ``tree:2,1,1+int8+fr=32k``.
 
 Every method turns prompt token ids into a ``Generation``: the new tokens, the wall time and one
 ``StepRecord`` per target forward, so one set of metrics (``mcsd.stats.Stats``) covers them all.
@@ -52,6 +53,7 @@ class Method:
     rule: str | None = None  # verification rule; None = SpecConfig's natural choice
     assistant_tokens: int | None = None  # hf-assisted's num_assistant_tokens; None = its default
     draft_vocab: int | None = None  # mcsd methods: the draft scores only this many tokens
+    draft_int8: bool = False  # mcsd methods: the draft's linear layers in int8
 
     @property
     def is_mcsd(self) -> bool:
@@ -74,15 +76,20 @@ class Method:
 def parse_method(text: str) -> Method:
     """A ``Method`` from its command-line name; ``ValueError`` naming the accepted forms."""
     name = text.strip()
-    body, plus, modifier = name.partition("+")
-    if plus:
-        method = parse_method(body)
-        key, _, value = modifier.partition("=")
-        if key != "fr" or not method.is_mcsd:
-            raise ValueError(
-                f"method {name!r}: the only modifier is +fr=K (draft vocabulary), on sps/tree"
-            )
-        return replace(method, name=name, draft_vocab=parse_count(value, name))
+    body, *modifiers = name.split("+")
+    if modifiers:
+        method = replace(parse_method(body), name=name)
+        for modifier in modifiers:
+            key, _, value = modifier.partition("=")
+            if not method.is_mcsd or key not in ("fr", "int8") or (key == "int8" and value):
+                raise ValueError(
+                    f"method {name!r}: modifiers are +int8 and +fr=K, on sps/tree methods"
+                )
+            if key == "int8":
+                method = replace(method, draft_int8=True)
+            else:
+                method = replace(method, draft_vocab=parse_count(value, name))
+        return method
     kind, _, rest = name.partition(":")
     if kind in ("hf-ar", "ar") and not rest:
         return Method(name, kind)
@@ -113,7 +120,7 @@ def parse_count(text: str, name: str) -> int:
     scale = 1024 if text.lower().endswith("k") else 1
     digits = text[:-1] if scale > 1 else text
     if not digits.isdigit() or int(digits) < 1:
-        raise ValueError(f"method {name!r}: +fr=K needs a positive token count like 32768 or 32k")
+        raise ValueError(f"method {name!r}: +fr=K needs a token count like 32768 or 32k")
     return int(digits) * scale
 
 

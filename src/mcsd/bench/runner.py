@@ -66,17 +66,17 @@ def build_prompt(
 
 
 def method_pairs(pair: ModelPair, methods: Sequence[Method]) -> dict[str, ModelPair]:
-    """The pair each method runs with: ``pair``, or a copy with a restricted-vocabulary draft
-    (one per vocabulary size, sharing the weights) for ``+fr=K`` methods."""
-    from mcsd.bench.draft_vocab import restrict_draft
+    """The pair each method runs with: ``pair``, or one copy per cheaper-draft variant
+    (``+int8``, ``+fr=K``) shared by the methods that ask for it."""
+    from mcsd.bench.cheap_draft import cheap_draft
 
-    restricted: dict[int, ModelPair] = {}
+    variants: dict[tuple[int | None, bool], ModelPair] = {(None, False): pair}
     pairs = {}
     for method in methods:
-        k = method.draft_vocab
-        if k is not None and k not in restricted:
-            restricted[k] = restrict_draft(pair, k)
-        pairs[method.name] = pair if k is None else restricted[k]
+        key = (method.draft_vocab, method.draft_int8)
+        if key not in variants:
+            variants[key] = cheap_draft(pair, vocab=key[0], int8=key[1])
+        pairs[method.name] = variants[key]
     return pairs
 
 

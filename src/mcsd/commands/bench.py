@@ -80,6 +80,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="FR-Spec: mcsd drafts score only the K most frequent tokens (e.g. 32k); same as "
         "adding +fr=K to every sps/tree method",
     )
+    parser.add_argument(
+        "--draft-int8",
+        action="store_true",
+        help="int8 weights for mcsd drafts (CPU); same as adding +int8 to every sps/tree method",
+    )
     parser.add_argument("--warmup-tokens", type=int, default=16, help="0 disables the warm-up")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -105,10 +110,13 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
     if args.tree:  # --tree/--rule of the shared decoding options add one more tree
         names.append(f"tree:{args.tree}" + (f":{args.rule}" if args.rule else ""))
     methods = [parse_method(name) for name in names]
-    if args.draft_vocab:
+    suffix = (f"+fr={args.draft_vocab}" if args.draft_vocab else "") + (
+        "+int8" if args.draft_int8 else ""
+    )
+    if suffix:
         methods = [
-            parse_method(f"{m.name}+fr={args.draft_vocab}")
-            if m.is_mcsd and m.draft_vocab is None
+            parse_method(m.name + suffix)
+            if m.is_mcsd and m.draft_vocab is None and not m.draft_int8
             else m
             for m in methods
         ]

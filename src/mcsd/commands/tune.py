@@ -80,11 +80,12 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     print("loading models...", file=sys.stderr)
     pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
     draft_name = pair.draft_name  # tuned.json is keyed by the draft model, not its variant
-    if args.draft_vocab:
-        from mcsd.bench.draft_vocab import restrict_draft
+    if args.draft_vocab or args.draft_int8:
+        from mcsd.bench.cheap_draft import cheap_draft
         from mcsd.bench.methods import parse_count
 
-        pair = restrict_draft(pair, parse_count(args.draft_vocab, "--draft-vocab"))
+        vocab = parse_count(args.draft_vocab, "--draft-vocab") if args.draft_vocab else None
+        pair = cheap_draft(pair, vocab=vocab, int8=args.draft_int8)
     chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
 
     # 1-2. Reference answers (a chain reproduces the target's greedy output) and draft ranks.
@@ -190,6 +191,7 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
         dtype = str(next(pair.target.model.parameters()).dtype).removeprefix("torch.")
         key = tuned_key(pair.target_name, draft_name, str(pair.target.device), dtype, greedy=True)
         entry = {"tree": tree, "source": source, "draft_vocab": args.draft_vocab}
+        entry["draft_int8"] = args.draft_int8
         if source == "measured":
             entry |= {k: verified[name][k] for k in ("tokens_per_s", "mean_accepted_length")}
             entry["speedup_vs_ar"] = verified[name].get("speedup_vs_ar")

@@ -1,18 +1,22 @@
-"""A cheaper draft: score only the K most frequent tokens (FR-Spec, Zhao et al. 2025).
+"""Cheaper drafts, still lossless: int8 weights and a restricted vocabulary (FR-Spec).
 
-The draft's LM head is a ``[V, hidden]`` matrix; for Qwen2.5-0.5B it is 136M of the ~500M
-weights a draft forward reads (V = 151,936), so on a memory-bound CPU it costs about a quarter of
-every draft forward. Keeping the rows of the K most frequent tokens (K = 32,768 covers ~95%+ of
-tokens in ordinary text and code) cuts that part by V / K.
+On a CPU a draft forward is bound by the bytes of weights it reads, so a draft at 0.3 of the
+target's cost caps what a chain can gain. Two switchable ways to make it cheaper:
 
-Lossless: the draft only proposes. Tokens outside the kept set get draft probability 0 (logit
--inf), so they are never proposed; every verification rule handles q(x) = 0 (the target's
-correction / residual still covers them), and greedy verification accepts exactly the target's
-argmax. Only the acceptance rate can drop, when the target's token is outside the set.
+- ``int8``: the draft's linear layers quantised to int8 (per output channel, activations
+  quantised on the fly: ``torch.ao`` dynamic quantisation, CPU only): half the bytes of bf16 and
+  fbgemm's int8 kernels; the draft agrees a little less often with the target.
+- ``vocab=K`` (FR-Spec, Zhao et al. 2025): the LM head scores only the K most frequent tokens.
+  For Qwen2.5-0.5B the head is 136M of the ~500M weights a forward reads (V = 151,936).
 
-Frequencies come from a corpus that shares nothing with the benchmark prompts: the Python standard
-library's sources (code) and, when present in the mcsd cache, ShareGPT's assistant turns (chat).
-The ranking is cached per tokenizer in ``<mcsd cache>/vocab/``.
+Both are lossless because the draft only proposes: verification makes the output follow the
+target whatever the draft is. Tokens outside the kept vocabulary get draft probability 0 (logit
+-inf), never proposed; every rule handles q(x) = 0 (the correction covers them), and greedy
+verification accepts exactly the target's argmax. Only the acceptance rate changes.
+
+Token frequencies come from a corpus that shares nothing with the benchmark prompts: the Python
+standard library's sources (code) and, when already in the mcsd cache, ShareGPT's assistant turns
+(chat). The ranking is cached per tokenizer in ``<mcsd cache>/vocab/``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mcsd.models.hf import HFModel
 from mcsd.models.sources import cache_dir
 
 CORPUS_CHARS = 8_000_000  # per source: enough for stable counts of the top 32k tokens
@@ -141,34 +147,68 @@ def _ranking(counts: Tensor) -> Tensor:
     return ids[torch.argsort(counts * len(counts) - ids, descending=True)]
 
 
-class RestrictedVocabModel:
-    """A ``SpecModel`` draft whose LM head scores only ``keep``; logits of every other token are
-    -inf. The wrapped transformers model is not modified: a shallow copy gets the small head and
-    shares every other module (and their weights) with the original."""
+def _shallow_copy(hf: Any) -> Any:
+    """A copy of a transformers model sharing every submodule (and weight) with the original,
+    whose own submodules can be replaced without touching the original."""
+    clone = copy.copy(hf)
+    clone._modules = dict(hf._modules)  # new module table, same submodules
+    return clone
 
-    def __init__(self, inner: Any, keep: Tensor) -> None:
-        from mcsd.models.hf import HFModel
 
-        hf = inner.model
-        head = hf.get_output_embeddings()
-        self.full_vocab = int(head.weight.shape[0])
-        keep = keep.to(head.weight.device)
-        small = torch.nn.Linear(
-            head.in_features, len(keep), bias=head.bias is not None, device=keep.device
-        ).to(head.weight.dtype)
-        with torch.no_grad():
-            small.weight.copy_(head.weight[keep])
-            if head.bias is not None:
-                small.bias.copy_(head.bias[keep])
-        small.requires_grad_(False)
-        clone = copy.copy(hf)
-        clone._modules = dict(hf._modules)  # new module table, same submodules
-        clone.set_output_embeddings(small)
-        self.inner = HFModel(clone)
-        self.keep = keep
+def _restrict_head(hf: Any, keep: Tensor) -> None:
+    """Replace ``hf``'s LM head by one scoring only the ``keep`` token ids (rows copied)."""
+    head = hf.get_output_embeddings()
+    keep = keep.to(head.weight.device)
+    small = torch.nn.Linear(
+        head.in_features, len(keep), bias=head.bias is not None, device=keep.device
+    ).to(head.weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(head.weight[keep])
+        if head.bias is not None:
+            small.bias.copy_(head.bias[keep])
+    small.requires_grad_(False)
+    hf.set_output_embeddings(small)
+
+
+def quantize_int8(hf: Any) -> Any:
+    """An int8 copy of ``hf`` (CPU): linear layers dynamically quantised per output channel,
+    everything else in float32 (the quantised kernels take float32 activations)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if next(hf.parameters()).device.type != "cpu":
+        raise ValueError("int8 drafts use torch's CPU quantised kernels; use a CPU device")
+    work = copy.deepcopy(hf).float()
+    with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated, still works
+        warnings.simplefilter("ignore")
+        quantize_dynamic(
+            work, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
+    return work
+
+
+class QuantizedHFModel(HFModel):
+    """``HFModel`` for a model whose LM head is quantised (its ``weight`` is a method there)."""
+
+    def __init__(self, model: Any, vocab_size: int) -> None:
+        super().__init__(model)
+        self._vocab_size = vocab_size
 
     @property
-    def model(self) -> Any:  # the original transformers model (for code that needs one)
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+
+class RestrictedVocabModel:
+    """A ``SpecModel`` around an ``HFModel`` whose LM head scores only ``keep``: logits come back
+    full width, every other token at -inf."""
+
+    def __init__(self, inner: Any, keep: Tensor, full_vocab: int) -> None:
+        self.inner = inner
+        self.keep = keep.to(inner.device)
+        self.full_vocab = full_vocab
+
+    @property
+    def model(self) -> Any:  # the transformers model (with its restricted head)
         return self.inner.model
 
     @property
@@ -202,10 +242,27 @@ class RestrictedVocabModel:
         self.inner.reset()
 
 
-def restrict_draft(pair: Any, k: int, *, texts: Iterable[str] | None = None) -> Any:
-    """A copy of ``pair`` whose draft scores only the ``k`` most frequent tokens."""
+def cheap_draft(
+    pair: Any, *, vocab: int | None = None, int8: bool = False, texts: Iterable[str] | None = None
+) -> Any:
+    """A copy of ``pair`` whose draft is int8 and/or scores only the ``vocab`` most frequent
+    tokens. The original draft is not modified (the vocabulary cut alone shares its weights)."""
     from dataclasses import replace
 
-    keep = frequent_tokens(pair.tokenizer, k, pair.draft.vocab_size, texts=texts)
-    draft = RestrictedVocabModel(pair.draft, keep)
-    return replace(pair, draft=draft, draft_name=f"{pair.draft_name} (top {k} tokens)")
+    if vocab is None and not int8:
+        return pair
+    hf = pair.draft.model
+    full_vocab = int(hf.get_output_embeddings().weight.shape[0])
+    work = _shallow_copy(hf)
+    keep = None
+    if vocab is not None:
+        keep = frequent_tokens(pair.tokenizer, vocab, full_vocab, texts=texts)
+        _restrict_head(work, keep)
+    if int8:
+        work = quantize_int8(work)
+    width = full_vocab if keep is None else len(keep)  # of the head actually in the model
+    draft: Any = QuantizedHFModel(work, width) if int8 else HFModel(work)
+    if keep is not None:
+        draft = RestrictedVocabModel(draft, keep, full_vocab)
+    notes = [*([f"top {vocab} tokens"] if vocab else []), *(["int8"] if int8 else [])]
+    return replace(pair, draft=draft, draft_name=f"{pair.draft_name} ({', '.join(notes)})")
