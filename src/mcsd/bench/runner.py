@@ -114,7 +114,7 @@ def run_bench(
             for method in methods:
                 bar.describe(f"warm-up {method.name}")
                 run_method(method, pairs[method.name], first, short)
-                bar.advance()
+                bar.advance(f"warm-up {method.name} done")
 
         answers: list[Answer] = []
         for index, question in enumerate(questions):
@@ -135,7 +135,7 @@ def run_bench(
                         method.name, question, turn, index, prompt_ids, generation, text
                     )
                     done[method.name].load = _load_average()
-                    bar.advance()
+                    bar.advance(_line(done[method.name]))
                 if reference is not None:
                     ref = done[reference]
                     for answer in done.values():
@@ -147,6 +147,18 @@ def run_bench(
     return answers
 
 
+def _line(answer: Answer) -> str:
+    generation = answer.generation
+    rate = len(generation.tokens) / generation.wall_time if generation.wall_time > 0 else 0.0
+    steps = len(generation.records)
+    al = len(generation.tokens) / steps if steps else 0.0
+    return (
+        f"{answer.method} | {answer.dataset} {answer.question.question_id} turn {answer.turn + 1}"
+        f" | {len(generation.tokens)} tokens in {generation.wall_time:.1f}s = {rate:.2f} tok/s,"
+        f" AL {al:.2f}, load {answer.load if answer.load is not None else '?'}"
+    )
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -155,14 +167,17 @@ def _load_average() -> float | None:
 
 
 class _Progress:
-    """A rich progress bar on stderr (or nothing)."""
+    """A rich progress bar on stderr; one line per answer instead when stderr is not a terminal
+    (the log of a background run); or nothing."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.enabled, self.total = enabled, total
         self._bar: Any = None
+        self._lines = enabled and not sys.stderr.isatty()
+        self._done = 0
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
+        if self.enabled and not self._lines:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -193,6 +208,9 @@ class _Progress:
         if self._bar is not None:
             self._bar.update(self._task, description=text[:48])
 
-    def advance(self) -> None:
+    def advance(self, line: str = "") -> None:
+        self._done += 1
         if self._bar is not None:
             self._bar.advance(self._task)
+        elif self._lines and line:
+            print(f"[{self._done}/{self.total}] {line}", file=sys.stderr, flush=True)
