@@ -23,6 +23,7 @@ from torch import Tensor
 from mcsd.check import RULE_SCHEME, candidate_tuples, exact_outcome
 from mcsd.config import RULES
 from mcsd.optimal import (
+    _take_window,
     alpha_star,
     containment,
     kseq_rho,
@@ -267,3 +268,41 @@ def test_no_rule_beats_alpha_star() -> None:
         assert exact_outcome("optimal", p, q, k).acceptance == pytest.approx(
             alpha_star(p, q, k), abs=TOLERANCE
         )
+
+
+def test_plan_reaches_alpha_star_on_larger_vocabularies() -> None:
+    """Up to MAX_ATOMS tokens every token is its own atom and the plan is exactly optimal
+    (many free intervals in the construction: exercises the window search)."""
+    generator = torch.Generator().manual_seed(11)
+    for vocab in (12, 40, 200):
+        for k in (2, 3, 4):
+            for _ in range(6):
+                scale = 1.0 + 3.0 * float(torch.rand((), generator=generator))
+                z = torch.randn(vocab, generator=generator, dtype=torch.float64)
+                e = torch.randn(vocab, generator=generator, dtype=torch.float64)
+                p, q = torch.softmax(scale * z, 0), torch.softmax(scale * z + e, 0)
+                plan = transport_plan(p, q, k)
+                assert plan.accepted_mass(p) == pytest.approx(alpha_star(p, q, k), abs=1e-9)
+                assert float(plan.selection.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_window_search_against_bisection() -> None:
+    """``_take_window`` takes exactly the requested G-mass from arbitrary free intervals."""
+    rng = torch.Generator().manual_seed(12)
+    for _ in range(300):
+        count = int(torch.randint(1, 7, (), generator=rng))
+        cuts = sorted(torch.rand(2 * count, generator=rng, dtype=torch.float64).tolist())
+        gaps = [(cuts[2 * i], cuts[2 * i + 1]) for i in range(count)]
+        k = int(torch.randint(2, 5, (), generator=rng))
+        free = sum(hi - lo for lo, hi in gaps)
+        length = free * float(torch.rand((), generator=rng))
+        # the feasible G-masses run from the lowest to the highest free window of that length
+        lowest, _ = _take_window(list(gaps), length, -1.0, k)
+        highest, _ = _take_window(list(gaps), length, 2.0, k)
+        low = sum(hi**k - lo**k for lo, hi in lowest)
+        high = sum(hi**k - lo**k for lo, hi in highest)
+        mass = low + (high - low) * float(torch.rand((), generator=rng))
+        window, remaining = _take_window(list(gaps), length, mass, k)
+        assert sum(hi**k - lo**k for lo, hi in window) == pytest.approx(mass, abs=1e-12)
+        assert sum(hi - lo for lo, hi in window) == pytest.approx(length, abs=1e-12)
+        assert sum(hi - lo for lo, hi in remaining) == pytest.approx(free - length, abs=1e-12)

@@ -112,6 +112,7 @@ def containment(p: Tensor, q: Tensor, k: int, scheme: str) -> tuple[Tensor, Tens
     """For H_j = the j tokens of smallest p/q (j = 0..n, n = support of q): ``P(S inside H_j)``
     and ``p(H_j)``, both float64 ``[n + 1]``."""
     p, q = p.double().cpu(), q.double().cpu()
+    p, q = p / p.sum(), q / q.sum()
     order = ratio_order(p, q, descending=False)
     q_sorted, p_sorted = q[order], p[order]
     zero = torch.zeros(1, dtype=torch.float64)
@@ -179,6 +180,7 @@ def kseq_rho(p: Tensor, q: Tensor, k: int) -> float:
     if k == 1:
         return 1.0
     p, q = p.double(), q.double()
+    p, q = p / p.sum(), q / q.sum()
     support = q > 0
     ratio, order = torch.sort(p[support] / q[support])  # [n] ascending
     zero = torch.zeros(1, dtype=torch.float64, device=p.device)
@@ -230,8 +232,8 @@ class TransportPlan:
         best, best_v = None, -1.0
         draws = torch.rand(len(tokens), dtype=torch.float64, generator=generator).tolist()
         for i, (atom, u) in enumerate(zip(atoms, draws, strict=True)):
-            if atom < 0:
-                continue  # q(c) = 0: c cannot have been drawn from q
+            if atom < 0 or not self.sets[atom]:
+                continue  # q(c) = 0: c cannot have been drawn from q (or r(c) = 0 by rounding)
             v = _point(self.sets[atom], u)
             if v > best_v:
                 best, best_v = i, v
@@ -241,7 +243,7 @@ class TransportPlan:
         """Exact P(candidate i is selected) for fixed candidate tokens: the integral of candidate
         i's density times the other candidates' CDFs (piecewise polynomial, Gauss-Legendre)."""
         atoms = self.atom_of[tokens].tolist()
-        valid = [i for i, a in enumerate(atoms) if a >= 0]
+        valid = [i for i, a in enumerate(atoms) if a >= 0 and self.sets[a]]
         probs = [0.0] * len(tokens)
         if not valid:
             return probs
@@ -294,15 +296,15 @@ def _length_below(intervals: tuple[tuple[float, float], ...], v: float) -> float
 
 def transport_plan(p: Tensor, q: Tensor, k: int, max_atoms: int = MAX_ATOMS) -> TransportPlan:
     """The ``optimal`` rule's plan for target p ``[V]``, draft q ``[V]`` and k iid candidates."""
-    p64, q64 = p.double(), q.double()  # on the input's device: the O(V) work stays there
-    vocab = p64.shape[-1]
-    atom_of = _atoms(p64, q64, max_atoms)  # [V] long, -1 off the support of q
-    n_atoms = int(atom_of.max()) + 1
-    on = atom_of >= 0
-    atom_p = torch.zeros(n_atoms, dtype=torch.float64, device=p64.device)
-    atom_p.index_add_(0, atom_of[on], p64[on])
-    atom_q = torch.zeros(n_atoms, dtype=torch.float64, device=p64.device)
-    atom_q.index_add_(0, atom_of[on], q64[on])
+    # float64 on the input's device (the O(V) work stays there); q renormalised exactly, since
+    # the candidates are drawn from q / sum(q) and the sets below tile [0, 1] by q-mass
+    p64, q64 = p.double(), q.double()
+    p64, q64 = p64 / p64.sum(), q64 / q64.sum()
+    atom_of, n_atoms = _atoms(p64, q64, max_atoms)  # [V] long, -1 off the support of q
+    # per-atom masses; tokens off the support go to an extra bin that is dropped
+    index = torch.where(atom_of >= 0, atom_of, n_atoms)
+    atom_p = torch.bincount(index, weights=p64, minlength=n_atoms + 1)[:n_atoms]
+    atom_q = torch.bincount(index, weights=q64, minlength=n_atoms + 1)[:n_atoms]
     # Atoms in p/q-descending order (the order of the convex minorant), p = 0 atoms last.
     order = torch.sort(atom_p / atom_q, descending=True, stable=True).indices.cpu()
     atom_p_sorted = atom_p.cpu()[order].tolist()
@@ -313,37 +315,37 @@ def transport_plan(p: Tensor, q: Tensor, k: int, max_atoms: int = MAX_ATOMS) -> 
     for position, atom in enumerate(order.tolist()):
         sets[atom] = sets_sorted[position]
     realised = torch.tensor(
-        [sum(hi**k - lo**k for lo, hi in s) for s in sets], dtype=torch.float64
-    ).to(p64.device)  # [A] G(A_a): the exact selection probability of each atom
-    selection = torch.zeros(vocab, dtype=torch.float64, device=p64.device)
-    selection[on] = realised[atom_of[on]] * q64[on] / atom_q[atom_of[on]]
+        [sum(hi**k - lo**k for lo, hi in s) for s in sets] + [0.0], dtype=torch.float64
+    ).to(p64.device)  # [A + 1] G(A_a): the exact selection probability of each atom
+    share = q64 / torch.cat([atom_q, torch.ones(1, dtype=torch.float64, device=q64.device)])[index]
+    selection = realised[index] * share  # [V] r_z = G(A_atom) q_z / q_atom; 0 off the support
     return TransportPlan(k, atom_of.cpu(), selection.cpu(), tuple(sets))
 
 
-def _atoms(p: Tensor, q: Tensor, max_atoms: int) -> Tensor:
-    """Atom index ``[V]`` of every token with q > 0 (-1 elsewhere). With at most ``max_atoms``
-    such tokens each is its own atom (the plan is then exactly optimal). Otherwise the
-    ``max_atoms // 2`` heaviest (by p + q) stay alone and the others are pooled by their log p/q
-    rounded to a grid of ``POOL_LOG_RATIO_STEP`` (p = 0 tokens: one more pool)."""
+def _atoms(p: Tensor, q: Tensor, max_atoms: int) -> tuple[Tensor, int]:
+    """Atom index ``[V]`` of every token with q > 0 (-1 elsewhere) and the number of atoms.
+    With at most ``max_atoms`` such tokens each is its own atom (the plan is then exactly
+    optimal). Otherwise the ``max_atoms // 2`` heaviest (by p + q) stay alone and the others are
+    pooled by log p/q rounded to a grid of ``POOL_LOG_RATIO_STEP`` (p = 0 tokens: one pool)."""
     support = q > 0
     n = int(support.sum())
-    atom_of = torch.full(q.shape, -1, dtype=torch.long, device=q.device)
     if n <= max_atoms:
-        atom_of[support] = torch.arange(n, device=q.device)
-        return atom_of
+        atom_of = torch.cumsum(support.long(), 0) - 1
+        return torch.where(support, atom_of, -1), n
     heavy_count = max_atoms // 2
-    weight = torch.where(support, p + q, torch.full_like(p, -1.0))
+    weight = torch.where(support, p + q, -1.0)
     heavy = torch.topk(weight, heavy_count).indices  # [M]
-    atom_of[heavy] = torch.arange(heavy_count, device=q.device)
-    rest = support.clone()
-    rest[heavy] = False
-    log_ratio = torch.log(p[rest] / q[rest])  # -inf where p = 0
-    limit = POOL_LOG_RATIO_RANGE
-    bucket = torch.round(log_ratio.clamp(min=-limit, max=limit) / POOL_LOG_RATIO_STEP)
-    bucket = torch.where(torch.isinf(log_ratio), torch.full_like(bucket, -math.inf), bucket)
-    _, pooled = torch.unique(bucket, return_inverse=True)  # [rest] pool index
-    atom_of[rest] = heavy_count + pooled
-    return atom_of
+    limit, step = POOL_LOG_RATIO_RANGE, POOL_LOG_RATIO_STEP
+    pools = 2 * round(limit / step) + 2  # pool 0: p = 0; then the log-ratio grid
+    log_ratio = torch.log(torch.where(support, p, 1.0) / torch.where(support, q, 1.0))
+    grid = torch.round((log_ratio.clamp(-limit, limit) + limit) / step).long() + 1
+    raw = torch.where(p > 0, grid, 0)  # [V] pool of each token
+    raw[heavy] = pools + torch.arange(heavy_count, device=q.device)
+    raw = torch.where(support, raw, pools + heavy_count)  # off the support: a dropped bin
+    used = torch.bincount(raw, minlength=pools + heavy_count + 1)[:-1] > 0
+    renumber = torch.cumsum(used.long(), 0) - 1  # only the pools that hold a token
+    atom_of = torch.where(support, renumber[raw.clamp(max=pools + heavy_count - 1)], -1)
+    return atom_of, int(used.sum())
 
 
 def _lexicographic_base(atom_p: list[float], atom_q: list[float], k: int) -> list[float]:
@@ -389,9 +391,10 @@ def _left_curtain(
     gaps: list[tuple[float, float]] = [(0.0, 1.0)]  # free intervals, sorted
     sets: list[tuple[tuple[float, float], ...]] = [()] * n
     for rank, a in enumerate(order):
-        if rank == n - 1:
+        if rank == n - 1 or not gaps:  # the last atom takes what is left (rounding: maybe none)
             sets[a] = tuple(gaps)
-            break
+            gaps = []
+            continue
         window, gaps = _take_window(gaps, atom_q[a], target[a], k)
         sets[a] = window
     return sets
@@ -403,14 +406,12 @@ def _take_window(
     """Remove from ``gaps`` the part between free positions alpha and alpha + length whose
     G-mass is ``mass`` (clamped to the feasible range); return it and the remaining gaps.
 
-    W(alpha), the G-mass of the window, is continuous and increasing. Between consecutive
-    breakpoints (alpha or alpha + length at a gap boundary) both ends stay in fixed gaps and W is
-    a polynomial; bisection over the breakpoints finds that piece, then over alpha inside it."""
-    starts = [0.0]  # free length before each gap
-    g_before = [0.0]  # free G-mass before each gap
-    for lo, hi in gaps:
-        starts.append(starts[-1] + (hi - lo))
-        g_before.append(g_before[-1] + (hi**k - lo**k))
+    W(alpha), the G-mass of the window, is continuous and increasing. Between breakpoints
+    (alpha or alpha + length at a gap boundary) both ends stay in fixed gaps and W is a
+    polynomial: bisection over the gap of alpha, then over the gap of alpha + length, then
+    Newton inside the piece."""
+    starts = [0.0, *itertools.accumulate(hi - lo for lo, hi in gaps)]  # free length before gap
+    g_before = [0.0, *itertools.accumulate(hi**k - lo**k for lo, hi in gaps)]  # free G before
     free = starts[-1]
     length = min(length, free)
     last = len(gaps) - 1
@@ -428,34 +429,39 @@ def _take_window(
     def mass_at(alpha: float) -> float:
         return window_mass(alpha, gap_of(alpha), gap_of(alpha + length))
 
-    high = max(free - length, 0.0)
-    cuts = sorted(
-        {
-            0.0,
-            high,
-            *(x for x in starts if x < high),
-            *(x - length for x in starts if 0.0 < x - length < high),
-        }
-    )
+    def last_below(cuts: list[float]) -> int:
+        """The last index with mass_at(cuts[index]) < mass (cuts[0] qualifies)."""
+        low, high = 0, len(cuts)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if mass_at(cuts[middle]) < mass:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    top = max(free - length, 0.0)
     if mass_at(0.0) >= mass:
         alpha = 0.0
-    elif mass_at(high) <= mass:
-        alpha = high
+    elif mass_at(top) <= mass:
+        alpha = top
     else:
-        low_cut, high_cut = 0, len(cuts) - 1  # mass_at(cuts[low_cut]) < mass <= mass_at(high)
-        while high_cut - low_cut > 1:
-            middle = (low_cut + high_cut) // 2
-            if mass_at(cuts[middle]) < mass:
-                low_cut = middle
-            else:
-                high_cut = middle
-        low, high = cuts[low_cut], cuts[high_cut]
+        # the piece: alpha's gap, then the gap of alpha + length inside it (breakpoints are
+        # taken from the lists themselves, never recomputed, so rounding cannot empty a piece)
+        in_gaps = starts[: gap_of(top) + 1]  # gap starts up to alpha's range
+        gap = last_below(in_gaps)
+        low, high = in_gaps[gap], min(starts[gap + 1], top)
+        first = bisect.bisect_right(starts, low + length)
+        end = bisect.bisect_left(starts, high + length)
+        ends = [low, *(x - length for x in starts[first:end] if low < x - length < high), high]
+        piece = last_below(ends[:-1])
+        low, high = ends[piece], ends[piece + 1]
         middle_point = 0.5 * (low + high)
         i, j = gap_of(middle_point), gap_of(middle_point + length)  # fixed on this piece
         # Newton on the polynomial piece, kept inside the shrinking bracket [low, high].
         shift_i = gaps[i][0] - starts[i]  # v_start = alpha + shift_i
         shift_j = gaps[j][0] + length - starts[j]  # v_end = alpha + shift_j
-        alpha = 0.5 * (low + high)
+        alpha = middle_point
         for _ in range(100):
             error = window_mass(alpha, i, j) - mass
             if error < 0.0:

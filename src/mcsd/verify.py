@@ -226,6 +226,7 @@ class _KSeq(NodeRule):
     def _build(p: Tensor, q: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """Accept probability ``[V]``, residual ``[V]`` and P(all rejected) as a 0-dim tensor."""
         p64, q64 = p.double(), q.double()
+        p64, q64 = p64 / p64.sum(), q64 / q64.sum()  # float32 softmax: off by ~1e-6
         rho = kseq_rho(p64, q64, k)
         kept = torch.minimum(q64, p64 / rho)  # [V] min(q, p / rho)
         beta = kept.sum()
@@ -286,6 +287,7 @@ class _Optimal(NodeRule):
         plan = self.plan(p, q, len(candidates))
         chosen = plan.select(candidates, generator)
         p64 = p.double().cpu()
+        p64 = p64 / p64.sum()
         if chosen is None:  # no candidate could have been drawn from q: emit from p itself
             return NodeResult(NONE_ACCEPTED, sample(p64, generator))
         token = candidates[chosen]
@@ -298,6 +300,7 @@ class _Optimal(NodeRule):
         assert q is not None
         plan = self.plan(p, q, len(candidates))
         p64 = p.double().cpu()
+        p64 = p64 / p64.sum()
         selected = plan.selection_probabilities(candidates)
         accept = torch.zeros(len(candidates), dtype=torch.float64)
         for i, (c, s) in enumerate(zip(candidates, selected, strict=True)):
