@@ -175,38 +175,40 @@ def kseq_rho(p: Tensor, q: Tensor, k: int) -> float:
     so the residual is non-negative; a smaller rho accepts more, hence the smallest one.
 
     h(rho) = S(rho) - 1 + (1 - S(rho) / rho)^k with S(rho) = sum min(rho q, p) is increasing,
-    h(1) <= 0 <= h(k); bisection (on sorted ratios, O(log V) per step) returns the upper end of
-    a bracket a few ulps wide, so the residual is non-negative up to rounding."""
+    h(1) <= 0 <= h(k). Newton steps on h (S and S' = sum of q over p/q > rho: one pass over the
+    vocabulary each), kept inside a bisection bracket, stop when the bracket is a few ulps wide;
+    the upper end is returned, so the residual is non-negative up to rounding."""
     if k == 1:
         return 1.0
     p, q = p.double(), q.double()
     p, q = p / p.sum(), q / q.sum()
-    support = q > 0
-    ratio, order = torch.sort(p[support] / q[support])  # [n] ascending
-    zero = torch.zeros(1, dtype=torch.float64, device=p.device)
-    p_below = torch.cat([zero, torch.cumsum(p[support][order], 0)])  # p of ratios below
-    q_above = torch.cat(
-        [torch.flip(torch.cumsum(torch.flip(q[support][order], [0]), 0), [0]), zero]
-    )
 
-    def h(rho: float) -> float:
-        split = int(
-            torch.searchsorted(ratio, torch.full((1,), rho, dtype=torch.float64, device=p.device))
-        )
-        s = float(p_below[split]) + rho * float(q_above[split])  # sum min(rho q, p)
-        return s - 1.0 + max(0.0, 1.0 - s / rho) ** k
+    def h_and_slope(rho: float) -> tuple[float, float]:
+        scaled = rho * q
+        s = float(torch.minimum(scaled, p).sum())  # S(rho)
+        ds = float(q[scaled < p].sum())  # S'(rho)
+        left = max(0.0, 1.0 - s / rho)
+        h = s - 1.0 + left**k
+        slope = ds + k * left ** (k - 1) * (s / rho**2 - ds / rho)
+        return h, slope
 
     low, high = 1.0, float(k)
-    if h(low) >= -ROUNDING:  # e.g. p = q: h(1) = 0 up to rounding, and rho = 1 is exact
+    value, slope = h_and_slope(low)
+    if value >= -ROUNDING:  # e.g. p = q: h(1) = 0 up to rounding, and rho = 1 is exact
         return low
+    rho = low
     for _ in range(200):
-        middle = 0.5 * (low + high)
-        if middle in (low, high):
-            break
-        if h(middle) >= 0.0:
-            high = middle
+        step = rho - value / slope if slope > 0.0 else 0.5 * (low + high)
+        if not low < step < high:
+            step = 0.5 * (low + high)
+        rho = step
+        value, slope = h_and_slope(rho)
+        if value >= 0.0:
+            high = rho
         else:
-            low = middle
+            low = rho
+        if high - low <= 4e-16 * high:
+            break
     return high
 
 
