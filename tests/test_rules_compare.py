@@ -3,7 +3,7 @@
 Every formula in ``mcsd.compare.acceptance`` must equal the exact enumeration of the rule
 (``mcsd.check.exact_outcome``); the Monte Carlo one (mcss-wor, k >= 3) must agree within its
 error bars. The captured real pairs (tests/data/qwen_pairs.pt) must be well-formed, and on them
-``optimal`` must be within 2% of alpha* on average (the issue's target; it is within 1e-4).
+``optimal`` must be within 2% of alpha* on average (the issue's target; it is within ~1e-5).
 """
 
 from __future__ import annotations
@@ -89,4 +89,4 @@ def test_captured_pairs_and_the_two_percent_target() -> None:
             bound = alpha_star(p[i], q[i], k)
             assert value <= bound + 1e-12
             gaps.append((bound - value) / bound)
-        assert sum(gaps) / len(gaps) < 1e-4
+        assert sum(gaps) / len(gaps) < 1e-4  # pooled plans: ~1e-5 (relative) here

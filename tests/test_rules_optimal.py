@@ -23,6 +23,7 @@ from torch import Tensor
 from mcsd.check import RULE_SCHEME, candidate_tuples, exact_outcome
 from mcsd.config import RULES
 from mcsd.optimal import (
+    MAX_ATOMS,
     _take_window,
     alpha_star,
     containment,
@@ -211,7 +212,7 @@ def test_pooled_plan_is_lossless_and_near_optimal(k: int) -> None:
     q[:50] = 0.0
     q = q / q.sum()
     plan = transport_plan(p, q, k)
-    assert len(plan.sets) <= 2 * 256
+    assert len(plan.sets) <= MAX_ATOMS + 1
     assert float(plan.selection.sum()) == pytest.approx(1.0, abs=1e-12)
     assert float(plan.selection[:50].abs().max()) == 0.0
     bound = alpha_star(p, q, k)
@@ -274,7 +275,7 @@ def test_plan_reaches_alpha_star_on_larger_vocabularies() -> None:
     """Up to MAX_ATOMS tokens every token is its own atom and the plan is exactly optimal
     (many free intervals in the construction: exercises the window search)."""
     generator = torch.Generator().manual_seed(11)
-    for vocab in (12, 40, 200):
+    for vocab in (12, 40, MAX_ATOMS):
         for k in (2, 3, 4):
             for _ in range(6):
                 scale = 1.0 + 3.0 * float(torch.rand((), generator=generator))

@@ -10,7 +10,7 @@ Each pair is cut to the ``top`` tokens of largest p + q and both sides renormali
 the file stays small (float32; 300 pairs of 1024 tokens take 2.4 MB).
 
 The saved dict: ``p`` and ``q`` float32 ``[N, top]`` (the same token set per row), ``tokens``
-long ``[N, top]`` (their ids), ``kept_p`` / ``kept_q`` ``[N]`` (mass kept by the cut), and
+int32 ``[N, top]`` (their ids), ``kept_p`` / ``kept_q`` ``[N]`` (mass kept by the cut), and
 ``meta`` (models, temperature, prompts, the command).
 """
 
@@ -84,7 +84,7 @@ def capture(
     return {
         "p": torch.stack(rows_p),
         "q": torch.stack(rows_q),
-        "tokens": torch.stack(rows_tokens),
+        "tokens": torch.stack(rows_tokens).int(),
         "kept_p": torch.tensor(kept_p),
         "kept_q": torch.tensor(kept_q),
     }

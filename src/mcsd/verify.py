@@ -268,8 +268,8 @@ class _Optimal(NodeRule):
     norm(max(0, p - r)) emits min(p, r) + max(0, p - r) = p (single-draft speculative sampling
     with r as the draft). The plan's r is the lexicographically optimal base of the coverage
     polymatroid, for which sum min(p, r) = alpha* = 1 - max_H [q(H)^k - p(H)]: no lossless rule
-    accepts more (max-flow/min-cut; with more than ``MAX_ATOMS`` tokens, light tokens are pooled
-    and the gap to alpha* is ~1e-5 on real distributions).
+    accepts more (max-flow/min-cut; with more than ``MAX_ATOMS`` candidate tokens light ones are
+    pooled and the gap to alpha* is ~1e-5 relative on real distributions).
 
     Candidates must be drawn with replacement (iid): the selection probabilities assume it.
     A candidate with q(c) = 0 cannot have been drawn and is never selected.
