@@ -238,7 +238,9 @@ class TransportPlan:
         """Index of the selected candidate, or None when no candidate has q > 0."""
         atoms = self.atom_of[tokens].tolist()
         best, best_v = None, -1.0
-        draws = torch.rand(len(tokens), dtype=torch.float64, generator=generator).tolist()
+        device = generator.device if generator is not None else "cpu"
+        draws = torch.rand(len(tokens), dtype=torch.float64, generator=generator, device=device)
+        draws = draws.tolist()
         for i, (atom, u) in enumerate(zip(atoms, draws, strict=True)):
             if atom < 0 or not self.sets[atom]:
                 continue  # q(c) = 0: c cannot have been drawn from q (or r(c) = 0 by rounding)

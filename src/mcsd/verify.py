@@ -289,12 +289,13 @@ class _Optimal(NodeRule):
         p64 = p.double().cpu()
         p64 = p64 / p64.sum()
         if chosen is None:  # no candidate could have been drawn from q: emit from p itself
-            return NodeResult(NONE_ACCEPTED, sample(p64, generator))
+            return NodeResult(NONE_ACCEPTED, sample(p, generator))
         token = candidates[chosen]
         a = _ratio_of(float(p64[token]), float(plan.selection[token]))
         if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
             return NodeResult(chosen, token)
-        return NodeResult(NONE_ACCEPTED, sample(_optimal_residual(p64, plan.selection), generator))
+        residual = _optimal_residual(p64, plan.selection).to(p.device)  # the generator's device
+        return NodeResult(NONE_ACCEPTED, sample(residual, generator))
 
     def outcome(self, p, q, candidates):
         assert q is not None
