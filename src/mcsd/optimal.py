@@ -182,8 +182,8 @@ def kseq_rho(p: Tensor, q: Tensor, k: int) -> float:
 
     h(rho) = S(rho) - 1 + (1 - S(rho) / rho)^k with S(rho) = sum min(rho q, p) is increasing,
     h(1) <= 0 <= h(k). Newton steps on h (S and S' = sum of q over p/q > rho: one pass over the
-    vocabulary each), kept inside a bisection bracket, stop when the bracket is a few ulps wide;
-    the upper end is returned, so the residual is non-negative up to rounding."""
+    vocabulary each), kept inside a bisection bracket, stop at 1e-12 of rho; a rho with
+    h >= 0 is returned, so the residual is non-negative up to rounding."""
     if k == 1:
         return 1.0
     p, q = p.double(), q.double()
@@ -207,15 +207,21 @@ def kseq_rho(p: Tensor, q: Tensor, k: int) -> float:
         step = rho - value / slope if slope > 0.0 else 0.5 * (low + high)
         if not low < step < high:
             step = 0.5 * (low + high)
+        converged = abs(step - rho) <= 1e-13 * step
         rho = step
         value, slope = h_and_slope(rho)
         if value >= 0.0:
             high = rho
         else:
             low = rho
-        if high - low <= 4e-16 * high:
+        if converged or high - low <= 1e-12 * high:  # 1e-12 of rho: no visible acceptance loss
             break
-    return high
+    for scale in (1e-14, 1e-13, 1e-12, 1e-11):  # stopped just below the root: step over it
+        if value >= 0.0 or rho >= high:
+            break
+        rho = min(high, rho * (1.0 + scale))
+        value, _ = h_and_slope(rho)
+    return rho if value >= 0.0 else high
 
 
 # ---------------------------------------------------------------- the optimal plan
