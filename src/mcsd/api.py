@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mcsd.config import SpecConfig
+from mcsd.config import COMPILE_CHOICES, SpecConfig
 from mcsd.engine import speculative_decode
 from mcsd.models.base import SpecModel
 from mcsd.stats import Stats
@@ -95,15 +95,25 @@ def load_model(
     device: str | None = None,
     attn_implementation: str = "sdpa",
     progress: bool = True,
+    static_cache: bool = False,
+    compile: bool = False,
+    max_length: int | None = None,
 ) -> tuple[SpecModel, Any, tuple[int, ...]]:
     """Load one causal LM by known name, local directory or Hugging Face id.
 
-    Returns the adapted model, its tokenizer and its EOS token ids."""
+    ``static_cache=True`` wraps it in ``StaticHFModel`` (mcsd's static KV cache of ``max_length``
+    positions, default min(model limit, 4096); CUDA graphs on GPUs; ``compile=True`` also runs
+    ``torch.compile`` on each captured shape, ~30 s per shape) instead of the dynamic-cache
+    ``HFModel``. Returns the adapted model, its tokenizer and its EOS token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcsd.models.hf import HFModel
     from mcsd.models.sources import resolve
 
+    if compile and not static_cache:
+        raise ValueError("compile=True needs static_cache=True (it compiles the static forward)")
+    if max_length is not None and not static_cache:
+        raise ValueError("max_length sizes the static cache: it needs static_cache=True")
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     path = resolve(name, progress=progress)
@@ -111,7 +121,13 @@ def load_model(
         path, dtype=torch_dtype, attn_implementation=attn_implementation
     ).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return HFModel(model), tokenizer, _eos_ids(model, tokenizer)
+    if static_cache:
+        from mcsd.models.static import StaticHFModel
+
+        adapted: SpecModel = StaticHFModel(model, max_length=max_length, compile=compile)
+    else:
+        adapted = HFModel(model)
+    return adapted, tokenizer, _eos_ids(model, tokenizer)
 
 
 def load_pair(
@@ -122,15 +138,34 @@ def load_pair(
     device: str | None = None,
     attn_implementation: str = "sdpa",
     progress: bool = True,
+    static_cache: bool = False,
+    compile: str = "none",
 ) -> ModelPair:
-    """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair)."""
+    """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair).
+
+    ``static_cache=True``: both models on mcsd's static KV cache with CUDA graphs on GPUs (the
+    fast path; see ``load_model``). ``compile``: which of them ``torch.compile`` also fuses,
+    one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward is mostly small kernels).
+    """
     from mcsd.models.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
+    if compile != "none" and not static_cache:
+        raise ValueError(f"compile={compile!r} needs static_cache=True")
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
-    kwargs = dict(dtype=dtype, device=device, attn_implementation=attn_implementation)
-    target_model, tokenizer, eos = load_model(target, progress=progress, **kwargs)
-    draft_model, draft_tokenizer, _ = load_model(draft, progress=progress, **kwargs)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        progress=progress,
+        static_cache=static_cache,
+    )
+    target_model, tokenizer, eos = load_model(target, compile=compile == "all", **kwargs)
+    draft_model, draft_tokenizer, _ = load_model(
+        draft, compile=compile in ("draft", "all"), **kwargs
+    )
     check_same_tokenizer(tokenizer, draft_tokenizer)
     return ModelPair(target_model, draft_model, tokenizer, target, draft, eos)
 

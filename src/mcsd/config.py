@@ -31,6 +31,7 @@ RULES_WITHOUT_REPLACEMENT: tuple[str, ...] = ("mcss-wor", "traversal")
 
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
+COMPILE_CHOICES = ("none", "draft", "all")  # load_pair(compile=...): which models to compile
 
 
 def _check_number(name: str, value: object) -> float:

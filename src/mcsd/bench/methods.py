@@ -6,6 +6,9 @@ Method names (``parse_method``):
 - ``hf-assisted``      transformers assisted generation with the same draft, its default settings
                        (``num_assistant_tokens=20``, confidence threshold 0.4);
 - ``hf-assisted:N``    the same with ``num_assistant_tokens=N``;
+- ``hf-static``        the target alone through ``generate`` with a transformers ``StaticCache``
+                       (one per model, ``HF_STATIC_LENGTH`` slots, reset per prompt), which
+                       transformers compiles on GPUs: its fastest decoding of one model;
 - ``ar``               mcsd's target alone (``autoregressive_decode``: same adapter, no draft);
 - ``sps:G``            an mcsd chain of depth G (rule ``sps`` when sampling, ``greedy`` when not);
 - ``tree:K[:RULE]``    an mcsd k-config tree such as ``tree:4,2,2:mcss-wor`` (default rule: the
@@ -38,9 +41,10 @@ from mcsd.config import RULES, SpecConfig
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.stats import StepRecord
 
-BASELINES = ("hf-ar", "hf-assisted", "ar")
+BASELINES = ("hf-ar", "hf-static", "hf-assisted", "ar")
 MCSD_KINDS = ("sps", "tree")
-HF_KINDS = ("hf-ar", "hf-assisted")
+HF_KINDS = ("hf-ar", "hf-static", "hf-assisted")
+HF_STATIC_LENGTH = 4096  # hf-static's cache: one fixed shape, so one compilation for all prompts
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class Method:
     """One decoding method of a benchmark run."""
 
     name: str  # as written on the command line, e.g. "tree:4,2,2:mcss-wor"
-    kind: str  # "hf-ar", "hf-assisted", "ar", "sps" or "tree"
+    kind: str  # "hf-ar", "hf-static", "hf-assisted", "ar", "sps" or "tree"
     tree: str | None = None  # k-config ("1,1,1,1") or JSON rank paths ("[[0],[1],[0,0]]")
     rule: str | None = None  # verification rule; None = SpecConfig's natural choice
     assistant_tokens: int | None = None  # hf-assisted's num_assistant_tokens; None = its default
@@ -91,7 +95,7 @@ def parse_method(text: str) -> Method:
                 method = replace(method, draft_vocab=parse_count(value, name))
         return method
     kind, _, rest = name.partition(":")
-    if kind in ("hf-ar", "ar") and not rest:
+    if kind in ("hf-ar", "hf-static", "ar") and not rest:
         return Method(name, kind)
     if kind == "hf-assisted":
         if not rest:
@@ -110,7 +114,7 @@ def parse_method(text: str) -> Method:
         SpecConfig(tree=parse_tree(shape), rule=None)  # a bad shape fails here, clearly
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
-        f"unknown method {name!r}; use hf-ar, hf-assisted, hf-assisted:N, ar, sps:G, "
+        f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, ar, sps:G, "
         "tree:K-CONFIG or tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor)"
     )
 
@@ -280,6 +284,8 @@ def _run_hf(
     if base.seed is not None:
         torch.manual_seed(base.seed)  # transformers samples from the global generator
     ids = torch.tensor([prompt_ids], device=pair.target.device)
+    if method.kind == "hf-static":
+        return _run_hf_static(target, ids, config, stop)
     log = _ForwardLog(target)
     try:
         started = time.perf_counter()
@@ -294,3 +300,33 @@ def _run_hf(
     tokens = [int(t) for t in out[0, len(prompt_ids) :]]
     finish = "stop" if tokens and tokens[-1] in stop else "length"
     return Generation(tokens, wall, log.records(len(prompt_ids), len(tokens)), finish)
+
+
+def _static_cache(model: Any, length: int) -> Any:
+    """The model's transformers ``StaticCache`` (made once, so its compiled forward is reused),
+    emptied for a new prompt."""
+    from transformers import StaticCache
+
+    cache = getattr(model, "_mcsd_static_cache", None)
+    if cache is None or getattr(cache, "max_cache_len", 0) < length:
+        size = max(HF_STATIC_LENGTH, length)
+        cache = StaticCache(config=model.config, max_cache_len=size)
+        model._mcsd_static_cache = cache
+    else:
+        cache.reset()
+    return cache
+
+
+def _run_hf_static(model: Any, ids: torch.Tensor, config: Any, stop: frozenset[int]) -> Generation:
+    """``hf-static``: no forward hook (it would break transformers' compiled forward); the target
+    runs one forward per token, so each decoding step commits one token."""
+    cache = _static_cache(model, ids.shape[-1] + config.max_new_tokens)
+    started = time.perf_counter()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), generation_config=config, past_key_values=cache
+    )
+    tokens = [int(t) for t in out[0, ids.shape[-1] :]]
+    wall = time.perf_counter() - started
+    records = [StepRecord(0, 1, 0, (), 0, 0.0, 0.0) for _ in tokens]
+    finish = "stop" if tokens and tokens[-1] in stop else "length"
+    return Generation(tokens, wall, records, finish)

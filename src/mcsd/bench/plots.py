@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mcsd.bench.methods import Method
-from mcsd.bench.report import ALL
+from mcsd.bench.report import ALL, REFERENCES
 
 
 def _pyplot() -> Any:
@@ -44,7 +44,7 @@ def plot_all(
 
 def _speedup(plt: Any, summary: dict[str, Any], methods: Sequence[Method], path: Path) -> Path:
     names = [m.name for m in methods]
-    reference = "hf-ar" if "hf-ar" in names else "ar" if "ar" in names else None
+    reference = next((r for r in REFERENCES if r in names), None)
     key = f"speedup_vs_{reference}" if reference else "tokens_per_s"
     datasets = list(summary)  # the pooled row comes last
     width = 0.8 / len(names)

@@ -9,11 +9,12 @@ Files written into the output directory:
 - ``summary.json``            the run's settings, machine, versions and the metrics below.
 
 Metrics (DESIGN 6): tokens/s = new tokens / wall time over a dataset's turns (prefill included);
-speedup = tokens/s over the reference's tokens/s on the same prompts in the same run (``hf-ar``
-and ``ar``); mean accepted length AL = new tokens / target forwards; acceptance per depth, sibling
-rank histogram and draft/target time share from the step records; in greedy runs the rate of
-turns whose output equals ``hf-ar``'s token for token. The ``all`` row pools every turn, except
-its speedup, which is the geometric mean of the per-dataset speedups.
+speedup = tokens/s over the reference's tokens/s on the same prompts in the same run (each of
+``REFERENCES`` that ran); mean accepted length AL = new tokens / target forwards; acceptance per
+depth, sibling rank histogram and draft/target time share from the step records; in greedy runs
+the rate of turns whose output equals the reference's (``reference_method``) token for token.
+The ``all`` row pools every turn, except its speedup, which is the geometric mean of the
+per-dataset speedups.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from mcsd.bench.methods import Method
-from mcsd.bench.runner import Answer
+from mcsd.bench.runner import Answer, reference_method
 from mcsd.stats import Stats
 
 ALL = "all"  # the pooled row
 MAX_DEPTH_SHOWN = 6  # acceptance-per-depth columns in the table (summary.json has them all)
+REFERENCES = ("hf-ar", "hf-static", "ar")  # speedups are reported against each one that ran
 
 
 def method_stats(answers: Sequence[Answer]) -> Stats:
@@ -78,13 +80,13 @@ def summarize(answers: Sequence[Answer], methods: Sequence[Method]) -> dict[str,
             name: metrics([a for a in answers if a.dataset == dataset and a.method == name])
             for name in names
         }
-        for reference in ("hf-ar", "ar"):
+        for reference in REFERENCES:
             if reference in names:
                 base = results[dataset][reference]["tokens_per_s"]
                 for row in results[dataset].values():
                     row[f"speedup_vs_{reference}"] = row["tokens_per_s"] / base if base else 0.0
     pooled = {name: metrics([a for a in answers if a.method == name]) for name in names}
-    for reference in ("hf-ar", "ar"):
+    for reference in REFERENCES:
         if reference in names:
             for name, row in pooled.items():
                 ratios = [results[d][name][f"speedup_vs_{reference}"] for d in datasets]
@@ -108,16 +110,14 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
     names = [m.name for m in methods]
     table = Table(title=title or None, show_lines=False)
     columns = ["dataset", "method", "tok/s"]
-    if "hf-ar" in names:
-        columns.append("x hf-ar")
-    if "ar" in names:
-        columns.append("x ar")
+    references = [reference for reference in REFERENCES if reference in names]
+    columns += [f"x {reference}" for reference in references]
     columns += ["AL", "accept/depth", "tree", "draft %", "target %"]
     greedy = any(
         row["equal_rate"] is not None for rows in summary.values() for row in rows.values()
     )
     if greedy:
-        columns.append("= hf-ar" if "hf-ar" in names else "= ar")
+        columns.append(f"= {reference_method(methods)}")
     for column in columns:
         left = column in ("dataset", "method")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
@@ -125,10 +125,7 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
         for i, name in enumerate(names):
             row = rows[name]
             cells = [dataset if i == 0 else "", name, f"{row['tokens_per_s']:.2f}"]
-            if "hf-ar" in names:
-                cells.append(f"{row['speedup_vs_hf-ar']:.2f}x")
-            if "ar" in names:
-                cells.append(f"{row['speedup_vs_ar']:.2f}x")
+            cells += [f"{row[f'speedup_vs_{reference}']:.2f}x" for reference in references]
             rates = row["acceptance_per_depth"]
             depth = " ".join(f"{r:.2f}" for r in rates[:MAX_DEPTH_SHOWN])
             depth += " …" if len(rates) > MAX_DEPTH_SHOWN else ""

@@ -42,9 +42,10 @@ class Answer:
 
 
 def reference_method(methods: Sequence[Method]) -> str | None:
-    """The method whose greedy output the others must reproduce: ``hf-ar``, else ``ar``."""
+    """The method whose greedy output the others must reproduce: ``hf-ar``, else ``hf-static``,
+    else ``ar``."""
     names = [m.name for m in methods]
-    return next((name for name in ("hf-ar", "ar") if name in names), None)
+    return next((name for name in ("hf-ar", "hf-static", "ar") if name in names), None)
 
 
 def build_prompt(

