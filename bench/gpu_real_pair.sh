@@ -9,7 +9,7 @@
 #     gguf rich markdown-it-py mdurl pygments        (same versions as here)
 # Then one call per piece, back to back, carrying it (size-checked, so a repeated call is harmless):
 #   bash bench/gpu_real_pair.sh append .gpu/t.00 t 0      (... .gpu/d.08 d 8)
-# and finally, carrying .whl and .gpu/wheels:
+# and finally, carrying .whl, .gpu/wheels and .gpu/meta (config + tokenizer files of the cache):
 #   bash bench/gpu_real_pair.sh prepare   # install the wheels, SHA-256 check, convert (~1 min)
 #   bash bench/gpu_real_pair.sh greedy|sampling|compiled  # the runs, each < 10 min
 set -euo pipefail
@@ -19,8 +19,8 @@ PIECE=$((58 * 1024 * 1024))
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 mcsd() { python3 -c 'import sys; from mcsd.cli import main; sys.exit(main())' "$@"; }
-OUT_DIR=${OUT:-$WORK/out}
-COMMON=(--device cuda --dtype bfloat16 --static-cache --n 5 --max-new-tokens 128 --seed 0 --no-plots
+OUT_DIR=$WORK/out
+COMMON=(--target "$WORK/t" --draft "$WORK/d" --device cuda --dtype bfloat16 --static-cache --n 5 --max-new-tokens 128 --seed 0 --no-plots
   --no-progress)
 
 case "$1" in
@@ -46,11 +46,30 @@ append)  # append PIECE_FILE to $WORK/NAME.gguf if it holds exactly INDEX pieces
   if [ "$have" -eq $(($4 * PIECE)) ]; then cat "$2" >>"$target"; fi
   ls -l "$WORK"
   ;;
-prepare)
+prepare)  # weights from the GGUFs (SHA-256 checked); config and tokenizer files from .gpu/meta
+  # (converted here with transformers 5.24: 5.17's GGUF tokenizer conversion loses the extra eos)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   mkdir -p "$MCSD_CACHE/wheels" && cp .gpu/wheels/*.whl "$MCSD_CACHE/wheels/"
-  mcsd models fetch qwen2.5-coder-1.5b-instruct --gguf "$WORK/t.gguf" -q
-  mcsd models fetch qwen2.5-coder-0.5b-instruct --gguf "$WORK/d.gguf" -q
+  python3 - <<'PY'
+import hashlib, shutil
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM
+from mcsd.models.sources import require_known
+work = Path("/tmp/mcsd-gpu")
+for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-instruct", "d")):
+    gguf, known = work / f"{short}.gguf", require_known(name)
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert digest == known.sha256, f"{gguf}: SHA-256 {digest} != {known.sha256}"
+    print(name, "SHA-256 ok", digest, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(work / short, safe_serialization=True)
+    for meta in Path(".gpu/meta", short).iterdir():
+        shutil.copy(meta, work / short / meta.name)
+PY
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'
   ;;
@@ -68,6 +87,12 @@ compiled)  # the draft under torch.compile too (~30 s per captured shape)
   mcsd bench "${COMMON[@]}" --compile draft --out "$OUT_DIR/compiled" \
     --methods hf-static sps:4 sps:6 tree:2,2,1,1
   ;;
+esac
+case "$1" in
+greedy | sampling | compiled)  # one archive comes back from the device ($OUT), not 20 files
+  if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$1.tgz" -C "$OUT_DIR" "$1"; fi
+  ;;
+pieces | append | prepare) ;;
 *)
   echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled" >&2
   exit 2

@@ -182,13 +182,15 @@ def ar_ms(m, new: int = 64) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
 
 
-def step_profile(target, draft, tree: str, steps: int = 24) -> dict:
-    """Time per full speculative step, and host synchronisations per step."""
-    from mcsd.config import GREEDY, SpecConfig
+def step_profile(target, draft, tree: str, steps: int = 24, rule: str = "greedy") -> dict:
+    """Time per full speculative step, and host synchronisations per step (``rule`` other than
+    greedy: sampling at temperature 1)."""
+    from mcsd.config import GREEDY, SamplingConfig, SpecConfig
     from mcsd.engine import speculative_decode
 
     vocab = min(target.vocab_size, draft.vocab_size)
-    spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=4 * steps)
+    sampling = GREEDY if rule == "greedy" else SamplingConfig(temperature=1.0)
+    spec = SpecConfig(tree=tree, target=sampling, rule=rule, max_new_tokens=4 * steps, seed=0)
     prompt = prompt_ids(vocab)
     for _ in range(2):  # the first run captures every shape
         times, drafts, syncs, where = [], [], [], set()
@@ -221,6 +223,7 @@ def step_profile(target, draft, tree: str, steps: int = 24) -> dict:
     step_ms = statistics.median(times[1:]) * 1e3
     return {
         "tree": tree,
+        "rule": rule,
         "nodes": t.num_nodes,
         "step_ms": step_ms,
         "draft_ms": statistics.median(drafts[1:]) * 1e3,
@@ -334,6 +337,11 @@ def main() -> None:
     parser.add_argument(
         "--compile-draft", action="store_true", help="torch.compile the 0.5B draft in the steps"
     )
+    parser.add_argument(
+        "--rules",
+        default="greedy",
+        help="rules of the full steps (comma-separated; any but greedy samples at temperature 1)",
+    )
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--table", nargs="*", default=None, help="print the table of JSON files")
     parser.add_argument("--al", nargs="*", default=[], help="TREE=AL (CPU, real pair)")
@@ -388,16 +396,21 @@ def main() -> None:
             except Exception as error:  # the profiler is a diagnostic: never lose the run
                 row["profile_fwd1"] = {"error": repr(error)}
             print(size, "profile", row["profile_fwd1"], flush=True)
-        if "steps" in parts and size in ("0.5b", "7b"):
-            draft_compile = args.compile_draft and size == "0.5b"
+        if "steps" in parts:  # the first size drafts for the last
+            draft_compile = args.compile_draft and not keep
             keep[size] = static_model(model, **{**kwargs, "compile": draft_compile or args.compile})
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    if "steps" in parts and {"0.5b", "7b"} <= set(keep):
-        results["steps"] = [step_profile(keep["7b"], keep["0.5b"], tree) for tree in TREES]
-        for s in results["steps"]:
-            print(s, flush=True)
+    if "steps" in parts and len(keep) >= 2:
+        sizes = list(keep)
+        results["step_pair"] = f"{sizes[0]} -> {sizes[-1]}"
+        results["steps"] = []
+        for rule in args.rules.split(","):
+            for tree in TREES if rule == "greedy" else ("4,2,2",):
+                step = step_profile(keep[sizes[-1]], keep[sizes[0]], tree, rule=rule)
+                results["steps"].append(step)
+                print(step, flush=True)
     save(args.out, results)
     print_table(results, dict(a.split("=") for a in args.al))
 
@@ -429,17 +442,20 @@ def print_table(results: dict, al: dict) -> None:
         print(f"| {size} | " + " | ".join(cells) + " |")
     steps = results.get("steps")
     if steps:
-        hf7 = results["sizes"].get("7b", {}).get("hf_static")
-        print("\n| tree (0.5B -> 7B) | nodes | step ms | forwards ms | other % | syncs | AL (CPU) "
-              "| tokens/s | x hf_static |")  # fmt: skip
-        print("|---" * 9 + "|")
+        pair = r.get("step_pair", "0.5b -> 7b")
+        hf7 = results["sizes"].get(pair.split()[-1], {}).get("hf_static")
+        print(f"\n| tree ({pair}) | rule | nodes | step ms | forwards ms | other % | syncs "
+              "| AL (CPU) | tokens/s | x hf_static |")  # fmt: skip
+        print("|---" * 10 + "|")
         for s in steps:
-            a = float(al[s["tree"]]) if s["tree"] in al else None
+            rule = s.get("rule", "greedy")
+            a = float(al[s["tree"]]) if s["tree"] in al and rule == "greedy" else None
             tps = a / s["step_ms"] * 1e3 if a else None
             speedup = tps * hf7 / 1e3 if tps and hf7 else None
             tps_cell = f"{tps:.0f}" if tps else "-"
             speedup_cell = f"{speedup:.2f}" if speedup else "-"
-            print(f"| ({s['tree']}) | {s['nodes']} | {s['step_ms']:.2f} | {s['forwards_ms']:.2f} | "
+            print(f"| ({s['tree']}) | {rule} | {s['nodes']} | {s['step_ms']:.2f} | "
+                  f"{s['forwards_ms']:.2f} | "
                   f"{s['other_pct']:.1f} | {s['syncs']:.0f} | {a or '-'} | {tps_cell} | "
                   f"{speedup_cell} |")  # fmt: skip
     if "check" in results:

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from mcsd import cli
-from mcsd.api import check_same_tokenizer, encode_prompt, generate, load_model, load_pair, stream
+from mcsd.api import (
+    ModelPair,
+    check_same_tokenizer,
+    encode_prompt,
+    generate,
+    load_model,
+    load_pair,
+    stream,
+)
 from mcsd.config import GREEDY, SamplingConfig, SpecConfig
 
 SMOL = "smollm2-135m-instruct"
@@ -23,8 +31,6 @@ def pair():
     # float32 target, bfloat16 draft: the same weights at two precisions make a real draft.
     target, tokenizer, eos = load_model(SMOL, dtype="float32", device="cpu", progress=False)
     draft, _, _ = load_model(SMOL, dtype="bfloat16", device="cpu", progress=False)
-    from mcsd.api import ModelPair
-
     return ModelPair(target, draft, tokenizer, SMOL, SMOL, eos)
 
 
@@ -127,6 +133,35 @@ def test_cli_rejects_bad_options_before_loading(argv, message, capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_static_cache_pair_matches_the_dynamic_one(pair) -> None:
+    static = load_pair(SMOL, SMOL, dtype="float32", device="cpu", static_cache=True, progress=False)
+    from mcsd.models.static import StaticHFModel
+
+    assert isinstance(static.target, StaticHFModel) and isinstance(static.draft, StaticHFModel)
+    spec = SpecConfig(tree="2,1", target=GREEDY, max_new_tokens=12)
+    expected = generate(pair, "def add(a, b):", spec)  # greedy: the fp32 target's own output
+    assert generate(static, "def add(a, b):", spec).token_ids == expected.token_ids
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"compile": "draft"}, "needs static_cache=True"),
+        ({"compile": "yes", "static_cache": True}, "compile must be one of none, draft, all"),
+    ],
+)
+def test_load_pair_rejects_bad_fast_path_options(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_pair(SMOL, SMOL, **kwargs)
+
+
+def test_load_model_rejects_compile_without_static_cache() -> None:
+    with pytest.raises(ValueError, match="compile=True needs static_cache=True"):
+        load_model(SMOL, compile=True)
+    with pytest.raises(ValueError, match="max_length sizes the static cache"):
+        load_model(SMOL, max_length=256)
 
 
 def test_cli_generate_json(capsys) -> None:

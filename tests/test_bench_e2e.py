@@ -131,6 +131,34 @@ def test_bench_sampling_runs(tiny_pair, tmp_path: Path) -> None:
     assert pooled["sps:2"]["new_tokens"] > 0
 
 
+def test_bench_static_cache_and_hf_static(tiny_pair, tmp_path: Path, capsys) -> None:
+    """The GPU fast path's options on the CPU: mcsd methods on the static cache and transformers'
+    own static-cache decoding (hf-static) reproduce the target's fp32 greedy output."""
+    target, draft, prompts = tiny_pair
+    out = tmp_path / "out"
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--n", "1", "--max-new-tokens", "8", "--static-cache"]
+    methods = ["hf-static", "ar", "sps:2", "tree:2,2"]
+    quiet = ["--warmup-tokens", "2", "--no-progress", "--no-plots", "--out", str(out)]
+    code = main(["bench", *models, *run, *quiet, "--methods", *methods])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "x hf-static" in printed and "= hf-static" in printed
+    pooled = json.loads((out / "summary.json").read_text())["results"]["all"]
+    for name in methods:
+        assert pooled[name]["equal_rate"] == 1.0, name
+        assert pooled[name]["new_tokens"] == 8, name
+    assert pooled["hf-static"]["speedup_vs_hf-static"] == 1.0
+    assert pooled["hf-static"]["mean_accepted_length"] == 1.0
+
+
+def test_bench_compile_needs_static_cache(tmp_path: Path, capsys) -> None:
+    code = main(["bench", "--compile", "draft", "--methods", "ar", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--compile draft needs --static-cache" in err and "Traceback" not in err
+
+
 def test_bench_rejects_bad_method_before_loading(tmp_path: Path, capsys) -> None:
     code = main(["bench", "--methods", "tree:2,2:mcss", "--out", str(tmp_path)])  # greedy + mcss
     assert code == 2

@@ -82,6 +82,7 @@ def test_summary_speedups_and_geometric_mean() -> None:
 
 def test_method_names() -> None:
     assert parse_method("hf-ar").kind == "hf-ar"
+    assert parse_method("hf-static").kind == "hf-static"
     assert parse_method("hf-assisted").assistant_tokens is None
     assert parse_method("hf-assisted:5").assistant_tokens == 5
     sps = parse_method("sps:3")
@@ -89,7 +90,8 @@ def test_method_names() -> None:
     tree = parse_method("tree:4,2,2:mcss-wor")
     assert (tree.tree, tree.rule, tree.is_mcsd) == ("4,2,2", "mcss-wor", True)
     assert parse_method("tree:2,2").rule is None
-    for bad in ("tree", "tree:4,x", "tree:2,2:nope", "sps:0", "sps:x", "hf-assisted:0", "beam"):
+    bad_names = ("tree", "tree:4,x", "tree:2,2:nope", "sps:0", "sps:x", "hf-assisted:0", "beam")
+    for bad in (*bad_names, "hf-static:2"):
         with pytest.raises(ValueError):
             parse_method(bad)
     assert method_slug("tree:4,2,2:mcss-wor") == "tree-4.2.2-mcss-wor"

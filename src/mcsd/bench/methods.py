@@ -29,6 +29,7 @@ position of the first token of every target forward, from which the tokens commi
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import time
 from dataclasses import dataclass, replace
@@ -321,9 +322,11 @@ def _run_hf_static(model: Any, ids: torch.Tensor, config: Any, stop: frozenset[i
     """``hf-static``: no forward hook (it would break transformers' compiled forward); the target
     runs one forward per token, so each decoding step commits one token."""
     cache = _static_cache(model, ids.shape[-1] + config.max_new_tokens)
+    parameters = inspect.signature(model.forward).parameters
+    keyword = "cache" if "cache" in parameters else "past_key_values"  # transformers >= 5.2x
     started = time.perf_counter()
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), generation_config=config, past_key_values=cache
+        ids, attention_mask=torch.ones_like(ids), generation_config=config, **{keyword: cache}
     )
     tokens = [int(t) for t in out[0, ids.shape[-1] :]]
     wall = time.perf_counter() - started
