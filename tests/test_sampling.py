@@ -15,7 +15,7 @@ import torch
 
 from mcsd.check import candidate_tuples, goodness_of_fit
 from mcsd.config import SamplingConfig
-from mcsd.sampling import sample, sample_candidates, warp
+from mcsd.sampling import draw_children, sample, sample_candidates, warp
 
 ALPHA = 1e-4  # false-failure probability of each statistical assertion (all are seeded anyway)
 
@@ -248,3 +248,52 @@ def test_sample_candidates_is_seeded(replacement: bool) -> None:
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+# ---------------------------------------------------------------- draw_children (batched)
+@pytest.mark.parametrize("replacement", [True, False])
+def test_draw_children_rows_follow_sequential_sampling(replacement: bool) -> None:
+    """Each row of the batched draw has the exact ordered-tuple distribution of its own q."""
+    rows = [[0.5, 0.3, 0.2, 0.0], [0.05, 0.6, 0.1, 0.25]]
+    q = torch.tensor(rows, dtype=torch.float32)
+    k, trials = 2, 20000
+    generator = torch.Generator().manual_seed(11)
+    tuples = list(itertools.product(range(4), repeat=k))
+    index = {t: i for i, t in enumerate(tuples)}
+    counts = torch.zeros(len(rows), len(tuples), dtype=torch.long)
+    for _ in range(trials):
+        draws = draw_children(q, k, replacement=replacement, generator=generator)
+        assert draws.shape == (2, k) and draws.dtype == torch.long
+        for r, row in enumerate(draws.tolist()):
+            counts[r, index[tuple(row)]] += 1
+    for r, row in enumerate(rows):
+        expected = torch.tensor([sequential_probability(row, t, replacement) for t in tuples])
+        fit = goodness_of_fit(counts[r], expected, alpha=ALPHA)
+        assert fit.passed, (r, fit)
+
+
+def test_draw_children_pads_short_supports_with_zero_mass_tokens() -> None:
+    """Fewer positive tokens than k: all of them first (in race order), then q = 0 tokens."""
+    q = torch.tensor([[0.0, 0.7, 0.0, 0.3, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    generator = torch.Generator().manual_seed(12)
+    first_pairs = set()
+    for _ in range(300):
+        short, full = draw_children(q, 4, replacement=False, generator=generator).tolist()
+        assert len(set(short)) == 4 and set(short[:2]) == {1, 3}
+        assert all(q[0, t] == 0 for t in short[2:])
+        assert len(set(full)) == 4
+        first_pairs.add(tuple(short[:2]))
+    assert first_pairs == {(1, 3), (3, 1)}
+
+
+def test_draw_children_with_replacement_never_returns_zero_mass(monkeypatch) -> None:
+    q = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    # Uniforms of exactly 1.0 land past the last positive edge: the guard moves them back.
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw["dtype"]))
+    draws = draw_children(q, 3, replacement=True, generator=None)
+    assert draws.tolist() == [[2, 2, 2], [3, 3, 3]]
+
+
+def test_draw_children_rejects_a_vector() -> None:
+    with pytest.raises(ValueError, match=r"q must be a \[P, V\]"):
+        draw_children(torch.tensor([0.5, 0.5]), 1, replacement=True, generator=None)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mcsd.config import RULES_WITH_Q, RULES_WITHOUT_REPLACEMENT, SamplingConfig, SpecConfig
 from mcsd.models.base import SpecModel, causal_mask
-from mcsd.sampling import sample, sample_candidates, warp
+from mcsd.sampling import draw_children, sample, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import verify_tree
@@ -165,8 +165,7 @@ def autoregressive_decode(
 class _Level:
     """What the drafter does at one tree depth; static for a given tree."""
 
-    groups: tuple[tuple[int, Tensor], ...]  # (parent, its children [k] long) to pick now
-    picks: tuple[tuple[Tensor, Tensor], ...]  # batched top-k: (parent rows [P], children [P, k])
+    picks: tuple[tuple[Tensor, Tensor], ...]  # parents with k children: (rows [P], children [P, k])
     run: tuple[int, ...]  # nodes of this depth that have children: run through the draft
     run_index: Tensor  # [len(run)] long, the same nodes as a device tensor
     tree_mask: Tensor  # [len(run), slots before + len(run)] bool, over the tree part of the cache
@@ -212,9 +211,6 @@ class _Drafter:
                 dim=1,
             )
             offsets = torch.tensor([tree.depth[u] for u in run], device=device)
-            groups = tuple(
-                (parent, torch.tensor(tree.children(parent), device=device)) for parent in parents
-            )
             by_k: dict[int, list[int]] = {}
             for parent in parents:
                 by_k.setdefault(len(tree.children(parent)), []).append(parent)
@@ -226,7 +222,7 @@ class _Drafter:
                 for same in by_k.values()
             )
             run_index = torch.tensor(run, dtype=torch.long, device=device)
-            self.levels.append(_Level(groups, picks, run, run_index, mask, offsets))
+            self.levels.append(_Level(picks, run, run_index, mask, offsets))
 
     def draft(self, uncached: list[int], cache: int) -> tuple[Tensor, Tensor | None]:
         """Returns the node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u;
@@ -245,15 +241,15 @@ class _Drafter:
             q[0] = warp(row_logits[0], self.sampling)
         node_tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)  # [N]
         for level in self.levels:
-            if self.deterministic:  # every parent of the level at once
-                for rows, children in level.picks:
-                    top = torch.topk(row_logits[rows], children.shape[1], dim=-1).indices
-                    node_tokens[children] = top  # [P, k]
-            else:
-                assert q is not None
-                for parent, children in level.groups:
-                    row = parent + 1
-                    node_tokens[children] = self._pick(row_logits[row], q[row], len(children))
+            for rows, children in level.picks:  # every parent of the level at once
+                k = children.shape[1]
+                if self.deterministic:
+                    node_tokens[children] = torch.topk(row_logits[rows], k, dim=-1).indices
+                else:
+                    assert q is not None
+                    node_tokens[children] = draw_children(
+                        q[rows], k, replacement=self.replacement, generator=self.generator
+                    )  # [P, k]
             if not level.run:
                 continue
             base = self.model.cache_length
@@ -268,21 +264,6 @@ class _Drafter:
                 q[rows] = warp(row_logits[rows], self.sampling)
             assert self.model.cache_length == base + len(level.run)
         return node_tokens, q
-
-    def _pick(self, logits: Tensor, q: Tensor, k: int) -> Tensor:
-        """k children: the draft's top-k, or k samples from q (with or without replacement)."""
-        if self.deterministic:
-            return torch.topk(logits, k).indices
-        if self.replacement:
-            return sample_candidates(q, k, replacement=True, generator=self.generator)
-        support = int((q > 0).sum())
-        if support >= k:
-            return sample_candidates(q, k, replacement=False, generator=self.generator)
-        # Fewer than k tokens have draft mass (top-k / top-p / a peaked draft): draw them all,
-        # then pad with zero-mass tokens, which the rule rejects without changing p (lossless).
-        drawn = sample_candidates(q, support, replacement=False, generator=self.generator)
-        padding = torch.nonzero(q == 0).flatten()[: k - support]
-        return torch.cat([drawn, padding])
 
     def commit(self, cache: int, accepted: list[int], accepted_tokens: list[int]) -> list[int]:
         """Keep the accepted nodes the draft ran; return the accepted tokens it has not run."""

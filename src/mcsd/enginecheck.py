@@ -35,6 +35,8 @@ TREES: dict[str, object] = {
 # Draft == target must accept every drafted token: checked for the rules whose acceptance is 1
 # when p = q (alpha* = 1 for any k; K-SEQ needs rho = 1, which holds only for k = 1).
 SAME_MODEL_RULES = ("mcss-wor", "optimal", "traversal")
+# Rules that draw without replacement, so a node may get more children than the draft has tokens.
+PADDING_RULES = ("mcss-wor", "traversal")
 # Trees per rule (default: all). sps verifies chains only; the rules of issue 7 cost more per
 # node, so they run on the shapes that exercise them: varying k (paths), depth, wide roots.
 RULE_TREES: dict[str, tuple[str, ...]] = {
@@ -53,6 +55,7 @@ class EngineCase:
     length: int = 3  # generated tokens per sample
     prompt: tuple[int, ...] = (1, 2)
     same_models: bool = False  # draft == target: every draft token must be accepted
+    draft_top_k: int = 0  # > 0: a draft with fewer tokens than a node has children (padding)
 
     @property
     def target_sampling(self) -> SamplingConfig:
@@ -64,6 +67,8 @@ class EngineCase:
         # (at the target's own temperature when draft and target are the same model).
         if self.rule in ("topk", "greedy"):
             return SamplingConfig(0.0)
+        if self.draft_top_k:
+            return SamplingConfig(0.8, top_k=self.draft_top_k)
         return self.target_sampling if self.same_models else SamplingConfig(0.8)
 
     def spec(self, seed: int) -> SpecConfig:
@@ -87,7 +92,8 @@ class EngineCase:
 
     def describe(self) -> str:
         same = " draft=target" if self.same_models else ""
-        return f"{self.rule} tree={self.tree}{same}"
+        top_k = f" draft-top-k={self.draft_top_k}" if self.draft_top_k else ""
+        return f"{self.rule} tree={self.tree}{same}{top_k}"
 
 
 def engine_cases() -> list[EngineCase]:
@@ -97,6 +103,8 @@ def engine_cases() -> list[EngineCase]:
         trees = RULE_TREES.get(rule, tuple(TREES))
         cases += [EngineCase(rule, tree) for tree in trees]
     cases += [EngineCase(rule, "4,2,2", same_models=True) for rule in SAME_MODEL_RULES]
+    # A root with 4 children but only 2 draft tokens of mass: zero-mass padding candidates.
+    cases += [EngineCase(rule, "4,2,2", draft_top_k=2) for rule in PADDING_RULES]
     return cases
 
 

@@ -122,6 +122,35 @@ def sample_candidates(
     return picks
 
 
+def draw_children(
+    q: Tensor, k: int, *, replacement: bool, generator: torch.Generator | None
+) -> Tensor:
+    """``k`` candidates from each row of ``q`` ``[P, V]`` at once, with no host synchronisation
+    (what the drafter runs per tree level on a GPU); returns ``LongTensor[P, k]`` in draw order.
+
+    With replacement: inverse CDF on ``k`` uniforms per row (a draw that lands on a zero-mass
+    token through rounding is moved to the row's last positive token, as ``sample`` does).
+    Without replacement: the exponential race of ``sample_candidates``. A row with fewer than
+    ``k`` positive tokens gets all of them first, in race order, then zero-mass tokens as padding,
+    which every rule rejects (a candidate with q = 0 is never accepted), so p is unchanged.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"q must be a [P, V] matrix, got shape {tuple(q.shape)}")
+    rows, vocab = q.shape
+    if not replacement:
+        race = torch.empty(q.shape, dtype=torch.float64, device=q.device).exponential_(
+            generator=generator
+        )  # [P, V]
+        keys = (race / q.double()).nan_to_num(nan=math.inf)  # q = 0: inf (0/0 -> inf as well)
+        return torch.topk(keys, k, dim=-1, largest=False).indices  # [P, k]
+    cdf = torch.cumsum(q.double(), dim=-1)  # [P, V]
+    u = torch.rand(rows, k, generator=generator, dtype=torch.float64, device=q.device)  # [P, k]
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)  # [P, k]
+    positive = q > 0  # [P, V]
+    last = vocab - 1 - positive.flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)  # [P, 1]
+    return torch.where(positive.gather(-1, picks), picks, last)
+
+
 def _support_error(q: Tensor, k: int) -> ValueError:
     support = int((q > 0).sum())
     return ValueError(
