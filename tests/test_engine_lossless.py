@@ -63,6 +63,23 @@ def test_greedy_draft_with_sampled_verification_is_caught(monkeypatch: pytest.Mo
     assert not result.fit.passed, result.fit
 
 
+def test_wrong_batched_verifier_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device verifier with mcss-wor's q update left out (the iid rule applied to draws
+    without replacement) must fail the same test."""
+    from mcsd import verify_batched
+
+    original = verify_batched.SampledTreeVerifier.__init__
+
+    def with_replacement(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.without_replacement = False
+
+    monkeypatch.setattr(verify_batched.SampledTreeVerifier, "__init__", with_replacement)
+    case = EngineCase("mcss-wor", "4,2,2", device_verify=True)
+    result = run_engine_case(case, TRIALS, seed=1)
+    assert not result.fit.passed, result.fit
+
+
 def test_check_command_engine_mode(capsys: pytest.CaptureFixture[str]) -> None:
     from mcsd import cli
 

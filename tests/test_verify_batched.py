@@ -63,3 +63,25 @@ def test_all_accepted_gives_bonus() -> None:
     result = GreedyTreeVerifier(tree, "cpu")(tokens, argmax)
     assert result.accepted == (1, 3) and result.token == 9 and result.bonus
     assert result.ranks == (1, 0)
+
+
+def test_sampled_verifier_rejects_other_rules() -> None:
+    from mcsd.verify_batched import SampledTreeVerifier
+
+    with pytest.raises(ValueError, match="rule must be one of sps, mcss, mcss-wor"):
+        SampledTreeVerifier(TokenTree.parse("2,2"), "kseq", "cpu")
+
+
+def test_sampled_verifier_accepts_everything_when_p_equals_one_hot_q() -> None:
+    """p = q one-hot at each node's first child: every first child is accepted, the leaf's
+    bonus token is p's only token there."""
+    from mcsd.verify_batched import SampledTreeVerifier
+
+    tree = TokenTree.parse("2,1")
+    n, vocab = tree.num_nodes, 5
+    tokens = torch.tensor([1, 2, 3, 4])  # [N]: root children 0, 1; their children 2, 3
+    p = torch.zeros(n + 1, vocab)
+    p[0, 1] = p[1, 3] = p[2, 4] = p[3, 0] = p[4, 0] = 1.0  # root -> 1, node 0 -> 3, then 0
+    q = p.clone()
+    result = SampledTreeVerifier(tree, "mcss-wor", "cpu")(tokens, p, q, torch.Generator())
+    assert result.accepted == (0, 2) and result.token == 0 and result.bonus

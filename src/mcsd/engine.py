@@ -30,7 +30,7 @@ from mcsd.sampling import draw_children, sample, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import verify_tree
-from mcsd.verify_batched import GreedyTreeVerifier
+from mcsd.verify_batched import SAMPLED_RULES, GreedyTreeVerifier, SampledTreeVerifier
 
 DETERMINISTIC_RULES = ("topk", "greedy")  # children are the draft's top-k, not samples
 
@@ -50,11 +50,16 @@ def speculative_decode(
     *,
     vocab_size: int,
     stop_token_ids: frozenset[int] = frozenset(),
+    device_verify: bool | None = None,
 ) -> Iterator[Step]:
     """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``.
 
     ``vocab_size`` is the common vocabulary: logits of both models are cut to it, so padding
-    ids beyond the tokenizer are never sampled.
+    ids beyond the tokenizer are never sampled. ``device_verify``: verify the sampled rules sps,
+    mcss and mcss-wor for every node at once on the device with one host transfer
+    (``SampledTreeVerifier``) instead of walking the tree node by node; default: on CUDA devices,
+    where each host round trip stalls the GPU (on a CPU the walk, which visits only the accepted
+    path, does less work). Greedy verification always runs on the device.
     """
     tree: TokenTree = spec.token_tree()
     rule = spec.resolved_rule()
@@ -70,6 +75,11 @@ def speculative_decode(
     verify_mask = _tree_mask(tree, device)  # [N+1, N+1]
     # Greedy verification runs on the device: one host transfer per step (mcsd.verify_batched).
     greedy = GreedyTreeVerifier(tree, device) if rule == "greedy" else None
+    if device_verify is None:
+        device_verify = device.type == "cuda"
+    sampled = None
+    if device_verify and rule in SAMPLED_RULES and not drafter.deterministic:
+        sampled = SampledTreeVerifier(tree, rule, device)
     offsets = torch.tensor([0, *tree.depth], device=device)  # [N+1] positions after the root
 
     committed = list(prompt_ids)
@@ -93,6 +103,15 @@ def speculative_decode(
         if greedy is not None:  # p is one-hot at the argmax: skip building it
             fetched = greedy.device_result(node_tokens, logits.argmax(dim=-1)).tolist()
             result, accepted_tokens = greedy.result(fetched)
+        elif sampled is not None:
+            p = warp(logits, spec.target)  # [N+1, V]
+            assert q is not None  # sampled drafts always return q
+            outcome = sampled.device_result(node_tokens, p, q, generator)  # [2, N+1]
+            fetched = torch.cat([outcome.flatten(), node_tokens]).tolist()  # the one transfer
+            rows = tree.num_nodes + 1
+            result = sampled.result([fetched[:rows], fetched[rows : 2 * rows]])
+            node_list = fetched[2 * rows :]
+            accepted_tokens = [node_list[a] for a in result.accepted]
         else:
             p = warp(logits, spec.target)  # [N+1, V]
             result = verify_tree(

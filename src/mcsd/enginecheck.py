@@ -56,6 +56,7 @@ class EngineCase:
     prompt: tuple[int, ...] = (1, 2)
     same_models: bool = False  # draft == target: every draft token must be accepted
     draft_top_k: int = 0  # > 0: a draft with fewer tokens than a node has children (padding)
+    device_verify: bool = False  # verify every node at once (SampledTreeVerifier, as on GPUs)
 
     @property
     def target_sampling(self) -> SamplingConfig:
@@ -93,7 +94,8 @@ class EngineCase:
     def describe(self) -> str:
         same = " draft=target" if self.same_models else ""
         top_k = f" draft-top-k={self.draft_top_k}" if self.draft_top_k else ""
-        return f"{self.rule} tree={self.tree}{same}{top_k}"
+        batched = " device-verify" if self.device_verify else ""
+        return f"{self.rule} tree={self.tree}{same}{top_k}{batched}"
 
 
 def engine_cases() -> list[EngineCase]:
@@ -105,6 +107,15 @@ def engine_cases() -> list[EngineCase]:
     cases += [EngineCase(rule, "4,2,2", same_models=True) for rule in SAME_MODEL_RULES]
     # A root with 4 children but only 2 draft tokens of mass: zero-mass padding candidates.
     cases += [EngineCase(rule, "4,2,2", draft_top_k=2) for rule in PADDING_RULES]
+    # The batched verifier the engine uses on GPUs, on the same toy models.
+    cases += [
+        EngineCase("sps", "1,1,1", device_verify=True),
+        EngineCase("mcss", "4,2,2", device_verify=True),
+        EngineCase("mcss-wor", "4,2,2", device_verify=True),
+        EngineCase("mcss-wor", "paths", device_verify=True),
+        EngineCase("mcss-wor", "4,2,2", same_models=True, device_verify=True),
+        EngineCase("mcss-wor", "4,2,2", draft_top_k=2, device_verify=True),
+    ]
     return cases
 
 
@@ -140,6 +151,7 @@ def run_engine_case(
             list(case.prompt),
             case.spec(seed * 1_000_003 + trial),
             vocab_size=case.vocab,
+            device_verify=case.device_verify,
         ):
             generated += step.tokens
             steps += 1

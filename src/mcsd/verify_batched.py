@@ -79,3 +79,115 @@ class GreedyTreeVerifier:
 
     def __call__(self, tokens: Tensor, target_argmax: Tensor) -> TreeResult:
         return self.result(self.device_result(tokens, target_argmax).tolist())[0]
+
+
+SAMPLED_RULES = ("sps", "mcss", "mcss-wor")  # the sequential rules SampledTreeVerifier runs
+
+
+class SampledTreeVerifier:
+    """The paper's sampled rules (``sps``, ``mcss``, ``mcss-wor``) for a whole tree on the device,
+    with one host transfer per step.
+
+    ``verify_tree`` visits only the nodes on the accepted path, one host round trip per
+    candidate. Here every node's outcome is computed at once, batched over the nodes that have
+    the same number of children: the candidates are visited in draw order exactly as in
+    ``mcsd.verify`` (accept candidate c with min(1, p'(c) / q'(c)), 0 when q'(c) = 0; on
+    rejection p' <- norm(max(p' - q', 0)), kept when that mass is below ``EMPTY_MASS``; for
+    mcss-wor also q' <- q' without c, renormalised), then one token is drawn from each node's final
+    residual (for a node without children: from p itself, the bonus token). The host then follows
+    the accepted children from the root. Each node uses its own fresh uniforms, so the outcomes
+    of the nodes off the path are independent of the walk and discarding them changes nothing:
+    the walk has exactly the law of the sequential one (the engine tests check it through the
+    whole engine, ``mcsd check --engine``)."""
+
+    def __init__(self, tree: TokenTree, rule: str, device: torch.device | str) -> None:
+        if rule not in SAMPLED_RULES:
+            raise ValueError(f"rule must be one of {', '.join(SAMPLED_RULES)}, got {rule!r}")
+        self.tree = tree
+        self.without_replacement = rule == "mcss-wor"
+        n = tree.num_nodes
+        by_k: dict[int, list[int]] = {}
+        for row in range(n + 1):
+            node = ROOT if row == 0 else row - 1
+            by_k.setdefault(len(tree.children(node)), []).append(row)
+        # (k, rows [R], children [R, k]) per group of rows with k >= 1 children
+        self.groups = [
+            (
+                k,
+                torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor(
+                    [tree.children(ROOT if r == 0 else r - 1) for r in rows],
+                    dtype=torch.long,
+                    device=device,
+                ),
+            )
+            for k, rows in sorted(by_k.items())
+            if k > 0
+        ]
+
+    def device_result(
+        self, tokens: Tensor, p: Tensor, q: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """``tokens`` ``[N]``, ``p`` and ``q`` ``[N+1, V]`` (rows as in ``verify_tree``).
+
+        Returns ``[2, N+1]`` long on the device: per row the index of the accepted child (in
+        draw order, ``NO_NODE`` when none) and the token drawn from the row's final residual."""
+        from mcsd.sampling import EMPTY_MASS
+
+        rows_total, vocab = p.shape
+        residual = p.double()  # [N+1, V]; rows without children keep p (their bonus draw)
+        chosen = torch.full((rows_total,), NO_NODE, dtype=torch.long, device=p.device)  # [N+1]
+        for k, rows, children in self.groups:
+            p_row, q_row = residual[rows], q[rows].double()  # [R, V]
+            candidates = tokens[children]  # [R, k]
+            u = torch.rand(len(rows), k, generator=generator, dtype=torch.float64, device=p.device)
+            picked = torch.full((len(rows),), NO_NODE, dtype=torch.long, device=p.device)  # [R]
+            for j in range(k):
+                c = candidates[:, j : j + 1]  # [R, 1]
+                qc, pc = q_row.gather(1, c)[:, 0], p_row.gather(1, c)[:, 0]  # [R]
+                ratio = torch.where(qc > 0, (pc / qc.clamp(min=1e-300)).clamp(max=1.0), 0.0)
+                accept = (picked == NO_NODE) & ((ratio >= 1.0) | (u[:, j] < ratio))  # [R]
+                picked = torch.where(accept, j, picked)
+                left = torch.clamp(p_row - q_row, min=0.0)  # [R, V]
+                mass = left.sum(dim=-1, keepdim=True)  # [R, 1]
+                p_row = torch.where(mass > EMPTY_MASS, left / mass.clamp(min=EMPTY_MASS), p_row)
+                if self.without_replacement:
+                    q_bar = q_row.scatter(1, c, 0.0)
+                    q_mass = q_bar.sum(dim=-1, keepdim=True)
+                    q_norm = q_bar / q_mass.clamp(min=1e-300)
+                    q_row = torch.where(q_mass > EMPTY_MASS, q_norm, q_bar)
+            # Rows that accepted a child keep updating p_row above, but their draw is unused.
+            residual = residual.index_copy(0, rows, p_row)
+            chosen = chosen.index_copy(0, rows, picked)
+        cdf = torch.cumsum(residual, dim=-1)  # [N+1, V]
+        u = torch.rand(rows_total, 1, generator=generator, dtype=torch.float64, device=p.device)
+        draw = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [N+1, 1]
+        draw = draw.clamp_(max=vocab - 1)
+        positive = residual > 0
+        last = vocab - 1 - positive.flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
+        draw = torch.where(positive.gather(1, draw), draw, last)[:, 0]  # [N+1]
+        return torch.stack([chosen, draw])
+
+    def result(self, fetched: list[list[int]]) -> TreeResult:
+        """Host side of ``device_result`` (after its one ``.tolist()``): follow the accepted
+        children from the root."""
+        chosen, draw = fetched
+        accepted: list[int] = []
+        ranks: list[int] = []
+        node = ROOT
+        while True:
+            row = 0 if node == ROOT else node + 1
+            children = self.tree.children(node)
+            if not children:
+                return TreeResult(tuple(accepted), tuple(ranks), draw[row], True)
+            j = chosen[row]
+            if j == NO_NODE:
+                return TreeResult(tuple(accepted), tuple(ranks), draw[row], False)
+            node = children[j]
+            accepted.append(node)
+            ranks.append(self.tree.rank[node])
+
+    def __call__(
+        self, tokens: Tensor, p: Tensor, q: Tensor, generator: torch.Generator | None = None
+    ) -> TreeResult:
+        return self.result(self.device_result(tokens, p, q, generator).tolist())
