@@ -15,14 +15,7 @@ from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.models.base import causal_mask
 from mcsd.models.hf import HFModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread hand-offs cost more than the work (and crawl on a shared CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Tokenizer:

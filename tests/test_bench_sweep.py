@@ -12,14 +12,7 @@ from mcsd.config import GREEDY, SpecConfig
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.tree import TokenTree
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread hand-offs cost more than the work (and crawl on a shared CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_simulate_by_hand() -> None:

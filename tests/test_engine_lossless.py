@@ -10,7 +10,6 @@ with the same count rejects a deliberately broken engine (test_wrong_engine_is_c
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mcsd import engine
 from mcsd.enginecheck import EngineCase, engine_cases, run_engine_case
@@ -18,13 +17,7 @@ from mcsd.enginecheck import EngineCase, engine_cases, run_engine_case
 TRIALS = 3000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("case", engine_cases(), ids=lambda c: c.describe().replace(" ", "-"))
