@@ -42,6 +42,27 @@ def plot_all(
     return [p for p in paths if p is not None]
 
 
+def replot(directory: Path) -> list[Path]:
+    """Draw the figures again from a finished run's ``summary.json`` (e.g. one made with
+    ``--no-plots`` on a machine without matplotlib) into the same directory."""
+    import json
+
+    from mcsd.bench.methods import parse_method
+
+    path = Path(directory) / "summary.json"
+    if not path.is_file():
+        raise ValueError(f"--replot: no summary.json in {directory}")
+    data = json.loads(path.read_text())
+    methods, rules = [], {}
+    for described in data["methods"]:  # "tree:4,2,2 (28 nodes, mcss-wor)" or "hf-ar"
+        name, _, detail = described.partition(" (")
+        method = parse_method(name)
+        methods.append(method)
+        if method.is_mcsd and detail:
+            rules[name] = detail.rstrip(")").split(", ")[-1]
+    return plot_all(data["results"], methods, Path(directory), rules)
+
+
 def _speedup(plt: Any, summary: dict[str, Any], methods: Sequence[Method], path: Path) -> Path:
     names = [m.name for m in methods]
     reference = next((r for r in REFERENCES if r in names), None)
@@ -62,7 +83,7 @@ def _speedup(plt: Any, summary: dict[str, Any], methods: Sequence[Method], path:
     else:
         ax.set_ylabel("tokens/s")
     ax.set_title("Speedup per method and dataset")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -101,7 +122,7 @@ def _al_vs_size(
     ax.set_ylabel("mean accepted length (tokens per target forward)")
     ax.set_title("Accepted length vs tree size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -127,7 +148,7 @@ def _acceptance(
     ax.set_ylim(0, 1.02)
     ax.set_title("Acceptance per depth")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -55,6 +55,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "best --verify of them (mcsd tune also saves the fastest)",
     )
     add_sweep_arguments(parser)
+    parser.add_argument(
+        "--replot",
+        default=None,
+        metavar="DIR",
+        help="only draw the PNG plots again from DIR/summary.json of a finished run",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -135,6 +141,12 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.replot:
+        from mcsd.bench.plots import replot
+
+        for path in replot(Path(args.replot)):
+            print(path)
+        return 0
     if args.sweep:
         from mcsd.commands.tune import run_sweep
 
