@@ -145,6 +145,13 @@ def test_bench_static_cache_and_hf_static(tiny_pair, tmp_path: Path, capsys) -> 
     assert pooled["hf-static"]["mean_accepted_length"] == 1.0
 
 
+def test_bench_cheap_drafts_refuse_the_static_cache(tmp_path: Path, capsys) -> None:
+    argv = ["bench", "--static-cache", "--methods", "sps:2+int8", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "run on the dynamic cache only" in err and "Traceback" not in err
+
+
 def test_bench_compile_needs_static_cache(tmp_path: Path, capsys) -> None:
     code = main(["bench", "--compile", "draft", "--methods", "ar", "--out", str(tmp_path)])
     assert code == 2

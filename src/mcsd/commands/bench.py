@@ -131,6 +131,12 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
             else m
             for m in methods
         ]
+    cheap = [m.name for m in methods if m.draft_int8 or m.draft_vocab]
+    if cheap and getattr(args, "static_cache", False):
+        raise ValueError(
+            f"--static-cache: the +int8 / +fr drafts ({', '.join(cheap)}) run on the dynamic "
+            "cache only; drop --static-cache or those modifiers"
+        )
     seen = [m.name for m in methods]
     duplicates = sorted({n for n in seen if seen.count(n) > 1})
     if duplicates:

@@ -77,6 +77,11 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console() if sys.stdout.isatty() else Console(width=200)
+    if (args.draft_vocab or args.draft_int8) and args.static_cache:
+        raise ValueError(
+            "--static-cache: --draft-vocab / --draft-int8 drafts run on the dynamic cache only; "
+            "drop one of them"
+        )
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     draft_name = pair.draft_name  # tuned.json is keyed by the draft model, not its variant
