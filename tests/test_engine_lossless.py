@@ -78,4 +78,5 @@ def test_check_command_engine_mode(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert cli.main(["check", "--engine", "--rule", "sps", "--engine-trials", "300"]) == 0
     out = capsys.readouterr().out
-    assert "sps tree=1,1,1" in out and "passed 1 engine checks" in out
+    assert "sps tree=1,1,1" in out and "sps tree=1,1,1 device-verify" in out
+    assert "passed 2 engine checks" in out  # the host walk and the device verifier

@@ -211,7 +211,8 @@ def _engine_check(args: argparse.Namespace, console: Console) -> int:
         box=box.SIMPLE_HEAD,
     )
     for column in ("case", "trials", "TV", "TV max", "p-value", "AL", "result"):
-        table.add_column(column, justify="left" if column in ("case", "result") else "right")
+        left = column in ("case", "result")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "case")
     failed = []
     with console.status("running") as status:
         for i, case in enumerate(cases, start=1):
