@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mcsd.sampling import EMPTY_MASS, draw_children
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import TreeResult
 
@@ -132,9 +133,7 @@ class SampledTreeVerifier:
 
         Returns ``[2, N+1]`` long on the device: per row the index of the accepted child (in
         draw order, ``NO_NODE`` when none) and the token drawn from the row's final residual."""
-        from mcsd.sampling import EMPTY_MASS
-
-        rows_total, vocab = p.shape
+        rows_total = p.shape[0]
         residual = p.double()  # [N+1, V]; rows without children keep p (their bonus draw)
         chosen = torch.full((rows_total,), NO_NODE, dtype=torch.long, device=p.device)  # [N+1]
         for k, rows, children in self.groups:
@@ -159,13 +158,7 @@ class SampledTreeVerifier:
             # Rows that accepted a child keep updating p_row above, but their draw is unused.
             residual = residual.index_copy(0, rows, p_row)
             chosen = chosen.index_copy(0, rows, picked)
-        cdf = torch.cumsum(residual, dim=-1)  # [N+1, V]
-        u = torch.rand(rows_total, 1, generator=generator, dtype=torch.float64, device=p.device)
-        draw = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [N+1, 1]
-        draw = draw.clamp_(max=vocab - 1)
-        positive = residual > 0
-        last = vocab - 1 - positive.flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
-        draw = torch.where(positive.gather(1, draw), draw, last)[:, 0]  # [N+1]
+        draw = draw_children(residual, 1, replacement=True, generator=generator)[:, 0]  # [N+1]
         return torch.stack([chosen, draw])
 
     def result(self, fetched: list[list[int]]) -> TreeResult:

@@ -29,7 +29,6 @@ position of the first token of every target forward, from which the tokens commi
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import time
 from dataclasses import dataclass, replace
@@ -40,6 +39,7 @@ import torch
 from mcsd.api import ModelPair
 from mcsd.config import RULES, SpecConfig
 from mcsd.engine import autoregressive_decode, speculative_decode
+from mcsd.models.hf import cache_keyword
 from mcsd.stats import StepRecord
 
 BASELINES = ("hf-ar", "hf-static", "hf-assisted", "ar")
@@ -321,12 +321,10 @@ def _static_cache(model: Any, length: int) -> Any:
 def _run_hf_static(model: Any, ids: torch.Tensor, config: Any, stop: frozenset[int]) -> Generation:
     """``hf-static``: no forward hook (it would break transformers' compiled forward); the target
     runs one forward per token, so each decoding step commits one token."""
-    cache = _static_cache(model, ids.shape[-1] + config.max_new_tokens)
-    parameters = inspect.signature(model.forward).parameters
-    keyword = "cache" if "cache" in parameters else "past_key_values"  # transformers >= 5.2x
+    cache = {cache_keyword(model): _static_cache(model, ids.shape[-1] + config.max_new_tokens)}
     started = time.perf_counter()
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), generation_config=config, **{keyword: cache}
+        ids, attention_mask=torch.ones_like(ids), generation_config=config, **cache
     )
     tokens = [int(t) for t in out[0, ids.shape[-1] :]]
     wall = time.perf_counter() - started

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mcsd.bench.methods import Method
-from mcsd.bench.report import ALL, REFERENCES
+from mcsd.bench.report import ALL
+from mcsd.bench.runner import reference_method
 
 
 def _pyplot() -> Any:
@@ -65,7 +66,7 @@ def replot(directory: Path) -> list[Path]:
 
 def _speedup(plt: Any, summary: dict[str, Any], methods: Sequence[Method], path: Path) -> Path:
     names = [m.name for m in methods]
-    reference = next((r for r in REFERENCES if r in names), None)
+    reference = reference_method(methods)
     key = f"speedup_vs_{reference}" if reference else "tokens_per_s"
     datasets = list(summary)  # the pooled row comes last
     width = 0.8 / len(names)

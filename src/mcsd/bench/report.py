@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from mcsd.bench.methods import Method
-from mcsd.bench.runner import Answer, reference_method
+from mcsd.bench.runner import REFERENCES, Answer, reference_method
 from mcsd.stats import Stats
 
 ALL = "all"  # the pooled row
 MAX_DEPTH_SHOWN = 6  # acceptance-per-depth columns in the table (summary.json has them all)
-REFERENCES = ("hf-ar", "hf-static", "ar")  # speedups are reported against each one that ran
 
 
 def method_stats(answers: Sequence[Answer]) -> Stats:

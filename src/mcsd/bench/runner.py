@@ -41,11 +41,14 @@ class Answer:
         return self.question.dataset
 
 
+REFERENCES = ("hf-ar", "hf-static", "ar")  # the target alone, in order of preference
+
+
 def reference_method(methods: Sequence[Method]) -> str | None:
-    """The method whose greedy output the others must reproduce: ``hf-ar``, else ``hf-static``,
-    else ``ar``."""
+    """The method whose greedy output the others must reproduce: the first of ``REFERENCES``
+    that ran."""
     names = [m.name for m in methods]
-    return next((name for name in ("hf-ar", "hf-static", "ar") if name in names), None)
+    return next((name for name in REFERENCES if name in names), None)
 
 
 def build_prompt(

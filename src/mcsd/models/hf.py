@@ -23,6 +23,13 @@ from torch import Tensor
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``past_key_values`` in transformers
+    5.17, ``cache`` in 5.24 (DESIGN 8: cache API drift stays in this module)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class HFModel:
     """A ``transformers`` ``PreTrainedModel`` (causal LM) behind the ``SpecModel`` protocol."""
 
@@ -36,8 +43,7 @@ class HFModel:
                 f"attention implementation {attention!r} is not supported for tree attention; "
                 f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
             )
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_keyword = cache_keyword(model)
         self._new_cache = lambda: DynamicCache(config=model.config)
         self._cache = self._new_cache()
         self._length = 0

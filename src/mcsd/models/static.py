@@ -26,14 +26,13 @@ and the write slots are computed on the device.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mcsd.models.hf import SUPPORTED_ATTENTION
+from mcsd.models.hf import SUPPORTED_ATTENTION, cache_keyword
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +94,7 @@ class StaticHFModel:
         self.max_graph_tokens = max_graph_tokens
         self.attention_block = attention_block
         self._num_layers = int(text_config.num_hidden_layers)
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_keyword = cache_keyword(model)
         first = next(model.parameters())
         self._dtype, self._device = first.dtype, first.device
         self._blocked = torch.finfo(self._dtype).min
