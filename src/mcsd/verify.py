@@ -121,6 +121,11 @@ def _unchanged(state: _State, c: int) -> None:
     return None
 
 
+def _coin(a: float, generator: torch.Generator | None, device: torch.device) -> bool:
+    """True with probability ``a``; a uniform is drawn only when 0 < a < 1."""
+    return a >= 1.0 or (a > 0.0 and uniform(generator, device) < a)
+
+
 _AcceptFn = Callable[[_State, int], float]
 _RejectFn = Callable[[_State, int], None]
 
@@ -156,7 +161,7 @@ class _Sequential(NodeRule):
         state = self._state(p, q)
         for i, c in enumerate(candidates):
             a = self.accept_fn(state, c)
-            if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
+            if _coin(a, generator, p.device):
                 return NodeResult(i, c)
             self.reject_fn(state, c)
         return NodeResult(NONE_ACCEPTED, _correction(self.name, state.p, generator))
@@ -244,7 +249,7 @@ class _KSeq(NodeRule):
         accept, residual, _ = self._plan(p, q, len(candidates))
         for i, c in enumerate(candidates):
             a = float(accept[c])
-            if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
+            if _coin(a, generator, p.device):
                 return NodeResult(i, c)
         return NodeResult(NONE_ACCEPTED, sample(residual, generator))
 
@@ -294,7 +299,7 @@ class _Optimal(NodeRule):
             return NodeResult(NONE_ACCEPTED, sample(p, generator))
         token = candidates[chosen]
         a = _ratio_of(float(p64[token]), float(plan.selection[token]))
-        if a >= 1.0 or (a > 0.0 and uniform(generator, p.device) < a):
+        if _coin(a, generator, p.device):
             return NodeResult(chosen, token)
         residual = _optimal_residual(p64, plan.selection).to(p.device)  # the generator's device
         return NodeResult(NONE_ACCEPTED, sample(residual, generator))
