@@ -132,6 +132,22 @@ class EngineResult:
         return self.fit.passed and (self.full_acceptance or not self.case.same_models)
 
 
+def run_engine_steps(case: EngineCase, seed: int) -> list[tuple[int, ...]]:
+    """The tokens each step of one seeded generation of ``case`` commits."""
+    target, draft = case.models()
+    return [
+        step.tokens
+        for step in speculative_decode(
+            target,
+            draft,
+            list(case.prompt),
+            case.spec(seed),
+            vocab_size=case.vocab,
+            device_verify=case.device_verify,
+        )
+    ]
+
+
 def run_engine_case(
     case: EngineCase, trials: int, *, seed: int = 0, alpha: float = DEFAULT_ALPHA
 ) -> EngineResult:
