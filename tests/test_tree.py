@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from mcsd.config import SpecConfig
 from mcsd.tree import ROOT, TokenTree
 
 
@@ -126,9 +127,9 @@ def test_node_limit() -> None:
         TokenTree.from_parents([ROOT, ROOT, 0], max_nodes=2)
     with pytest.raises(ValueError, match="max_tree_nodes=2"):
         TokenTree.parse(TokenTree.from_config((3,)), max_nodes=2)
-    # the default limit applies to a huge k-config before any node is built
+    # the default limit (SpecConfig's) applies to a huge k-config before any node is built
     with pytest.raises(ValueError, match="max_tree_nodes=1024"):
-        TokenTree.from_config((10, 10, 10, 10))
+        SpecConfig(tree=(10, 10, 10, 10))
 
 
 # ---------------------------------------------------------------- random trees vs brute force

@@ -1,15 +1,21 @@
 """mcsd: lossless multi-candidate speculative decoding for Hugging Face causal LMs."""
 
+from importlib import metadata
+
 from mcsd.api import GenerationResult, ModelPair, generate, load_model, load_pair, stream
-from mcsd.config import RULES, SamplingConfig, SpecConfig
+from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.stats import Stats
 from mcsd.tree import TokenTree
-from mcsd.verify import NodeResult, TreeResult, verify_node, verify_tree
+from mcsd.verify import RULE_NAMES, RULES, NodeResult, TreeResult, verify_node, verify_tree
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("mcsd")
+except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "RULES",
+    "RULE_NAMES",
     "GenerationResult",
     "ModelPair",
     "NodeResult",

@@ -17,14 +17,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
-from mcsd.config import COMPILE_CHOICES, SpecConfig
+from mcsd.config import (
+    COMPILE_CHOICES,
+    DEFAULT_ATTENTION,
+    DEFAULT_DTYPE,
+    DEFAULT_RUNTIME,
+    SpecConfig,
+)
+from mcsd.draft.model import ModelProposer
 from mcsd.engine import speculative_decode
-from mcsd.models.base import SpecModel
+from mcsd.models.base import Runtime
 from mcsd.stats import Stats
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids or chat messages
 
 
@@ -32,8 +36,8 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids or ch
 class ModelPair:
     """A target and a draft sharing one tokenizer, ready for speculative decoding."""
 
-    target: SpecModel
-    draft: SpecModel
+    target: Runtime
+    draft: Runtime
     tokenizer: Any
     target_name: str = "target"
     draft_name: str = "draft"
@@ -46,6 +50,17 @@ class ModelPair:
         if self.tokenizer is not None:
             sizes.append(len(self.tokenizer))
         return min(sizes)
+
+    def with_cheap_draft(self, *, vocab: int | None = None, int8: bool = False) -> ModelPair:
+        """A copy whose draft is int8 and/or scores only the ``vocab`` most frequent tokens
+        (``mcsd.models.cheap``; still lossless). The original draft is not modified."""
+        from mcsd.models.cheap import cheap_draft
+
+        if vocab is None and not int8:
+            return self
+        draft = cheap_draft(self.draft, self.tokenizer, vocab=vocab, int8=int8)
+        notes = [*([f"top {vocab} tokens"] if vocab else []), *(["int8"] if int8 else [])]
+        return replace(self, draft=draft, draft_name=f"{self.draft_name} ({', '.join(notes)})")
 
 
 @dataclass
@@ -67,100 +82,73 @@ class Chunk:
     finish_reason: str | None
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bfloat16 on GPUs and on CPUs with native bf16 (AVX-512 BF16), else float32."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(
     name: str,
     *,
-    dtype: str | torch.dtype | None = None,
-    device: str | None = None,
-    attn_implementation: str = "sdpa",
+    runtime: str = DEFAULT_RUNTIME,
+    dtype: Any = DEFAULT_DTYPE,
+    device: Any = None,
+    attn_implementation: str = DEFAULT_ATTENTION,
     progress: bool = True,
-    static_cache: bool = False,
     compile: bool = False,
     max_length: int | None = None,
-) -> tuple[SpecModel, Any, tuple[int, ...]]:
-    """Load one causal LM by known name, local directory or Hugging Face id.
+) -> tuple[Runtime, Any, tuple[int, ...]]:
+    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``
+    (``mcsd.models.factory.RUNTIMES``: ``hf``, ``hf-static``; ``auto`` picks for the machine).
 
-    ``static_cache=True`` wraps it in ``StaticHFModel`` (mcsd's static KV cache of ``max_length``
-    positions, default min(model limit, 4096); CUDA graphs on GPUs; ``compile=True`` also runs
-    ``torch.compile`` on each captured shape, ~30 s per shape) instead of the dynamic-cache
-    ``HFModel``. Returns the adapted model, its tokenizer and its EOS token ids."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``hf-static`` runs it on mcsd's static KV cache of ``max_length`` positions (default
+    min(model limit, 4096); CUDA graphs on GPUs; ``compile=True`` also runs ``torch.compile``
+    on each captured shape, ~30 s per shape). Returns the runtime, its tokenizer and its EOS
+    token ids."""
+    from mcsd.models.factory import load_runtime
 
-    from mcsd.models.hf import HFModel
-    from mcsd.models.sources import resolve
-
-    if compile and not static_cache:
-        raise ValueError("compile=True needs static_cache=True (it compiles the static forward)")
-    if max_length is not None and not static_cache:
-        raise ValueError("max_length sizes the static cache: it needs static_cache=True")
-    device = device or default_device()
-    torch_dtype = parse_dtype(dtype, device)
-    path = resolve(name, progress=progress)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn_implementation
-    ).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if static_cache:
-        from mcsd.models.static import StaticHFModel
-
-        adapted: SpecModel = StaticHFModel(model, max_length=max_length, compile=compile)
-    else:
-        adapted = HFModel(model)
-    return adapted, tokenizer, _eos_ids(model, tokenizer)
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    return load_runtime(
+        name,
+        runtime=runtime,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        progress=progress,
+        compile=compile,
+        max_length=max_length,
+    )
 
 
 def load_pair(
     target: str | None = None,
     draft: str | None = None,
     *,
-    dtype: str | torch.dtype | None = None,
-    device: str | None = None,
-    attn_implementation: str = "sdpa",
+    runtime: str = DEFAULT_RUNTIME,
+    dtype: Any = DEFAULT_DTYPE,
+    device: Any = None,
+    attn_implementation: str = DEFAULT_ATTENTION,
     progress: bool = True,
-    static_cache: bool = False,
     compile: str = "none",
 ) -> ModelPair:
-    """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair).
-
-    ``static_cache=True``: both models on mcsd's static KV cache with CUDA graphs on GPUs (the
-    fast path; see ``load_model``). ``compile``: which of them ``torch.compile`` also fuses,
-    one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward is mostly small kernels).
-    """
+    """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
+    one runtime (see ``load_model``). ``compile``: which of them ``torch.compile`` also fuses
+    on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward
+    is mostly small kernels)."""
+    from mcsd.models.factory import check_options, parse_device, runtime_kind
     from mcsd.models.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
-    if compile != "none" and not static_cache:
-        raise ValueError(f"compile={compile!r} needs static_cache=True")
+    for role, name in (("target", target), ("draft", draft)):
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ValueError(f"{role} must be a model name, directory or HF id, got {name!r}")
+    kind = runtime_kind(runtime, parse_device(device))  # refuse bad options before loading
+    check_options(kind, compile=compile != "none", max_length=None)
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
     kwargs: dict[str, Any] = dict(
+        runtime=runtime,
         dtype=dtype,
         device=device,
         attn_implementation=attn_implementation,
         progress=progress,
-        static_cache=static_cache,
     )
     target_model, tokenizer, eos = load_model(target, compile=compile == "all", **kwargs)
     draft_model, draft_tokenizer, _ = load_model(
@@ -180,19 +168,14 @@ def check_same_tokenizer(target_tokenizer: Any, draft_tokenizer: Any) -> None:
         )
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.append(value)
-        elif isinstance(value, list | tuple):
-            ids.extend(int(v) for v in value)
-    return tuple(dict.fromkeys(ids))
+PROMPT_FORMS = "text, a list of token ids, or a list of chat messages ({'role', 'content'})"
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> list[int]:
-    """Token ids for a text prompt (optionally chat-templated), chat messages, or ids."""
+def encode_prompt(
+    tokenizer: Any, prompt: Prompt, *, chat: bool = False, vocab_size: int | None = None
+) -> list[int]:
+    """Token ids for a text prompt (optionally chat-templated), chat messages, or ids (checked
+    against ``vocab_size`` when given)."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt must not be empty")
@@ -200,6 +183,8 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> list
             prompt = [{"role": "user", "content": prompt}]
         else:
             return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not isinstance(prompt, Sequence) or isinstance(prompt, bytes | bytearray):
+        raise ValueError(f"prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")
     prompt = list(prompt)
     if not prompt:
         raise ValueError("prompt must not be empty")
@@ -207,34 +192,53 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool = False) -> list
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("this tokenizer has no chat template: pass plain text instead")
         for m in prompt:
-            if "role" not in m or "content" not in m:
-                raise ValueError(f"chat messages need 'role' and 'content', got {m!r}")
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(
+                    f"chat messages need string 'role' and 'content' fields, got {m!r}"
+                )
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
     if all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        return list(prompt)  # type: ignore[arg-type]
-    raise ValueError("prompt must be text, a list of token ids, or a list of chat messages")
+        ids = list(prompt)  # type: ignore[arg-type]
+        if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+            bad = next(i for i in ids if not 0 <= i < vocab_size)
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad}")
+        return ids
+    raise ValueError(f"prompt must be {PROMPT_FORMS}")
+
+
+def _check_call(pair: object, config: object) -> SpecConfig:
+    if not isinstance(pair, ModelPair):
+        raise ValueError(
+            f"pair must be a ModelPair (from mcsd.load_pair), got {type(pair).__name__}"
+        )
+    if config is None:
+        return SpecConfig()
+    if not isinstance(config, SpecConfig):
+        raise ValueError(f"config must be a SpecConfig, got {type(config).__name__}")
+    return config
 
 
 def stream(
     pair: ModelPair, prompt: Prompt, config: SpecConfig | None = None, *, chat: bool = False
 ) -> Iterator[tuple[Chunk, Stats]]:
     """Generate step by step, yielding each step's tokens and new text with the running stats."""
-    config = config or SpecConfig()
+    config = _check_call(pair, config)
     tokenizer = pair.tokenizer
-    prompt_ids = encode_prompt(tokenizer, prompt, chat=chat)
+    prompt_ids = encode_prompt(tokenizer, prompt, chat=chat, vocab_size=pair.vocab_size)
     stop_ids = frozenset(
         config.stop_token_ids if config.stop_token_ids is not None else pair.eos_token_ids
     )
+    proposer = ModelProposer.for_spec(pair.draft, config, pair.vocab_size)
     stats = Stats()
     tokens: list[int] = []
     emitted_text = ""
     hold = max((len(s) for s in config.stop_strings), default=1) - 1
     for step in speculative_decode(
         pair.target,
-        pair.draft,
+        proposer,
         prompt_ids,
         config,
         vocab_size=pair.vocab_size,
@@ -286,7 +290,8 @@ def generate(
 ) -> GenerationResult:
     """Generate a completion of ``prompt`` with speculative decoding; see ``stream``."""
     started = time.perf_counter()
-    prompt_ids = encode_prompt(pair.tokenizer, prompt, chat=chat)
+    config = _check_call(pair, config)
+    prompt_ids = encode_prompt(pair.tokenizer, prompt, chat=chat, vocab_size=pair.vocab_size)
     text, tokens, finish, stats = "", [], "length", Stats()
     for chunk, running in stream(pair, prompt_ids, config):
         text += chunk.text

@@ -10,28 +10,21 @@ import math
 from dataclasses import dataclass, field
 
 from mcsd.tree import TokenTree
+from mcsd.verify.rules import get_rule
 
-# Verification rules (DESIGN section 3). Lossless rules only; see mcsd.verify for the math.
-RULES: tuple[str, ...] = (
-    "sps",
-    "mcss",
-    "mcss-wor",
-    "topk",
-    "mcns",
-    "greedy",
-    "kseq",
-    "optimal",
-    "traversal",
-)
-# Rules that read the draft distribution q (the engine passes it; a greedy draft has none).
-RULES_WITH_Q: tuple[str, ...] = ("sps", "mcss", "mcss-wor", "kseq", "optimal", "traversal")
-# Rules whose siblings must be drawn without replacement; every other sampled rule assumes iid
-# draws from q (the deterministic rules topk and greedy take the draft's top-k).
-RULES_WITHOUT_REPLACEMENT: tuple[str, ...] = ("mcss-wor", "traversal")
-
+DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's default)
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
+DEFAULT_MAX_NEW_TOKENS = 128
 COMPILE_CHOICES = ("none", "draft", "all")  # load_pair(compile=...): which models to compile
+DEFAULT_RUNTIME = "auto"  # mcsd.models.factory.RUNTIMES: auto picks the fastest for the machine
+DEFAULT_DTYPE = "auto"  # bfloat16 where the CPU/GPU computes it natively, else float32
+DEFAULT_ATTENTION = "sdpa"  # transformers attention implementation ("eager" also works)
+
+# The static-cache runtime (mcsd.models.static)
+STATIC_MAX_LENGTH = 4096  # cache positions per row when the model allows that many
+MAX_GRAPH_TOKENS = 128  # new tokens per forward up to which forwards are padded and captured
+ATTENTION_BLOCK = 256  # attention length granularity: fewer graphs, little wasted attention
 
 
 def _check_number(name: str, value: object) -> float:
@@ -44,7 +37,7 @@ def _check_number(name: str, value: object) -> float:
 class SamplingConfig:
     """How logits become a distribution (see ``mcsd.sampling.warp`` for the order)."""
 
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1.0 = disabled
 
@@ -68,13 +61,6 @@ class SamplingConfig:
 GREEDY = SamplingConfig(temperature=0.0)
 
 
-def check_rule(rule: object) -> str:
-    """Return ``rule`` if it names a verification rule, else raise a clear ``ValueError``."""
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
-    return rule  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
 class SpecConfig:
     """One speculative generation: tree, verification rule, both samplers, stopping.
@@ -89,7 +75,7 @@ class SpecConfig:
     rule: str | None = None
     target: SamplingConfig = field(default_factory=SamplingConfig)
     draft: SamplingConfig | None = None  # None: the same as the target
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's EOS ids
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
@@ -101,7 +87,7 @@ class SpecConfig:
         if self.draft is not None and not isinstance(self.draft, SamplingConfig):
             raise ValueError(f"draft must be a SamplingConfig, got {type(self.draft).__name__}")
         if self.rule is not None:
-            check_rule(self.rule)
+            get_rule(self.rule)
         m = self.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {m!r}")
@@ -139,21 +125,26 @@ class SpecConfig:
             if self.draft_sampling.greedy:
                 return "topk"
             return "sps" if tree.max_children == 1 else "mcss-wor"
-        rule = self.rule
-        if self.target.greedy and rule not in ("greedy", "topk", "mcns"):
+        rule = get_rule(self.rule)
+        if self.target.greedy and rule.target == "sampling":
             # Every lossless rule reduces to greedy when p is one-hot; say so rather than guess.
             raise ValueError(
-                f"rule {rule!r} needs a sampling target; with temperature 0 use rule 'greedy' "
-                "(or leave rule unset)"
+                f"rule {rule.name!r} needs a sampling target; with temperature 0 use rule "
+                "'greedy' (or leave rule unset)"
             )
-        if rule == "sps" and tree.max_children != 1:
+        if not self.target.greedy and rule.target == "greedy":
             raise ValueError(
-                f"rule 'sps' verifies one candidate per node, but tree {tree.describe()} has "
-                f"nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'"
+                f"rule {rule.name!r} emits the target's argmax: it needs temperature 0; for a "
+                "sampling target leave rule unset (or use 'topk' with a greedy draft)"
             )
-        if self.draft_sampling.greedy and rule in RULES_WITH_Q:
+        if rule.max_children is not None and tree.max_children > rule.max_children:
             raise ValueError(
-                f"rule {rule!r} needs the draft's sampling distribution q, but the draft is greedy "
-                "(draft temperature 0); use rule 'topk' (deterministic candidates) instead"
+                f"rule {rule.name!r} verifies one candidate per node, but tree {tree.describe()} "
+                f"has nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'"
             )
-        return rule
+        if self.draft_sampling.greedy and rule.reads_q:
+            raise ValueError(
+                f"rule {rule.name!r} needs the draft's sampling distribution q, but the draft is "
+                "greedy (draft temperature 0); use rule 'topk' (deterministic candidates) instead"
+            )
+        return rule.name

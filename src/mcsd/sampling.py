@@ -10,17 +10,22 @@ this order, the same as Hugging Face's default logits-processor order:
 
 Lossless speculative decoding is lossless with respect to the *warped* target distribution.
 All randomness comes from an explicit ``torch.Generator``; nothing here touches global RNG state.
-This module imports only torch: it never sees a model, a cache or a tokenizer.
+It never sees a model, a cache or a tokenizer.
+
+Candidates, bonus and correction tokens are all drawn by ``draw_children`` (one row or many, on
+any device, no host synchronisation); ``sample`` and ``sample_candidates`` are its one-row forms.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from mcsd.config import SamplingConfig
+if TYPE_CHECKING:
+    from mcsd.config import SamplingConfig
 
 # Probability mass below which a distribution is treated as empty (only reachable through
 # float rounding of a residual that is zero in exact arithmetic).
@@ -69,22 +74,7 @@ def normalize(weights: Tensor) -> Tensor | None:
 
 def sample(probs: Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a ``[V]`` distribution (inverse CDF on one uniform draw)."""
-    return _inverse_cdf(probs, 1, generator)[0]
-
-
-def _inverse_cdf(probs: Tensor, n: int, generator: torch.Generator | None) -> list[int]:
-    """Draw ``n`` iid token ids from ``probs`` ``[V]``, one uniform draw each."""
-    cdf = torch.cumsum(probs.double(), dim=-1)  # [V]
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=probs.device)  # [n]
-    picks = torch.searchsorted(cdf, u * cdf[-1], right=True).tolist()  # n ints in [0, V]
-    last = probs.shape[-1] - 1
-    for j, index in enumerate(picks):
-        # Guard against u * total landing on the last edge through rounding; never pick a zero.
-        index = min(index, last)
-        if float(probs[index]) <= 0.0:
-            index = int(torch.nonzero(probs > 0)[-1])
-        picks[j] = index
-    return picks
+    return int(draw_children(probs[None], 1, replacement=True, generator=generator)[0, 0])
 
 
 def uniform(generator: torch.Generator | None, device: torch.device | str = "cpu") -> float:
@@ -97,29 +87,16 @@ def sample_candidates(
 ) -> Tensor:
     """Draw ``k`` candidate token ids from ``q`` ``[V]``; returns ``LongTensor[k]`` in draw order.
 
-    With replacement the draws are iid from ``q``. Without replacement each draw comes from ``q``
-    with the earlier draws removed and the rest renormalised (sequential sampling, which is what
-    the MCSS-without-replacement rule assumes). That is done in one pass by an exponential race:
-    with E_v ~ Exp(1) iid, the tokens sorted by E_v / q(v) come out in exactly that sequential
-    order (the first is v w.p. q(v); by memorylessness the rest race on afresh).
+    ``draw_children`` for one row, refusing (rather than padding) a draw without replacement of
+    more candidates than ``q`` has tokens of positive probability.
     """
     if q.dim() != 1:
         raise ValueError(f"q must be a [V] probability vector, got shape {tuple(q.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if replacement:
-        return torch.tensor(_inverse_cdf(q, k, generator), dtype=torch.long, device=q.device)
-    if k > q.shape[-1]:
+    if not replacement and k > int((q > 0).sum()):
         raise _support_error(q, k)
-    # float64 so that E / q(v) stays finite for every positive float32 q(v); q(v) = 0 gives inf
-    # (or nan for E = 0), which topk ranks after every finite key.
-    race = torch.empty(q.shape, dtype=torch.float64, device=q.device).exponential_(
-        generator=generator
-    )  # [V]
-    keys, picks = torch.topk(race / q.double(), k, largest=False)  # [k], [k] ascending
-    if not math.isfinite(float(keys[-1])):
-        raise _support_error(q, k)
-    return picks
+    return draw_children(q[None], k, replacement=replacement, generator=generator)[0]
 
 
 def draw_children(
@@ -129,8 +106,12 @@ def draw_children(
     (what the drafter runs per tree level on a GPU); returns ``LongTensor[P, k]`` in draw order.
 
     With replacement: inverse CDF on ``k`` uniforms per row (a draw that lands on a zero-mass
-    token through rounding is moved to the row's last positive token, as ``sample`` does).
-    Without replacement: the exponential race of ``sample_candidates``. A row with fewer than
+    token through rounding is moved to the row's last positive token).
+    Without replacement each draw comes from ``q`` with the earlier draws removed and the rest
+    renormalised (sequential sampling, which is what the MCSS-without-replacement rule assumes),
+    done in one pass by an exponential race: with E_v ~ Exp(1) iid, the tokens sorted by
+    E_v / q(v) come out in exactly that sequential order (the first is v w.p. q(v); by
+    memorylessness the rest race on afresh). A row with fewer than
     ``k`` positive tokens gets all of them first, in race order, then zero-mass tokens as padding,
     which every rule rejects (a candidate with q = 0 is never accepted), so p is unchanged.
     """
@@ -138,6 +119,7 @@ def draw_children(
         raise ValueError(f"q must be a [P, V] matrix, got shape {tuple(q.shape)}")
     rows, vocab = q.shape
     if not replacement:
+        # float64 so that E / q(v) stays finite for every positive float32 q(v)
         race = torch.empty(q.shape, dtype=torch.float64, device=q.device).exponential_(
             generator=generator
         )  # [P, V]

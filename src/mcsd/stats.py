@@ -24,6 +24,7 @@ class StepRecord:
     tree_size: int  # draft nodes verified this step
     draft_time: float  # seconds spent drafting
     target_time: float  # seconds in the target forward and verification
+    prefill_time: float = 0.0  # seconds reading the prompt (models' prefill), on the first step
 
 
 @dataclass
@@ -31,7 +32,6 @@ class Stats:
     """Accumulates ``StepRecord``s; every metric is derived, nothing is stored twice."""
 
     records: list[StepRecord] = field(default_factory=list)
-    prefill_time: float = 0.0
 
     def add(self, record: StepRecord) -> None:
         self.records.append(record)
@@ -71,6 +71,10 @@ class Stats:
             for rank in r.ranks:
                 histogram[rank] += 1
         return histogram
+
+    @property
+    def prefill_time(self) -> float:
+        return sum(r.prefill_time for r in self.records)
 
     @property
     def draft_time(self) -> float:

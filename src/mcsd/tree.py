@@ -12,7 +12,7 @@ Three ways to build one:
   ``[[0], [1], [0, 0], [0, 1]]``; every prefix of a path must be a path too;
 - a parent array.
 
-This module imports only torch.
+It never sees a model, a cache or a tokenizer.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class TokenTree:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_config(cls, config: Sequence[int] | str, *, max_nodes: int = 1024) -> TokenTree:
+    def from_config(cls, config: Sequence[int] | str, *, max_nodes: int | None = None) -> TokenTree:
         """Every node at depth d-1 gets ``config[d-1]`` children."""
         if isinstance(config, str):
             text = config.strip().strip("()[]")
@@ -87,7 +87,9 @@ class TokenTree:
         return cls(tuple(parents))
 
     @classmethod
-    def from_paths(cls, paths: Sequence[Sequence[int]], *, max_nodes: int = 1024) -> TokenTree:
+    def from_paths(
+        cls, paths: Sequence[Sequence[int]], *, max_nodes: int | None = None
+    ) -> TokenTree:
         """Build from Medusa-style paths of sibling ranks (every prefix must be present)."""
         keys = []
         for path in paths:
@@ -115,12 +117,12 @@ class TokenTree:
         return cls(tuple(parents))
 
     @classmethod
-    def from_parents(cls, parents: Sequence[int], *, max_nodes: int = 1024) -> TokenTree:
+    def from_parents(cls, parents: Sequence[int], *, max_nodes: int | None = None) -> TokenTree:
         _check_size(len(parents), max_nodes)
         return cls(tuple(parents))
 
     @classmethod
-    def parse(cls, spec: object, *, max_nodes: int = 1024) -> TokenTree:
+    def parse(cls, spec: object, *, max_nodes: int | None = None) -> TokenTree:
         """Accept a TokenTree, a k-config (tuple / list of ints / string) or a list of paths."""
         if isinstance(spec, TokenTree):
             _check_size(spec.num_nodes, max_nodes)
@@ -244,8 +246,9 @@ class TokenTree:
         return tuple(ks)
 
 
-def _check_size(num_nodes: int, max_nodes: int) -> None:
-    if num_nodes > max_nodes:
+def _check_size(num_nodes: int, max_nodes: int | None) -> None:
+    """``max_nodes``: the caller's limit (``SpecConfig.max_tree_nodes``); None for no limit."""
+    if max_nodes is not None and num_nodes > max_nodes:
         raise ValueError(
             f"tree has {num_nodes} nodes, more than the limit max_tree_nodes={max_nodes}"
         )

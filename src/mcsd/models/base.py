@@ -1,25 +1,52 @@
-"""The model protocol the engine needs: a causal LM with a KV cache it can append to and compact.
+"""The runtime protocol: what the engine, the proposers and the benchmarks need from a model.
 
-A ``SpecModel`` holds the KV cache of one batch of sequences (every row the same cache length).
-The engine only ever:
-- appends new tokens with explicit positions and an explicit boolean attention mask over the whole
-  cache plus the new tokens (``forward``), which is how a token tree is evaluated in one pass;
-- keeps the committed prefix and the accepted path, dropping the rest (``compact``);
-- trims the cache back to a length (``trim``), or empties it (``reset``).
+A runtime holds the KV cache of ``batch_size`` rows. Each row has a *committed* prefix (its own
+length, ``cache_lengths()[b]``; rows are ragged) and, after it, a *pending block*: the entries
+appended by the forwards since the last ``commit``. A speculative step appends a token tree to
+the pending block (one forward for the target, one per tree level for a draft), then commits
+the accepted path; everything else in the block is dropped.
 
-Nothing in mcsd outside ``mcsd.models`` touches a framework's cache classes.
+- ``forward(tokens [B, n], positions [B, n], tree_mask)``: run ``n`` new tokens per row and
+  append them to the pending block. Every new token attends to its row's whole committed prefix
+  and to the pending entries ``tree_mask`` allows: ``tree_mask`` is boolean ``[n, P + n]`` (the
+  same for every row) or ``[B, n, P + n]``, where ``P = pending_length`` is the block size
+  before this call. Column ``j < P`` is the j-th pending entry, column ``P + i`` the i-th new
+  token; a token must see itself and nothing after it. A chain is the lower-triangular mask, a
+  tree its ancestor mask. The caller never builds a dense ``[B, n, cache + n]`` mask: each
+  runtime turns this into what its kernels take (an additive float mask for transformers,
+  sequence-id sets for llama.cpp, block masks for a compiled model). Positions are explicit
+  (rotary positions of tree nodes are depth-based, not slot-based). Returns float32 logits
+  ``[B, n, vocab_size]``.
+- ``commit(keep)``: for each row, the pending entries to keep (indices into the block,
+  increasing), appended to that row's committed prefix in that order; the rest of the block is
+  dropped. ``keep=None`` keeps the whole block (a prefill). Rows may keep different numbers of
+  entries (ragged acceptance).
+- ``reset(row=None)``: empty one row (or every row): committed prefix and pending block.
+
+Nothing outside ``mcsd.models`` touches a framework's model or cache object: what callers need
+beyond the step (the dtype, a name, scoring a whole sequence) is on the protocol or built on it
+here (``score``).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+Keep = Sequence[Sequence[int]] | None  # per row: indices into the pending block to keep
+
 
 @runtime_checkable
-class SpecModel(Protocol):
+class Runtime(Protocol):
+    @property
+    def name(self) -> str:
+        """What the runtime runs, for logs and benchmark tables (e.g. ``hf:Qwen2ForCausalLM``)."""
+        ...
+
     @property
     def vocab_size(self) -> int:
         """Width of the logits (may include padding ids beyond the tokenizer's vocabulary)."""
@@ -27,43 +54,117 @@ class SpecModel(Protocol):
 
     @property
     def max_context(self) -> int | None:
-        """Largest number of positions the model supports, or None if unbounded."""
+        """Largest number of positions a row may use, or None if unbounded."""
         ...
 
     @property
     def device(self) -> torch.device: ...
 
     @property
-    def cache_length(self) -> int:
-        """Number of positions held in the KV cache."""
+    def dtype(self) -> torch.dtype:
+        """Precision of the weights and compute (logits are always returned as float32)."""
+        ...
+
+    @property
+    def batch_size(self) -> int:
+        """Rows the runtime holds a cache for."""
+        ...
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        """Committed positions of every row (``[B]``)."""
+        ...
+
+    @property
+    def pending_length(self) -> int:
+        """Entries appended since the last ``commit`` (the same for every row)."""
         ...
 
     def forward(
         self,
-        tokens: Tensor,  # [B, n] long, appended after the cache
+        tokens: Tensor,  # [B, n] long
         positions: Tensor,  # [B, n] long, rotary / absolute positions of the new tokens
-        mask: Tensor,  # [B, n, cache_length + n] bool, True = may attend
+        tree_mask: Tensor,  # [n, P + n] or [B, n, P + n] bool over the pending block
     ) -> Tensor:
-        """Run the new tokens and append their keys/values; returns logits ``[B, n, V]`` float32."""
+        """Append ``tokens`` to every row's pending block; logits ``[B, n, V]`` float32."""
         ...
 
-    def compact(self, start: int, keep: Tensor) -> None:
-        """Keep cache positions ``[0, start)`` followed by ``keep`` (``[B, m]`` long, increasing,
-        all ``>= start``); drop every other position."""
+    def commit(self, keep: Keep = None) -> None:
+        """Keep, per row, the pending entries ``keep[b]`` (all of them for ``None``)."""
         ...
 
-    def trim(self, length: int) -> None:
-        """Keep the first ``length`` cache positions."""
-        ...
-
-    def reset(self) -> None:
-        """Empty the cache."""
+    def reset(self, row: int | None = None) -> None:
+        """Empty ``row`` (every row for ``None``)."""
         ...
 
 
-def causal_mask(batch: int, cache_length: int, n: int, device: torch.device | str) -> Tensor:
-    """Boolean ``[B, n, cache_length + n]`` mask of a plain chain: new token j sees the whole
-    cache and the new tokens up to itself."""
-    cols = torch.arange(cache_length + n, device=device)  # [C + n]
-    rows = torch.arange(n, device=device)[:, None] + cache_length  # [n, 1]
-    return (cols[None, :] <= rows).expand(batch, n, cache_length + n)
+def to_device(values: list, device: torch.device | str) -> Tensor:
+    """A long tensor from nested Python ints on ``device``. On CUDA it goes through pinned
+    memory without blocking: a plain ``torch.tensor(..., device="cuda")`` waits for every queued
+    kernel, which would stall the host once per call."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+
+
+def chain_mask(n: int, pending: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean ``[n, pending + n]``: ``n`` new tokens in a chain after a pending block of
+    ``pending`` entries that they all see."""
+    rows = torch.arange(n, device=device)[:, None] + pending  # [n, 1]
+    return torch.arange(pending + n, device=device)[None, :] <= rows  # [n, P + n]
+
+
+def check_forward(
+    runtime: Runtime, tokens: Tensor, positions: Tensor, tree_mask: Tensor
+) -> tuple[int, int]:
+    """Validate a ``forward`` call's shapes; returns ``(B, n)``. Shared by every runtime so
+    that a wrong call fails the same clear way everywhere."""
+    if tokens.dim() != 2 or positions.shape != tokens.shape:
+        raise ValueError(
+            f"tokens and positions must both be [B, n], got {list(tokens.shape)} and "
+            f"{list(positions.shape)}"
+        )
+    batch, n = tokens.shape
+    if batch != runtime.batch_size:
+        raise ValueError(f"this runtime holds {runtime.batch_size} rows, got a batch of {batch}")
+    width = runtime.pending_length + n
+    if tuple(tree_mask.shape) not in ((n, width), (batch, n, width)):
+        raise ValueError(
+            f"tree_mask must be [{n}, {width}] or [{batch}, {n}, {width}] (new tokens x pending "
+            f"block + new tokens), got {list(tree_mask.shape)}"
+        )
+    if tree_mask.dtype != torch.bool:
+        raise ValueError(f"tree_mask must be boolean, got {tree_mask.dtype}")
+    return batch, n
+
+
+def check_keep(runtime: Runtime, keep: Keep) -> list[list[int]]:
+    """``keep`` as per-row lists, validated against the pending block (``None``: all of it)."""
+    pending = runtime.pending_length
+    if keep is None:
+        return [list(range(pending))] * runtime.batch_size
+    rows = [list(row) for row in keep]
+    if len(rows) != runtime.batch_size:
+        raise ValueError(f"keep must list {runtime.batch_size} rows, got {len(rows)}")
+    for b, row in enumerate(rows):
+        if any(not 0 <= i < pending for i in row) or any(
+            j <= i for i, j in itertools.pairwise(row)
+        ):
+            raise ValueError(
+                f"keep[{b}] must be increasing indices into the pending block [0, {pending}), "
+                f"got {row}"
+            )
+    return rows
+
+
+@torch.inference_mode()
+def score(runtime: Runtime, ids: Sequence[int]) -> Tensor:
+    """Logits ``[T, V]`` of one sequence read in one forward (teacher forcing), row 0 of an
+    emptied runtime; the runtime is emptied again afterwards."""
+    device = runtime.device
+    runtime.reset()
+    tokens = torch.tensor([list(ids)] * runtime.batch_size, device=device)  # [B, T]
+    positions = torch.arange(len(ids), device=device).expand_as(tokens)  # [B, T]
+    logits = runtime.forward(tokens, positions, chain_mask(len(ids), device=device))
+    runtime.reset()
+    return logits[0]

@@ -1,23 +1,32 @@
-"""Adapter: a Hugging Face ``transformers`` causal LM as a ``SpecModel``.
+"""Runtime: a Hugging Face ``transformers`` causal LM on its own dynamic KV cache.
 
-All contact with transformers' cache API lives here, because it drifts inside 5.x (DESIGN 8):
+All contact with transformers' cache API lives in this package, because it drifts inside 5.x
+(DESIGN 8):
 - the forward keyword for the cache is ``past_key_values`` in 5.17 and ``cache`` in 5.24;
-- ``DynamicCache.crop(n)`` changed meaning, so we never call it: trimming and accepted-path
-  compaction rewrite each layer's ``keys`` / ``values`` tensors (``[B, kv_heads, seq, head_dim]``
-  in every supported version) directly;
-- the tree mask is passed as an additive float mask ``[B, 1, n, cache + n]`` (0 = attend,
+- ``DynamicCache.crop(n)`` changed meaning, so we never call it: committing rewrites each
+  layer's ``keys`` / ``values`` tensors (``[B, kv_heads, seq, head_dim]`` in every supported
+  version) directly;
+- the attention mask is an additive float mask ``[B, 1, n, S + P + n]`` (0 = attend,
   dtype-min = blocked) with explicit ``position_ids``: a boolean 4D mask is silently wrong under
   the "eager" attention implementation.
 No modelling file is forked or patched.
+
+Cache layout (every row the same physical length, rows ragged inside it): columns ``[0, S)``
+hold the committed prefixes, row b using its first ``committed[b]`` (the rest is padding it never
+sees); the pending block follows at ``[S, S + P)``. A commit moves each row's kept entries to
+the end of its prefix.
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from mcsd.models.base import Keep, check_forward, check_keep, to_device
 
 # Attention implementations checked against a chain forward (tests/test_hf_adapter.py).
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -25,106 +34,169 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 def cache_keyword(model: Any) -> str:
     """The keyword ``model.forward`` takes its KV cache by: ``past_key_values`` in transformers
-    5.17, ``cache`` in 5.24 (DESIGN 8: cache API drift stays in this module)."""
+    5.17, ``cache`` in 5.24 (DESIGN 8: cache API drift stays in this package)."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-class HFModel:
-    """A ``transformers`` ``PreTrainedModel`` (causal LM) behind the ``SpecModel`` protocol."""
+def check_attention(model: Any) -> None:
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {attention!r} is not supported for tree attention; "
+            f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
+        )
 
-    def __init__(self, model: Any) -> None:
+
+def model_label(kind: str, model: Any) -> str:
+    """``kind:checkpoint`` for logs and tables, e.g. ``hf:qwen2.5-coder-1.5b-instruct``."""
+    source = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return f"{kind}:{Path(str(source)).name}"
+
+
+class HFModel:
+    """A ``transformers`` ``PreTrainedModel`` (causal LM) behind the runtime protocol
+    (``mcsd.models.base``), on a ``DynamicCache`` of ``batch_size`` rows."""
+
+    kind = "hf"
+
+    def __init__(self, model: Any, *, batch_size: int = 1, vocab_size: int | None = None) -> None:
         from transformers import DynamicCache
 
-        self.model = model.eval()
-        attention = getattr(model.config, "_attn_implementation", None)
-        if attention not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"attention implementation {attention!r} is not supported for tree attention; "
-                f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
-            )
+        check_attention(model)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.hf_model = model.eval()  # for mcsd.models only (baselines, cheap drafts)
+        self._batch = batch_size
         self._cache_keyword = cache_keyword(model)
         self._new_cache = lambda: DynamicCache(config=model.config)
         self._cache = self._new_cache()
-        self._length = 0
-        self._dtype = next(model.parameters()).dtype
+        self._committed = [0] * batch_size
+        self._width = 0  # S: physical length of the committed region
+        self._pending = 0
+        first = next(model.parameters())
+        self._dtype, self._device = first.dtype, first.device
+        # A quantised head has no weight tensor: its width is given (mcsd.models.cheap).
+        self._vocab = vocab_size or int(model.get_output_embeddings().weight.shape[0])
+
+    def variant(self, model: Any, *, vocab_size: int | None = None) -> HFModel:
+        """The same runtime around another (e.g. cheaper) model."""
+        return HFModel(model, batch_size=self._batch, vocab_size=vocab_size)
 
     # ------------------------------------------------------------------ protocol
     @property
+    def name(self) -> str:
+        return model_label(self.kind, self.hf_model)
+
+    @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return self._vocab
 
     @property
     def max_context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return getattr(self.hf_model.config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._device
 
     @property
-    def cache_length(self) -> int:
-        return self._length
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        return tuple(self._committed)
+
+    @property
+    def pending_length(self) -> int:
+        return self._pending
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        batch, n = tokens.shape
-        expected = (batch, n, self._length + n)
-        if tuple(mask.shape) != expected:
-            raise ValueError(f"mask must have shape {list(expected)}, got {list(mask.shape)}")
-        blocked = torch.finfo(self._dtype).min
-        additive = torch.zeros(mask.shape, dtype=self._dtype, device=mask.device)
-        additive = additive.masked_fill(~mask, blocked)[:, None]  # [B, 1, n, cache + n]
-        out = self.model(
+    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
+        batch, n = check_forward(self, tokens, positions, tree_mask)
+        width, pending = self._width, self._pending
+        device = tokens.device
+        lengths = to_device(self._committed, device)  # [B]
+        prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, S]
+        block = tree_mask.to(device).expand(batch, n, pending + n)  # [B, n, P + n]
+        allowed = torch.cat([prefix[:, None, :].expand(batch, n, width), block], dim=2)
+        additive = torch.zeros(allowed.shape, dtype=self._dtype, device=device)
+        additive = additive.masked_fill(~allowed, torch.finfo(self._dtype).min)[:, None]
+        out = self.hf_model(
             input_ids=tokens,
             position_ids=positions,
-            attention_mask=additive,
+            attention_mask=additive,  # [B, 1, n, S + P + n]
             use_cache=True,
             **{self._cache_keyword: self._cache},
         )
-        self._length += n
-        if self._length == n:
+        first = width + pending == 0
+        self._pending += n
+        if first:
             self._check_layers()
         return out.logits.float()  # [B, n, V]
 
-    def compact(self, start: int, keep: Tensor) -> None:
-        if keep.shape[-1] == 0:
-            self.trim(start)
-            return
-        for layer in self._layers():
-            index = keep[:, None, :, None]  # [B, 1, m, 1]
-            for name in ("keys", "values"):
-                states = getattr(layer, name)  # [B, H, S, D]
-                b, h, _, d = states.shape
-                kept = states.gather(2, index.expand(b, h, keep.shape[-1], d))
-                setattr(layer, name, torch.cat([states[:, :, :start], kept], dim=2))
-        self._length = start + keep.shape[-1]
+    def commit(self, keep: Keep = None) -> None:
+        rows = check_keep(self, keep)
+        width, pending = self._width, self._pending
+        lengths = [c + len(k) for c, k in zip(self._committed, rows, strict=True)]
+        new_width = max(lengths)
+        if pending:
+            device = self._device
+            uniform = all(c == width for c in self._committed) and len(set(map(len, rows))) == 1
+            for layer in self._cache.layers:
+                for name in ("keys", "values"):
+                    states = getattr(layer, name)  # [B, H, S + P, D]
+                    if uniform:  # every row as long as S (batch 1): one gather
+                        index = to_device(rows, device) + width  # [B, m]
+                        b, h, _, d = states.shape
+                        index = index[:, None, :, None].expand(b, h, index.shape[1], d)
+                        kept = torch.cat([states[:, :, :width], states.gather(2, index)], dim=2)
+                    else:
+                        kept = _ragged_commit(states, width, self._committed, rows, new_width)
+                    setattr(layer, name, kept)
+        self._committed = lengths
+        self._width = new_width
+        self._pending = 0
 
-    def trim(self, length: int) -> None:
-        if length >= self._length:
+    def reset(self, row: int | None = None) -> None:
+        if row is None or self._batch == 1:
+            self._cache = self._new_cache()
+            self._committed = [0] * self._batch
+            self._width = self._pending = 0
             return
-        if length == 0:
-            self.reset()
-            return
-        for layer in self._layers():
-            layer.keys = layer.keys[:, :, :length]
-            layer.values = layer.values[:, :, :length]
-        self._length = length
-
-    def reset(self) -> None:
-        self._cache = self._new_cache()
-        self._length = 0
+        if self._pending:
+            raise ValueError("reset(row) needs an empty pending block: commit the step first")
+        if not 0 <= row < self._batch:
+            raise ValueError(f"row must be in [0, {self._batch}), got {row}")
+        self._committed[row] = 0  # its entries become padding it never sees
 
     # ------------------------------------------------------------------ internals
-    def _layers(self) -> list[Any]:
-        return list(self._cache.layers)
-
     def _check_layers(self) -> None:
-        for i, layer in enumerate(self._layers()):
+        for i, layer in enumerate(self._cache.layers):
             if getattr(layer, "is_sliding", False) or not isinstance(
                 getattr(layer, "keys", None), Tensor
             ):
                 raise ValueError(
-                    f"{type(self.model).__name__} layer {i} uses a {type(layer).__name__} cache "
-                    "(sliding-window or non-attention); mcsd needs full-attention KV caches"
+                    f"{type(self.hf_model).__name__} layer {i} uses a {type(layer).__name__} "
+                    "cache (sliding-window or non-attention); mcsd needs full-attention KV caches"
                 )
+
+
+def _ragged_commit(
+    states: Tensor, width: int, committed: list[int], rows: list[list[int]], new_width: int
+) -> Tensor:
+    """``states`` ``[B, H, S + P, D]`` with each row's kept pending entries moved to the end of
+    its own prefix: ``[B, H, new_width, D]``."""
+    b, h, _, d = states.shape
+    out = states.new_zeros(b, h, new_width, d)
+    kept_width = min(width, new_width)
+    out[:, :, :kept_width] = states[:, :, :kept_width]
+    for row, (start, kept) in enumerate(zip(committed, rows, strict=True)):
+        if kept:
+            index = to_device(kept, states.device) + width
+            out[row, :, start : start + len(kept)] = states[row, :, index]
+    return out

@@ -1,10 +1,11 @@
-"""Table-driven toy language models behind the ``SpecModel`` protocol.
+"""Table-driven toy language models behind the runtime protocol.
 
 A ``TableLM`` maps a context (the tuple of tokens a position can see) to a next-token
-distribution. It keeps its "KV cache" as the list of cached tokens and rebuilds every new token's
-context from the attention mask it is given, so a wrong tree mask, position or cache compaction
-in the engine changes what the model sees, and the whole-engine losslessness tests catch it.
-The exact distribution over output sequences is known by enumeration (``sequence_distribution``).
+distribution. It keeps its "KV cache" as the list of committed tokens of each row plus the
+pending block, and rebuilds every new token's context from the tree mask it is given, so a wrong
+tree mask, position or commit in the engine or a proposer changes what the model sees, and the
+whole-engine losslessness tests catch it. The exact distribution over output sequences is known
+by enumeration (``sequence_distribution``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import SamplingConfig
+from mcsd.models.base import Keep, check_forward, check_keep
 from mcsd.sampling import warp
 
 NextTokenFn = Callable[[tuple[int, ...]], Tensor]  # context -> [V] probabilities
@@ -24,17 +26,32 @@ NextTokenFn = Callable[[tuple[int, ...]], Tensor]  # context -> [V] probabilitie
 class TableLM:
     """A toy LM: next-token distribution ``table(context)``; its logits are log-probabilities."""
 
-    def __init__(self, table: NextTokenFn, vocab_size: int, max_context: int | None = None) -> None:
+    def __init__(
+        self,
+        table: NextTokenFn,
+        vocab_size: int,
+        max_context: int | None = None,
+        *,
+        batch_size: int = 1,
+    ) -> None:
         self.table = table
         self._vocab_size = vocab_size
         self._max_context = max_context
-        self._tokens: list[int] = []  # cached tokens (batch of one row)
+        self._batch = batch_size
+        self._committed: list[list[int]] = [[] for _ in range(batch_size)]  # per row
+        self._pending: list[list[int]] = [[] for _ in range(batch_size)]  # per row, same length
         self._memo: dict[tuple[int, ...], Tensor] = {}  # context -> logits [V]
         self.forward_calls = 0  # forwards run (the engine's step counts are checked against it)
 
     @classmethod
     def random(
-        cls, vocab_size: int, *, order: int = 2, seed: int = 0, sparsity: float = 0.0
+        cls,
+        vocab_size: int,
+        *,
+        order: int = 2,
+        seed: int = 0,
+        sparsity: float = 0.0,
+        batch_size: int = 1,
     ) -> TableLM:
         """A random Markov table over the last ``order`` tokens (Dirichlet rows, some zeros)."""
         generator = torch.Generator().manual_seed(seed)
@@ -51,9 +68,13 @@ class TableLM:
             padded = (vocab_size,) * max(0, order - len(context)) + tuple(context[-order:])
             return probs[padded]
 
-        return cls(table, vocab_size)
+        return cls(table, vocab_size, batch_size=batch_size)
 
     # ------------------------------------------------------------------ protocol
+    @property
+    def name(self) -> str:
+        return f"table:{self._vocab_size}"
+
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
@@ -67,30 +88,38 @@ class TableLM:
         return torch.device("cpu")
 
     @property
-    def cache_length(self) -> int:
-        return len(self._tokens)
+    def dtype(self) -> torch.dtype:
+        return torch.float32
 
-    def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        batch, n = tokens.shape
-        if batch != 1:
-            raise ValueError("TableLM runs one sequence at a time (batch size 1)")
-        cache = len(self._tokens)
-        if tuple(mask.shape) != (1, n, cache + n):
-            raise ValueError(f"mask must have shape [1, {n}, {cache + n}], got {list(mask.shape)}")
-        row_tokens = self._tokens + tokens[0].tolist()
-        logits = torch.empty(1, n, self._vocab_size)
-        for j, (row, position) in enumerate(
-            zip(mask[0].tolist(), positions[0].tolist(), strict=True)
-        ):
-            visible = [i for i, seen in enumerate(row) if seen]
-            if not visible or visible[-1] != cache + j:
-                raise ValueError(f"new token {j} must attend to itself and nothing after it")
-            if position != len(visible) - 1:
-                raise ValueError(
-                    f"new token {j} sees {len(visible)} tokens but has position {position}"
-                )
-            logits[0, j] = self._logits(tuple(row_tokens[i] for i in visible))
-        self._tokens = row_tokens
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        return tuple(len(row) for row in self._committed)
+
+    @property
+    def pending_length(self) -> int:
+        return len(self._pending[0])
+
+    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
+        batch, n = check_forward(self, tokens, positions, tree_mask)
+        masks = tree_mask.expand(batch, *tree_mask.shape[-2:]).tolist()  # [B, n, P + n]
+        logits = torch.empty(batch, n, self._vocab_size)
+        for b in range(batch):
+            committed, block = self._committed[b], self._pending[b] + tokens[b].tolist()
+            pending = len(self._pending[b])
+            for j, (row, position) in enumerate(zip(masks[b], positions[b].tolist(), strict=True)):
+                seen = [i for i, see in enumerate(row) if see]
+                if not seen or seen[-1] != pending + j:
+                    raise ValueError(f"new token {j} must attend to itself and nothing after it")
+                context = (*committed, *(block[i] for i in seen))
+                if position != len(context) - 1:
+                    raise ValueError(
+                        f"new token {j} sees {len(context)} tokens but has position {position}"
+                    )
+                logits[b, j] = self._logits(context)
+            self._pending[b] = block
         self.forward_calls += 1
         return logits
 
@@ -99,14 +128,19 @@ class TableLM:
             self._memo[context] = torch.log(self.table(context)).float()
         return self._memo[context]
 
-    def compact(self, start: int, keep: Tensor) -> None:
-        self._tokens = self._tokens[:start] + [self._tokens[i] for i in keep[0].tolist()]
+    def commit(self, keep: Keep = None) -> None:
+        for b, kept in enumerate(check_keep(self, keep)):
+            self._committed[b] = self._committed[b] + [self._pending[b][i] for i in kept]
+        self._pending = [[] for _ in range(self._batch)]
 
-    def trim(self, length: int) -> None:
-        self._tokens = self._tokens[:length]
-
-    def reset(self) -> None:
-        self._tokens = []
+    def reset(self, row: int | None = None) -> None:
+        if row is None:
+            self._committed = [[] for _ in range(self._batch)]
+            self._pending = [[] for _ in range(self._batch)]
+            return
+        if self.pending_length:
+            raise ValueError("reset(row) needs an empty pending block: commit the step first")
+        self._committed[row] = []
 
 
 def sequence_distribution(

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from mcsd import __version__
 from mcsd.api import Chunk, ModelPair
 from mcsd.config import SpecConfig
 from mcsd.server.metrics import CONTENT_TYPE, Metrics
@@ -82,7 +83,7 @@ def create_app(
         yield
         await asyncio.to_thread(scheduler.stop)
 
-    app = FastAPI(title="mcsd", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="mcsd", version=__version__, lifespan=lifespan)
     app.state.scheduler = scheduler
 
     @app.exception_handler(APIError)

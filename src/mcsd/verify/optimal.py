@@ -49,7 +49,7 @@ relative on real distributions).
 Cost per node: O(V) tensor work (a top-k, a few bincounts) and O(A log A) Python work for
 A = min(support, MAX_ATOMS) atoms: ~3 ms at A = 128 on one CPU core, plus the O(V) part.
 
-This module imports only torch.
+It never sees a model, a cache or a tokenizer.
 """
 
 from __future__ import annotations

@@ -1,31 +1,47 @@
-"""Greedy tree verification as a few tensor operations, with one host transfer per step.
+"""Tree verification as batched tensor operations, with one host transfer per step.
 
-``mcsd.verify.verify_tree`` walks the tree in Python, node by node, which on a GPU costs a host
-synchronisation per visited candidate. Under the greedy rule the walk has a closed form, so the
-whole step runs on the device and the host reads back one small vector:
+``mcsd.verify.walk.walk_path`` visits the tree in Python, node by node, which on a GPU costs a
+host synchronisation per visited candidate. These verifiers compute every node's outcome at once
+on the device; the host reads back one small tensor and follows the accepted children.
 
-- a node *matches* when its token is the target argmax at its parent (row ``parent + 1``);
-- the rule visits siblings in order and accepts the first match, so a node is *chosen* when it
-  matches and no earlier sibling does;
-- a node is on the accepted path when it and all its ancestors are chosen; those nodes form a
-  chain from the root, and the deepest one is the accepted leaf;
-- the emitted token is the target argmax after the leaf (a bonus token when the leaf has no
-  children, else the correction), exactly what ``verify_tree`` emits.
+- ``GreedyTreeVerifier`` (rule ``greedy``), a closed form: a node *matches* when its token is the
+  target argmax at its parent (row ``parent + 1``); the rule visits siblings in order and accepts
+  the first match, so a node is *chosen* when it matches and no earlier sibling does; a node is
+  on the accepted path when it and all its ancestors are chosen (those nodes form a chain from
+  the root, the deepest one is the accepted leaf); the emitted token is the target argmax after
+  the leaf (a bonus token when the leaf has no children, else the correction).
+- ``SampledTreeVerifier`` (rules ``sps``, ``mcss``, ``mcss-wor``, ``topk``, ``mcns``): the
+  sequential node rule of ``mcsd.verify.node`` for every node at once, batched over the nodes
+  with the same number of children. Candidates are visited in draw order with the primitives of
+  ``mcsd.verify.residual``: accept c with min(1, p'(c) / q'(c)) (``one_hot``: with p'(c)); on
+  rejection p' <- norm(max(p' - q', 0)) (``one_hot``: p' without c), and for draws without
+  replacement q' <- q' without c; then one token is drawn from each node's final residual (for a
+  node without children: from p itself, the bonus token). Each node uses its own fresh uniforms,
+  so the outcomes of the nodes off the path are independent of the walk and discarding them
+  changes nothing: the walk has exactly the law of the sequential one (the whole-engine tests
+  check it, ``mcsd check --engine``).
 
-``tests/test_verify_batched.py`` checks the result equals ``verify_tree(..., rule="greedy")`` on
-random trees, including duplicate sibling tokens. This module imports only torch.
+Each verifier's ``verify(tokens, logits, q, generator)`` returns the ``TreeResult`` and the
+accepted tokens, like ``mcsd.verify.walk.HostTreeVerifier``; the registry
+(``mcsd.verify.rules``) says which rule uses which.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from mcsd.sampling import EMPTY_MASS, draw_children
+from mcsd.sampling import draw_children, warp
 from mcsd.tree import ROOT, TokenTree
-from mcsd.verify import TreeResult
+from mcsd.verify.residual import accept_ratio, one_hot_reject, residual, wor_reject
+from mcsd.verify.walk import TreeResult
 
-NO_NODE = -1  # padding in the fetched path
+if TYPE_CHECKING:
+    from mcsd.config import SamplingConfig
+
+NO_NODE = -1  # padding in the fetched path; "no child accepted" per row
 
 
 class GreedyTreeVerifier:
@@ -81,31 +97,34 @@ class GreedyTreeVerifier:
     def __call__(self, tokens: Tensor, target_argmax: Tensor) -> TreeResult:
         return self.result(self.device_result(tokens, target_argmax).tolist())[0]
 
-
-SAMPLED_RULES = ("sps", "mcss", "mcss-wor")  # the sequential rules SampledTreeVerifier runs
+    def verify(
+        self, tokens: Tensor, logits: Tensor, q: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[TreeResult, list[int]]:
+        """``tokens`` ``[N]``, ``logits`` ``[N+1, V]``: p is one-hot at the argmax, so the
+        argmax of the logits is all the rule reads."""
+        return self.result(self.device_result(tokens, logits.argmax(dim=-1)).tolist())
 
 
 class SampledTreeVerifier:
-    """The paper's sampled rules (``sps``, ``mcss``, ``mcss-wor``) for a whole tree on the device,
-    with one host transfer per step.
+    """The sequential sampled rules for a whole tree on the device (see the module docstring).
 
-    ``verify_tree`` visits only the nodes on the accepted path, one host round trip per
-    candidate. Here every node's outcome is computed at once, batched over the nodes that have
-    the same number of children: the candidates are visited in draw order exactly as in
-    ``mcsd.verify`` (accept candidate c with min(1, p'(c) / q'(c)), 0 when q'(c) = 0; on
-    rejection p' <- norm(max(p' - q', 0)), kept when that mass is below ``EMPTY_MASS``; for
-    mcss-wor also q' <- q' without c, renormalised), then one token is drawn from each node's final
-    residual (for a node without children: from p itself, the bonus token). The host then follows
-    the accepted children from the root. Each node uses its own fresh uniforms, so the outcomes
-    of the nodes off the path are independent of the walk and discarding them changes nothing:
-    the walk has exactly the law of the sequential one (the engine tests check it through the
-    whole engine, ``mcsd check --engine``)."""
+    ``without_replacement``: siblings were drawn without replacement (mcss-wor), so q' loses each
+    rejected candidate; ``one_hot``: deterministic candidates (topk; mcns's recursion), accepted
+    with p'(c) and removed from p' when rejected, q unused."""
 
-    def __init__(self, tree: TokenTree, rule: str, device: torch.device | str) -> None:
-        if rule not in SAMPLED_RULES:
-            raise ValueError(f"rule must be one of {', '.join(SAMPLED_RULES)}, got {rule!r}")
+    def __init__(
+        self,
+        tree: TokenTree,
+        device: torch.device | str,
+        target: SamplingConfig,
+        *,
+        without_replacement: bool = False,
+        one_hot: bool = False,
+    ) -> None:
         self.tree = tree
-        self.without_replacement = rule == "mcss-wor"
+        self.target = target
+        self.without_replacement = without_replacement
+        self.one_hot = one_hot
         n = tree.num_nodes
         by_k: dict[int, list[int]] = {}
         for row in range(n + 1):
@@ -127,38 +146,39 @@ class SampledTreeVerifier:
         ]
 
     def device_result(
-        self, tokens: Tensor, p: Tensor, q: Tensor, generator: torch.Generator | None
+        self, tokens: Tensor, p: Tensor, q: Tensor | None, generator: torch.Generator | None
     ) -> Tensor:
-        """``tokens`` ``[N]``, ``p`` and ``q`` ``[N+1, V]`` (rows as in ``verify_tree``).
+        """``tokens`` ``[N]``, ``p`` and ``q`` ``[N+1, V]`` (rows as in ``walk_path``; q unused
+        for ``one_hot``).
 
         Returns ``[2, N+1]`` long on the device: per row the index of the accepted child (in
         draw order, ``NO_NODE`` when none) and the token drawn from the row's final residual."""
         rows_total = p.shape[0]
-        residual = p.double()  # [N+1, V]; rows without children keep p (their bonus draw)
+        left = p.double()  # [N+1, V]; rows without children keep p (their bonus draw)
         chosen = torch.full((rows_total,), NO_NODE, dtype=torch.long, device=p.device)  # [N+1]
         for k, rows, children in self.groups:
-            p_row, q_row = residual[rows], q[rows].double()  # [R, V]
+            p_row = left[rows]  # [R, V]
+            q_row = None if self.one_hot else q[rows].double()  # [R, V]
             candidates = tokens[children]  # [R, k]
             u = torch.rand(len(rows), k, generator=generator, dtype=torch.float64, device=p.device)
             picked = torch.full((len(rows),), NO_NODE, dtype=torch.long, device=p.device)  # [R]
             for j in range(k):
                 c = candidates[:, j : j + 1]  # [R, 1]
-                qc, pc = q_row.gather(1, c)[:, 0], p_row.gather(1, c)[:, 0]  # [R]
-                ratio = torch.where(qc > 0, (pc / qc.clamp(min=1e-300)).clamp(max=1.0), 0.0)
+                if q_row is None:
+                    ratio = p_row.gather(1, c)[:, 0]  # [R] q one-hot at c: accept with p'(c)
+                    p_row = one_hot_reject(p_row, c)
+                else:
+                    ratio = accept_ratio(p_row, q_row, c)  # [R]
+                    if self.without_replacement:
+                        p_row, q_row = wor_reject(p_row, q_row, c)
+                    else:
+                        p_row = residual(p_row, q_row)
                 accept = (picked == NO_NODE) & ((ratio >= 1.0) | (u[:, j] < ratio))  # [R]
                 picked = torch.where(accept, j, picked)
-                left = torch.clamp(p_row - q_row, min=0.0)  # [R, V]
-                mass = left.sum(dim=-1, keepdim=True)  # [R, 1]
-                p_row = torch.where(mass > EMPTY_MASS, left / mass.clamp(min=EMPTY_MASS), p_row)
-                if self.without_replacement:
-                    q_bar = q_row.scatter(1, c, 0.0)
-                    q_mass = q_bar.sum(dim=-1, keepdim=True)
-                    q_norm = q_bar / q_mass.clamp(min=1e-300)
-                    q_row = torch.where(q_mass > EMPTY_MASS, q_norm, q_bar)
             # Rows that accepted a child keep updating p_row above, but their draw is unused.
-            residual = residual.index_copy(0, rows, p_row)
+            left = left.index_copy(0, rows, p_row)
             chosen = chosen.index_copy(0, rows, picked)
-        draw = draw_children(residual, 1, replacement=True, generator=generator)[:, 0]  # [N+1]
+        draw = draw_children(left, 1, replacement=True, generator=generator)[:, 0]  # [N+1]
         return torch.stack([chosen, draw])
 
     def result(self, fetched: list[list[int]]) -> TreeResult:
@@ -181,6 +201,18 @@ class SampledTreeVerifier:
             ranks.append(self.tree.rank[node])
 
     def __call__(
-        self, tokens: Tensor, p: Tensor, q: Tensor, generator: torch.Generator | None = None
+        self, tokens: Tensor, p: Tensor, q: Tensor | None, generator: torch.Generator | None = None
     ) -> TreeResult:
         return self.result(self.device_result(tokens, p, q, generator).tolist())
+
+    def verify(
+        self, tokens: Tensor, logits: Tensor, q: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[TreeResult, list[int]]:
+        """One step: warp the logits ``[N+1, V]`` into p, verify every node, and read back the
+        outcome and the node tokens in one transfer."""
+        outcome = self.device_result(tokens, warp(logits, self.target), q, generator)
+        fetched = torch.cat([outcome.flatten(), tokens]).tolist()  # the one host transfer
+        rows = self.tree.num_nodes + 1
+        result = self.result([fetched[:rows], fetched[rows : 2 * rows]])
+        node_list = fetched[2 * rows :]
+        return result, [node_list[a] for a in result.accepted]

@@ -10,8 +10,9 @@ token. Lossless means the emitted token is distributed exactly as p (as one-hot 
   each with ``mcsd.verify.node_outcome`` (the exact accept probabilities and correction
   distribution for fixed candidates). The emitted distribution must equal the target to float
   rounding (``EXACT_TOLERANCE``).
-- Monte Carlo: draw candidates with ``mcsd.sampling.sample_candidates`` (``torch.topk`` for the
-  deterministic scheme), run ``mcsd.verify.verify_node`` and count the emitted tokens. The
+- Monte Carlo: draw candidates with ``mcsd.sampling.sample_candidates`` (the engine's
+  ``draw_children`` for one node; ``torch.topk`` for the deterministic scheme), run
+  ``mcsd.verify.verify_node`` and count the emitted tokens. The
   counts must pass a chi-square goodness-of-fit test and a total-variation bound against the
   target (``goodness_of_fit``); the measured acceptance rate must match the exact one.
 
@@ -34,26 +35,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mcsd.config import RULES, check_rule
 from mcsd.sampling import one_hot_argmax, sample_candidates
-from mcsd.verify import NONE_ACCEPTED, node_outcome, verify_node
+from mcsd.verify.node import NONE_ACCEPTED
+from mcsd.verify.rules import RULES, get_rule, node_outcome, verify_node
 
 # How the draft proposes a node's candidates (DESIGN 3):
 # "iid" = independent draws from q; "wor" = sequential draws without replacement, each from q with
 # the earlier draws removed and renormalised; "top" = the draft's k most likely tokens.
 SCHEMES: tuple[str, ...] = ("iid", "wor", "top")
-RULE_SCHEME: dict[str, str] = {
-    "sps": "iid",
-    "mcss": "iid",
-    "mcss-wor": "wor",
-    "topk": "top",
-    "mcns": "iid",
-    "greedy": "top",  # a greedy target's draft is usually greedy too; any candidates would do
-    "kseq": "iid",
-    "optimal": "iid",
-    "traversal": "wor",
-}
-assert tuple(RULE_SCHEME) == RULES
+# Each rule's own scheme, from the registry (greedy: a greedy target's draft is usually greedy
+# too, so its top-k; any candidates would do).
+RULE_SCHEME: dict[str, str] = {name: rule.candidates for name, rule in RULES.items()}
 
 CASES: tuple[str, ...] = ("dirichlet", "sparse", "p=q", "disjoint", "near-one-hot")
 
@@ -68,8 +60,9 @@ PARALLEL_MIN_TRIALS = 100_000
 
 # ---------------------------------------------------------------- candidates
 def rule_k(rule: str, k: int) -> int:
-    """Number of candidates the rule verifies at one node: 1 for ``sps``, else ``k``."""
-    return 1 if rule == "sps" else k
+    """Number of candidates the rule verifies at one node: at most its ``max_children``."""
+    limit = get_rule(rule).max_children
+    return k if limit is None else min(k, limit)
 
 
 def draw_candidates(scheme: str, q: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
@@ -117,8 +110,7 @@ def count_candidate_tuples(scheme: str, q: Tensor, k: int) -> int:
 # ---------------------------------------------------------------- exact enumeration
 def target_distribution(rule: str, p: Tensor) -> Tensor:
     """What a lossless ``rule`` emits at a node with target ``p`` ``[V]``: float64 ``[V]``."""
-    check_rule(rule)
-    return one_hot_argmax(p).double() if rule == "greedy" else p.double()
+    return one_hot_argmax(p).double() if get_rule(rule).target == "greedy" else p.double()
 
 
 @dataclass(frozen=True)
@@ -149,7 +141,7 @@ def exact_outcome(
     ``scheme`` and ``draft`` exist to model *wrong* setups (candidates drawn one way, verified as
     if drawn another way), which the tests use to show that the checks catch them.
     """
-    check_rule(rule)
+    get_rule(rule)
     scheme = RULE_SCHEME[rule] if scheme is None else scheme
     draft = q if draft is None else draft
     emitted = torch.zeros(p.shape[-1], dtype=torch.float64)  # [V]
@@ -274,7 +266,7 @@ def monte_carlo(
     draft: Tensor | None = None,  # [V] distribution the candidates are drawn from; default: q
 ) -> Counts:
     """Run ``trials`` independent draws of candidates + ``verify_node`` and count the outcomes."""
-    check_rule(rule)
+    get_rule(rule)
     scheme = RULE_SCHEME[rule] if scheme is None else scheme
     draft = q if draft is None else draft
     emitted = [0] * p.shape[-1]
@@ -451,7 +443,7 @@ def run_checks(
     depend on ``jobs`` (every pair has its own seeded generator).
     """
     for rule in rules:
-        check_rule(rule)
+        get_rule(rule)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if k < 1:

@@ -15,11 +15,13 @@ from functools import cached_property
 
 import torch
 
-from mcsd.check import DEFAULT_ALPHA, Fit, goodness_of_fit
-from mcsd.config import RULES, SamplingConfig, SpecConfig
+from mcsd.checks.node import DEFAULT_ALPHA, Fit, goodness_of_fit
+from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.draft.model import ModelProposer
 from mcsd.engine import speculative_decode
 from mcsd.models.toy import TableLM, sequence_distribution
 from mcsd.tree import TokenTree
+from mcsd.verify.rules import RULES, get_rule
 
 PATH_TREE = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))  # a Medusa-style path list
 CHAIN_PATHS = ((0,), (0, 0), (0, 0, 0))
@@ -36,7 +38,7 @@ TREES: dict[str, object] = {
 # when p = q (alpha* = 1 for any k; K-SEQ needs rho = 1, which holds only for k = 1).
 SAME_MODEL_RULES = ("mcss-wor", "optimal", "traversal")
 # Rules that draw without replacement, so a node may get more children than the draft has tokens.
-PADDING_RULES = ("mcss-wor", "traversal")
+PADDING_RULES = tuple(name for name, rule in RULES.items() if rule.candidates == "wor")
 # Trees per rule (default: all). sps verifies chains only; the rules of issue 7 cost more per
 # node, so they run on the shapes that exercise them: varying k (paths), depth, wide roots.
 RULE_TREES: dict[str, tuple[str, ...]] = {
@@ -56,17 +58,20 @@ class EngineCase:
     prompt: tuple[int, ...] = (1, 2)
     same_models: bool = False  # draft == target: every draft token must be accepted
     draft_top_k: int = 0  # > 0: a draft with fewer tokens than a node has children (padding)
-    device_verify: bool = False  # verify every node at once (SampledTreeVerifier, as on GPUs)
+    # True: verify every node at once (the rule's device verifier); False: the host walk; None:
+    # as the engine chooses on this CPU (the device verifier for greedy only).
+    device_verify: bool | None = None
 
     @property
     def target_sampling(self) -> SamplingConfig:
-        return SamplingConfig(0.0) if self.rule == "greedy" else SamplingConfig(1.0)
+        greedy = get_rule(self.rule).target == "greedy"
+        return SamplingConfig(0.0) if greedy else SamplingConfig(1.0)
 
     @property
     def draft_sampling(self) -> SamplingConfig:
-        # topk is the rule for a deterministic draft; the others sample the draft at T = 0.8
-        # (at the target's own temperature when draft and target are the same model).
-        if self.rule in ("topk", "greedy"):
+        # Deterministic rules take a greedy draft's top-k; the others sample the draft at
+        # T = 0.8 (at the target's own temperature when draft and target are the same model).
+        if get_rule(self.rule).deterministic:
             return SamplingConfig(0.0)
         if self.draft_top_k:
             return SamplingConfig(0.8, top_k=self.draft_top_k)
@@ -94,7 +99,7 @@ class EngineCase:
     def describe(self) -> str:
         same = " draft=target" if self.same_models else ""
         top_k = f" draft-top-k={self.draft_top_k}" if self.draft_top_k else ""
-        batched = " device-verify" if self.device_verify else ""
+        batched = {True: " device-verify", False: " host-walk", None: ""}[self.device_verify]
         return f"{self.rule} tree={self.tree}{same}{top_k}{batched}"
 
 
@@ -107,7 +112,7 @@ def engine_cases() -> list[EngineCase]:
     cases += [EngineCase(rule, "4,2,2", same_models=True) for rule in SAME_MODEL_RULES]
     # A root with 4 children but only 2 draft tokens of mass: zero-mass padding candidates.
     cases += [EngineCase(rule, "4,2,2", draft_top_k=2) for rule in PADDING_RULES]
-    # The batched verifier the engine uses on GPUs, on the same toy models.
+    # The batched verifiers the engine uses on GPUs, on the same toy models.
     cases += [
         EngineCase("sps", "1,1,1", device_verify=True),
         EngineCase("mcss", "4,2,2", device_verify=True),
@@ -115,6 +120,10 @@ def engine_cases() -> list[EngineCase]:
         EngineCase("mcss-wor", "paths", device_verify=True),
         EngineCase("mcss-wor", "4,2,2", same_models=True, device_verify=True),
         EngineCase("mcss-wor", "4,2,2", draft_top_k=2, device_verify=True),
+        EngineCase("topk", "4,2,2", device_verify=True),
+        EngineCase("topk", "paths", device_verify=True),
+        EngineCase("mcns", "4,2,2", device_verify=True),
+        EngineCase("greedy", "4,2,2", device_verify=False),
     ]
     return cases
 
@@ -132,20 +141,25 @@ class EngineResult:
         return self.fit.passed and (self.full_acceptance or not self.case.same_models)
 
 
+def generation(case: EngineCase, target: TableLM, draft: TableLM, seed: int):  # -> steps
+    """The engine's steps for one seeded generation of ``case`` (a fresh draft-model
+    proposer around ``draft``)."""
+    spec = case.spec(seed)
+    proposer = ModelProposer.for_spec(draft, spec, case.vocab)
+    return speculative_decode(
+        target,
+        proposer,
+        list(case.prompt),
+        spec,
+        vocab_size=case.vocab,
+        device_verify=case.device_verify,
+    )
+
+
 def run_engine_steps(case: EngineCase, seed: int) -> list[tuple[int, ...]]:
     """The tokens each step of one seeded generation of ``case`` commits."""
     target, draft = case.models()
-    return [
-        step.tokens
-        for step in speculative_decode(
-            target,
-            draft,
-            list(case.prompt),
-            case.spec(seed),
-            vocab_size=case.vocab,
-            device_verify=case.device_verify,
-        )
-    ]
+    return [step.tokens for step in generation(case, target, draft, seed)]
 
 
 def run_engine_case(
@@ -161,14 +175,7 @@ def run_engine_case(
     tokens = steps = attempted = accepted = 0
     for trial in range(trials):
         generated: list[int] = []
-        for step in speculative_decode(
-            target,
-            draft,
-            list(case.prompt),
-            case.spec(seed * 1_000_003 + trial),
-            vocab_size=case.vocab,
-            device_verify=case.device_verify,
-        ):
+        for step in generation(case, target, draft, seed * 1_000_003 + trial):
             generated += step.tokens
             steps += 1
             attempted += step.record.attempted

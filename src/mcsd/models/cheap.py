@@ -1,0 +1,158 @@
+"""Cheaper drafts, still lossless: int8 weights and a restricted vocabulary (FR-Spec).
+
+On a CPU a draft forward is bound by the bytes of weights it reads, so a draft at 0.3 of the
+target's cost caps what a chain can gain. Two switchable ways to make it cheaper:
+
+- ``int8``: the draft's linear layers quantised to int8 (per output channel, activations
+  quantised on the fly: ``torch.ao`` dynamic quantisation, CPU only): half the bytes of bf16 and
+  fbgemm's int8 kernels; the draft agrees a little less often with the target.
+- ``vocab=K`` (FR-Spec, Zhao et al. 2025): the LM head scores only the K most frequent tokens
+  (``mcsd.models.frequent``). For Qwen2.5-0.5B the head is 136M of the ~500M weights a forward
+  reads (V = 151,936).
+
+Both are lossless because the draft only proposes: verification makes the output follow the
+target whatever the draft is. Tokens outside the kept vocabulary get draft probability 0 (logit
+-inf), never proposed; every rule handles q(x) = 0 (the correction covers them), and greedy
+verification accepts exactly the target's argmax. Only the acceptance rate changes.
+
+``cheap_draft`` works on either transformers runtime (``hf`` and ``hf-static``): the variant is
+the same runtime, with the same settings, around the modified model.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mcsd.models.base import Keep, Runtime
+from mcsd.models.frequent import frequent_tokens
+
+
+def _shallow_copy(hf: Any) -> Any:
+    """A copy of a transformers model sharing every submodule (and weight) with the original,
+    whose own submodules can be replaced without touching the original."""
+    clone = copy.copy(hf)
+    clone._modules = dict(hf._modules)  # new module table, same submodules
+    return clone
+
+
+def _restrict_head(hf: Any, keep: Tensor) -> None:
+    """Replace ``hf``'s LM head by one scoring only the ``keep`` token ids (rows copied)."""
+    head = hf.get_output_embeddings()
+    keep = keep.to(head.weight.device)
+    small = torch.nn.Linear(
+        head.in_features, len(keep), bias=head.bias is not None, device=keep.device
+    ).to(head.weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(head.weight[keep])
+        if head.bias is not None:
+            small.bias.copy_(head.bias[keep])
+    small.requires_grad_(False)
+    hf.set_output_embeddings(small)
+
+
+def quantize_int8(hf: Any) -> Any:
+    """An int8 copy of ``hf`` (CPU): linear layers dynamically quantised per output channel,
+    everything else in float32 (the quantised kernels take float32 activations)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if next(hf.parameters()).device.type != "cpu":
+        raise ValueError("int8 drafts use torch's CPU quantised kernels; use a CPU device")
+    work = copy.deepcopy(hf).float()
+    with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated, still works
+        warnings.simplefilter("ignore")
+        quantize_dynamic(
+            work, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
+    return work
+
+
+class RestrictedVocabModel:
+    """A runtime around one whose LM head scores only ``keep``: logits come back full width,
+    every other token at -inf."""
+
+    def __init__(self, inner: Runtime, keep: Tensor, full_vocab: int) -> None:
+        self.inner = inner
+        self.keep = keep.to(inner.device)
+        self.full_vocab = full_vocab
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}+fr={len(self.keep)}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.full_vocab
+
+    @property
+    def max_context(self) -> int | None:
+        return self.inner.max_context
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        return self.inner.cache_lengths()
+
+    @property
+    def pending_length(self) -> int:
+        return self.inner.pending_length
+
+    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
+        small = self.inner.forward(tokens, positions, tree_mask)  # [B, n, K]
+        full = small.new_full((*small.shape[:-1], self.full_vocab), float("-inf"))  # [B, n, V]
+        return full.index_copy_(-1, self.keep, small)
+
+    def commit(self, keep: Keep = None) -> None:
+        self.inner.commit(keep)
+
+    def reset(self, row: int | None = None) -> None:
+        self.inner.reset(row)
+
+
+def cheap_draft(
+    draft: Any,
+    tokenizer: Any,
+    *,
+    vocab: int | None = None,
+    int8: bool = False,
+    texts: Iterable[str] | None = None,
+) -> Runtime:
+    """A cheaper variant of a transformers ``draft`` runtime: int8 and/or scoring only the
+    ``vocab`` most frequent tokens (of ``texts``, default the built-in corpus). The original is
+    not modified (the vocabulary cut alone shares its weights)."""
+    if vocab is None and not int8:
+        return draft
+    hf = getattr(draft, "hf_model", None)
+    if hf is None or not hasattr(draft, "variant"):
+        raise ValueError(
+            f"cheap drafts (int8, +fr) need a transformers runtime (hf or hf-static), got "
+            f"{draft.name}"
+        )
+    full_vocab = int(hf.get_output_embeddings().weight.shape[0])
+    work = _shallow_copy(hf)
+    keep = None
+    if vocab is not None:
+        keep = frequent_tokens(tokenizer, vocab, full_vocab, texts=texts)
+        _restrict_head(work, keep)
+    if int8:
+        work = quantize_int8(work)
+    width = full_vocab if keep is None else len(keep)  # of the head actually in the model
+    cheap: Runtime = draft.variant(work, vocab_size=width)
+    if keep is not None:
+        cheap = RestrictedVocabModel(cheap, keep, full_vocab)
+    return cheap

@@ -1,0 +1,174 @@
+"""One factory for every runtime: a registry of runtime kinds, ``load_runtime`` to build one.
+
+A kind names how a checkpoint is run (``RUNTIMES``):
+
+- ``hf``         transformers' modelling code on its dynamic cache (any causal LM with
+                 full-attention layers; CPU or GPU);
+- ``hf-static``  the same modelling code on mcsd's static KV cache, CUDA graphs on GPUs and
+                 optionally ``torch.compile`` (the GPU fast path until mcsd's own model exists).
+
+``auto`` picks ``hf``. Every kind loads from what ``mcsd.models.sources.resolve`` gives (a
+known offline model, a local directory, a Hugging Face id) and returns the runtime with its
+tokenizer and end-of-sequence ids. Bad options are refused here, before any weight is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mcsd.config import DEFAULT_ATTENTION, DEFAULT_DTYPE, DEFAULT_RUNTIME
+from mcsd.models.base import Runtime
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+@dataclass(frozen=True)
+class RuntimeKind:
+    name: str
+    summary: str
+    wrap: Callable[..., Runtime]  # (transformers model, compile=..., max_length=...) -> runtime
+    compiles: bool  # accepts compile=True
+    sized: bool  # accepts max_length (a static cache)
+
+
+def _hf(model: Any, *, compile: bool, max_length: int | None) -> Runtime:
+    from mcsd.models.hf import HFModel
+
+    return HFModel(model)
+
+
+def _hf_static(model: Any, *, compile: bool, max_length: int | None) -> Runtime:
+    from mcsd.models.static import StaticHFModel
+
+    return StaticHFModel(model, max_length=max_length, compile=compile)
+
+
+RUNTIMES: dict[str, RuntimeKind] = {
+    kind.name: kind
+    for kind in (
+        RuntimeKind("hf", "transformers' modelling code, dynamic KV cache", _hf, False, False),
+        RuntimeKind(
+            "hf-static",
+            "transformers' modelling code on mcsd's static KV cache, CUDA graphs on GPUs",
+            _hf_static,
+            True,
+            True,
+        ),
+    )
+}
+RUNTIME_CHOICES = ("auto", *RUNTIMES)
+
+
+def runtime_kind(runtime: object, device: torch.device) -> RuntimeKind:
+    """The kind ``runtime`` names (``auto`` resolved for ``device``); ``ValueError`` else."""
+    if runtime == "auto":
+        return RUNTIMES["hf"]
+    if not isinstance(runtime, str) or runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}; got {runtime!r}")
+    return RUNTIMES[runtime]
+
+
+def parse_device(device: object) -> torch.device:
+    """``None`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``, as a
+    device that exists here; ``ValueError`` otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N; got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (use cpu)")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r}: only {count} CUDA device(s) here")
+    return parsed
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs and on CPUs with native bf16 (AVX-512 BF16), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def parse_dtype(dtype: object, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_options(
+    kind: RuntimeKind, *, compile: bool, max_length: int | None
+) -> None:  # before any load
+    if compile and not kind.compiles:
+        raise ValueError(
+            f"compile needs a runtime that compiles (hf-static), got runtime {kind.name!r}"
+        )
+    if max_length is not None:
+        if not kind.sized:
+            raise ValueError(f"max_length sizes a static cache: runtime {kind.name!r} has none")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+
+
+def load_runtime(
+    name: str,
+    *,
+    runtime: str = DEFAULT_RUNTIME,
+    dtype: object = DEFAULT_DTYPE,
+    device: object = None,
+    attn_implementation: str = DEFAULT_ATTENTION,
+    progress: bool = True,
+    compile: bool = False,
+    max_length: int | None = None,
+) -> tuple[Runtime, Any, tuple[int, ...]]:
+    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``.
+
+    Returns the runtime, its tokenizer and its EOS token ids. ``max_length``: positions of a
+    static cache (default min(model limit, ``mcsd.config.STATIC_MAX_LENGTH``)); ``compile``: also
+    ``torch.compile`` each captured shape (~30 s per shape)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcsd.models.hf import SUPPORTED_ATTENTION
+    from mcsd.models.sources import resolve
+
+    torch_device = parse_device(device)
+    kind = runtime_kind(runtime, torch_device)
+    torch_dtype = parse_dtype(dtype, torch_device)
+    check_options(kind, compile=compile, max_length=max_length)
+    if attn_implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attn_implementation must be one of {', '.join(SUPPORTED_ATTENTION)}; got "
+            f"{attn_implementation!r}"
+        )
+    path = resolve(name, progress=progress)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation
+    ).to(torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    adapted = kind.wrap(model, compile=compile, max_length=max_length)
+    return adapted, tokenizer, _eos_ids(model, tokenizer)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list | tuple):
+            ids.extend(int(v) for v in value)
+    return tuple(dict.fromkeys(ids))
