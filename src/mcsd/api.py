@@ -108,7 +108,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcsd.models.hf import HFModel
-    from mcsd.models.sources import resolve
+    from mcsd.sources import resolve
 
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (it compiles the static forward)")
@@ -147,7 +147,7 @@ def load_pair(
     fast path; see ``load_model``). ``compile``: which of them ``torch.compile`` also fuses,
     one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward is mostly small kernels).
     """
-    from mcsd.models.sources import DEFAULT_DRAFT, DEFAULT_TARGET
+    from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from mcsd.models.hf import HFModel
-from mcsd.models.sources import cache_dir
+from mcsd.sources import cache_dir
 
 CORPUS_CHARS = 8_000_000  # per source: enough for stable counts of the top 32k tokens
 BATCH = 64  # texts per tokenizer call
