@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -507,10 +508,95 @@ def test_resolve_known_name_not_cached_without_fetch(tmp_path: Path) -> None:
     assert sources.cache_status(sources.DEFAULT_DRAFT, cache_dir=tmp_path) == "absent"
 
 
-def test_resolve_hugging_face_id_passes_through(tmp_path: Path) -> None:
+def _hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, offline: bool) -> Path:
+    """An empty Hugging Face cache under ``tmp_path``; the Hub in offline mode if ``offline``."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    return cache
+
+
+def test_resolve_hugging_face_id_passes_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the Hub has the id, ``from_pretrained`` gets it to download (or update) itself."""
+    from huggingface_hub import HfApi
+
+    _hub_cache(tmp_path, monkeypatch, offline=False)
+    asked: list[str] = []
+    monkeypatch.setattr(HfApi, "model_info", lambda self, name, **kwargs: asked.append(name))
     for name in ("Qwen/Qwen2.5-Coder-7B-Instruct", "org/model_v1.5"):
         assert sources.resolve(name, cache_dir=tmp_path) == name
+    assert asked == ["Qwen/Qwen2.5-Coder-7B-Instruct", "org/model_v1.5"]
     assert not (tmp_path / "models").exists()
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_resolve_hugging_face_id_not_fetchable_fails_fast_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: str
+) -> None:
+    """No Hub (HF_HUB_OFFLINE, or connection refused) and not cached: one ValueError, at once.
+
+    ``from_pretrained`` itself took ~25 s here (hf_hub_download's retries), then raised OSError.
+    """
+    from huggingface_hub import constants
+
+    cache = _hub_cache(tmp_path, monkeypatch, offline=hub == "offline")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as caught:
+        sources.resolve("mcsd-no-such-org/no-such-model", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'mcsd-no-such-org/no-such-model' could not be fetched from the Hugging Face Hub" in (
+        message
+    )
+    assert ("OfflineModeIsEnabled" if hub == "offline" else "ConnectError") in message
+    assert f"not in the local Hugging Face cache {cache}" in message
+    assert "pass a local model directory" in message
+    for model in sources.KNOWN_MODELS.values():
+        assert model.name in message
+    assert not cache.exists()  # nothing was written into the HF cache
+    assert not (tmp_path / "models").exists()
+
+
+def test_resolve_hugging_face_id_from_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id the Hub cannot be asked about resolves to its cached snapshot of ``main``."""
+    cache = _hub_cache(tmp_path, monkeypatch, offline=True)
+    repo = cache / "models--org--cached-model"
+    old, new = "1" * 40, "2" * 40
+    for commit in (old, new):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    assert sources.resolve("org/cached-model", cache_dir=tmp_path) == str(repo / "snapshots" / new)
+    with pytest.raises(ValueError, match="could not be fetched"):  # no config.json: not a model
+        sources.resolve("org/other-model", cache_dir=tmp_path)
+
+
+def test_cli_hugging_face_id_not_fetchable_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcsd.cli import main
+
+    _hub_cache(tmp_path, monkeypatch, offline=True)
+    assert main(["generate", "x", "--target", "mcsd-no-such-org/no-such-model"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("mcsd generate: error: 'mcsd-no-such-org/no-such-model' could not")
+    assert not any("Traceback" in line for line in lines)
 
 
 @pytest.mark.parametrize(
