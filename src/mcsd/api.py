@@ -132,7 +132,7 @@ def load_pair(
     on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward
     is mostly small kernels)."""
     from mcsd.models.factory import check_options, parse_device, runtime_kind
-    from mcsd.models.sources import DEFAULT_DRAFT, DEFAULT_TARGET
+    from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")

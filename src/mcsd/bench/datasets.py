@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mcsd.models.sources import cache_dir, pip_download
+from mcsd.sources import cache_dir, pip_download
 
 Downloader = Callable[[str, str, Path], None]  # (PyPI package, version, wheels dir) -> None
 

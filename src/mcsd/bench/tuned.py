@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mcsd.models.sources import cache_dir
+from mcsd.sources import cache_dir
 
 FILENAME = "tuned.json"
 

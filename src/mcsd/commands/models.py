@@ -4,14 +4,14 @@
     mcsd models fetch NAME [NAME ...]    download, verify and convert; prints each directory
     --cache-dir DIR                      cache root (default $MCSD_CACHE, else ~/.cache/mcsd)
 
-See ``mcsd.models.sources`` for the cache layout. Importing this module stays cheap (no torch).
+See ``mcsd.sources.cache`` for the cache layout. Importing this module stays cheap (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from mcsd.models import sources
+from mcsd import sources
 
 _ROLES = {"target": "target", "draft": "draft", "test": "tests"}
 

@@ -1,1 +1,1 @@
-"""Model adapters: the SpecModel protocol, Hugging Face models, toy table models, weight sources."""
+"""Model adapters: the SpecModel protocol, Hugging Face models, toy table models."""

