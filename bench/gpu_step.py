@@ -152,20 +152,21 @@ def static_model(model, **kwargs):
 
 def forward_ms(m, n: int, cache: int = CONTEXT) -> float:
     """One forward of n tree tokens (a (n-1)-node chain under the root) after ``cache``."""
-    from mcsd.models.base import causal_mask
+    from mcsd.models.base import chain_mask
 
     vocab = m.vocab_size
     m.reset()
     ids = torch.tensor([prompt_ids(vocab, cache + n)], device="cuda")
     m.forward(
-        ids[:, :cache], torch.arange(cache, device="cuda")[None], causal_mask(1, 0, cache, "cuda")
+        ids[:, :cache], torch.arange(cache, device="cuda")[None], chain_mask(cache, 0, "cuda")
     )
+    m.commit()
     tokens, positions = ids[:, cache:], torch.arange(cache, cache + n, device="cuda")[None]
-    mask = causal_mask(1, cache, n, "cuda").contiguous()
+    mask = chain_mask(n, 0, "cuda")
 
     def fn():
         m.forward(tokens, positions, mask)
-        m.trim(cache)
+        m.commit([[]])
 
     return cuda_ms(fn)
 
@@ -186,6 +187,7 @@ def step_profile(target, draft, tree: str, steps: int = 24, rule: str = "greedy"
     """Time per full speculative step, and host synchronisations per step (``rule`` other than
     greedy: sampling at temperature 1)."""
     from mcsd.config import GREEDY, SamplingConfig, SpecConfig
+    from mcsd.draft.model import ModelProposer
     from mcsd.engine import speculative_decode
 
     vocab = min(target.vocab_size, draft.vocab_size)
@@ -194,7 +196,8 @@ def step_profile(target, draft, tree: str, steps: int = 24, rule: str = "greedy"
     prompt = prompt_ids(vocab)
     for _ in range(2):  # the first run captures every shape
         times, drafts, syncs, where = [], [], [], set()
-        gen = speculative_decode(target, draft, prompt, spec, vocab_size=vocab)
+        proposer = ModelProposer.for_spec(draft, spec, vocab)
+        gen = speculative_decode(target, proposer, prompt, spec, vocab_size=vocab)
         torch.cuda.synchronize()
         last = time.perf_counter()
         for _ in range(steps):
@@ -239,19 +242,20 @@ def profile_forward(model, n: int = 1, cache: int = CONTEXT) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from mcsd.models.base import causal_mask
+    from mcsd.models.base import chain_mask
 
     m = static_model(model, cuda_graphs=False)
     ids = torch.tensor([prompt_ids(m.vocab_size, cache + n)], device="cuda")
     m.forward(
-        ids[:, :cache], torch.arange(cache, device="cuda")[None], causal_mask(1, 0, cache, "cuda")
+        ids[:, :cache], torch.arange(cache, device="cuda")[None], chain_mask(cache, 0, "cuda")
     )
+    m.commit()
     tokens, positions = ids[:, cache:], torch.arange(cache, cache + n, device="cuda")[None]
-    mask = causal_mask(1, cache, n, "cuda").contiguous()
+    mask = chain_mask(n, 0, "cuda")
 
     def fn():
         m.forward(tokens, positions, mask)
-        m.trim(cache)
+        m.commit([[]])
 
     for _ in range(3):
         fn()
@@ -286,8 +290,9 @@ def check_graphs() -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mcsd.config import GREEDY, SpecConfig
+    from mcsd.draft.model import ModelProposer
     from mcsd.engine import speculative_decode
-    from mcsd.models.base import causal_mask
+    from mcsd.models.base import chain_mask
     from mcsd.models.hf import HFModel
 
     config = Qwen2Config(
@@ -304,14 +309,15 @@ def check_graphs() -> dict:
     a, b = HFModel(target), static_model(target)
     worst = 0.0
     for m in (a, b):
-        m.forward(
-            seq[:, :200], torch.arange(200, device="cuda")[None], causal_mask(1, 0, 200, "cuda")
-        )
+        m.forward(seq[:, :200], torch.arange(200, device="cuda")[None], chain_mask(200, 0, "cuda"))
+        m.commit()
     for cache in range(200, 290, 9):
         n = 9
         args = (seq[:, cache : cache + n], torch.arange(cache, cache + n, device="cuda")[None])
-        mask = causal_mask(1, cache, n, "cuda")
+        mask = chain_mask(n, 0, "cuda")
         worst = max(worst, float((a.forward(*args, mask) - b.forward(*args, mask)).abs().max()))
+        a.commit()
+        b.commit()
     prompt = seq[0, :20].tolist()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,9 +327,8 @@ def check_graphs() -> dict:
         )[0, 20:].tolist()  # fmt: skip
     spec = SpecConfig(tree="4,2,2", target=GREEDY, max_new_tokens=100)
     out = []
-    for s in speculative_decode(
-        static_model(target), static_model(draft), prompt, spec, vocab_size=512
-    ):
+    proposer = ModelProposer.for_spec(static_model(draft), spec, 512)
+    for s in speculative_decode(static_model(target), proposer, prompt, spec, vocab_size=512):
         out += s.tokens
     return {"max_logit_diff_fp32": worst, "greedy_equal": out == ref, "captures": b.graph_captures}
 

@@ -1,10 +1,10 @@
 """Where does one speculative step's time go on this machine? (a script, not a test)
 
-Wraps the model adapters' ``forward`` / ``compact`` with timers and runs mcsd's engine on real
+Wraps the model adapters' ``forward`` / ``commit`` with timers and runs mcsd's engine on real
 prompts, then splits the mean step time into: draft forwards (inside transformers), target
 forward, KV compaction, and the rest (the engine's own work: tensor set-up, warping, sampling,
 verification, bookkeeping). Also times the pieces of a transformers forward that are not matmuls
-by comparing with a forward of the same model on the same tokens through ``model.model`` alone.
+by comparing with a forward of the same model on the same tokens through ``hf_model`` alone.
 
 python bench/profile_cpu_step.py --tree 1,1,1,1 --tree 2,1,1 --tokens 64 --threads 1
 """
@@ -23,6 +23,7 @@ import torch
 from mcsd.api import encode_prompt, load_pair
 from mcsd.bench.datasets import load_dataset
 from mcsd.config import GREEDY, SpecConfig
+from mcsd.draft.model import ModelProposer
 from mcsd.engine import speculative_decode
 from mcsd.models.hf import HFModel
 
@@ -30,15 +31,16 @@ PROMPTS = ("humaneval", "mt-bench")
 
 
 def instrument(totals: dict[str, float], counts: dict[str, int]) -> None:
-    """Time HFModel.forward / compact per model (the pair's target and draft are told apart by
+    """Time HFModel.forward / commit per model (the pair's target and draft are told apart by
     their vocabulary-independent size: number of layers)."""
 
     def wrap(name: str, function):
         def timed(self, *args, **kwargs):
-            kind = "prefill" if name == "forward" and self.cache_length == 0 else name
+            empty = self.cache_lengths()[0] == 0 and self.pending_length == 0
+            kind = "prefill" if name == "forward" and empty else name
             started = time.perf_counter()
             result = function(self, *args, **kwargs)
-            key = f"{kind}[{self.model.config.num_hidden_layers} layers]"
+            key = f"{kind}[{self.hf_model.config.num_hidden_layers} layers]"
             totals[key] += time.perf_counter() - started
             counts[key] += 1
             return result
@@ -46,7 +48,7 @@ def instrument(totals: dict[str, float], counts: dict[str, int]) -> None:
         return timed
 
     HFModel.forward = wrap("forward", HFModel.forward)
-    HFModel.compact = wrap("compact", HFModel.compact)
+    HFModel.commit = wrap("commit", HFModel.commit)
 
 
 def main() -> None:
@@ -63,9 +65,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     pair = load_pair(progress=False)
     if args.draft_vocab or args.draft_int8:
-        from mcsd.bench.cheap_draft import cheap_draft
-
-        pair = cheap_draft(pair, vocab=args.draft_vocab, int8=args.draft_int8)
+        pair = pair.with_cheap_draft(vocab=args.draft_vocab, int8=args.draft_int8)
     prompts = [
         encode_prompt(pair.tokenizer, q.turns[0], chat=True)
         for name in PROMPTS
@@ -77,10 +77,9 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, {len(prompts)} prompts, {args.tokens} tokens")
     for tree in args.tree or ["1,1,1,1"]:
         spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=args.tokens)
+        proposer = ModelProposer.for_spec(pair.draft, spec, pair.vocab_size)
         list(
-            speculative_decode(
-                pair.target, pair.draft, prompts[0], spec, vocab_size=pair.vocab_size
-            )
+            speculative_decode(pair.target, proposer, prompts[0], spec, vocab_size=pair.vocab_size)
         )
         totals.clear()
         counts.clear()
@@ -92,7 +91,7 @@ def main() -> None:
                 profiler.enable()
             started = time.perf_counter()
             run = speculative_decode(
-                pair.target, pair.draft, prompt, spec, vocab_size=pair.vocab_size
+                pair.target, proposer, prompt, spec, vocab_size=pair.vocab_size
             )
             for step in run:
                 steps += 1

@@ -20,10 +20,9 @@ import time
 
 import torch
 
-from mcsd.config import RULES_WITHOUT_REPLACEMENT
 from mcsd.sampling import sample_candidates
 from mcsd.tree import ROOT, TokenTree
-from mcsd.verify import verify_node, verify_tree
+from mcsd.verify import get_rule, verify_node, verify_tree
 
 RULES = ("mcss", "mcss-wor", "kseq", "optimal", "traversal")
 
@@ -69,7 +68,7 @@ def main() -> None:
     tree_q = torch.stack([r[1] for r in rows])
     results = {}
     for rule in RULES:
-        replacement = rule not in RULES_WITHOUT_REPLACEMENT
+        replacement = get_rule(rule).replacement
         candidates = sample_candidates(
             q, args.k, replacement=replacement, generator=device_generator
         )

@@ -1,9 +1,24 @@
-"""Fixtures shared by several test files."""
+"""Fixtures and builders shared by several test files (import the builders with
+``from conftest import ...``; pytest puts this directory on ``sys.path``).
+
+- ``tiny_causal_lm``: a tiny random transformers causal LM (Qwen2 or Llama), with a sharpened
+  head so that greedy argmaxes are far from ties;
+- ``save_tiny_lm``: the same, saved with a tokenizer into a directory ``load_pair`` can load;
+- ``greedy_reference``: transformers' own greedy ``generate()``, the reference mcsd must match;
+- ``spec_decode``: the tokens of one speculative generation through the engine, with the
+  draft-model proposer.
+"""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+
+ARCHITECTURES = ("qwen2", "llama")
 
 
 @pytest.fixture
@@ -14,3 +29,99 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_causal_lm(
+    arch: str = "qwen2",
+    *,
+    seed: int = 0,
+    vocab: int = 96,
+    layers: int = 2,
+    hidden: int = 64,
+    attn: str = "sdpa",
+    max_positions: int = 256,
+    sharpen: float | None = 8.0,
+    **config: Any,
+) -> Any:
+    """A random ``arch`` model (float32, eval mode) of ``layers`` layers, 4 heads, 2 KV heads.
+    ``sharpen`` scales the output head: random init is nearly uniform, and a sharper head puts
+    greedy argmaxes far from ties. ``config`` overrides any config field."""
+    import transformers
+
+    classes = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }
+    config_class, model_class = classes[arch]
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        attn_implementation=attn,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config_class(**(fields | config))).eval()
+    if sharpen is not None:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(sharpen)
+    return model
+
+
+def save_tiny_lm(directory: Path, tokenizer: Any, **options: Any) -> Path:
+    """``tiny_causal_lm(**options)`` sized to ``tokenizer``, its special tokens set from it,
+    saved with the tokenizer into ``directory``."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    model = tiny_causal_lm(
+        vocab=len(tokenizer),
+        eos_token_id=eos,
+        bos_token_id=bos,
+        pad_token_id=eos,
+        **options,
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def greedy_reference(
+    model: Any, prompt: list[int], new_tokens: int, *, eos: tuple[int, ...] = ()
+) -> list[int]:
+    """transformers' greedy ``generate()``: exactly ``new_tokens`` tokens, or up to the first
+    of ``eos`` when given."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stops: dict[str, Any] = (
+            dict(eos_token_id=list(eos), pad_token_id=eos[0])
+            if eos
+            else dict(min_new_tokens=new_tokens)
+        )
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            **stops,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def spec_decode(target: Any, draft: Any, prompt: list[int], spec: Any, vocab: int, **kw: Any):
+    """The steps of one speculative generation (``ModelProposer`` around ``draft``)."""
+    from mcsd.draft.model import ModelProposer
+    from mcsd.engine import speculative_decode
+
+    proposer = ModelProposer.for_spec(draft, spec, vocab)
+    return speculative_decode(target, proposer, prompt, spec, vocab_size=vocab, **kw)
+
+
+def spec_tokens(target: Any, draft: Any, prompt: list[int], spec: Any, vocab: int) -> list[int]:
+    """The tokens of one speculative generation."""
+    return [t for step in spec_decode(target, draft, prompt, spec, vocab) for t in step.tokens]

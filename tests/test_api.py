@@ -6,10 +6,8 @@ inputs a user can give: each must be one clear error, never a stack trace from t
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
-import torch
+from conftest import greedy_reference
 
 from mcsd import cli
 from mcsd.api import (
@@ -38,15 +36,9 @@ def test_greedy_text_prompt_matches_target_generate(pair) -> None:
     result = generate(
         pair, "def reverse(s):", SpecConfig(tree="2,2,2", target=GREEDY, max_new_tokens=24)
     )
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = pair.target.model.generate(
-            torch.tensor([result.prompt_ids]),
-            attention_mask=torch.ones(1, len(result.prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=24,
-            eos_token_id=list(pair.eos_token_ids),
-        )[0, len(result.prompt_ids) :].tolist()
+    reference = greedy_reference(
+        pair.target.hf_model, result.prompt_ids, 24, eos=pair.eos_token_ids
+    )
     assert result.token_ids == reference
     assert result.stats.steps < len(result.token_ids)  # speculation accepted something
 
@@ -57,7 +49,9 @@ def test_stream_chunks_add_up_to_generate(pair) -> None:
     whole = generate(pair, "Once upon a time", spec)
     assert "".join(c.text for c in chunks) == whole.text
     assert [t for c in chunks for t in c.token_ids] == whole.token_ids
-    assert chunks[-1].finish_reason in ("stop", "length")
+    ended = "stop" if whole.token_ids[-1] in pair.eos_token_ids else "length"
+    assert chunks[-1].finish_reason == whole.finish_reason == ended
+    assert ended == "stop" or len(whole.token_ids) == 20
     assert all(c.finish_reason is None for c in chunks[:-1])
 
 
@@ -136,7 +130,9 @@ def test_cli_rejects_bad_options_before_loading(argv, message, capsys) -> None:
 
 
 def test_static_cache_pair_matches_the_dynamic_one(pair) -> None:
-    static = load_pair(SMOL, SMOL, dtype="float32", device="cpu", static_cache=True, progress=False)
+    static = load_pair(
+        SMOL, SMOL, dtype="float32", device="cpu", runtime="hf-static", progress=False
+    )
     from mcsd.models.static import StaticHFModel
 
     assert isinstance(static.target, StaticHFModel) and isinstance(static.draft, StaticHFModel)
@@ -148,8 +144,9 @@ def test_static_cache_pair_matches_the_dynamic_one(pair) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"compile": "draft"}, "needs static_cache=True"),
-        ({"compile": "yes", "static_cache": True}, "compile must be one of none, draft, all"),
+        ({"compile": "draft"}, "compile needs a runtime that compiles"),
+        ({"compile": "yes", "runtime": "hf-static"}, "compile must be one of none, draft, all"),
+        ({"runtime": "fastest"}, "runtime must be one of auto, hf, hf-static"),
     ],
 )
 def test_load_pair_rejects_bad_fast_path_options(kwargs, message) -> None:
@@ -158,9 +155,9 @@ def test_load_pair_rejects_bad_fast_path_options(kwargs, message) -> None:
 
 
 def test_load_model_rejects_compile_without_static_cache() -> None:
-    with pytest.raises(ValueError, match="compile=True needs static_cache=True"):
+    with pytest.raises(ValueError, match="compile needs a runtime that compiles"):
         load_model(SMOL, compile=True)
-    with pytest.raises(ValueError, match="max_length sizes the static cache"):
+    with pytest.raises(ValueError, match="max_length sizes a static cache"):
         load_model(SMOL, max_length=256)
 
 

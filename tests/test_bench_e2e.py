@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_tiny_lm
 
 from mcsd.cli import main
 
@@ -42,26 +42,16 @@ def tiny_tokenizer():
 
 
 def tiny_model(directory: Path, tokenizer, seed: int, layers: int) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    return save_tiny_lm(
+        directory,
+        tokenizer,
+        seed=seed,
+        layers=layers,
+        hidden=32,
+        max_positions=512,
+        sharpen=None,
         tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
     )
-    model = Qwen2ForCausalLM(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +74,10 @@ def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys, monkeypatch)
     target, draft, prompts = tiny_pair
     out = tmp_path / "out"
     monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))  # the +fr token ranking goes there
-    monkeypatch.setattr("mcsd.bench.cheap_draft.CORPUS_CHARS", 20_000)
+    monkeypatch.setattr("mcsd.models.frequent.CORPUS_CHARS", 20_000)
     methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2", "tree:2,1+fr=100", "sps:2+int8"]
     models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
-    run = ["--dataset", str(prompts), "--turns", "2", "--max-new-tokens", "8"]
+    run = ["--dataset", str(prompts), "--turns", "2", "--max-new-tokens", "8", "--temperature", "0"]
     quiet = ["--warmup-tokens", "2", "--no-progress", "--out", str(out)]
     code = main(["bench", *models, *run, *quiet, "--methods", *methods])
     assert code == 0
@@ -131,6 +121,7 @@ def test_bench_static_cache_and_hf_static(tiny_pair, tmp_path: Path, capsys) -> 
     out = tmp_path / "out"
     models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
     run = ["--dataset", str(prompts), "--n", "1", "--max-new-tokens", "8", "--static-cache"]
+    run += ["--temperature", "0"]
     methods = ["hf-static", "ar", "sps:2", "tree:2,2"]
     quiet = ["--warmup-tokens", "2", "--no-progress", "--no-plots", "--out", str(out)]
     code = main(["bench", *models, *run, *quiet, "--methods", *methods])
@@ -145,27 +136,38 @@ def test_bench_static_cache_and_hf_static(tiny_pair, tmp_path: Path, capsys) -> 
     assert pooled["hf-static"]["mean_accepted_length"] == 1.0
 
 
-def test_bench_cheap_drafts_refuse_the_static_cache(tmp_path: Path, capsys) -> None:
-    argv = ["bench", "--static-cache", "--methods", "sps:2+int8", "--out", str(tmp_path)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "run on the dynamic cache only" in err and "Traceback" not in err
+def test_bench_cheap_drafts_on_the_static_cache(tiny_pair, tmp_path: Path, monkeypatch) -> None:
+    """+int8 / +fr drafts keep the pair's runtime (here the static cache), still lossless."""
+    target, draft, prompts = tiny_pair
+    monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("mcsd.models.frequent.CORPUS_CHARS", 20_000)
+    out = tmp_path / "out"
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--n", "1", "--max-new-tokens", "8", "--static-cache"]
+    run += ["--temperature", "0"]
+    methods = ["ar", "sps:2+int8", "tree:2,1+fr=100"]
+    quiet = ["--warmup-tokens", "2", "--no-progress", "--no-plots", "--out", str(out)]
+    assert main(["bench", *models, *run, *quiet, "--methods", *methods]) == 0
+    pooled = json.loads((out / "summary.json").read_text())["results"]["all"]
+    for name in methods:
+        assert pooled[name]["equal_rate"] == 1.0, name
 
 
 def test_bench_compile_needs_static_cache(tmp_path: Path, capsys) -> None:
     code = main(["bench", "--compile", "draft", "--methods", "ar", "--out", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--compile draft needs --static-cache" in err and "Traceback" not in err
+    assert "--compile draft needs --runtime hf-static" in err and "Traceback" not in err
 
 
 def test_bench_rejects_bad_method_before_loading(tmp_path: Path, capsys) -> None:
-    code = main(["bench", "--methods", "tree:2,2:mcss", "--out", str(tmp_path)])  # greedy + mcss
+    argv = ["bench", "--methods", "tree:2,2:mcss", "--temperature", "0", "--out", str(tmp_path)]
+    code = main(argv)  # greedy + mcss
     assert code == 2
     assert "needs a sampling target" in capsys.readouterr().err
 
 
-def test_tune_saves_the_fastest_tree(tiny_pair, tmp_path: Path, monkeypatch) -> None:
+def test_tune_saves_the_fastest_tree(tiny_pair, tmp_path: Path, monkeypatch, capsys) -> None:
     target, draft, prompts = tiny_pair
     monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))
     models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
@@ -178,5 +180,10 @@ def test_tune_saves_the_fastest_tree(tiny_pair, tmp_path: Path, monkeypatch) -> 
     assert "ar" in sweep["measured"]
     tuned = json.loads((tmp_path / "cache" / "tuned.json").read_text())
     ((key, entry),) = tuned.items()
-    assert key.startswith(f"{target}|{draft}|cpu|float32|greedy")
+    assert key == f"{target}|{draft}|cpu|float32|hf"
     assert entry["source"] == "measured" and entry["tree"]
+    # generate uses it when --tree is not given, and says so first
+    capsys.readouterr()
+    code = main(["generate", "def f(x):", *models, "--max-new-tokens", "4", "--temperature", "0"])
+    assert code == 0
+    assert f"tree {entry['tree']} saved by mcsd tune" in capsys.readouterr().err.splitlines()[0]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mcsd.bench.datasets import Question
-from mcsd.bench.methods import Generation, _ForwardLog, parse_method
+from mcsd.bench.methods import Generation, parse_method
 from mcsd.bench.report import (
     ALL,
     method_slug,
@@ -25,6 +25,7 @@ from mcsd.bench.report import (
     write_results,
 )
 from mcsd.bench.runner import Answer, turn_seed
+from mcsd.models.hf_baselines import _ForwardLog
 from mcsd.stats import StepRecord
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import spec_decode, tiny_causal_lm
 
 from mcsd.bench import sweep
-from mcsd.bench.tuned import save_tuned, tuned_key, tuned_tree
+from mcsd.bench.tuned import save_tuned, tuned_entry, tuned_key, tuned_key_for
 from mcsd.config import GREEDY, SpecConfig
-from mcsd.engine import autoregressive_decode, speculative_decode
+from mcsd.engine import autoregressive_decode
 from mcsd.tree import TokenTree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,44 +53,45 @@ def test_cost_model() -> None:
 
 def test_simulation_matches_the_engine() -> None:
     """AL predicted from draft ranks equals the engine's, for several shapes (toy HF models)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from mcsd.models.hf import HFModel
 
     def model(seed: int, layers: int) -> HFModel:
-        torch.manual_seed(seed)
-        config = Qwen2Config(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-        return HFModel(Qwen2ForCausalLM(config).float())
+        return HFModel(tiny_causal_lm(seed=seed, layers=layers, vocab=64, hidden=32, sharpen=None))
 
     target, draft = model(0, 2), model(0, 1)  # same embeddings: the draft is often right
     prompt = [3, 14, 15, 9, 26]
     answer = [s.tokens[0] for s in autoregressive_decode(target, prompt, GREEDY, 40, vocab_size=64)]
     ranks = sweep.draft_ranks(draft, prompt, answer, 64)
-    assert len(ranks) == 40 and min(ranks) >= 0
+    with torch.no_grad():  # the ranks straight from the model's own forward
+        logits = draft.hf_model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+    chosen = logits.gather(1, torch.tensor(answer)[:, None])  # [T, 1]
+    assert ranks == (logits > chosen).sum(dim=1).tolist()
+    assert 0 in ranks and max(ranks) > 0  # the draft is right sometimes, not always
     for shape in ("1", "1,1,1", "2,1", "3,2,1", [[0], [1], [0, 0], [2], [0, 1]]):
         tree = TokenTree.parse(shape)
         spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=40)
-        steps = list(speculative_decode(target, draft, prompt, spec, vocab_size=64))
+        steps = list(spec_decode(target, draft, prompt, spec, 64))
         assert [t for s in steps for t in s.tokens] == answer
         assert sweep.simulate(tree, [ranks]).steps == len(steps), shape
 
 
 def test_tuned_defaults_round_trip(tmp_path) -> None:
-    key = tuned_key("t", "d", "cuda:1", "bfloat16", greedy=True)
-    assert key == "t|d|cuda|bfloat16|greedy"
-    assert tuned_tree("t", "d", "cuda", "bfloat16", True, cache=tmp_path) is None
+    key = tuned_key("t", "d", "cuda:1", "torch.bfloat16", "hf-static")
+    assert key == "t|d|cuda|bfloat16|hf-static"
+    assert tuned_entry(key, cache=tmp_path) is None
     save_tuned(key, {"tree": "2,1,1"}, cache=tmp_path)
-    save_tuned(tuned_key("t", "d", "cpu", "bfloat16", False), {"tree": "4,2"}, cache=tmp_path)
-    assert tuned_tree("t", "d", "cuda:0", "bfloat16", True, cache=tmp_path) == "2,1,1"
-    assert tuned_tree("t", "d", "cpu", "bfloat16", False, cache=tmp_path) == "4,2"
+    save_tuned(tuned_key("t", "d", "cpu", "bfloat16", "hf"), {"tree": "4,2"}, cache=tmp_path)
+    assert tuned_entry(key, cache=tmp_path)["tree"] == "2,1,1"
+    assert tuned_entry("t|d|cpu|bfloat16|hf", cache=tmp_path)["tree"] == "4,2"
     (tmp_path / "tuned.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
-        tuned_tree("t", "d", "cpu", "bfloat16", False, cache=tmp_path)
+        tuned_entry(key, cache=tmp_path)
+
+
+def test_tuned_key_resolves_the_command_line_defaults() -> None:
+    from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    key = tuned_key_for(None, None, "cpu", "float32", "auto")
+    assert key == f"{DEFAULT_TARGET}|{DEFAULT_DRAFT}|cpu|float32|hf"
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        tuned_key_for(None, None, "cpu", "float32", "tpu-magic")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mcsd.config import GREEDY, RULES, SamplingConfig, SpecConfig, check_rule
+from mcsd.config import GREEDY, SamplingConfig, SpecConfig
 from mcsd.tree import TokenTree
+from mcsd.verify import RULES, get_rule
 
 SAMPLING = SamplingConfig(temperature=0.8)
 
@@ -51,9 +52,9 @@ def test_sampling_config_is_frozen() -> None:
 # ---------------------------------------------------------------- rules
 def test_check_rule() -> None:
     for rule in RULES:
-        assert check_rule(rule) == rule
+        assert get_rule(rule).name == rule
     with pytest.raises(ValueError, match="rule must be one of sps, mcss, mcss-wor, topk"):
-        check_rule("typical")
+        get_rule("typical")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Whole-engine losslessness: toy table LMs through the real decoding loop.
 
 Every rule on every tree shape it applies to: the distribution of generated 3-token sequences
-must equal the exact target distribution (chi-square + total variation, mcsd.check's helper).
+must equal the exact target distribution (chi-square + total variation, mcsd.checks' helper).
 3,000 seeded generations per case keep the file near two minutes on 2 cores; the same helper
 with the same count rejects a deliberately broken engine (test_wrong_engine_is_caught), and
 ``mcsd check --engine --trials 100000`` runs the full-size check (results in docs/).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from mcsd import engine
-from mcsd.enginecheck import EngineCase, engine_cases, run_engine_case
+from mcsd.checks.engine import EngineCase, engine_cases, run_engine_case
+from mcsd.draft.model import ModelProposer
 
 TRIALS = 3000
 
@@ -32,26 +32,26 @@ def test_engine_output_is_target_distribution(case: EngineCase) -> None:
 def test_wrong_engine_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """Draw candidates without replacement but verify them with the iid rule (mcss): a classic
     mismatch between drafting and verification. The same test must reject it."""
-    original = engine._Drafter.__init__
+    original = ModelProposer.__init__
 
     def without_replacement(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.replacement = False
 
-    monkeypatch.setattr(engine._Drafter, "__init__", without_replacement)
+    monkeypatch.setattr(ModelProposer, "__init__", without_replacement)
     result = run_engine_case(EngineCase("mcss", "4,2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 
 
 def test_greedy_draft_with_sampled_verification_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The paper code's bias: a deterministic (top-k) draft verified as if sampled from q."""
-    original = engine._Drafter.__init__
+    original = ModelProposer.__init__
 
     def deterministic(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.deterministic = True
 
-    monkeypatch.setattr(engine._Drafter, "__init__", deterministic)
+    monkeypatch.setattr(ModelProposer, "__init__", deterministic)
     result = run_engine_case(EngineCase("mcss", "2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 
@@ -59,15 +59,15 @@ def test_greedy_draft_with_sampled_verification_is_caught(monkeypatch: pytest.Mo
 def test_wrong_batched_verifier_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The device verifier with mcss-wor's q update left out (the iid rule applied to draws
     without replacement) must fail the same test."""
-    from mcsd import verify_batched
+    from mcsd.verify import device
 
-    original = verify_batched.SampledTreeVerifier.__init__
+    original = device.SampledTreeVerifier.__init__
 
     def with_replacement(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.without_replacement = False
 
-    monkeypatch.setattr(verify_batched.SampledTreeVerifier, "__init__", with_replacement)
+    monkeypatch.setattr(device.SampledTreeVerifier, "__init__", with_replacement)
     case = EngineCase("mcss-wor", "4,2,2", device_verify=True)
     result = run_engine_case(case, TRIALS, seed=1)
     assert not result.fit.passed, result.fit
@@ -80,3 +80,14 @@ def test_check_command_engine_mode(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "sps tree=1,1,1" in out and "sps tree=1,1,1 device-verify" in out
     assert "passed 2 engine checks" in out  # the host walk and the device verifier
+
+
+def test_wrong_one_hot_device_verifier_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """topk's device verifier leaving a rejected candidate in p (accept the next one with its
+    unconditional p(c), correct from p itself) must fail the same test."""
+    from mcsd.verify import device
+
+    monkeypatch.setattr(device, "one_hot_reject", lambda p, c: p)
+    case = EngineCase("topk", "4,2,2", device_verify=True)
+    result = run_engine_case(case, TRIALS, seed=1)
+    assert not result.fit.passed, result.fit

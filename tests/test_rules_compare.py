@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcsd.capture import load_pairs
-from mcsd.check import exact_outcome
+from mcsd.checks.capture import load_pairs
+from mcsd.checks.compare import RULES_BY_SCHEME, acceptance, compare, markdown, random_pairs
+from mcsd.checks.node import exact_outcome
 from mcsd.commands import check as check_command
-from mcsd.compare import RULES_BY_SCHEME, acceptance, compare, markdown, random_pairs
-from mcsd.optimal import alpha_star
+from mcsd.verify.optimal import alpha_star
 
 CAPTURED = Path(__file__).parent / "data" / "qwen_pairs.pt"
 

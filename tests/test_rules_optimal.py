@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from mcsd.check import RULE_SCHEME, candidate_tuples, exact_outcome
-from mcsd.config import RULES
-from mcsd.optimal import (
+from mcsd.checks.node import RULE_SCHEME, candidate_tuples, exact_outcome
+from mcsd.verify import RULE_NAMES as RULES
+from mcsd.verify.optimal import (
     MAX_ATOMS,
     _take_window,
     alpha_star,

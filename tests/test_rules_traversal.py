@@ -17,7 +17,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from mcsd.check import goodness_of_fit
+from mcsd.checks.node import goodness_of_fit
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import verify_tree
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from mcsd.check import candidate_tuples, goodness_of_fit
+from mcsd.checks.node import candidate_tuples, goodness_of_fit
 from mcsd.config import SamplingConfig
 from mcsd.sampling import draw_children, sample, sample_candidates, warp
 

@@ -1,7 +1,7 @@
 """The static-cache adapter (mcsd.models.static) against the DynamicCache adapter (float32, CPU).
 
-- the same forwards (prefill, padded tree forward, compaction, chain, trim) give the same logits
-  to 1e-5, under "sdpa" and "eager", for tiny random Qwen2 and Llama;
+- the same forwards (prefill, padded tree forward, commit, chain, dropped block, ragged rows)
+  give the same logits to 1e-5, under "sdpa" and "eager", for tiny random Qwen2 and Llama;
 - through the engine: greedy output equals ``generate()`` and the DynamicCache adapter's, and a
   seeded sampling run commits the same tokens, across attention-block boundaries and up to the
   very end of the cache (where padding no longer fits);
@@ -12,15 +12,14 @@ the lowest supported one. CUDA graphs are exercised by bench/gpu_step.py on the 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from test_hf_adapter import ARCHITECTURES, VOCAB, tiny_model
+from conftest import ARCHITECTURES, greedy_reference, spec_tokens
+from test_hf_adapter import VOCAB, tiny_model, tree_block
 
 from mcsd.config import GREEDY, SamplingConfig, SpecConfig
-from mcsd.engine import autoregressive_decode, speculative_decode
-from mcsd.models.base import causal_mask
+from mcsd.engine import autoregressive_decode
+from mcsd.models.base import chain_mask
 from mcsd.models.hf import HFModel
 from mcsd.models.static import StaticHFModel, bucket
 from mcsd.tree import TokenTree
@@ -45,56 +44,70 @@ def test_same_logits_as_dynamic_cache(arch: str, attn: str) -> None:
     dynamic, fixed = HFModel(model), static(model)
     seq = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
     tree = TokenTree.from_config((2, 2))
-    tree_mask = torch.zeros(7, 7, dtype=torch.bool)
-    tree_mask[:, 0] = True
-    tree_mask[1:, 1:] = tree.ancestor_mask()
+    block = tree_block(tree)
 
     def both(tokens, positions, mask):
         a = dynamic.forward(tokens, positions, mask)
         b = fixed.forward(tokens, positions, mask)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-        assert dynamic.cache_length == fixed.cache_length
+        assert dynamic.pending_length == fixed.pending_length
         return b
 
-    both(seq[:, :12], torch.arange(12)[None], causal_mask(1, 0, 12, "cpu"))  # exact path
-    for cache in (12, 15, 18):  # tree forwards padded 7 -> 8, compacted to 2 accepted nodes
+    def commit(keep):
+        for m in (dynamic, fixed):
+            m.commit(keep)
+        assert dynamic.cache_lengths() == fixed.cache_lengths()
+
+    both(seq[:, :12], torch.arange(12)[None], chain_mask(12))  # exact path
+    commit(None)
+    for cache in (12, 15, 18):  # tree forwards padded 7 -> 8, committing 2 accepted nodes
         nodes = torch.tensor([3, seq[0, cache + 1], 7, 11, 5, seq[0, cache + 2]])
         tokens = torch.cat([seq[0, cache : cache + 1], nodes])[None]  # [1, 7]
-        mask = torch.cat([torch.ones(7, cache, dtype=torch.bool), tree_mask], 1)[None]
         positions = (cache + torch.tensor([0, *tree.depth]))[None]
-        both(tokens, positions, mask)
-        keep = torch.tensor([[cache + 1 + 1, cache + 1 + 5]])  # node 1, then its child 5
-        for m in (dynamic, fixed):
-            m.compact(cache + 1, keep)
+        both(tokens, positions, block)
+        commit([[0, 1 + 1, 1 + 5]])  # the root, node 1, then its child 5
     for cache in range(21, 24):  # single tokens (bucket 1), across an attention block
-        both(seq[:, cache : cache + 1], torch.tensor([[cache]]), causal_mask(1, cache, 1, "cpu"))
-    for m in (dynamic, fixed):
-        m.trim(10)
-    both(seq[:, 10:13], torch.arange(10, 13)[None], causal_mask(1, 10, 3, "cpu"))  # bucket 4
+        both(seq[:, cache : cache + 1], torch.tensor([[cache]]), chain_mask(1))
+        commit(None)
+    both(seq[:, 24:27], torch.arange(24, 27)[None], chain_mask(3))  # bucket 4
+    commit([[]])  # dropped
+    both(seq[:, 24:26], torch.arange(24, 26)[None], chain_mask(2))
+    commit(None)
     for m in (dynamic, fixed):
         m.reset()
-    both(seq[:, :5], torch.arange(5)[None], causal_mask(1, 0, 5, "cpu"))
+    both(seq[:, :5], torch.arange(5)[None], chain_mask(5))
 
 
-def reference_greedy(model, prompt: list[int], new: int) -> list[int]:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-        )
-    return out[0, len(prompt) :].tolist()
+def test_ragged_rows_match_the_dynamic_cache() -> None:
+    """Two rows with different committed lengths and accepted paths, both runtimes alike."""
+    model = tiny_model("llama", 0)
+    dynamic = HFModel(model, batch_size=2)
+    fixed = StaticHFModel(
+        model, max_length=96, attention_block=16, max_graph_tokens=8, batch_size=2
+    )
+    seqs = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
+    tree = TokenTree.from_config((2, 1))
+    for runtime in (dynamic, fixed):
+        runtime.forward(seqs[:, :9], torch.arange(9).expand(2, 9), chain_mask(9))
+        runtime.commit([list(range(9)), list(range(5))])
+    lengths = torch.tensor([[9], [5]])
+    tokens = torch.stack([seqs[0, 9:14], seqs[1, 5:10]])
+    offsets = torch.tensor([0, *tree.depth])
+    a = dynamic.forward(tokens, lengths + offsets, tree_block(tree))
+    b = fixed.forward(tokens, lengths + offsets, tree_block(tree))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    for runtime in (dynamic, fixed):
+        runtime.commit([[0, 2], [0, 1, 3]])
+    assert dynamic.cache_lengths() == fixed.cache_lengths() == (11, 8)
+    tokens = torch.stack([seqs[0, 11:13], seqs[1, 8:10]])
+    positions = torch.tensor([[11, 12], [8, 9]])
+    a = dynamic.forward(tokens, positions, chain_mask(2))
+    b = fixed.forward(tokens, positions, chain_mask(2))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
 def decode(target, draft, prompt, spec) -> list[int]:
-    return [
-        t
-        for s in speculative_decode(target, draft, prompt, spec, vocab_size=VOCAB)
-        for t in s.tokens
-    ]
+    return spec_tokens(target, draft, prompt, spec, VOCAB)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -102,7 +115,7 @@ def decode(target, draft, prompt, spec) -> list[int]:
 def test_greedy_engine_matches_generate(arch: str, tree) -> None:
     target_model, draft_model = tiny_model(arch, 0), tiny_model(arch, 1, layers=1)
     prompt = [3, 14, 15, 92, 65, 35]
-    reference = reference_greedy(target_model, prompt, 40)
+    reference = greedy_reference(target_model, prompt, 40)
     spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=40)
     out = decode(static(target_model), static(draft_model), prompt, spec)
     assert out == reference
@@ -129,7 +142,7 @@ def test_runs_to_the_end_of_the_cache() -> None:
     spec = SpecConfig(tree=(2, 2), target=GREEDY, max_new_tokens=100)
     out = decode(static(target_model, 32), static(draft_model, 32), prompt, spec)
     room = 32 - 8 - len(prompt) - 2  # 8 slots kept for a tree, and room for the tree depth
-    assert out == reference_greedy(target_model, prompt, room)
+    assert out == greedy_reference(target_model, prompt, room)
 
 
 def test_last_slots_without_padding() -> None:
@@ -139,10 +152,12 @@ def test_last_slots_without_padding() -> None:
     seq = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
     for start, end in ((0, 13), (13, 16)):  # 3 new tokens would pad to 4 > 16 - 13 free slots
         args = (seq[:, start:end], torch.arange(start, end)[None])
-        mask = causal_mask(1, start, end - start, "cpu")
+        mask = chain_mask(end - start)
         torch.testing.assert_close(
             fixed.forward(*args, mask), dynamic.forward(*args, mask), atol=1e-5, rtol=0
         )
+        fixed.commit()
+        dynamic.commit()
 
 
 def test_full_cache_and_sliding_window_are_refused() -> None:
@@ -151,7 +166,7 @@ def test_full_cache_and_sliding_window_are_refused() -> None:
         model.forward(
             torch.zeros(1, 13, dtype=torch.long),
             torch.arange(13)[None],
-            causal_mask(1, 0, 13, "cpu"),
+            chain_mask(13),
         )
     config = transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -166,9 +181,9 @@ def test_failed_capture_falls_back_to_eager(caplog: pytest.LogCaptureFixture) ->
     """A capture failure (here: no CUDA on this machine) logs one line and runs eagerly."""
     model = tiny_model("qwen2", 0)
     fixed = static(model)
-    fixed._use_graphs = True  # pretend to be on a GPU
-    args = (torch.tensor([[3, 14, 15]]), torch.arange(3)[None], causal_mask(1, 0, 3, "cpu"))
-    with caplog.at_level("WARNING", logger="mcsd.models.static"):
+    fixed._graphs.enabled = True  # pretend to be on a GPU
+    args = (torch.tensor([[3, 14, 15]]), torch.arange(3)[None], chain_mask(3))
+    with caplog.at_level("WARNING", logger="mcsd.models.graphs"):
         out = fixed.forward(*args)
-    assert "running eagerly from now on" in caplog.text and not fixed._use_graphs
+    assert "running eagerly from now on" in caplog.text and not fixed._graphs.enabled
     torch.testing.assert_close(out, HFModel(model).forward(*args), atol=1e-5, rtol=0)

@@ -2,8 +2,10 @@
 
 The newest 5.x is what pip installs into the test environment; the lowest (5.17, the GPU
 machine's version) has a different cache API (``past_key_values`` keyword, ``crop`` meaning).
-It is installed once with ``pip install --target`` into the mcsd cache directory and put first
-on ``PYTHONPATH`` for a subprocess running the adapter tests (``ADAPTER_TESTS``).
+``.ci/prepare`` installs it once with ``pip install --target`` beside the environment
+(``<sys.prefix>/mcsd-test-envs/transformers-<version>``); this test puts it first on
+``PYTHONPATH`` for a subprocess running the adapter tests (``ADAPTER_TESTS``). Nothing is
+installed from inside the test.
 """
 
 from __future__ import annotations
@@ -29,35 +31,20 @@ def lowest_transformers() -> str:
     return match.group(1)
 
 
-def install(version: str) -> Path:
-    cache = Path(os.environ.get("MCSD_CACHE", Path.home() / ".cache" / "mcsd"))
-    target = cache / "test-envs" / f"transformers-{version}"
-    marker = target / ".complete"
-    if not marker.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--upgrade",
-                "--target",
-                str(target),
-                f"transformers=={version}.*"
-                if version.count(".") == 1
-                else f"transformers=={version}",
-                "huggingface-hub>=1.5,<2",  # transformers 5.17 predates huggingface-hub 2
-            ],
-            check=True,
+def prepared(version: str) -> Path:
+    """The environment ``.ci/prepare`` installed for ``version`` (a clear failure if absent)."""
+    target = Path(sys.prefix) / "mcsd-test-envs" / f"transformers-{version}"
+    if not (target / ".complete").is_file():
+        pytest.fail(
+            f"transformers {version} is not prepared in {target}: run .ci/prepare in this "
+            "environment first (README command 2 does)"
         )
-        marker.write_text(version)
     return target
 
 
 def test_adapter_under_lowest_transformers() -> None:
     version = lowest_transformers()
-    site = install(version)
+    site = prepared(version)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT / "src")]))
     check = subprocess.run(
         [sys.executable, "-c", "import transformers; print(transformers.__version__)"],

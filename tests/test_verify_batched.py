@@ -1,4 +1,4 @@
-"""The device-side greedy verification (mcsd.verify_batched) equals ``verify_tree`` greedy.
+"""The device-side greedy verification (mcsd.verify.device) equals ``verify_tree`` greedy.
 
 Random trees (k-configs and random parent arrays), node tokens from a tiny vocabulary so that
 siblings often repeat a token and often match the target argmax; p is the one-hot argmax, as
@@ -15,7 +15,7 @@ import torch
 from mcsd.sampling import one_hot_argmax
 from mcsd.tree import TokenTree
 from mcsd.verify import verify_tree
-from mcsd.verify_batched import GreedyTreeVerifier
+from mcsd.verify.device import GreedyTreeVerifier
 
 
 def random_tree(rng: random.Random) -> TokenTree:
@@ -66,16 +66,18 @@ def test_all_accepted_gives_bonus() -> None:
 
 
 def test_sampled_verifier_rejects_other_rules() -> None:
-    from mcsd.verify_batched import SampledTreeVerifier
+    from mcsd.config import SamplingConfig
+    from mcsd.verify.rules import device_verifier
 
     with pytest.raises(ValueError, match="rule must be one of sps, mcss, mcss-wor"):
-        SampledTreeVerifier(TokenTree.parse("2,2"), "kseq", "cpu")
+        device_verifier(TokenTree.parse("2,2"), "kseq", "cpu", SamplingConfig(1.0))
 
 
 def test_sampled_verifier_accepts_everything_when_p_equals_one_hot_q() -> None:
     """p = q one-hot at each node's first child: every first child is accepted, the leaf's
     bonus token is p's only token there."""
-    from mcsd.verify_batched import SampledTreeVerifier
+    from mcsd.config import SamplingConfig
+    from mcsd.verify.device import SampledTreeVerifier
 
     tree = TokenTree.parse("2,1")
     n, vocab = tree.num_nodes, 5
@@ -83,5 +85,6 @@ def test_sampled_verifier_accepts_everything_when_p_equals_one_hot_q() -> None:
     p = torch.zeros(n + 1, vocab)
     p[0, 1] = p[1, 3] = p[2, 4] = p[3, 0] = p[4, 0] = 1.0  # root -> 1, node 0 -> 3, then 0
     q = p.clone()
-    result = SampledTreeVerifier(tree, "mcss-wor", "cpu")(tokens, p, q, torch.Generator())
+    verifier = SampledTreeVerifier(tree, "cpu", SamplingConfig(1.0), without_replacement=True)
+    result = verifier(tokens, p, q, torch.Generator())
     assert result.accepted == (0, 2) and result.token == 0 and result.bonus

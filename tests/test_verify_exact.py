@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from mcsd.check import RULE_SCHEME, candidate_tuples, exact_outcome
-from mcsd.config import RULES
+from mcsd.checks.node import RULE_SCHEME, candidate_tuples, exact_outcome
+from mcsd.verify import RULE_NAMES as RULES
 from mcsd.verify import node_outcome, verify_node
 
 TOLERANCE = 1e-9

@@ -1,12 +1,14 @@
 """Statistical tests: seeded Monte Carlo through the real sampling and verification code.
 
 - One node: ``sample_candidates`` (the draft top-k for topk/greedy) + ``verify_node``, counts of
-  the emitted token against p (``mcsd.check.monte_carlo``).
-- Tree walk: toy target/draft tables indexed by context (the tokens after the root), a tree
-  drafted level by level from the draft table, ``verify_tree``. The emitted tokens (accepted path
-  + correction/bonus) are completed to a fixed length L = depth + 1 with tokens sampled from the
-  target table. A lossless step followed by the target itself is the target, so the completed
-  sequences must follow prod_t p(x_t | x_<t) exactly: a chi-square over all V^L sequences.
+  the emitted token against p (``mcsd.checks.node.monte_carlo``).
+- Tree walk: toy target/draft table LMs (``mcsd.models.toy.TableLM``) indexed by context (the
+  tokens after the root), a tree drafted level by level from the draft by the engine's
+  ``ModelProposer``, p from one target forward over the tree, ``verify_tree``. The emitted tokens
+  (accepted path + correction/bonus) are completed to a fixed length L = depth + 1 with tokens
+  sampled from the target table. A lossless step followed by the target itself is the target,
+  so the completed sequences must follow prod_t p(x_t | x_<t) exactly: a chi-square over all
+  V^L sequences.
 
 Every comparison goes through ``assert_matches`` (chi-square p-value >= ALPHA, TV within a bound
 that holds with probability 1 - ALPHA, no impossible outcome), with fixed seeds.
@@ -29,14 +31,12 @@ import pytest
 import torch
 from torch import Tensor
 
-import mcsd.check as check_module
-from mcsd.check import (
+import mcsd.checks.node as check_module
+from mcsd.checks.node import (
     CASES,
-    RULE_SCHEME,
     Fit,
     acceptance_bound,
     chi_square,
-    draw_candidates,
     exact_outcome,
     goodness_of_fit,
     make_case,
@@ -45,9 +45,12 @@ from mcsd.check import (
     run_checks,
 )
 from mcsd.commands import check as check_command
-from mcsd.sampling import sample
-from mcsd.tree import ROOT, TokenTree
-from mcsd.verify import NodeResult, verify_tree
+from mcsd.config import GREEDY, SamplingConfig
+from mcsd.draft.model import ModelProposer
+from mcsd.models.toy import TableLM
+from mcsd.sampling import sample, warp
+from mcsd.tree import TokenTree
+from mcsd.verify import NodeResult, get_rule, verify_tree
 
 ALPHA = 1e-4  # per assertion; all seeded, so a pass is reproducible, not luck
 NODE_TRIALS = 20_000
@@ -98,11 +101,16 @@ def test_node_emits_target(rule: str, case: str) -> None:
 
 
 # ---------------------------------------------------------------- tree walk
+ROOT_TOKEN = 0  # the pending token every tree grows below; contexts are the tokens after it
+
+
 class ToyPair:
-    """Target and draft next-token tables, indexed by the context after the root."""
+    """Target and draft next-token tables indexed by the context after the root, as table LMs
+    (their logits are the log-probabilities)."""
 
     def __init__(self, vocab: int, depth: int, generator: torch.Generator, greedy: bool) -> None:
         self.vocab = vocab
+        self.greedy = greedy
         self.p: dict[tuple[int, ...], Tensor] = {}  # context -> [V] float64
         self.q: dict[tuple[int, ...], Tensor] = {}
         for length in range(depth + 1):
@@ -115,38 +123,28 @@ class ToyPair:
                 q = -torch.log1p(-torch.rand(vocab, generator=generator, dtype=torch.float64))
                 # half the draft mass follows the target: a draft that is right fairly often
                 self.q[context] = 0.5 * q / q.sum() + 0.5 * self.p[context]
-        if greedy:
-            self.p = {
-                c: torch.eye(vocab, dtype=torch.float64)[p.argmax()] for c, p in self.p.items()
-            }
+        self.target = TableLM(lambda context: self.p[context[1:]], vocab)
+        self.draft = TableLM(lambda context: self.q[context[1:]], vocab)
+
+    @property
+    def target_sampling(self) -> SamplingConfig:
+        return GREEDY if self.greedy else SamplingConfig(1.0)
+
+    def next_token(self, context: tuple[int, ...], generator: torch.Generator) -> int:
+        p = self.p[context]
+        return int(p.argmax()) if self.greedy else sample(p, generator)
 
     def sequence_distribution(self, length: int) -> Tensor:
         """Probability ``[V**length]`` of every token sequence (base-V index, first token most
-        significant) under the target."""
+        significant) under the (warped) target."""
         probs = torch.zeros(self.vocab**length, dtype=torch.float64)
         for index, seq in enumerate(itertools.product(range(self.vocab), repeat=length)):
             prob = 1.0
             for t in range(length):
-                prob *= float(self.p[seq[:t]][seq[t]])
+                p = self.p[seq[:t]]
+                prob *= float(p.argmax() == seq[t]) if self.greedy else float(p[seq[t]])
             probs[index] = prob
         return probs
-
-
-def draft(
-    tree: TokenTree, toy: ToyPair, scheme: str, generator: torch.Generator
-) -> tuple[list[int], list[tuple[int, ...]]]:
-    """Grow the tree level by level, each node's children drawn from q(its context). Returns the
-    node tokens ``[N]`` and the contexts of the root (row 0) and after every node (row u + 1)."""
-    tokens = [0] * tree.num_nodes
-    rows: list[tuple[int, ...]] = [()] * (tree.num_nodes + 1)
-    for node in (ROOT, *range(tree.num_nodes)):  # BFS: a node's context is known before use
-        children = tree.children(node)
-        if children:
-            drawn = draw_candidates(scheme, toy.q[rows[node + 1]], len(children), generator)
-            for child, token in zip(children, drawn.tolist(), strict=True):
-                tokens[child] = token
-                rows[child + 1] = (*rows[node + 1], token)
-    return tokens, rows
 
 
 def run_tree(
@@ -154,18 +152,36 @@ def run_tree(
 ) -> tuple[Tensor, int]:
     """Counts ``[V**L]`` of the completed emitted sequences (L = depth + 1), and the number of
     accepted tokens over all trials."""
+    record = get_rule(rule)
+    proposer = ModelProposer(
+        toy.draft,
+        tree,
+        GREEDY if record.deterministic else SamplingConfig(1.0),
+        vocab_size=toy.vocab,
+        replacement=record.replacement,
+        deterministic=record.deterministic,
+        return_q=True,
+    )
+    mask = torch.zeros(tree.num_nodes + 1, tree.num_nodes + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[1:, 1:] = tree.ancestor_mask()
+    positions = torch.tensor([[0, *tree.depth]])
     length = tree.max_depth + 1
     counts = [0] * toy.vocab**length
     accepted_tokens = 0
     for _ in range(trials):
-        tokens, rows = draft(tree, toy, RULE_SCHEME[rule], generator)
-        p = torch.stack([toy.p[c] for c in rows])  # [N+1, V]
-        q = torch.stack([toy.q[c] for c in rows])  # [N+1, V]
-        result = verify_tree(tree, torch.tensor(tokens), p, q, rule, generator)
-        emitted = [tokens[a] for a in result.accepted] + [result.token]
+        proposer.start([ROOT_TOKEN])
+        proposal = proposer.propose([ROOT_TOKEN], generator)
+        tokens = torch.cat([torch.tensor([ROOT_TOKEN]), proposal.tokens])[None]  # [1, N+1]
+        toy.target.reset()
+        p = warp(toy.target.forward(tokens, positions, mask)[0], toy.target_sampling)
+        q = proposal.q if record.reads_q else None  # [N+1, V], rows of leaves zero
+        result = verify_tree(tree, proposal.tokens, p, q, rule, generator)
+        node_tokens = proposal.tokens.tolist()
+        emitted = [node_tokens[a] for a in result.accepted] + [result.token]
         accepted_tokens += len(result.accepted)
         while len(emitted) < length:  # the target itself continues
-            emitted.append(sample(toy.p[tuple(emitted)], generator))
+            emitted.append(toy.next_token(tuple(emitted), generator))
         index = 0
         for token in emitted:
             index = index * toy.vocab + token

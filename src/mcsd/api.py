@@ -13,7 +13,7 @@ the token-level loop is ``mcsd.engine.speculative_decode``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,14 +51,17 @@ class ModelPair:
             sizes.append(len(self.tokenizer))
         return min(sizes)
 
-    def with_cheap_draft(self, *, vocab: int | None = None, int8: bool = False) -> ModelPair:
-        """A copy whose draft is int8 and/or scores only the ``vocab`` most frequent tokens
-        (``mcsd.models.cheap``; still lossless). The original draft is not modified."""
+    def with_cheap_draft(
+        self, *, vocab: int | None = None, int8: bool = False, texts: Iterable[str] | None = None
+    ) -> ModelPair:
+        """A copy whose draft is int8 and/or scores only the ``vocab`` most frequent tokens (of
+        ``texts``, default the built-in corpus; ``mcsd.models.cheap``, still lossless). The
+        original draft is not modified."""
         from mcsd.models.cheap import cheap_draft
 
         if vocab is None and not int8:
             return self
-        draft = cheap_draft(self.draft, self.tokenizer, vocab=vocab, int8=int8)
+        draft = cheap_draft(self.draft, self.tokenizer, vocab=vocab, int8=int8, texts=texts)
         notes = [*([f"top {vocab} tokens"] if vocab else []), *(["int8"] if int8 else [])]
         return replace(self, draft=draft, draft_name=f"{self.draft_name} ({', '.join(notes)})")
 

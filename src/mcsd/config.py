@@ -148,3 +148,84 @@ class SpecConfig:
                 "greedy (draft temperature 0); use rule 'topk' (deterministic candidates) instead"
             )
         return rule.name
+
+
+# ------------------------------------------------------------------ the commands' defaults
+@dataclass(frozen=True)
+class BenchDefaults:
+    """``mcsd bench`` / ``mcsd tune`` (``mcsd.bench``)."""
+
+    datasets: tuple[str, ...] = ("humaneval", "mt-bench")
+    # {tree} is the tree mcsd tune saved for the pair here, else DEFAULT_TREE
+    methods: tuple[str, ...] = (
+        "hf-ar",
+        "hf-assisted",
+        "hf-assisted:5",
+        "ar",
+        "sps:4",
+        "tree:{tree}",
+    )
+    n: int = 10  # prompts per dataset (seeded sample)
+    turns: int = 1
+    seed: int = 0  # a benchmark is reproducible unless asked otherwise
+    out: str = "bench-out"
+    warmup_tokens: int = 16  # enough to run every tree level and the verification shapes once
+    hf_static_length: int = 4096  # hf-static's cache: one shape, one compilation for all prompts
+
+
+@dataclass(frozen=True)
+class SweepDefaults:
+    """``mcsd tune`` / ``mcsd bench --sweep`` (``mcsd.bench.sweep``)."""
+
+    budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
+    verify: int = 3  # best predicted shapes run for real
+    max_depth: int = 10
+    n: int = 4  # prompts per dataset for mcsd tune
+    out: str = "tune-out"
+    chain: str = "sps:4"  # produces the reference answers (and calibrates the step overhead)
+    cost_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
+
+
+@dataclass(frozen=True)
+class ServeDefaults:
+    """``mcsd serve`` (``mcsd.server``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 64  # requests waiting behind the running one; more get 429
+    max_body_bytes: int = 16 << 20  # far beyond any context, small enough to refuse junk early
+    disconnect_poll_s: float = 0.05  # how often a waiting request checks its client is there
+    unbounded_max_tokens: int = 1 << 20  # max_tokens cap when the models declare no limit
+
+
+@dataclass(frozen=True)
+class CheckDefaults:
+    """``mcsd check`` (``mcsd.checks``)."""
+
+    seed: int = 0
+    alpha: float = 1e-6  # false-failure probability of each statistical test
+    k: int = 3
+    vocab: int = 8
+    trials: int = 100_000
+    engine_trials: int = 20_000
+    ks: tuple[int, ...] = (2, 3, 4)
+    random_pairs: int = 200
+    random_vocab: int = 50
+    samples: int = 256  # Monte Carlo chains per pair for mcss-wor with k >= 3
+    pairs: str = "tests/data/qwen_pairs.pt"  # captured by python -m mcsd.checks.capture
+
+
+@dataclass(frozen=True)
+class CaptureDefaults:
+    """``python -m mcsd.checks.capture``."""
+
+    prompts: int = 16
+    new_tokens: int = 40
+    per_prompt: int = 19
+    temperature: float = 1.0
+    top: int = 1024  # tokens kept per pair
+    seed: int = 0
+
+
+HF_STATIC_LENGTH = BenchDefaults.hf_static_length
+FREQUENT_CORPUS_CHARS = 8_000_000  # per corpus source: stable counts of the top 32k tokens

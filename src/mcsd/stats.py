@@ -103,5 +103,6 @@ class Stats:
         return (
             f"{self.new_tokens} tokens in {self.steps} steps, mean accepted length "
             f"{self.mean_accepted_length:.2f}, acceptance per depth [{per_depth}], "
-            f"draft {self.draft_time:.2f}s / target {self.target_time:.2f}s"
+            f"prefill {self.prefill_time:.2f}s, draft {self.draft_time:.2f}s / target "
+            f"{self.target_time:.2f}s"
         )

@@ -248,7 +248,11 @@ class TokenTree:
 
 def _check_size(num_nodes: int, max_nodes: int | None) -> None:
     """``max_nodes``: the caller's limit (``SpecConfig.max_tree_nodes``); None for no limit."""
-    if max_nodes is not None and num_nodes > max_nodes:
+    if max_nodes is None:
+        return
+    if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1:
+        raise ValueError(f"max_tree_nodes must be an integer >= 1, got {max_nodes!r}")
+    if num_nodes > max_nodes:
         raise ValueError(
             f"tree has {num_nodes} nodes, more than the limit max_tree_nodes={max_nodes}"
         )

@@ -6,46 +6,39 @@ Method names (``parse_method``):
 - ``hf-assisted``      transformers assisted generation with the same draft, its default settings
                        (``num_assistant_tokens=20``, confidence threshold 0.4);
 - ``hf-assisted:N``    the same with ``num_assistant_tokens=N``;
-- ``hf-static``        the target alone through ``generate`` with a transformers ``StaticCache``
-                       (one per model, ``HF_STATIC_LENGTH`` slots, reset per prompt), which
-                       transformers compiles on GPUs: its fastest decoding of one model;
+- ``hf-static``        the target alone through ``generate`` with a transformers ``StaticCache``,
+                       which transformers compiles on GPUs: its fastest decoding of one model;
 - ``ar``               mcsd's target alone (``autoregressive_decode``: same adapter, no draft);
 - ``sps:G``            an mcsd chain of depth G (rule ``sps`` when sampling, ``greedy`` when not);
 - ``tree:K[:RULE]``    an mcsd k-config tree such as ``tree:4,2,2:mcss-wor`` (default rule: the
                        natural one, see ``SpecConfig``); K may also be a JSON list of sibling-rank
                        paths, ``tree:[[0],[1],[0,0]]`` (what ``mcsd bench --sweep`` prints).
 
-An mcsd method may end in modifiers that make its draft cheaper (``mcsd.bench.cheap_draft``;
+An mcsd method may end in modifiers that make its draft cheaper (``mcsd.models.cheap``;
 still lossless): ``+int8`` (int8 weights, CPU) and ``+fr=K`` (the draft scores only the K most
 frequent tokens, FR-Spec; ``K`` also as ``32k``), e.g. ``sps:5+int8`` or ``tree:2,1,1+int8+fr=32k``.
 
 Every method turns prompt token ids into a ``Generation``: the new tokens, the wall time and one
 ``StepRecord`` per target forward, so one set of metrics (``mcsd.stats.Stats``) covers them all.
-transformers' own loops are observed, not modified: a forward pre-hook on the target records the
-position of the first token of every target forward, from which the tokens committed per forward
-(Spec-Bench's ``accept_lengths``) follow.
+transformers' own loops run in ``mcsd.models.hf_baselines`` (observed, not modified).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Any
-
-import torch
 
 from mcsd.api import ModelPair
-from mcsd.config import RULES, SpecConfig
+from mcsd.config import SpecConfig
+from mcsd.draft.model import ModelProposer
 from mcsd.engine import autoregressive_decode, speculative_decode
-from mcsd.models.hf import cache_keyword
 from mcsd.stats import StepRecord
+from mcsd.verify.rules import RULE_NAMES
 
 BASELINES = ("hf-ar", "hf-static", "hf-assisted", "ar")
 MCSD_KINDS = ("sps", "tree")
-HF_KINDS = ("hf-ar", "hf-static", "hf-assisted")
-HF_STATIC_LENGTH = 4096  # hf-static's cache: one fixed shape, so one compilation for all prompts
+HF_KINDS = {"hf-ar": "generate", "hf-static": "static", "hf-assisted": "assisted"}
 
 
 @dataclass(frozen=True)
@@ -110,8 +103,8 @@ def parse_method(text: str) -> Method:
         raise ValueError(f"method {name!r}: sps:G needs a depth G in 1..64, e.g. sps:4")
     if kind == "tree" and rest:
         shape, _, rule = rest.partition(":")
-        if rule and rule not in RULES:
-            raise ValueError(f"method {name!r}: rule must be one of {', '.join(RULES)}")
+        if rule and rule not in RULE_NAMES:
+            raise ValueError(f"method {name!r}: rule must be one of {', '.join(RULE_NAMES)}")
         SpecConfig(tree=parse_tree(shape), rule=None)  # a bad shape fails here, clearly
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
@@ -159,7 +152,21 @@ def run_method(
     ``base`` (its tree and rule are ignored except for mcsd methods)."""
     stop = frozenset(base.stop_token_ids if base.stop_token_ids is not None else pair.eos_token_ids)
     if method.kind in HF_KINDS:
-        return _run_hf(method, pair, prompt_ids, base, stop)
+        from mcsd.models import hf_baselines
+
+        tokens, wall, records = hf_baselines.run(
+            HF_KINDS[method.kind],
+            pair.target,
+            pair.draft,
+            prompt_ids,
+            base.target,
+            stop,
+            base.max_new_tokens,
+            seed=base.seed,
+            assistant_tokens=method.assistant_tokens,
+        )
+        finish = "stop" if tokens and tokens[-1] in stop else "length"
+        return Generation(tokens, wall, records, finish)
     tokens: list[int] = []
     records: list[StepRecord] = []
     finish = "length"
@@ -175,11 +182,12 @@ def run_method(
             seed=base.seed,
         )
     else:
+        spec = method.spec(base)
         steps = speculative_decode(
             pair.target,
-            pair.draft,
+            ModelProposer.for_spec(pair.draft, spec, pair.vocab_size),
             prompt_ids,
-            method.spec(base),
+            spec,
             vocab_size=pair.vocab_size,
             stop_token_ids=stop,
         )
@@ -188,146 +196,3 @@ def run_method(
         records.append(step.record)
         finish = step.finish_reason or finish
     return Generation(tokens, time.perf_counter() - started, records, finish)
-
-
-# ------------------------------------------------------------------------------ transformers
-
-
-class _ForwardLog:
-    """Forward pre-hook on the target: the sequence position of each forward's first token and
-    the number of tokens it ran."""
-
-    def __init__(self, model: Any) -> None:
-        self.starts: list[int] = []
-        self.sizes: list[int] = []
-        self._handle = model.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        positions = kwargs.get("position_ids")
-        if positions is not None:
-            start = int(positions[0, 0])
-        else:  # no explicit positions: the cache holds everything before this forward
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            start = int(cache.get_seq_length()) if cache is not None else 0
-        self.starts.append(start)
-        self.sizes.append(int(ids.shape[-1]) if ids is not None else 1)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def records(self, prompt_length: int, new_tokens: int) -> list[StepRecord]:
-        """One ``StepRecord`` per target forward.
-
-        Forward k starts at the pending token (position s_k, already committed) and commits the
-        tokens up to the next forward's pending token: s_{k+1} - s_k of them; the first forward
-        runs the prompt (s_0 = 0) and commits s_1 - P + 1; the last commits the rest."""
-        starts, total = self.starts, prompt_length + new_tokens
-        if not starts:
-            return []
-        records = []
-        for k, (start, size) in enumerate(zip(starts, self.sizes, strict=True)):
-            begin = prompt_length - 1 if k == 0 else start  # position of the pending token
-            end = starts[k + 1] if k + 1 < len(starts) else total - 1
-            emitted = max(end - begin, 0)
-            candidates = size - (prompt_length - start if k == 0 else 1)  # draft tokens verified
-            accepted = min(max(emitted - 1, 0), candidates)
-            attempted = accepted + (1 if accepted < candidates else 0)
-            records.append(StepRecord(accepted, emitted, attempted, (), candidates, 0.0, 0.0))
-        return records
-
-
-def hf_generation_config(base: SpecConfig, stop: frozenset[int], max_new_tokens: int) -> Any:
-    """A ``GenerationConfig`` that samples like ``base.target``: every warping value explicit, so
-    nothing from the model's own generation_config (Qwen ships top_k=20, a repetition penalty)
-    changes the distribution."""
-    from transformers import GenerationConfig
-
-    sampling = base.target
-    eos = sorted(stop)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        eos_token_id=eos or None,
-        pad_token_id=eos[0] if eos else None,
-        repetition_penalty=1.0,
-    )
-    if sampling.greedy:
-        kwargs.update(do_sample=False)
-    else:
-        kwargs.update(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,  # 0 disables it in transformers too
-            top_p=sampling.top_p,
-        )
-    return GenerationConfig(**kwargs)
-
-
-@torch.inference_mode()
-def _run_hf(
-    method: Method, pair: ModelPair, prompt_ids: list[int], base: SpecConfig, stop: frozenset[int]
-) -> Generation:
-    target = pair.target.model  # type: ignore[attr-defined]
-    config = hf_generation_config(base, stop, base.max_new_tokens)
-    kwargs: dict[str, Any] = {}
-    saved = None
-    if method.kind == "hf-assisted":
-        draft = pair.draft.model  # type: ignore[attr-defined]
-        # transformers 5.24 ignores num_assistant_tokens passed to generate(): it reads the
-        # assistant's generation_config (DESIGN 8). Set it there, restore it afterwards.
-        saved = draft.generation_config
-        draft.generation_config = copy.deepcopy(saved)
-        if method.assistant_tokens is not None:
-            draft.generation_config.num_assistant_tokens = method.assistant_tokens
-            draft.generation_config.num_assistant_tokens_schedule = "constant"
-        kwargs["assistant_model"] = draft
-    if base.seed is not None:
-        torch.manual_seed(base.seed)  # transformers samples from the global generator
-    ids = torch.tensor([prompt_ids], device=pair.target.device)
-    if method.kind == "hf-static":
-        return _run_hf_static(target, ids, config, stop)
-    log = _ForwardLog(target)
-    try:
-        started = time.perf_counter()
-        out = target.generate(
-            ids, attention_mask=torch.ones_like(ids), generation_config=config, **kwargs
-        )
-        wall = time.perf_counter() - started
-    finally:
-        log.remove()
-        if saved is not None:
-            pair.draft.model.generation_config = saved  # type: ignore[attr-defined]
-    tokens = [int(t) for t in out[0, len(prompt_ids) :]]
-    finish = "stop" if tokens and tokens[-1] in stop else "length"
-    return Generation(tokens, wall, log.records(len(prompt_ids), len(tokens)), finish)
-
-
-def _static_cache(model: Any, length: int) -> Any:
-    """The model's transformers ``StaticCache`` (made once, so its compiled forward is reused),
-    emptied for a new prompt."""
-    from transformers import StaticCache
-
-    cache = getattr(model, "_mcsd_static_cache", None)
-    if cache is None or getattr(cache, "max_cache_len", 0) < length:
-        size = max(HF_STATIC_LENGTH, length)
-        cache = StaticCache(config=model.config, max_cache_len=size)
-        model._mcsd_static_cache = cache
-    else:
-        cache.reset()
-    return cache
-
-
-def _run_hf_static(model: Any, ids: torch.Tensor, config: Any, stop: frozenset[int]) -> Generation:
-    """``hf-static``: no forward hook (it would break transformers' compiled forward); the target
-    runs one forward per token, so each decoding step commits one token."""
-    cache = {cache_keyword(model): _static_cache(model, ids.shape[-1] + config.max_new_tokens)}
-    started = time.perf_counter()
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), generation_config=config, **cache
-    )
-    tokens = [int(t) for t in out[0, ids.shape[-1] :]]
-    wall = time.perf_counter() - started
-    records = [StepRecord(0, 1, 0, (), 0, 0.0, 0.0) for _ in tokens]
-    finish = "stop" if tokens and tokens[-1] in stop else "length"
-    return Generation(tokens, wall, records, finish)

@@ -22,10 +22,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import platform
 import re
+import sys
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +247,59 @@ def write_results(
     path = out / "summary.json"
     path.write_text(json.dumps(meta | {"results": summary}, indent=2) + "\n")
     return [*paths, details, path]
+
+
+def run_metadata(
+    args: Any, pair: Any, base: Any, methods: list[Any], questions: list[Any]
+) -> dict[str, Any]:
+    """Everything needed to reproduce and judge a run (machine, versions, settings)."""
+    import torch
+    import transformers
+
+    from mcsd import __version__
+
+    dtype = str(pair.target.dtype).removeprefix("torch.")
+    return {
+        "command": " ".join(["mcsd", *sys.argv[1:]]) if sys.argv else "",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(pair.target.device),
+            "runtime": pair.target.name.split(":")[0],
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "versions": {
+            "mcsd": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "target": pair.target_name,
+        "draft": pair.draft_name,
+        "dtype": dtype,
+        "sampling": {
+            "temperature": base.target.temperature,
+            "top_k": base.target.top_k,
+            "top_p": base.target.top_p,
+            "draft": vars(base.draft) if base.draft is not None else None,
+        },
+        "max_new_tokens": base.max_new_tokens,
+        "seed": base.seed,
+        "datasets": list(dict.fromkeys(q.dataset for q in questions)),
+        "questions": [[q.dataset, q.question_id] for q in questions],
+        "turns": args.turns,
+        "methods": [m.describe(base) for m in methods],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

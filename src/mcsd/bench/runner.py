@@ -17,9 +17,9 @@ from typing import Any
 from mcsd.api import ModelPair, encode_prompt
 from mcsd.bench.datasets import Question
 from mcsd.bench.methods import Generation, Method, run_method
-from mcsd.config import SpecConfig
+from mcsd.config import BenchDefaults, SpecConfig
 
-WARMUP_TOKENS = 16  # enough to run every tree level and the verification shapes once
+WARMUP_TOKENS = BenchDefaults.warmup_tokens
 
 
 @dataclass
@@ -72,14 +72,12 @@ def build_prompt(
 def method_pairs(pair: ModelPair, methods: Sequence[Method]) -> dict[str, ModelPair]:
     """The pair each method runs with: ``pair``, or one copy per cheaper-draft variant
     (``+int8``, ``+fr=K``) shared by the methods that ask for it."""
-    from mcsd.bench.cheap_draft import cheap_draft
-
     variants: dict[tuple[int | None, bool], ModelPair] = {(None, False): pair}
     pairs = {}
     for method in methods:
         key = (method.draft_vocab, method.draft_int8)
         if key not in variants:
-            variants[key] = cheap_draft(pair, vocab=key[0], int8=key[1])
+            variants[key] = pair.with_cheap_draft(vocab=key[0], int8=key[1])
         pairs[method.name] = variants[key]
     return pairs
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mcsd.models.base import SpecModel, causal_mask
+from mcsd.config import SweepDefaults
+from mcsd.models.base import Runtime, chain_mask, score
 from mcsd.tree import ROOT, TokenTree
 
-DEFAULT_BUDGETS = (4, 8, 16, 32, 64)
-MAX_DEPTH = 10
-COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)  # new tokens per timed forward
+MAX_DEPTH = SweepDefaults.max_depth
+COST_SIZES = SweepDefaults.cost_sizes  # new tokens per timed forward
 
 
 # ------------------------------------------------------------------------------ ranks
@@ -44,21 +44,16 @@ COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)  # new tokens per ti
 
 @torch.inference_mode()
 def draft_ranks(
-    draft: SpecModel, prompt_ids: Sequence[int], answer: Sequence[int], vocab_size: int
+    draft: Runtime, prompt_ids: Sequence[int], answer: Sequence[int], vocab_size: int
 ) -> list[int]:
     """Rank (0 = the draft's top token) of each answer token among the draft's logits given the
     prompt and the answer before it: one teacher-forced forward."""
     if not answer:
         return []
     tokens = [*prompt_ids, *answer]
-    device = draft.device
-    draft.reset()
-    ids = torch.tensor([tokens], device=device)  # [1, L]
-    positions = torch.arange(len(tokens), device=device)[None]  # [1, L]
-    logits = draft.forward(ids, positions, causal_mask(1, 0, len(tokens), device))
-    draft.reset()
-    rows = logits[0, len(prompt_ids) - 1 : len(tokens) - 1, :vocab_size]  # [T, V]
-    wanted = torch.tensor(answer, device=device)[:, None]  # [T, 1]
+    logits = score(draft, tokens)  # [L, V]
+    rows = logits[len(prompt_ids) - 1 : len(tokens) - 1, :vocab_size]  # [T, V]
+    wanted = torch.tensor(answer, device=draft.device)[:, None]  # [T, 1]
     chosen = rows.gather(1, wanted)  # [T, 1]
     return (rows > chosen).sum(dim=1).tolist()
 
@@ -214,7 +209,7 @@ class CostModel:
 
 
 @torch.inference_mode()
-def forward_time(model: SpecModel, context: Sequence[int], n: int, repeats: int = 5) -> float:
+def forward_time(model: Runtime, context: Sequence[int], n: int, repeats: int = 5) -> float:
     """Seconds of one forward of ``n`` new tokens after ``context``: the fastest of ``repeats``
     (the minimum is the estimate least disturbed by other processes on the machine)."""
     device = model.device
@@ -223,11 +218,12 @@ def forward_time(model: SpecModel, context: Sequence[int], n: int, repeats: int 
     model.forward(
         torch.tensor([list(context)], device=device),
         torch.arange(c, device=device)[None],
-        causal_mask(1, 0, c, device),
+        chain_mask(c, device=device),
     )
+    model.commit()
     ids = torch.tensor([[context[i % c] for i in range(n)]], device=device)  # [1, n] any tokens
     positions = torch.arange(c, c + n, device=device)[None]
-    mask = causal_mask(1, c, n, device)
+    mask = chain_mask(n, device=device)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -235,14 +231,14 @@ def forward_time(model: SpecModel, context: Sequence[int], n: int, repeats: int 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
-        model.trim(c)
+        model.commit([[]])  # drop the timed tokens
     model.reset()
     return min(times)
 
 
 def measure_costs(
-    target: SpecModel,
-    draft: SpecModel,
+    target: Runtime,
+    draft: Runtime,
     context: Sequence[int],
     sizes: Sequence[int] = COST_SIZES,
     repeats: int = 5,

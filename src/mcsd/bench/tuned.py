@@ -1,8 +1,8 @@
 """Tuned default trees, saved by ``mcsd tune`` in the mcsd cache (``tuned.json``).
 
-Keyed by target, draft, device type, dtype and decoding mode (``greedy`` or ``sampling``): the
-best tree depends on all of them. ``tuned_tree`` is what ``generate`` / ``serve`` can consult
-when the user gives no ``--tree``.
+Keyed by target, draft, device type, dtype and runtime: the best tree depends on all of them.
+``generate``, ``bench`` and ``serve`` use the saved tree when ``--tree`` is not given
+(``mcsd.commands.options.tree_default``) and say so in their first log line.
 """
 
 from __future__ import annotations
@@ -18,9 +18,27 @@ from mcsd.sources import cache_dir
 FILENAME = "tuned.json"
 
 
-def tuned_key(target: str, draft: str, device: str, dtype: str, greedy: bool) -> str:
-    device_type = device.split(":")[0]
-    return f"{target}|{draft}|{device_type}|{dtype}|{'greedy' if greedy else 'sampling'}"
+def tuned_key(target: str, draft: str, device: str, dtype: str, runtime: str) -> str:
+    """``target|draft|device type|dtype|runtime``, e.g. ``a|b|cpu|bfloat16|hf``."""
+    device_type = str(device).split(":")[0]
+    dtype = str(dtype).removeprefix("torch.")
+    return f"{target}|{draft}|{device_type}|{dtype}|{runtime}"
+
+
+def tuned_key_for(
+    target: str | None, draft: str | None, device: object, dtype: object, runtime: object
+) -> str:
+    """The key of a run given its command-line values (``None`` / ``auto`` resolved as
+    ``load_pair`` resolves them)."""
+    from mcsd.models.factory import parse_device, parse_dtype, runtime_kind
+    from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    torch_device = parse_device(device)
+    kind = runtime_kind(runtime, torch_device)
+    torch_dtype = parse_dtype(dtype, torch_device)
+    return tuned_key(
+        target or DEFAULT_TARGET, draft or DEFAULT_DRAFT, torch_device.type, torch_dtype, kind.name
+    )
 
 
 def tuned_file(cache: str | os.PathLike[str] | None = None) -> Path:
@@ -55,14 +73,9 @@ def save_tuned(
     return path
 
 
-def tuned_tree(
-    target: str,
-    draft: str,
-    device: str,
-    dtype: str,
-    greedy: bool,
-    cache: str | os.PathLike[str] | None = None,
-) -> str | None:
-    """The tree ``mcsd tune`` saved for this pair and setting, or None."""
-    entry = load_all(cache).get(tuned_key(target, draft, device, dtype, greedy))
-    return entry.get("tree") if isinstance(entry, dict) else None
+def tuned_entry(key: str, cache: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+    """What ``mcsd tune`` saved under ``key`` (with at least ``tree``), or None."""
+    entry = load_all(cache).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("tree"), str):
+        return entry
+    return None

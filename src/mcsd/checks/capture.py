@@ -1,6 +1,6 @@
 """Capture real (p, q) pairs from a model pair, for ``mcsd check --compare`` and the tests.
 
-    python -m mcsd.capture --out tests/data/qwen_pairs.pt --prompts 16 --new-tokens 40
+    python -m mcsd.checks.capture --out tests/data/qwen_pairs.pt --prompts 16 --new-tokens 40
 
 For each prompt (half HumanEval, half MT-bench, chat-templated) the target alone samples a
 continuation at the given temperature; then both models read prompt + continuation in one
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from mcsd.config import SamplingConfig
+from mcsd.config import CaptureDefaults, SamplingConfig
+from mcsd.models.base import score
 from mcsd.sampling import warp
 
-DEFAULT_TOP = 1024
+D = CaptureDefaults
 
 
 def capture(
@@ -59,10 +60,9 @@ def capture(
             seed=seed * 1_000_003 + index,
         ):
             continuation += step.tokens
-        ids = torch.tensor([prompt + continuation], device=pair.target.device)  # [1, L]
-        with torch.inference_mode():
-            target_logits = pair.target.model(ids).logits[0, :, :vocab].float()  # [L, V]
-            draft_logits = pair.draft.model(ids).logits[0, :, :vocab].float()
+        ids = prompt + continuation  # [L]
+        target_logits = score(pair.target, ids)[:, :vocab]  # [L, V]
+        draft_logits = score(pair.draft, ids)[:, :vocab]
         # logits at position t predict token t + 1: the continuation is predicted from
         # len(prompt) - 1 on
         first = len(prompt) - 1
@@ -100,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     from mcsd.api import encode_prompt, load_pair
     from mcsd.bench.datasets import load_dataset
 
-    parser = argparse.ArgumentParser(prog="python -m mcsd.capture", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mcsd.checks.capture", description=__doc__)
     parser.add_argument("--out", required=True, help="output .pt file")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts (half of each set)")
-    parser.add_argument("--new-tokens", type=int, default=40, help="sampled tokens per prompt")
-    parser.add_argument("--per-prompt", type=int, default=19, help="pairs kept per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="tokens kept per pair")
+    parser.add_argument("--prompts", type=int, default=D.prompts, help="prompts (half each set)")
+    parser.add_argument("--new-tokens", type=int, default=D.new_tokens, help="tokens per prompt")
+    parser.add_argument("--per-prompt", type=int, default=D.per_prompt, help="pairs per prompt")
+    parser.add_argument("--temperature", type=float, default=D.temperature)
+    parser.add_argument("--top", type=int, default=D.top, help="tokens kept per pair")
     parser.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 where native)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=D.seed)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     pair = load_pair(dtype=args.dtype)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": args.temperature,
         "top": args.top,
         "questions": [f"{q.dataset}:{q.question_id}" for q in questions],
-        "command": " ".join(["python -m mcsd.capture", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m mcsd.checks.capture", *(argv or sys.argv[1:])]),
         "dtype": str(args.dtype),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

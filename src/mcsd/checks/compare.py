@@ -2,9 +2,9 @@
 --compare``).
 
 For each source of (p, q) pairs (random ones, and pairs captured from a real model pair by
-``mcsd.capture``), each k and each candidate scheme, every rule's acceptance probability at one
-node is set next to alpha*, the best any lossless rule can do with candidates drawn that way
-(``mcsd.optimal.alpha_star``, exact: a scan for iid draws, a quadrature accurate to ~1e-12
+``mcsd.checks.capture``), each k and each candidate scheme, every rule's acceptance probability at
+one node is set next to alpha*, the best any lossless rule can do with candidates drawn that way
+(``mcsd.verify.optimal.alpha_star``, exact: a scan for iid draws, a quadrature accurate to ~1e-12
 without replacement).
 
 How each acceptance is obtained (``exact`` in the result says which):
@@ -26,15 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mcsd.optimal import alpha_star, kseq_rho, transport_plan
-from mcsd.sampling import normalize
+from mcsd.config import CheckDefaults
+from mcsd.verify.optimal import alpha_star, kseq_rho, transport_plan
+from mcsd.verify.residual import residual, wor_reject
+from mcsd.verify.rules import RULES
 
-RULES_BY_SCHEME: dict[str, tuple[str, ...]] = {
-    "iid": ("mcss", "mcns", "kseq", "optimal"),
-    "wor": ("mcss-wor",),  # traversal's node rule is mcss-wor
-}
-DEFAULT_KS = (2, 3, 4)
-DEFAULT_SAMPLES = 256  # Monte Carlo chains per pair for mcss-wor with k >= 3
+DEFAULT_KS = CheckDefaults.ks
+DEFAULT_SAMPLES = CheckDefaults.samples  # Monte Carlo chains per pair for mcss-wor with k >= 3
 WITHIN = 0.02  # "within 2% of alpha*": acceptance >= (1 - WITHIN) * alpha*
 
 
@@ -67,6 +65,49 @@ def random_pairs(n: int, vocab: int, seed: int) -> tuple[Tensor, Tensor]:
     return torch.softmax(scale * z, -1), torch.softmax(scale * z + noise * e, -1)
 
 
+def _mcss(p: Tensor, q: Tensor, k: int, generator, samples) -> tuple[float, float]:
+    rejected, left = 1.0, p
+    for _ in range(k):
+        rejected *= 1.0 - float(torch.minimum(left, q).sum())
+        left = residual(left, q)
+    return 1.0 - rejected, 0.0
+
+
+def _mcns(p: Tensor, q: Tensor, k: int, generator, samples) -> tuple[float, float]:
+    return float((p * (1.0 - (1.0 - q) ** k)).sum()), 0.0
+
+
+def _kseq(p: Tensor, q: Tensor, k: int, generator, samples) -> tuple[float, float]:
+    rho = kseq_rho(p, q, k)
+    beta = float(torch.minimum(q, p / rho).sum())
+    return 1.0 - (1.0 - beta) ** k, 0.0
+
+
+def _optimal(p: Tensor, q: Tensor, k: int, generator, samples) -> tuple[float, float]:
+    return transport_plan(p, q, k).accepted_mass(p), 0.0
+
+
+def _mcss_wor(p: Tensor, q: Tensor, k: int, generator, samples) -> tuple[float, float]:
+    if k <= 2:
+        return 1.0 - _wor_rejection_exact(p, q, k), 0.0
+    mean, stderr = _wor_rejection_sampled(p, q, k, generator, samples)
+    return 1.0 - mean, stderr
+
+
+# Per-node acceptance of each rule compared (traversal's node rule is mcss-wor's).
+ACCEPTANCE = {
+    "mcss": _mcss,
+    "mcns": _mcns,
+    "kseq": _kseq,
+    "optimal": _optimal,
+    "mcss-wor": _mcss_wor,
+}
+RULES_BY_SCHEME: dict[str, tuple[str, ...]] = {
+    scheme: tuple(name for name in ACCEPTANCE if RULES[name].candidates == scheme)
+    for scheme in ("iid", "wor")
+}
+
+
 def acceptance(
     rule: str,
     p: Tensor,  # [V] target
@@ -76,29 +117,10 @@ def acceptance(
     samples: int = DEFAULT_SAMPLES,
 ) -> tuple[float, float]:
     """(acceptance probability, its Monte Carlo standard error or 0.0 when exact)."""
-    p, q = p.double(), q.double()
-    if rule == "mcss":
-        rejected, residual = 1.0, p
-        for _ in range(k):
-            rejected *= 1.0 - float(torch.minimum(residual, q).sum())
-            residual = normalize(torch.clamp(residual - q, min=0.0))
-            if residual is None:
-                break
-        return 1.0 - rejected, 0.0
-    if rule == "mcns":
-        return float((p * (1.0 - (1.0 - q) ** k)).sum()), 0.0
-    if rule == "kseq":
-        rho = kseq_rho(p, q, k)
-        beta = float(torch.minimum(q, p / rho).sum())
-        return 1.0 - (1.0 - beta) ** k, 0.0
-    if rule == "optimal":
-        return transport_plan(p, q, k).accepted_mass(p), 0.0
-    if rule in ("mcss-wor", "traversal"):
-        if k <= 2:
-            return 1.0 - _wor_rejection_exact(p, q, k), 0.0
-        mean, stderr = _wor_rejection_sampled(p, q, k, generator, samples)
-        return 1.0 - mean, stderr
-    raise ValueError(f"no acceptance formula for rule {rule!r}")
+    formula = ACCEPTANCE.get("mcss-wor" if rule == "traversal" else rule)
+    if formula is None:
+        raise ValueError(f"no acceptance formula for rule {rule!r}")
+    return formula(p.double(), q.double(), k, generator, samples)
 
 
 def _wor_rejection_exact(p: Tensor, q: Tensor, k: int) -> float:
@@ -107,12 +129,12 @@ def _wor_rejection_exact(p: Tensor, q: Tensor, k: int) -> float:
     if k == 1 or beta >= 1.0:
         return 1.0 - beta if k == 1 else 0.0
     rejected = torch.clamp(q - p, min=0.0)  # [V] P(reject step 1 with token b)
-    residual = torch.clamp(p - q, min=0.0) / (1.0 - beta)  # [V] p_1
+    left = residual(p, q)  # [V] p_1
     # beta_2(b) = sum_{x != b} min(p_1(x), q(x) / (1 - q(b))): sorted ratios + prefix sums
     support = q > 0
-    ratio, order = torch.sort(residual[support] / q[support])
+    ratio, order = torch.sort(left[support] / q[support])
     zero = torch.zeros(1, dtype=torch.float64)
-    p_below = torch.cat([zero, torch.cumsum(residual[support][order], 0)])
+    p_below = torch.cat([zero, torch.cumsum(left[support][order], 0)])
     q_above = torch.cat(
         [torch.flip(torch.cumsum(torch.flip(q[support][order], [0]), 0), [0]), zero]
     )
@@ -120,7 +142,7 @@ def _wor_rejection_exact(p: Tensor, q: Tensor, k: int) -> float:
     scale = 1.0 / (1.0 - q[b])  # [B]
     split = torch.searchsorted(ratio, scale)
     total = p_below[split] + scale * q_above[split]  # sum_x min(p_1, scale q) over all x
-    beta2 = (total - torch.minimum(residual[b], scale * q[b])).clamp(0.0, 1.0)  # drop x = b
+    beta2 = (total - torch.minimum(left[b], scale * q[b])).clamp(0.0, 1.0)  # drop x = b
     return float((rejected[b] * (1.0 - beta2)).sum())
 
 
@@ -128,23 +150,20 @@ def _wor_rejection_sampled(
     p: Tensor, q: Tensor, k: int, generator: torch.Generator, samples: int
 ) -> tuple[float, float]:
     """Monte Carlo over ``samples`` chains of rejected tokens, all at once ``[S, V]``."""
-    residual = p.expand(samples, -1).clone()  # [S, V] p_i per chain
+    left = p.expand(samples, -1).clone()  # [S, V] p_i per chain
     qbar = q.expand(samples, -1).clone()  # [S, V]
     product = torch.ones(samples, dtype=torch.float64)
     for step in range(k):
-        kept = torch.minimum(residual, qbar)
+        kept = torch.minimum(left, qbar)
         beta = kept.sum(-1)  # [S]
         product *= (1.0 - beta).clamp(min=0.0)
         if step == k - 1:
             break
-        over = torch.clamp(qbar - residual, min=0.0)  # [S, V] rejected-token weights
+        over = torch.clamp(qbar - left, min=0.0)  # [S, V] rejected-token weights
         alive = over.sum(-1) > 0
         weights = torch.where(alive[:, None], over, qbar)
         b = torch.multinomial(weights, 1, generator=generator)  # [S, 1]
-        left = (1.0 - beta).clamp(min=1e-300)[:, None]
-        residual = torch.clamp(residual - qbar, min=0.0) / left
-        qbar = qbar.scatter(1, b, 0.0)
-        qbar = qbar / qbar.sum(-1, keepdim=True).clamp(min=1e-300)
+        left, qbar = wor_reject(left, qbar, b)
     mean = float(product.mean())
     stderr = float(product.std()) / math.sqrt(samples) if samples > 1 else 0.0
     return mean, stderr

@@ -4,7 +4,7 @@ Drafting, tree masks, positions, cache compaction, verification and stopping all
 they do for real models; only the models are tables (``mcsd.models.toy``), so the distribution
 of generated sequences is known exactly by enumeration. Each case samples many seeded
 generations and compares the sequence frequencies with the exact target distribution
-(chi-square and total variation, ``mcsd.check.goodness_of_fit``).
+(chi-square and total variation, ``mcsd.checks.node.goodness_of_fit``).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mcsd.config import CheckDefaults
 from mcsd.sampling import one_hot_argmax, sample_candidates
 from mcsd.verify.node import NONE_ACCEPTED
 from mcsd.verify.rules import RULES, get_rule, node_outcome, verify_node
@@ -49,7 +50,7 @@ RULE_SCHEME: dict[str, str] = {name: rule.candidates for name, rule in RULES.ite
 
 CASES: tuple[str, ...] = ("dirichlet", "sparse", "p=q", "disjoint", "near-one-hot")
 
-DEFAULT_ALPHA = 1e-6  # false-failure probability of each test (chi-square, TV, acceptance)
+DEFAULT_ALPHA = CheckDefaults.alpha  # false-failure probability of each statistical test
 EXACT_TOLERANCE = 1e-9  # max |emitted - target| allowed in the exact enumeration
 MAX_ENUMERATED_TUPLES = 200_000  # beyond this, skip the exact enumeration (it would take minutes)
 MIN_EXPECTED_COUNT = 5.0  # chi-square bins with fewer expected draws are pooled

@@ -8,7 +8,7 @@ For each rule and each random (p, q) case (dense, sparse with zeros, p = q, disj
 near one-hot p) it draws candidates from q, runs ``mcsd.verify.verify_node`` ``--trials`` times
 and compares the emitted tokens with the target distribution (chi-square p-value and total
 variation), and the measured acceptance rate with the exact one from enumerating every
-candidate tuple (``mcsd.check``). Exit status 0 when every case passes, 1 otherwise.
+candidate tuple (``mcsd.checks.node``). Exit status 0 when every case passes, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from mcsd.check import CASES, DEFAULT_ALPHA, CheckResult, default_jobs, run_checks
-from mcsd.compare import DEFAULT_SAMPLES, WITHIN, Comparison, compare, markdown, random_pairs
-from mcsd.config import RULES
+from mcsd.checks.compare import WITHIN, Comparison, compare, markdown, random_pairs
+from mcsd.checks.node import CASES, CheckResult, default_jobs, run_checks
+from mcsd.config import CheckDefaults
+from mcsd.verify.rules import RULE_NAMES
 
-DEFAULT_PAIRS = Path("tests/data/qwen_pairs.pt")  # captured by python -m mcsd.capture
+D = CheckDefaults
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,13 +38,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--rule", choices=(*RULES, "all"), default="all", help="rule to check (default: all)"
+        "--rule", choices=(*RULE_NAMES, "all"), default="all", help="rule to check (default: all)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the cases and the trials")
+    parser.add_argument("--seed", type=int, default=D.seed, help="seed of the cases and the trials")
     parser.add_argument(
         "--alpha",
         type=float,
-        default=DEFAULT_ALPHA,
+        default=D.alpha,
         help="false-failure probability of each statistical test (default: %(default)g)",
     )
     parser.add_argument(
@@ -54,9 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "depend on it",
     )
     node = parser.add_argument_group("node check: one tree node, random (p, q) cases")
-    node.add_argument("--k", type=int, default=3, help="candidates per node (sps always uses 1)")
-    node.add_argument("--vocab", type=int, default=8, help="vocabulary size of the cases")
-    node.add_argument("--trials", type=int, default=100_000, help="Monte Carlo trials per case")
+    node.add_argument("--k", type=int, default=D.k, help="candidates per node (sps always uses 1)")
+    node.add_argument("--vocab", type=int, default=D.vocab, help="vocabulary size of the cases")
+    node.add_argument("--trials", type=int, default=D.trials, help="Monte Carlo trials per case")
     node.add_argument(
         "--cases",
         default=",".join(CASES),
@@ -73,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     engine.add_argument(
         "--engine-trials",
         type=int,
-        default=20_000,
+        default=D.engine_trials,
         help="generations per engine case (default: %(default)s; ~2 ms each)",
     )
     compare = parser.add_argument_group(
@@ -87,20 +88,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     compare.add_argument(
         "--pairs",
         default=None,
-        help="captured pairs (python -m mcsd.capture); default: tests/data/qwen_pairs.pt when "
-        "run from the repository",
-    )
-    compare.add_argument("--ks", default="2,3,4", help="candidate counts (default: %(default)s)")
-    compare.add_argument(
-        "--random-pairs", type=int, default=200, help="random pairs (0: none; %(default)s)"
+        help=f"captured pairs (python -m mcsd.checks.capture); default: {D.pairs} when run "
+        "from the repository",
     )
     compare.add_argument(
-        "--random-vocab", type=int, default=50, help="their vocabulary (default: %(default)s)"
+        "--ks",
+        default=",".join(map(str, D.ks)),
+        help="candidate counts (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--random-pairs",
+        type=int,
+        default=D.random_pairs,
+        help="random pairs (0: none; %(default)s)",
+    )
+    compare.add_argument(
+        "--random-vocab",
+        type=int,
+        default=D.random_vocab,
+        help="their vocabulary (default: %(default)s)",
     )
     compare.add_argument(
         "--samples",
         type=int,
-        default=DEFAULT_SAMPLES,
+        default=D.samples,
         help="Monte Carlo chains per pair where no closed form exists (default: %(default)s)",
     )
     compare.add_argument("--markdown", action="store_true", help="also print a Markdown table")
@@ -132,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _node_check(args: argparse.Namespace, console: Console) -> list[CheckResult]:
-    rules = RULES if args.rule == "all" else (args.rule,)
+    rules = RULE_NAMES if args.rule == "all" else (args.rule,)
     cases = tuple(name.strip() for name in args.cases.split(",") if name.strip())
     for name in cases:
         if name not in CASES:
@@ -200,7 +211,7 @@ def results_table(results: list[CheckResult]) -> Table:
 
 
 def _engine_check(args: argparse.Namespace, console: Console) -> int:
-    from mcsd.enginecheck import engine_cases, run_engine_case
+    from mcsd.checks.engine import engine_cases, run_engine_case
 
     if args.engine_trials < 100:
         raise ValueError(f"--engine-trials must be >= 100, got {args.engine_trials}")
@@ -251,9 +262,9 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     if args.random_pairs:
         name = f"random V={args.random_vocab}"
         sources[name] = random_pairs(args.random_pairs, args.random_vocab, args.seed)
-    path = Path(args.pairs) if args.pairs else DEFAULT_PAIRS
+    path = Path(args.pairs or D.pairs)
     if path.exists():
-        from mcsd.capture import load_pairs
+        from mcsd.checks.capture import load_pairs
 
         p, q = load_pairs(path)
         sources[f"captured {path.stem} V={p.shape[-1]}"] = (p, q)

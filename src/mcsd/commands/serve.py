@@ -13,14 +13,14 @@ import sys
 import time
 from typing import Any
 
-from mcsd.commands.generate import (
+from mcsd.commands.options import (
     add_decoding_arguments,
     add_model_arguments,
     load_pair_from_args,
     spec_from_args,
+    tree_default,
 )
-
-DEFAULT_PORT = 8000
+from mcsd.config import ServeDefaults
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,15 +34,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     add_decoding_arguments(parser)
-    # The OpenAI API samples at temperature 1 unless told otherwise; clients rely on that.
-    parser.set_defaults(temperature=1.0)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 8000)")
+    parser.add_argument(
+        "--host", default=ServeDefaults.host, help="address to bind (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=ServeDefaults.port, help="port (default %(default)s)"
+    )
     parser.add_argument(
         "--max-queue",
         type=int,
-        default=64,
-        help="requests that may wait behind the running one; more get 429 (default 64)",
+        default=ServeDefaults.max_queue,
+        help="requests that may wait behind the running one; more get 429 (default %(default)s)",
     )
     parser.add_argument(
         "--served-model-name", default=None, help="model id clients use (default: the target)"
@@ -59,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mcsd.server import create_app
 
-    spec = spec_from_args(args)  # validate before the slow model load
+    tree, origin = tree_default(args)
+    spec = spec_from_args(args, tree)  # validate before the slow model load
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     started = time.perf_counter()
+    if args.tree is None:
+        print(f"mcsd: {origin}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)

@@ -6,7 +6,10 @@ the best predicted shapes are then run for real against the target alone (see
 ``mcsd.bench.sweep``). ``mcsd tune`` saves the fastest measured tree in the cache's tuned.json.
 
 mcsd tune --n 4 --max-new-tokens 128
-mcsd bench --sweep --budgets 4,8,16,32,64 --verify 4 --out sweep-out
+mcsd bench --sweep --temperature 0 --budgets 4,8,16,32,64 --verify 4 --out sweep-out
+
+The saved tree is keyed by (target, draft, device, dtype, runtime); ``generate``, ``bench`` and
+``serve`` use it when ``--tree`` is not given and say so in their first log line.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mcsd.commands.bench import add_bench_arguments, load_questions, run_metadata
-from mcsd.commands.generate import load_pair_from_args
-
-SWEEP_CHAIN = "sps:4"  # produces the reference answers (and calibrates the step overhead)
+from mcsd.commands.options import (
+    add_bench_arguments,
+    add_sweep_arguments,
+    check_model_arguments,
+    load_pair_from_args,
+    load_questions,
+    spec_from_args,
+)
+from mcsd.config import SweepDefaults
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,16 +41,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_bench_arguments(parser)
     add_sweep_arguments(parser)
-    parser.set_defaults(func=lambda args: run_sweep(args, save=True), n=4, out="tune-out")
-    return parser
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budgets", default="4,8,16,32,64", help="node budgets (comma-separated)")
-    parser.add_argument(
-        "--verify", type=int, default=3, help="best predicted shapes to run for real (0: none)"
+    # The sweep simulates greedy decoding: that is what tune measures, not a default to override.
+    parser.set_defaults(
+        func=lambda args: run_sweep(args, save=True),
+        n=SweepDefaults.n,
+        out=SweepDefaults.out,
+        temperature=0.0,
     )
-    parser.add_argument("--max-depth", type=int, default=10, help="deepest candidate tree")
+    return parser
 
 
 def _budgets(text: str) -> list[int]:
@@ -61,11 +67,11 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
 
     from mcsd.bench import sweep
     from mcsd.bench.methods import parse_method, run_method
-    from mcsd.bench.report import render_table, summarize, table_text, write_results
+    from mcsd.bench.report import render_table, run_metadata, summarize, table_text, write_results
     from mcsd.bench.runner import build_prompt, run_bench
     from mcsd.bench.tuned import save_tuned, tuned_key
-    from mcsd.commands.generate import spec_from_args
 
+    check_model_arguments(args)
     base = spec_from_args(argparse.Namespace(**{**vars(args), "tree": "1", "rule": None}))
     if not base.target.greedy:
         raise ValueError(
@@ -77,24 +83,18 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    if (args.draft_vocab or args.draft_int8) and args.static_cache:
-        raise ValueError(
-            "--static-cache: --draft-vocab / --draft-int8 drafts run on the dynamic cache only; "
-            "drop one of them"
-        )
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     draft_name = pair.draft_name  # tuned.json is keyed by the draft model, not its variant
     if args.draft_vocab or args.draft_int8:
-        from mcsd.bench.cheap_draft import cheap_draft
         from mcsd.bench.methods import parse_count
 
         vocab = parse_count(args.draft_vocab, "--draft-vocab") if args.draft_vocab else None
-        pair = cheap_draft(pair, vocab=vocab, int8=args.draft_int8)
+        pair = pair.with_cheap_draft(vocab=vocab, int8=args.draft_int8)
     chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
 
     # 1-2. Reference answers (a chain reproduces the target's greedy output) and draft ranks.
-    chain = parse_method(SWEEP_CHAIN)
+    chain = parse_method(SweepDefaults.chain)
     prompts, traces, chain_runs = [], [], []
     started = time.perf_counter()
     for i, question in enumerate(questions):
@@ -193,9 +193,12 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
             source = "measured"
         else:
             name, tree, source = candidates[0].name, candidates[0].name, "predicted"
-        dtype = str(next(pair.target.model.parameters()).dtype).removeprefix("torch.")
-        key = tuned_key(pair.target_name, draft_name, str(pair.target.device), dtype, greedy=True)
-        entry = {"tree": tree, "source": source, "draft_vocab": args.draft_vocab}
+        runtime = pair.target.name.split(":")[0]
+        key = tuned_key(
+            pair.target_name, draft_name, str(pair.target.device), str(pair.target.dtype), runtime
+        )
+        entry = {"tree": tree, "source": source, "tuned_for": "greedy"}
+        entry["draft_vocab"] = args.draft_vocab
         entry["draft_int8"] = args.draft_int8
         if source == "measured":
             entry |= {k: verified[name][k] for k in ("tokens_per_s", "mean_accepted_length")}

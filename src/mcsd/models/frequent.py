@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mcsd.config import FREQUENT_CORPUS_CHARS
 from mcsd.sources import cache_dir
 
-CORPUS_CHARS = 8_000_000  # per source: enough for stable counts of the top 32k tokens
+CORPUS_CHARS = FREQUENT_CORPUS_CHARS
 BATCH = 64  # texts per tokenizer call
 
 

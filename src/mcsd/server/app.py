@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from mcsd import __version__
 from mcsd.api import Chunk, ModelPair
-from mcsd.config import SpecConfig
+from mcsd.config import ServeDefaults, SpecConfig
 from mcsd.server.metrics import CONTENT_TYPE, Metrics
 from mcsd.server.schemas import (
     APIError,
@@ -51,9 +51,9 @@ from mcsd.stats import Stats
 
 log = logging.getLogger("mcsd.server")
 
-MAX_BODY_BYTES = 16 << 20  # 16 MiB: far beyond any context, small enough to refuse junk early
-DISCONNECT_POLL_S = 0.05  # how often a request waiting for its turn checks its client is there
-UNBOUNDED_MAX_TOKENS = 1 << 20  # max_tokens cap when the models declare no context limit
+MAX_BODY_BYTES = ServeDefaults.max_body_bytes
+DISCONNECT_POLL_S = ServeDefaults.disconnect_poll_s
+UNBOUNDED_MAX_TOKENS = ServeDefaults.unbounded_max_tokens
 
 
 class _Disconnected(Exception):
@@ -65,7 +65,7 @@ def create_app(
     defaults: SpecConfig | None = None,
     *,
     model_name: str | None = None,
-    max_queue: int = 64,
+    max_queue: int = ServeDefaults.max_queue,
 ) -> FastAPI:
     """An ASGI app serving ``pair``; ``defaults`` are the speculation settings a request may
     override (``mcsd`` object, sampling fields). Run it with uvicorn (``mcsd serve`` does)."""

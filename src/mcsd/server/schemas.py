@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcsd.config import SamplingConfig, SpecConfig, check_rule
+from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.tree import TokenTree
+from mcsd.verify.rules import get_rule
 
 
 class APIError(Exception):
@@ -287,7 +288,7 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
     rule = defaults.rule
     if options.rule is not None:
         try:
-            rule = check_rule(options.rule)
+            rule = get_rule(options.rule).name
         except ValueError as error:
             raise invalid(f"mcsd.{error}", "mcsd.rule") from None
     stop = request.stop if request.stop is not None else defaults.stop_strings

@@ -1,0 +1,249 @@
+"""Command-line options shared by ``generate``, ``bench``, ``tune`` and ``serve``.
+
+- ``add_model_arguments`` / ``load_pair_from_args``: which models, on which runtime, device and
+  precision;
+- ``add_decoding_arguments`` / ``spec_from_args``: tree, rule, both samplers, lengths, stops;
+- ``add_bench_arguments`` / ``add_sweep_arguments`` / ``load_questions``: what ``bench`` and
+  ``tune`` share;
+- ``tree_default``: when ``--tree`` is not given, the tree ``mcsd tune`` saved for this pair,
+  device, dtype and runtime (``mcsd.bench.tuned``), else ``DEFAULT_TREE``, with the one line the
+  command prints about it.
+Every default comes from ``mcsd.config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from mcsd.config import (
+    COMPILE_CHOICES,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_RUNTIME,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TREE,
+    BenchDefaults,
+    SamplingConfig,
+    SpecConfig,
+    SweepDefaults,
+)
+from mcsd.models.factory import DTYPE_CHOICES, RUNTIME_CHOICES
+from mcsd.verify.rules import RULE_NAMES
+
+if TYPE_CHECKING:
+    from mcsd.api import ModelPair
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target/--draft/--runtime/--dtype/--device/--compile."""
+    parser.add_argument(
+        "--target", default=None, help="target model: known name, local dir or HF id"
+    )
+    parser.add_argument("--draft", default=None, help="draft model: known name, local dir or HF id")
+    parser.add_argument(
+        "--runtime",
+        default=DEFAULT_RUNTIME,
+        choices=RUNTIME_CHOICES,
+        help="how the models run: hf (transformers, dynamic cache), hf-static (mcsd's static "
+        "KV cache, CUDA graphs on GPUs); auto picks for the machine (default)",
+    )
+    parser.add_argument(
+        "--static-cache",
+        action="store_const",
+        const="hf-static",
+        dest="runtime",
+        help="the same as --runtime hf-static",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=DTYPE_CHOICES,
+        help="weights and compute precision (auto: bfloat16 where the CPU/GPU supports it)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--compile",
+        default="none",
+        choices=COMPILE_CHOICES,
+        help="with --runtime hf-static: torch.compile the draft or both models (~30 s per shape)",
+    )
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Refuse a bad runtime / device / dtype / compile combination before any slow work."""
+    from mcsd.models.factory import check_options, parse_device, parse_dtype, runtime_kind
+
+    device = parse_device(args.device)
+    parse_dtype(args.dtype, device)
+    kind = runtime_kind(args.runtime, device)
+    try:
+        check_options(kind, compile=args.compile != "none", max_length=None)
+    except ValueError:
+        raise ValueError(
+            f"--compile {args.compile} needs --runtime hf-static (got {kind.name})"
+        ) from None
+
+
+def load_pair_from_args(args: argparse.Namespace) -> ModelPair:
+    """The pair named by ``add_model_arguments``' options."""
+    from mcsd.api import load_pair
+
+    return load_pair(
+        args.target,
+        args.draft,
+        runtime=args.runtime,
+        dtype=args.dtype,
+        device=args.device,
+        compile=args.compile,
+    )
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tree, rule and sampling options."""
+    parser.add_argument(
+        "--tree",
+        default=None,
+        help="k-config like 4,2,2 (1,1,1,1 = chain) or JSON rank paths; default: the tree mcsd "
+        f"tune saved for the pair here, else {DEFAULT_TREE}",
+    )
+    parser.add_argument("--rule", default=None, choices=RULE_NAMES, help="verification rule")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"target temperature, 0 = greedy (default {DEFAULT_TEMPERATURE:g})",
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="target top-k (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="target top-p (1 = off)")
+    parser.add_argument(
+        "--draft-temperature",
+        type=float,
+        default=None,
+        help="draft temperature (default: target's)",
+    )
+    parser.add_argument("--draft-top-k", type=int, default=None, help="draft top-k")
+    parser.add_argument("--draft-top-p", type=float, default=None, help="draft top-p")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+
+
+def spec_from_args(args: argparse.Namespace, tree: Any = None) -> SpecConfig:
+    """The ``SpecConfig`` of the decoding options; ``tree`` when ``--tree`` is not given."""
+    target = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    overrides = (args.draft_temperature, args.draft_top_k, args.draft_top_p)
+    draft = None
+    if any(value is not None for value in overrides):
+        draft = SamplingConfig(
+            target.temperature if args.draft_temperature is None else args.draft_temperature,
+            target.top_k if args.draft_top_k is None else args.draft_top_k,
+            target.top_p if args.draft_top_p is None else args.draft_top_p,
+        )
+    from mcsd.bench.methods import parse_tree
+
+    chosen = args.tree if args.tree is not None else tree
+    return SpecConfig(
+        tree=DEFAULT_TREE if chosen is None else parse_tree(chosen),
+        rule=args.rule,
+        target=target,
+        draft=draft,
+        max_new_tokens=args.max_new_tokens,
+        stop_strings=tuple(args.stop),
+        seed=args.seed,
+    )
+
+
+def tree_default(args: argparse.Namespace) -> tuple[str, str]:
+    """The tree to use when ``--tree`` is not given, and the log line that says where it came
+    from: the tree ``mcsd tune`` saved for these models, device, dtype and runtime, else
+    ``DEFAULT_TREE``. Read before the models load, so the command's first line can say it."""
+    from mcsd.bench.tuned import tuned_entry, tuned_key_for
+
+    check_model_arguments(args)
+    key = tuned_key_for(args.target, args.draft, args.device, args.dtype, args.runtime)
+    entry = tuned_entry(key)
+    if entry is None:
+        return DEFAULT_TREE, f"tree {DEFAULT_TREE} (the default; mcsd tune finds a faster one)"
+    return entry["tree"], (
+        f"tree {entry['tree']} saved by mcsd tune for {key} on {entry.get('saved', '?')} "
+        "(--tree overrides it)"
+    )
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything ``bench`` and ``tune`` share."""
+    add_model_arguments(parser)
+    add_decoding_arguments(parser)
+    parser.set_defaults(seed=BenchDefaults.seed)  # reproducible unless asked otherwise
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="humaneval, mt-bench, sharegpt or a file path (repeatable; default: "
+        f"{' and '.join(BenchDefaults.datasets)})",
+    )
+    parser.add_argument(
+        "--n", type=int, default=BenchDefaults.n, help="prompts per dataset (seeded sample)"
+    )
+    parser.add_argument(
+        "--turns", type=int, default=BenchDefaults.turns, help="user turns per question"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"default: {' '.join(BenchDefaults.methods)} ({{tree}}: see --tree)",
+    )
+    parser.add_argument("--out", default=BenchDefaults.out, help="output directory")
+    parser.add_argument(
+        "--draft-vocab",
+        default=None,
+        help="FR-Spec: mcsd drafts score only the K most frequent tokens (e.g. 32k); same as "
+        "adding +fr=K to every sps/tree method",
+    )
+    parser.add_argument(
+        "--draft-int8",
+        action="store_true",
+        help="int8 weights for mcsd drafts (CPU); same as adding +int8 to every sps/tree method",
+    )
+    parser.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=BenchDefaults.warmup_tokens,
+        help="0 disables the warm-up",
+    )
+    parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """``mcsd tune`` and ``mcsd bench --sweep``."""
+    parser.add_argument(
+        "--budgets",
+        default=",".join(map(str, SweepDefaults.budgets)),
+        help="node budgets (comma-separated)",
+    )
+    parser.add_argument(
+        "--verify",
+        type=int,
+        default=SweepDefaults.verify,
+        help="best predicted shapes to run for real (0: none)",
+    )
+    parser.add_argument(
+        "--max-depth", type=int, default=SweepDefaults.max_depth, help="deepest candidate tree"
+    )
+
+
+def load_questions(args: argparse.Namespace) -> list[Any]:
+    """The prompts ``--dataset`` / ``--n`` / ``--turns`` / ``--seed`` name."""
+    from mcsd.bench.datasets import load_dataset
+
+    questions = []
+    for name in args.dataset or BenchDefaults.datasets:
+        questions += load_dataset(name, n=args.n, seed=args.seed, turns=args.turns)
+    return questions
