@@ -6,10 +6,8 @@ the cache), so the first run on a fresh machine downloads ~1.6 GB and converts o
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
-import torch
+from conftest import greedy_reference
 
 from mcsd.api import generate, load_pair
 from mcsd.config import GREEDY, SamplingConfig, SpecConfig
@@ -28,18 +26,7 @@ def pair():
 
 
 def target_greedy(pair, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    model = pair.target.model
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            eos_token_id=list(pair.eos_token_ids),
-            pad_token_id=pair.eos_token_ids[0],
-        )
-    return out[0, len(prompt_ids) :].tolist()
+    return greedy_reference(pair.target.hf_model, prompt_ids, new_tokens, eos=pair.eos_token_ids)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
