@@ -142,12 +142,12 @@ def load_pair(
     for role, name in (("target", target), ("draft", draft)):
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ValueError(f"{role} must be a model name, directory or HF id, got {name!r}")
-    kind = runtime_kind(runtime, parse_device(device))  # refuse bad options before loading
-    check_options(kind, compile=compile != "none", max_length=None)
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
+    kind = runtime_kind(runtime, parse_device(device), target)  # refuse bad options first
+    check_options(kind, compile=compile != "none", max_length=None)
     kwargs: dict[str, Any] = dict(
-        runtime=runtime,
+        runtime=kind.name,  # auto resolved once, for the target: both models on one runtime
         dtype=dtype,
         device=device,
         attn_implementation=attn_implementation,

@@ -76,7 +76,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
     device = parse_device(args.device)
     parse_dtype(args.dtype, device)
-    kind = runtime_kind(args.runtime, device)
+    kind = runtime_kind(args.runtime, device, args.target)
     try:
         check_options(kind, compile=args.compile != "none", max_length=None)
     except ValueError:

@@ -28,46 +28,89 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
+class LoadRequest:
+    """One model to load, every option already validated."""
+
+    name: str  # a known model, a local directory or a Hugging Face id
+    dtype: torch.dtype
+    device: torch.device
+    attn_implementation: str
+    compile: bool
+    max_length: int | None
+    progress: bool
+
+
+Loaded = tuple[Runtime, Any, tuple[int, ...]]  # the runtime, its tokenizer, its EOS ids
+
+
+@dataclass(frozen=True)
 class RuntimeKind:
     name: str
     summary: str
-    wrap: Callable[..., Runtime]  # (transformers model, compile=..., max_length=...) -> runtime
+    load: Callable[[LoadRequest], Loaded]
     compiles: bool  # accepts compile=True
     sized: bool  # accepts max_length (a static cache)
+    # auto picks the first kind (in registry order) that accepts (model name, device)
+    auto: Callable[[str, torch.device], bool] = lambda name, device: False
 
 
-def _hf(model: Any, *, compile: bool, max_length: int | None) -> Runtime:
+def _transformers(request: LoadRequest, wrap: Callable[[Any], Runtime]) -> Loaded:
+    """A transformers checkpoint (``mcsd.sources.resolve``), wrapped by a runtime."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcsd.sources import resolve
+
+    path = resolve(request.name, progress=request.progress)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=request.dtype, attn_implementation=request.attn_implementation
+    ).to(request.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return wrap(model), tokenizer, _eos_ids(model, tokenizer)
+
+
+def _hf(request: LoadRequest) -> Loaded:
     from mcsd.models.hf import HFModel
 
-    return HFModel(model)
+    return _transformers(request, HFModel)
 
 
-def _hf_static(model: Any, *, compile: bool, max_length: int | None) -> Runtime:
+def _hf_static(request: LoadRequest) -> Loaded:
     from mcsd.models.static import StaticHFModel
 
-    return StaticHFModel(model, max_length=max_length, compile=compile)
+    return _transformers(
+        request,
+        lambda model: StaticHFModel(model, max_length=request.max_length, compile=request.compile),
+    )
 
 
 RUNTIMES: dict[str, RuntimeKind] = {
     kind.name: kind
     for kind in (
-        RuntimeKind("hf", "transformers' modelling code, dynamic KV cache", _hf, False, False),
+        RuntimeKind(
+            "hf",
+            "transformers' modelling code, dynamic KV cache",
+            _hf,
+            compiles=False,
+            sized=False,
+            auto=lambda name, device: True,
+        ),
         RuntimeKind(
             "hf-static",
             "transformers' modelling code on mcsd's static KV cache, CUDA graphs on GPUs",
             _hf_static,
-            True,
-            True,
+            compiles=True,
+            sized=True,
         ),
     )
 }
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 
 
-def runtime_kind(runtime: object, device: torch.device) -> RuntimeKind:
-    """The kind ``runtime`` names (``auto`` resolved for ``device``); ``ValueError`` else."""
+def runtime_kind(runtime: object, device: torch.device, name: str | None = None) -> RuntimeKind:
+    """The kind ``runtime`` names; ``auto``: the first kind that takes model ``name`` on
+    ``device`` (``hf`` takes everything). ``ValueError`` for anything else."""
     if runtime == "auto":
-        return RUNTIMES["hf"]
+        return next(k for k in RUNTIMES.values() if k.auto(name or "", device))
     if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}; got {runtime!r}")
     return RUNTIMES[runtime]
@@ -134,19 +177,16 @@ def load_runtime(
     progress: bool = True,
     compile: bool = False,
     max_length: int | None = None,
-) -> tuple[Runtime, Any, tuple[int, ...]]:
+) -> Loaded:
     """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``.
 
     Returns the runtime, its tokenizer and its EOS token ids. ``max_length``: positions of a
     static cache (default min(model limit, ``mcsd.config.STATIC_MAX_LENGTH``)); ``compile``: also
     ``torch.compile`` each captured shape (~30 s per shape)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from mcsd.models.hf import SUPPORTED_ATTENTION
-    from mcsd.sources import resolve
 
     torch_device = parse_device(device)
-    kind = runtime_kind(runtime, torch_device)
+    kind = runtime_kind(runtime, torch_device, name)
     torch_dtype = parse_dtype(dtype, torch_device)
     check_options(kind, compile=compile, max_length=max_length)
     if attn_implementation not in SUPPORTED_ATTENTION:
@@ -154,13 +194,10 @@ def load_runtime(
             f"attn_implementation must be one of {', '.join(SUPPORTED_ATTENTION)}; got "
             f"{attn_implementation!r}"
         )
-    path = resolve(name, progress=progress)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn_implementation
-    ).to(torch_device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    adapted = kind.wrap(model, compile=compile, max_length=max_length)
-    return adapted, tokenizer, _eos_ids(model, tokenizer)
+    request = LoadRequest(
+        name, torch_dtype, torch_device, attn_implementation, compile, max_length, progress
+    )
+    return kind.load(request)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
