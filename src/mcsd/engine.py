@@ -156,7 +156,7 @@ def autoregressive_decode(
         started = time.perf_counter()
         cache = target.cache_lengths()[0]
         tokens = to_device([[pending, cache]], device)  # [1, 2]: the token and its position
-        logits = target.forward(tokens[:, :1], tokens[:, 1:], one)
+        logits = target.forward(tokens[:, :1], tokens[:, 1:], one, logits="last")
         target.commit()
         if sampling.greedy:  # argmax of the one-hot p is the argmax of the logits
             pending = int(logits[0, -1, :vocab_size].argmax())
@@ -178,7 +178,7 @@ def _prefill(model: Runtime, tokens: list[int]) -> None:
     device = model.device
     ids = to_device([tokens], device)  # [1, T]
     positions = torch.arange(len(tokens), device=device)[None]  # [1, T]
-    model.forward(ids, positions, chain_mask(len(tokens), device=device))
+    model.forward(ids, positions, chain_mask(len(tokens), device=device), logits="none")
     model.commit()
 
 
