@@ -5,17 +5,21 @@ A kind names how a checkpoint is run (``RUNTIMES``):
 - ``hf``         transformers' modelling code on its dynamic cache (any causal LM with
                  full-attention layers; CPU or GPU);
 - ``hf-static``  the same modelling code on mcsd's static KV cache, CUDA graphs on GPUs and
-                 optionally ``torch.compile`` (the GPU fast path until mcsd's own model exists).
+                 optionally ``torch.compile``;
+- ``fast``       mcsd's own compiled Llama-family model (``mcsd.models.fast``) on the same
+                 static cache: the GPU default for the architectures it supports.
 
-``auto`` picks ``hf``. Every kind loads from what ``mcsd.sources.resolve`` gives (a
-known offline model, a local directory, a Hugging Face id) and returns the runtime with its
-tokenizer and end-of-sequence ids. Bad options are refused here, before any weight is read.
+``auto`` picks ``fast`` on a CUDA device for a checkpoint it supports, else ``hf``. Every kind
+loads from what ``mcsd.sources.resolve`` gives (a known offline model, a local directory, a
+Hugging Face id) and returns the runtime with its tokenizer and end-of-sequence ids. Bad options
+are refused here, before any weight is read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,9 +87,63 @@ def _hf_static(request: LoadRequest) -> Loaded:
     )
 
 
+def _fast(request: LoadRequest) -> Loaded:
+    from transformers import AutoTokenizer
+
+    from mcsd.models.fast import load_fast, read_architecture
+    from mcsd.sources import resolve
+
+    path = resolve(request.name, progress=request.progress)
+    read_architecture(path)  # refuse an unsupported checkpoint before anything is read
+    runtime = load_fast(
+        path,
+        dtype=request.dtype,
+        device=request.device,
+        max_length=request.max_length,
+        compile=request.compile,
+        label=Path(request.name).name,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return runtime, tokenizer, _eos_ids(_generation_config(path), tokenizer)
+
+
+def _fast_supports(name: str, device: torch.device) -> bool:
+    """auto: the fast runtime on CUDA for a checkpoint it runs (known, local or cached)."""
+    if device.type != "cuda":
+        return False
+    from mcsd.models.fast.arch import FAMILIES, read_architecture
+    from mcsd.sources import known_model, resolve
+
+    known = known_model(name)
+    if known is not None:  # decided from the registry: nothing is fetched to decide
+        return known.family in FAMILIES
+    try:
+        read_architecture(resolve(name, progress=False))
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _generation_config(path: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        return None
+
+
 RUNTIMES: dict[str, RuntimeKind] = {
     kind.name: kind
     for kind in (
+        RuntimeKind(
+            "fast",
+            "mcsd's own compiled Llama-family model, static KV cache, CUDA graphs",
+            _fast,
+            compiles=True,
+            sized=True,
+            auto=_fast_supports,
+        ),
         RuntimeKind(
             "hf",
             "transformers' modelling code, dynamic KV cache",
@@ -200,9 +258,11 @@ def load_runtime(
     return kind.load(request)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_ids(generation: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The EOS ids of a generation config (or a model carrying one) and the tokenizer."""
     ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    generation = getattr(generation, "generation_config", generation)
+    configured = getattr(generation, "eos_token_id", None)
     for value in (configured, getattr(tokenizer, "eos_token_id", None)):
         if isinstance(value, int):
             ids.append(value)

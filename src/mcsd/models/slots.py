@@ -16,8 +16,9 @@ becomes logits (``_logits``). Everything else is here, once:
   is dropped and its slot is never visible to a real row. ``max_context`` leaves
   ``tree_reserve`` slots (default ``max_graph_tokens``) for the tree nodes of a step.
 - CUDA graphs: on a CUDA device every (n_pad, A) shape is captured once and replayed
-  (``mcsd.models.graphs.GraphRunner``); beyond ``max_graph_tokens`` (a long prefill) a forward
-  runs eagerly with exact shapes.
+  (``mcsd.models.graphs.GraphRunner``), through the subclass's compiled function if it has one.
+  A forward that returns no logits is a prefill: it runs eagerly (never compiled, never
+  captured: prompt lengths are one-offs), as does one beyond ``max_graph_tokens``.
 
 A forward issues no host synchronisation: tokens, positions and masks arrive as device tensors,
 the write slots are computed on the device, committed lengths live on the host.
@@ -87,8 +88,18 @@ class SlotCacheRuntime:
         self._graphs = GraphRunner(device, enabled=cuda_graphs, label=label)
 
     # ------------------------------------------------------------------ subclass hooks
-    def _body(self, tokens: Tensor, positions: Tensor, mask: Tensor, slots: Tensor, attend: int):
-        """One forward over the persistent views (writes the new keys/values at ``slots``)."""
+    def _body(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        slots: Tensor,
+        attend: int,
+        *,
+        compiled: bool,
+    ) -> Tensor:
+        """One forward over the persistent views (writes the new keys/values at ``slots``);
+        ``compiled``: through the compiled function, if the subclass has one."""
         raise NotImplementedError
 
     def _logits(self, out: Tensor, n: int, rows: Rows) -> Tensor:
@@ -173,10 +184,13 @@ class SlotCacheRuntime:
         if padded > n:  # padding rows see only their own slot
             mask_view[:, 0, n:, start + n : start + padded].diagonal(dim1=-2, dim2=-1).fill_(0.0)
 
-        def run() -> Tensor:
-            return self._body(tokens_in, positions_in, mask_view, slots, attend)
+        def graphed() -> Tensor:
+            return self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=True)
 
-        out = self._graphs.run((padded, attend), run) if capturable else run()
+        if capturable and logits != "none":
+            out = self._graphs.run((padded, attend), graphed)
+        else:
+            out = self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=False)
         self._pending += n
         return None if logits == "none" else self._logits(out, n, logits)
 

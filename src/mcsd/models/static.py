@@ -105,9 +105,9 @@ class StaticHFModel(SlotCacheRuntime):
         return self._vocab
 
     # ------------------------------------------------------------------ SlotCacheRuntime
-    def _body(self, tokens: Tensor, positions: Tensor, mask: Tensor, slots: Tensor, attend: int):
+    def _body(self, tokens, positions, mask, slots, attend: int, *, compiled: bool) -> Tensor:
         self._write, self._attend = slots, attend
-        return self._run(tokens, positions, mask)
+        return (self._run if compiled else self._forward_impl)(tokens, positions, mask)
 
     def _logits(self, out: Tensor, n: int, rows: Rows) -> Tensor:
         return (out[:, n - 1 : n] if rows == "last" else out[:, :n]).float()  # [B, n | 1, V]
