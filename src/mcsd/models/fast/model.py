@@ -212,16 +212,22 @@ def _shards(directory: Path) -> list[Path]:
 
 
 def load_weights(model: TransformerLM, directory: str | Path) -> None:
-    """Fill ``model`` from a Hugging Face checkpoint directory, packing q/k/v and gate/up.
-    Every parameter must be written exactly once; anything missing or left over is an error."""
+    """Fill ``model`` from a Hugging Face checkpoint directory (``load_state``)."""
     from safetensors import safe_open
 
-    arch = model.arch
     tensors: dict[str, Tensor] = {}
     for shard in _shards(Path(directory)):
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensors[name] = handle.get_tensor(name)
+    load_state(model, tensors, str(directory))
+
+
+def load_state(model: TransformerLM, tensors: dict[str, Tensor], source: str = "state") -> None:
+    """Fill ``model`` from Hugging Face-named tensors (a checkpoint's, or a live transformers
+    model's ``state_dict()``), packing q/k/v and gate/up. Every parameter must be written
+    exactly once; anything missing or left over is an error naming ``source``."""
+    arch = model.arch
     prefix = "model." if any(name.startswith("model.") for name in tensors) else ""
     take = _Taker(tensors)
     target: dict[str, Tensor] = {
@@ -255,18 +261,16 @@ def load_weights(model: TransformerLM, directory: str | Path) -> None:
         target[f"{out}mlp_norm.weight"] = take(f"{p}post_attention_layernorm.weight")
     left = sorted(set(tensors) - take.used)
     if left:
-        raise ValueError(
-            f"checkpoint {directory} has weights the fast model does not use: {left[:4]}"
-        )
+        raise ValueError(f"{source} has weights the fast model does not use: {left[:4]}")
     state = model.state_dict()
     missing = sorted(set(state) - set(target) - {"cos_table", "sin_table"})
     if missing:
-        raise ValueError(f"checkpoint {directory} lacks weights: {missing[:4]}")
+        raise ValueError(f"{source} lacks weights: {missing[:4]}")
     with torch.no_grad():
         for name, value in target.items():
             if state[name].shape != value.shape:
                 raise ValueError(
-                    f"checkpoint {directory}: {name} has shape {tuple(value.shape)}, the config "
+                    f"{source}: {name} has shape {tuple(value.shape)}, the config "
                     f"says {tuple(state[name].shape)}"
                 )
             state[name].copy_(value)

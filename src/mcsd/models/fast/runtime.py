@@ -24,7 +24,7 @@ from torch import Tensor
 from mcsd.config import MAX_GRAPH_TOKENS, STATIC_MAX_LENGTH
 from mcsd.models.base import Rows, chain_mask
 from mcsd.models.fast.arch import Architecture, read_architecture
-from mcsd.models.fast.model import TransformerLM, load_weights, tie
+from mcsd.models.fast.model import TransformerLM, load_state, load_weights, tie
 from mcsd.models.slots import SlotCacheRuntime, bucket
 
 
@@ -72,10 +72,13 @@ class FastModel(SlotCacheRuntime):
         self._head = lm.head.weight if head_rows is None else lm.head.weight[head_rows].clone()
         self._run = self._hidden
         if compile:
+            # Automatic dynamic shapes: the first bucket compiles for its own size, the next
+            # one once for any number of tokens (bucket 1 stays specialised): a handful of
+            # compilations per model however many buckets a run meets, all in ``warmup``.
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
-            self._run = torch.compile(self._hidden, fullgraph=True, dynamic=False)
+            self._run = torch.compile(self._hidden, fullgraph=True)
 
     def restricted(self, head_rows: Tensor) -> FastModel:
         """A runtime of its own (own cache) sharing these weights, whose head scores only the
@@ -148,9 +151,11 @@ def build(
     device: torch.device,
     max_length: int | None = None,
     directory: str | Path | None = None,
+    state: dict[str, Tensor] | None = None,
     seed: int = 0,
 ) -> TransformerLM:
-    """The model on ``device`` in ``dtype``: weights from ``directory``, else random (seeded)."""
+    """The model on ``device`` in ``dtype``: weights from ``directory`` or Hugging Face-named
+    ``state`` tensors, else random (seeded)."""
     length = max_length or min(arch.max_positions, STATIC_MAX_LENGTH)
     with torch.device("meta"):
         lm = TransformerLM(arch, length)
@@ -159,6 +164,8 @@ def build(
         tie(lm)
     if directory is not None:
         load_weights(lm, directory)
+    elif state is not None:
+        load_state(lm, state)
     else:
         lm.init_random(seed)
     lm.init_rope()
