@@ -36,6 +36,7 @@ from gpu_step import (
     CONTEXT,
     build,
     copy_bandwidth,
+    cuda_ms,
     forward_ms,
     hf_generate_ms,
     prompt_ids,
@@ -48,7 +49,7 @@ N = (1, 16, 64)
 TREES = ("1,1,1,1", "2,2,2", "4,2,2", "8,4,2", "2,2,1,1")
 
 
-def fast_from(model, *, compile: bool):
+def fast_from(model, *, compile: bool, length: int = CONTEXT + 512):
     """The fast runtime on the same weights as a transformers model."""
     from mcsd.models.fast import FastModel, architecture
     from mcsd.models.fast import build as build_fast
@@ -58,7 +59,7 @@ def fast_from(model, *, compile: bool):
         arch,
         dtype=model.dtype,
         device=model.device,
-        max_length=CONTEXT + 512,
+        max_length=length,
         state=model.state_dict(),
     )
     return FastModel(lm, label=f"random-{arch.num_layers}l", compile=compile)
@@ -256,6 +257,19 @@ def main() -> None:
     if "steps" in parts:
         steps_part(args.sizes.split(","), args.rules.split(","), results)
         save(args.out, results)
+    if "profile" in parts:
+        for flex, length in ((True, CONTEXT + 512), (True, 4096), (False, 4096)):
+            name = f"profile_{'flex' if flex else 'sdpa'}_{length}"
+            results[name] = profile_part(args.sizes.split(",")[0], flex, length)
+            save(args.out, results)
+            print(name)
+            for key, value in results[name].items():
+                print(
+                    " ",
+                    key,
+                    *(value[:12] if key == "top" else [value]),
+                    sep="\n    " if key == "top" else " ",
+                )
     print_table(results, dict(a.split("=") for a in args.al))
 
 
@@ -292,6 +306,56 @@ def print_table(results: dict, al: dict) -> None:
                   f"{f'{tps * ar / 1e3:.2f}' if tps and ar else '-'} |")  # fmt: skip
     if "check" in r:
         print("\ncheck:", r["check"])
+
+
+def profile_part(size: str, flex: bool, length: int = CONTEXT + 512) -> dict:
+    """Where the time of one compiled, graph-replayed fast forward (N = 1) goes: GPU kernels by
+    name (torch.profiler), their sum against the host-timed forward, and the eager work around
+    the graph (mask, inputs, head)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from mcsd.models.base import chain_mask
+
+    model = build(size)
+    fast = fast_from(model, compile=False, length=length)
+    del model
+    fast._run = torch.compile(fast._hidden, fullgraph=True, dynamic=False)
+    fast.flex = flex
+    fast.warmup((1,))
+    ids = torch.tensor([prompt_ids(fast.vocab_size, CONTEXT + 1)], device="cuda")
+    fast.forward(ids[:, :CONTEXT], torch.arange(CONTEXT, device="cuda")[None],
+                 chain_mask(CONTEXT, 0, "cuda"), logits="none")  # fmt: skip
+    fast.commit()
+    tokens, positions = ids[:, CONTEXT:], torch.tensor([[CONTEXT]], device="cuda")
+    mask = chain_mask(1, 0, "cuda")
+
+    def step():
+        fast.forward(tokens, positions, mask)
+        fast.commit([[]])
+
+    wall = cuda_ms(step)
+    replay = cuda_ms(lambda: fast._graphs._graphs[(1, fast.max_length)][0].replay())
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels.setdefault(e.name[:70], []).append(e.time_range.elapsed_us() / 5)
+    total = sum(sum(v) for v in kernels.values())
+    top = sorted(((sum(v), len(v) // 5, k) for k, v in kernels.items()), reverse=True)[:25]
+    return {
+        "forward_ms": wall,
+        "graph_replay_ms": replay,
+        "kernel_ms_per_forward": total / 1e3,
+        "kernels_per_forward": sum(len(v) for v in kernels.values()) // 5,
+        "top": [(round(us, 1), count, name) for us, count, name in top],
+    }
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class Attention(nn.Module):
         slots: Tensor,  # [n] long, where the new keys/values go
         keys: Tensor,  # [B, KV, L, hd] this layer's cache
         values: Tensor,  # [B, KV, L, hd]
+        explicit: bool = False,  # attention as plain matrix products (TransformerLM.forward)
     ) -> Tensor:
         b, n, _ = x.shape
         hd = self.head_dim
@@ -107,13 +108,20 @@ class Attention(nn.Module):
         # key/value head attend as G * n rows of that head (the mask comes repeated G times).
         groups = self.heads // self.kv_heads
         attend = mask.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, self.kv_heads, groups * n, hd),
-            keys[:, :, :attend],
-            values[:, :, :attend],
-            attn_mask=mask,  # [B, 1, G * n, A]
-        )  # [B, KV, G * n, hd]
-        out = out.view(b, self.heads, n, hd).transpose(1, 2)  # [B, n, H, hd]
+        grouped = q.reshape(b, self.kv_heads, groups * n, hd)
+        window_keys, window_values = keys[:, :, :attend], values[:, :, :attend]
+        if explicit:  # matmul, softmax, matmul: every kernel spreads over the whole GPU
+            scores = torch.matmul(grouped, window_keys.transpose(-1, -2)) * hd**-0.5
+            weights = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(weights, window_values)  # [B, KV, G * n, hd]
+        else:
+            out = F.scaled_dot_product_attention(
+                grouped,
+                window_keys,
+                window_values,
+                attn_mask=mask,  # [B, 1, G * n, A]
+            )  # [B, KV, G * n, hd]
+        out = out.reshape(b, self.heads, n, hd).transpose(1, 2)  # [B, n, H, hd]
         return self.wo(out.reshape(b, n, self.heads * hd))
 
 
@@ -136,8 +144,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, cos, sin, mask, slots, keys, values) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, keys, values)
+    def forward(self, x, cos, sin, mask, slots, keys, values, explicit=False) -> Tensor:
+        h = x + self.attention(
+            self.attention_norm(x), cos, sin, mask, slots, keys, values, explicit
+        )
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -186,16 +196,23 @@ class TransformerLM(nn.Module):
         mask: Tensor,  # [B, 1, n, A] additive, in the model dtype
         slots: Tensor,  # [n] long
         kv: Tensor,  # [layers, 2, B, KV, L, hd] the cache
+        explicit: bool = False,
     ) -> Tensor:
-        """Final hidden states ``[B, n, D]``; the new keys/values are in ``kv`` at ``slots``."""
+        """Final hidden states ``[B, n, D]``; the new keys/values are in ``kv`` at ``slots``.
+
+        ``explicit``: attention as matmul, softmax (float32), matmul, as the checkpoints' own
+        "eager" attention computes it: for the few query rows of a decoding or tree step every
+        one of these kernels spreads over the whole GPU, where SDPA's fused kernels give each
+        key/value head one thread block (measured on an H200: docs/benchmarks.md). A prefill
+        (many rows, whose scores would be large) uses SDPA."""
         x = self.embed(tokens)
         cos = self.cos_table[positions].to(x.dtype)[:, None]  # [B, 1, n, hd]
         sin = self.sin_table[positions].to(x.dtype)[:, None]
-        b, _, n, attend = mask.shape
+        b, _, n, length = mask.shape
         groups = self.arch.num_heads // self.arch.num_kv_heads
-        grouped = mask[:, :, None].expand(b, 1, groups, n, attend).reshape(b, 1, groups * n, attend)
+        grouped = mask[:, :, None].expand(b, 1, groups, n, length).reshape(b, 1, groups * n, length)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, grouped, slots, kv[i, 0], kv[i, 1])
+            x = layer(x, cos, sin, grouped, slots, kv[i, 0], kv[i, 1], explicit)
         return self.norm(x)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mcsd.config import MAX_GRAPH_TOKENS, STATIC_MAX_LENGTH
+from mcsd.config import ATTENTION_BLOCK, MAX_GRAPH_TOKENS, STATIC_MAX_LENGTH
 from mcsd.models.base import Rows, chain_mask
 from mcsd.models.fast.arch import Architecture, read_architecture
 from mcsd.models.fast.model import TransformerLM, load_state, load_weights, tie
@@ -42,6 +42,7 @@ class FastModel(SlotCacheRuntime):
         max_graph_tokens: int = MAX_GRAPH_TOKENS,
         tree_reserve: int | None = None,
         head_rows: Tensor | None = None,
+        attention_block: int = ATTENTION_BLOCK,
     ) -> None:
         weight = lm.embed.weight
         max_length = lm.max_positions
@@ -52,13 +53,14 @@ class FastModel(SlotCacheRuntime):
             batch_size=batch_size,
             cuda_graphs=cuda_graphs,
             max_graph_tokens=max_graph_tokens,
-            attention_block=max_length,  # one attention length: shapes vary by tokens only
+            attention_block=attention_block,
             tree_reserve=tree_reserve,
             label=label,
         )
         self.lm = lm.eval()
         self.label = label
         self.options = dict(
+            attention_block=attention_block,
             label=label,
             batch_size=batch_size,
             cuda_graphs=cuda_graphs,
@@ -95,12 +97,16 @@ class FastModel(SlotCacheRuntime):
         return int(self._head.shape[0])
 
     # ------------------------------------------------------------------ SlotCacheRuntime
-    def _hidden(self, tokens: Tensor, positions: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+    def _hidden(
+        self, tokens: Tensor, positions: Tensor, mask: Tensor, slots: Tensor, explicit: bool
+    ) -> Tensor:
         assert self._kv is not None
-        return self.lm(tokens, positions, mask, slots, self._kv)  # [B, n_pad, D]
+        return self.lm(tokens, positions, mask, slots, self._kv, explicit)  # [B, n_pad, D]
 
     def _body(self, tokens, positions, mask, slots, attend: int, *, compiled: bool) -> Tensor:
-        return (self._run if compiled else self._hidden)(tokens, positions, mask, slots)
+        # The captured shapes (decoding and tree steps) attend explicitly; prefills by SDPA.
+        run = self._run if compiled else self._hidden
+        return run(tokens, positions, mask, slots, compiled)
 
     def _logits(self, out: Tensor, n: int, rows: Rows) -> Tensor:
         hidden = out[:, n - 1 : n] if rows == "last" else out[:, :n]  # [B, n | 1, D]
@@ -108,19 +114,29 @@ class FastModel(SlotCacheRuntime):
 
     @torch.inference_mode()
     def warmup(self, token_counts: tuple[int, ...]) -> list[int]:
-        """Run one forward of every bucket the counts fall into (capturing its graph, and
-        compiling it with ``compile=True``), then empty the cache. Returns the buckets.
-        Prefills need no warm-up: they run eagerly."""
+        """Run every bucket the counts fall into at two attention lengths (compiling with
+        ``compile=True``: the second length makes the compiled code generic in it, so a run's
+        growing context never compiles again; each (bucket, length) graph is captured when first
+        met, which costs milliseconds), then empty the cache. Returns the buckets. Prefills
+        need no warm-up: they run eagerly."""
         buckets = sorted({bucket(n, self.max_graph_tokens) for n in token_counts})
-        device = self.device
+        device, rows, block = self.device, self.batch_size, self.attention_block
         self.reset()
-        for size in buckets:
-            if size > self.max_graph_tokens:
-                continue
-            tokens = torch.zeros(self.batch_size, size, dtype=torch.long, device=device)
-            positions = torch.arange(size, device=device).expand(self.batch_size, size)
-            self.forward(tokens, positions, chain_mask(size, device=device), logits="last")
-            self.commit([[]] * self.batch_size)
+        for offset in (0, block):
+            if offset and offset + max(buckets) > self.max_context:
+                break  # one attention length is all this cache has
+            if offset:  # fill the first block (an eager prefill) so attention spans two
+                filler = torch.zeros(rows, offset, dtype=torch.long, device=device)
+                positions = torch.arange(offset, device=device).expand(rows, offset)
+                self.forward(filler, positions, chain_mask(offset, device=device), logits="none")
+                self.commit()
+            for size in buckets:
+                if size > self.max_graph_tokens:
+                    continue
+                tokens = torch.zeros(rows, size, dtype=torch.long, device=device)
+                positions = torch.arange(offset, offset + size, device=device).expand(rows, size)
+                self.forward(tokens, positions, chain_mask(size, device=device), logits="last")
+                self.commit([[]] * rows)
         self.reset()
         return buckets
 
