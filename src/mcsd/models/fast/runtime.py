@@ -74,13 +74,12 @@ class FastModel(SlotCacheRuntime):
         self._head = lm.head.weight if head_rows is None else lm.head.weight[head_rows].clone()
         self._run = self._hidden
         if compile:
-            # Automatic dynamic shapes: the first bucket compiles for its own size, the next
-            # one once for any number of tokens (bucket 1 stays specialised): a handful of
-            # compilations per model however many buckets a run meets, all in ``warmup``.
+            # Dynamic shapes: one compilation for any number of tokens and attention length (a
+            # single token stays specialised: two compilations per model), all in ``warmup``.
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
-            self._run = torch.compile(self._hidden, fullgraph=True)
+            self._run = torch.compile(self._hidden, fullgraph=True, dynamic=True)
 
     def restricted(self, head_rows: Tensor) -> FastModel:
         """A runtime of its own (own cache) sharing these weights, whose head scores only the
