@@ -19,6 +19,7 @@ from mcsd.checks.node import DEFAULT_ALPHA, Fit, goodness_of_fit
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import speculative_decode
+from mcsd.models.base import score
 from mcsd.models.toy import TableLM, sequence_distribution
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import RULES, get_rule
@@ -62,6 +63,7 @@ class EngineCase:
     # as the engine chooses on this CPU (the device verifier for greedy only).
     device_verify: bool | None = None
     float32: bool = False  # the device verifier's residual work in float32 (as on GPUs)
+    runtime: str = "table"  # "fast": tiny random models on the fast runtime instead of tables
 
     @property
     def target_sampling(self) -> SamplingConfig:
@@ -92,16 +94,34 @@ class EngineCase:
     def token_tree(self) -> TokenTree:
         return TokenTree.parse(TREES[self.tree])
 
-    def models(self) -> tuple[TableLM, TableLM]:
-        target = TableLM.random(self.vocab, seed=11)
-        draft = TableLM.random(self.vocab, seed=11 if self.same_models else 23)
-        return target, draft
+    def models(self):  # -> (target runtime, draft runtime)
+        target_seed, draft_seed = 11, 11 if self.same_models else 23
+        if self.runtime == "fast":
+            return tiny_fast(self.vocab, target_seed), tiny_fast(self.vocab, draft_seed)
+        return TableLM.random(self.vocab, seed=target_seed), TableLM.random(
+            self.vocab, seed=draft_seed
+        )
+
+    def exact_target(self, target) -> TableLM:
+        """A table LM with the target's next-token distributions (the target itself for
+        tables; for a real runtime, its logits for every context, scored one at a time)."""
+        if isinstance(target, TableLM):
+            return target
+        from mcsd.models.fast import FastModel
+
+        scorer = FastModel(target.lm, max_graph_tokens=target.max_graph_tokens)
+
+        def table(context: tuple[int, ...]) -> torch.Tensor:
+            return torch.softmax(score(scorer, context)[-1].double(), dim=-1)
+
+        return TableLM(table, self.vocab)
 
     def describe(self) -> str:
         same = " draft=target" if self.same_models else ""
         top_k = f" draft-top-k={self.draft_top_k}" if self.draft_top_k else ""
         batched = {True: " device-verify", False: " host-walk", None: ""}[self.device_verify]
         batched += " float32" if self.float32 else ""
+        batched += f" runtime={self.runtime}" if self.runtime != "table" else ""
         return f"{self.rule} tree={self.tree}{same}{top_k}{batched}"
 
 
@@ -129,6 +149,9 @@ def engine_cases() -> list[EngineCase]:
         EngineCase("mcss-wor", "4,2,2", device_verify=True, float32=True),
         EngineCase("mcss", "paths", device_verify=True, float32=True),
         EngineCase("topk", "4,2,2", device_verify=True, float32=True),
+        # A real model in the loop: tiny random Qwen2-shaped models on the fast runtime.
+        EngineCase("mcss-wor", "2,2", runtime="fast"),
+        EngineCase("sps", "1,1,1", runtime="fast"),
     ]
     return cases
 
@@ -174,7 +197,9 @@ def run_engine_case(
     """Sample ``trials`` generations through the engine and test them against the exact
     distribution of ``case.length``-token continuations under the warped target."""
     target, draft = case.models()
-    exact = sequence_distribution(target, case.prompt, case.length, case.target_sampling)
+    exact = sequence_distribution(
+        case.exact_target(target), case.prompt, case.length, case.target_sampling
+    )
     outcomes = sorted(exact)
     index = {seq: i for i, seq in enumerate(outcomes)}
     counts: Counter[tuple[int, ...]] = Counter()
@@ -195,3 +220,31 @@ def run_engine_case(
     expected = torch.tensor([exact[seq] for seq in outcomes] + [0.0], dtype=torch.float64)
     fit = goodness_of_fit(observed, expected, alpha=alpha)
     return EngineResult(case, trials, fit, tokens / max(steps, 1), accepted == attempted)
+
+
+def tiny_fast(vocab: int, seed: int):  # -> FastModel
+    """A one-layer random Qwen2-shaped model on the fast runtime (float32, CPU), its weights
+    scaled up so that its next-token distributions are far from uniform."""
+    from mcsd.models.fast import FastModel, build
+    from mcsd.models.fast.arch import Architecture, Rope
+
+    arch = Architecture(
+        family="qwen2",
+        vocab_size=vocab,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        rms_norm_eps=1e-6,
+        rope=Rope(10000.0),
+        qkv_bias=True,
+        qk_norm=False,
+        tied_embeddings=False,
+        max_positions=64,
+    )
+    lm = build(arch, dtype=torch.float32, device=torch.device("cpu"), max_length=48, seed=seed)
+    with torch.no_grad():
+        lm.head.weight.mul_(20.0)  # logits of a few units: distributions far from uniform
+    return FastModel(lm, max_graph_tokens=16, attention_block=16)
