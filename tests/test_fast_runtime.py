@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -236,3 +237,28 @@ def test_no_recompilation_after_warmup(checkpoints) -> None:
     out = spec_tokens(target, draft, [3, 14, 15, 9], spec, VOCAB)
     assert len(out) == 24
     assert len(compiled) == before  # no shape the warm-up missed
+
+
+def test_reduced_vocabulary_draft_stays_lossless(checkpoints) -> None:
+    """+fr on the fast runtime: the draft's head scores only the kept rows; greedy output is
+    still the target's, and the restricted draft never proposes a token outside them."""
+    from mcsd.models.cheap import cheap_draft
+
+    model, directory = checkpoints["qwen2"]
+
+    class Tokenizer:
+        all_special_ids = (0,)
+        added_tokens_decoder: ClassVar[dict] = {}
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[ord(c) % VOCAB for c in text] for text in texts]}
+
+    draft = cheap_draft(fast(directory), Tokenizer(), vocab=20, texts=["abcdefghij" * 5])
+    assert draft.vocab_size == VOCAB and len(draft.keep) == 20
+    prompt = [3, 14, 15, 92, 65, 35]
+    spec = SpecConfig(tree=(2, 1, 1), target=GREEDY, max_new_tokens=30)
+    assert spec_tokens(fast(directory), draft, prompt, spec, VOCAB) == greedy_reference(
+        model, prompt, 30
+    )
+    with pytest.raises(ValueError, match="no int8 weights yet"):
+        cheap_draft(fast(directory), Tokenizer(), int8=True)

@@ -15,8 +15,9 @@ target whatever the draft is. Tokens outside the kept vocabulary get draft proba
 -inf), never proposed; every rule handles q(x) = 0 (the correction covers them), and greedy
 verification accepts exactly the target's argmax. Only the acceptance rate changes.
 
-``cheap_draft`` works on either transformers runtime (``hf`` and ``hf-static``): the variant is
-the same runtime, with the same settings, around the modified model.
+``cheap_draft`` works on the transformers runtimes (``hf`` and ``hf-static``: the variant is the
+same runtime, with the same settings, around the modified model) and, for ``vocab``, on the fast
+runtime (its own copy of the kept rows of the head, the weights shared).
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def cheap_draft(
     not modified (the vocabulary cut alone shares its weights)."""
     if vocab is None and not int8:
         return draft
+    if hasattr(draft, "restricted"):  # the fast runtime: its own head's rows
+        if int8:
+            raise ValueError(
+                "int8 drafts use torch's CPU quantised kernels on the transformers runtimes; the "
+                "fast runtime has no int8 weights yet: drop +int8, or use runtime hf on a CPU"
+            )
+        keep = frequent_tokens(tokenizer, vocab, draft.vocab_size, texts=texts)
+        return RestrictedVocabModel(draft.restricted(keep), keep, draft.vocab_size)
     hf = getattr(draft, "hf_model", None)
     if hf is None or not hasattr(draft, "variant"):
         raise ValueError(
