@@ -121,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"mcsd: {tree_default(args)[1]}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
-    print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    print(
+        f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
 
     answers = run_bench(
         pair,

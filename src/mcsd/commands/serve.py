@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"mcsd: {origin}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
-    print(f"loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    print(
+        f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
     app = create_app(pair, spec, model_name=args.served_model_name, max_queue=args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
