@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_step import (
+from gpu_step import (  # noqa: E402  (the shared GPU helpers live beside this script)
     CONTEXT,
+    ar_ms,
     build,
     copy_bandwidth,
     cuda_ms,
@@ -80,18 +81,6 @@ def logit_gap(model, fast, n: int = 16) -> float:
                        chain_mask(n, 0, "cuda"))  # fmt: skip
     fast.reset()
     return float((out[0] - reference).abs().max())
-
-
-def ar_ms(m, new: int = 64) -> float:
-    from mcsd.config import GREEDY
-    from mcsd.engine import autoregressive_decode
-
-    prompt = prompt_ids(m.vocab_size)
-    for _ in range(2):  # the first run captures the graphs
-        stamps = []
-        for _step in autoregressive_decode(m, prompt, GREEDY, new, vocab_size=m.vocab_size):
-            stamps.append(time.perf_counter())
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
 
 
 def check() -> dict:

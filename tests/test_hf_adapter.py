@@ -166,3 +166,25 @@ def test_autoregressive_baseline_matches_generate(arch: str) -> None:
     steps = list(autoregressive_decode(HFModel(model), prompt, GREEDY, 20, vocab_size=VOCAB))
     assert [t for step in steps for t in step.tokens] == reference
     assert steps[-1].finish_reason == "length" and len(steps) == 20
+
+
+def test_reset_one_row_keeps_the_other() -> None:
+    """Emptying the longer row shrinks the shared region; the other row still sees exactly its
+    own prefix, and the emptied row starts afresh."""
+    model = tiny_model("qwen2", 0)
+    seqs = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    both = HFModel(model, batch_size=2)
+    both.forward(seqs[:, :9], torch.arange(9).expand(2, 9), chain_mask(9))
+    both.commit([list(range(9)), list(range(5))])
+    both.reset(0)
+    assert both.cache_lengths() == (0, 5)
+    tokens = torch.stack([seqs[0, :2], seqs[1, 5:7]])
+    out = both.forward(tokens, torch.tensor([[0, 1], [5, 6]]), chain_mask(2))
+    with torch.no_grad():
+        fresh = model(seqs[:1, :2]).logits[0]  # row 0 from scratch
+        chain = model(seqs[1:, :7]).logits[0, 5:7]  # row 1 after its 5 committed tokens
+    torch.testing.assert_close(out[0], fresh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], chain, atol=1e-5, rtol=0)
+    both.commit()
+    with pytest.raises(ValueError, match="row must be in"):
+        both.reset(5)

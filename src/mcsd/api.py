@@ -27,6 +27,7 @@ from mcsd.config import (
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import speculative_decode
 from mcsd.models.base import Runtime
+from mcsd.models.factory import load_runtime as load_model
 from mcsd.stats import Stats
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids or chat messages
@@ -85,40 +86,6 @@ class Chunk:
     finish_reason: str | None
 
 
-def load_model(
-    name: str,
-    *,
-    runtime: str = DEFAULT_RUNTIME,
-    dtype: Any = DEFAULT_DTYPE,
-    device: Any = None,
-    attn_implementation: str = DEFAULT_ATTENTION,
-    progress: bool = True,
-    compile: bool = False,
-    max_length: int | None = None,
-) -> tuple[Runtime, Any, tuple[int, ...]]:
-    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``
-    (``mcsd.models.factory.RUNTIMES``: ``hf``, ``hf-static``; ``auto`` picks for the machine).
-
-    ``hf-static`` runs it on mcsd's static KV cache of ``max_length`` positions (default
-    min(model limit, 4096); CUDA graphs on GPUs; ``compile=True`` also runs ``torch.compile``
-    on each captured shape, ~30 s per shape). Returns the runtime, its tokenizer and its EOS
-    token ids."""
-    from mcsd.models.factory import load_runtime
-
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    return load_runtime(
-        name,
-        runtime=runtime,
-        dtype=dtype,
-        device=device,
-        attn_implementation=attn_implementation,
-        progress=progress,
-        compile=compile,
-        max_length=max_length,
-    )
-
-
 def load_pair(
     target: str | None = None,
     draft: str | None = None,
@@ -131,8 +98,8 @@ def load_pair(
     compile: str = "none",
 ) -> ModelPair:
     """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
-    one runtime (see ``load_model``). ``compile``: which of them ``torch.compile`` also fuses
-    on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward
+    one runtime (``load_model``, i.e. ``mcsd.models.factory.load_runtime``). ``compile``: which
+    of them ``torch.compile`` also fuses on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward
     is mostly small kernels)."""
     from mcsd.models.factory import check_options, parse_device, runtime_kind
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET

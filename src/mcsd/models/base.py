@@ -103,6 +103,64 @@ class Runtime(Protocol):
         ...
 
 
+class CommittedRows:
+    """The per-row bookkeeping every cache-holding runtime shares: committed lengths (ragged
+    rows inside a region of width ``S = max(committed)``), the pending block's size, and the
+    protocol properties that only read them. Subclasses keep the keys/values themselves."""
+
+    def __init__(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self._batch = batch_size
+        self._device, self._dtype = device, dtype
+        self._committed = [0] * batch_size
+        self._width = 0  # S: where the pending block starts
+        self._pending = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        return tuple(self._committed)
+
+    @property
+    def pending_length(self) -> int:
+        return self._pending
+
+    def _uniform(self) -> bool:
+        """Every row's committed prefix fills ``[0, S)`` (always so at batch 1)."""
+        return all(c == self._width for c in self._committed)
+
+    def _committed_after(self, rows: list[list[int]]) -> None:
+        """Record a commit of ``rows`` (the runtime moved the entries already)."""
+        self._committed = [c + len(k) for c, k in zip(self._committed, rows, strict=True)]
+        self._width = max(self._committed)
+        self._pending = 0
+
+    def _reset_rows(self, row: int | None) -> bool:
+        """Empty ``row`` (every row for ``None`` or at batch 1); True when everything was."""
+        if row is None or self._batch == 1:
+            self._committed = [0] * self._batch
+            self._width = self._pending = 0
+            return True
+        if self._pending:
+            raise ValueError("reset(row) needs an empty pending block: commit the step first")
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self._batch:
+            raise ValueError(f"row must be in [0, {self._batch}), got {row!r}")
+        self._committed[row] = 0  # its entries become padding it never sees
+        self._width = max(self._committed)
+        return False
+
+
 def to_device(values: list, device: torch.device | str) -> Tensor:
     """A long tensor from nested Python ints on ``device``. On CUDA it goes through pinned
     memory without blocking: a plain ``torch.tensor(..., device="cuda")`` waits for every queued

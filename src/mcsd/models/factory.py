@@ -236,13 +236,17 @@ def load_runtime(
     compile: bool = False,
     max_length: int | None = None,
 ) -> Loaded:
-    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``.
+    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``
+    (``RUNTIMES``; ``auto`` picks for the machine). Public as ``mcsd.load_model``.
 
     Returns the runtime, its tokenizer and its EOS token ids. ``max_length``: positions of a
     static cache (default min(model limit, ``mcsd.config.STATIC_MAX_LENGTH``)); ``compile``: also
-    ``torch.compile`` each captured shape (~30 s per shape)."""
+    ``torch.compile`` it (the fast runtime compiles twice in its warm-up; hf-static ~30 s per
+    captured shape)."""
     from mcsd.models.hf import SUPPORTED_ATTENTION
 
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
     torch_device = parse_device(device)
     kind = runtime_kind(runtime, torch_device, name)
     torch_dtype = parse_dtype(dtype, torch_device)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mcsd.models.base import Keep, Rows, check_forward, check_keep, to_device
+from mcsd.models.base import CommittedRows, Keep, Rows, check_forward, check_keep, to_device
 
 # Attention implementations checked against a chain forward (tests/test_hf_adapter.py).
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -54,7 +54,7 @@ def model_label(kind: str, model: Any) -> str:
     return f"{kind}:{Path(str(source)).name}"
 
 
-class HFModel:
+class HFModel(CommittedRows):
     """A ``transformers`` ``PreTrainedModel`` (causal LM) behind the runtime protocol
     (``mcsd.models.base``), on a ``DynamicCache`` of ``batch_size`` rows."""
 
@@ -64,18 +64,12 @@ class HFModel:
         from transformers import DynamicCache
 
         check_attention(model)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        first = next(model.parameters())
+        super().__init__(batch_size, first.device, first.dtype)
         self.hf_model = model.eval()  # for mcsd.models only (baselines, cheap drafts)
-        self._batch = batch_size
         self._cache_keyword = cache_keyword(model)
         self._new_cache = lambda: DynamicCache(config=model.config)
         self._cache = self._new_cache()
-        self._committed = [0] * batch_size
-        self._width = 0  # S: physical length of the committed region
-        self._pending = 0
-        first = next(model.parameters())
-        self._dtype, self._device = first.dtype, first.device
         # A quantised head has no weight tensor: its width is given (mcsd.models.cheap).
         self._vocab = vocab_size or int(model.get_output_embeddings().weight.shape[0])
 
@@ -95,25 +89,6 @@ class HFModel:
     @property
     def max_context(self) -> int | None:
         return getattr(self.hf_model.config, "max_position_embeddings", None)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch
-
-    def cache_lengths(self) -> tuple[int, ...]:
-        return tuple(self._committed)
-
-    @property
-    def pending_length(self) -> int:
-        return self._pending
 
     @torch.inference_mode()
     def forward(
@@ -145,11 +120,10 @@ class HFModel:
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)
         width, pending = self._width, self._pending
-        lengths = [c + len(k) for c, k in zip(self._committed, rows, strict=True)]
-        new_width = max(lengths)
+        new_width = max(c + len(k) for c, k in zip(self._committed, rows, strict=True))
         if pending:
             device = self._device
-            uniform = all(c == width for c in self._committed) and len(set(map(len, rows))) == 1
+            uniform = self._uniform() and len(set(map(len, rows))) == 1
             for layer in self._cache.layers:
                 for name in ("keys", "values"):
                     states = getattr(layer, name)  # [B, H, S + P, D]
@@ -161,21 +135,15 @@ class HFModel:
                     else:
                         kept = _ragged_commit(states, width, self._committed, rows, new_width)
                     setattr(layer, name, kept)
-        self._committed = lengths
-        self._width = new_width
-        self._pending = 0
+        self._committed_after(rows)
 
     def reset(self, row: int | None = None) -> None:
-        if row is None or self._batch == 1:
+        if self._reset_rows(row):
             self._cache = self._new_cache()
-            self._committed = [0] * self._batch
-            self._width = self._pending = 0
             return
-        if self._pending:
-            raise ValueError("reset(row) needs an empty pending block: commit the step first")
-        if not 0 <= row < self._batch:
-            raise ValueError(f"row must be in [0, {self._batch}), got {row}")
-        self._committed[row] = 0  # its entries become padding it never sees
+        for layer in self._cache.layers:  # the region may have shrunk: S = max(committed)
+            layer.keys = layer.keys[:, :, : self._width]
+            layer.values = layer.values[:, :, : self._width]
 
     # ------------------------------------------------------------------ internals
     def _check_layers(self) -> None:

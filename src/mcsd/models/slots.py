@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import MAX_GRAPH_TOKENS
-from mcsd.models.base import Keep, Rows, check_forward, check_keep, to_device
+from mcsd.models.base import CommittedRows, Keep, Rows, check_forward, check_keep, to_device
 from mcsd.models.graphs import GraphRunner
 
 
@@ -42,7 +42,7 @@ def bucket(n: int, max_tokens: int = MAX_GRAPH_TOKENS) -> int:
     return 1 << (n - 1).bit_length()
 
 
-class SlotCacheRuntime:
+class SlotCacheRuntime(CommittedRows):
     """The runtime protocol over a static slot cache (see the module docstring). Subclasses
     implement ``_body`` and ``_logits`` and call ``_allocate`` once the KV shape is known."""
 
@@ -59,17 +59,15 @@ class SlotCacheRuntime:
         tree_reserve: int | None,
         label: str,
     ) -> None:
+        super().__init__(batch_size, device, dtype)
         self.tree_reserve = max_graph_tokens if tree_reserve is None else tree_reserve
-        if batch_size < 1 or max_length <= self.tree_reserve + 1:
+        if max_length <= self.tree_reserve + 1:
             raise ValueError(
-                f"need batch_size >= 1 and max_length > tree_reserve + 1 = {self.tree_reserve + 1}"
-                f", got {batch_size}, {max_length}"
+                f"need max_length > tree_reserve + 1 = {self.tree_reserve + 1}, got {max_length}"
             )
         self.max_length = max_length
         self.max_graph_tokens = max_graph_tokens
         self.attention_block = attention_block
-        self._batch = batch_size
-        self._device, self._dtype = device, dtype
         self._blocked = torch.finfo(dtype).min
 
         # Persistent inputs; a forward's view of them has a fixed shape per (n_pad, A).
@@ -82,9 +80,6 @@ class SlotCacheRuntime:
             batch_size, 1, width, max_length, dtype=dtype, device=device
         )  # [B, 1, width, L] additive
         self._kv: Tensor | None = None  # [layers, 2, B, kv_heads, L, head_dim]
-        self._committed = [0] * batch_size
-        self._width = 0  # S = max(committed): where the pending block starts
-        self._pending = 0
         self._graphs = GraphRunner(device, enabled=cuda_graphs, label=label)
 
     # ------------------------------------------------------------------ subclass hooks
@@ -123,25 +118,6 @@ class SlotCacheRuntime:
         # The engine bounds positions; the cache also holds one step's tree nodes beyond them.
         return self.max_length - self.tree_reserve
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch
-
-    def cache_lengths(self) -> tuple[int, ...]:
-        return tuple(self._committed)
-
-    @property
-    def pending_length(self) -> int:
-        return self._pending
-
     @torch.inference_mode()
     def forward(
         self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
@@ -174,7 +150,7 @@ class SlotCacheRuntime:
             mask_view = torch.empty(batch, 1, n, attend, dtype=self._dtype, device=self._device)
         mask_view.fill_(self._blocked)
         rows = mask_view[:, 0, :n]  # [B, n, A]
-        if all(c == width for c in self._committed):  # every row's prefix fills [0, S)
+        if self._uniform():  # every row's prefix fills [0, S)
             rows[:, :, :width].fill_(0.0)
         else:
             lengths = to_device(self._committed, self._device)  # [B]
@@ -198,12 +174,11 @@ class SlotCacheRuntime:
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)
         width = self._width
-        lengths = [c + len(k) for c, k in zip(self._committed, rows, strict=True)]
         kv = self._kv
         if self._pending and kv is not None:
             layers, two, b, h, _, d = kv.shape
             same = len(set(map(len, rows))) == 1
-            if same and all(c == width for c in self._committed):  # batch 1: one gather
+            if same and self._uniform():  # batch 1: one gather
                 m = len(rows[0])
                 if m:
                     index = to_device(rows, self._device) + width  # [B, m]
@@ -214,18 +189,7 @@ class SlotCacheRuntime:
                     if kept:
                         index = to_device(kept, self._device) + width
                         kv[:, :, row, :, begin : begin + len(kept)] = kv[:, :, row, :, index]
-        self._committed = lengths
-        self._width = max(lengths)
-        self._pending = 0
+        self._committed_after(rows)
 
     def reset(self, row: int | None = None) -> None:
-        if row is None or self._batch == 1:
-            self._committed = [0] * self._batch
-            self._width = self._pending = 0
-            return
-        if self._pending:
-            raise ValueError("reset(row) needs an empty pending block: commit the step first")
-        if not 0 <= row < self._batch:
-            raise ValueError(f"row must be in [0, {self._batch}), got {row}")
-        self._committed[row] = 0
-        self._width = max(self._committed)
+        self._reset_rows(row)
