@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_step import (  # noqa: E402  (the shared GPU helpers live beside this script)
+from gpu_step import (
     CONTEXT,
     ar_ms,
     build,

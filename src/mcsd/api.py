@@ -99,8 +99,8 @@ def load_pair(
 ) -> ModelPair:
     """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
     one runtime (``load_model``, i.e. ``mcsd.models.factory.load_runtime``). ``compile``: which
-    of them ``torch.compile`` also fuses on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward
-    is mostly small kernels)."""
+    of them ``torch.compile`` also fuses on a compiling runtime, one of ``COMPILE_CHOICES``
+    (``"draft"`` pays most: a draft forward is mostly small kernels)."""
     from mcsd.models.factory import check_options, parse_device, runtime_kind
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
