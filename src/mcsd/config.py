@@ -96,11 +96,19 @@ class SpecConfig:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if isinstance(self.stop_strings, str):
             object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        if not isinstance(self.stop_strings, list | tuple):
+            raise ValueError(
+                f"stop_strings must be a string or a list of strings, got {self.stop_strings!r}"
+            )
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop_strings must be non-empty strings, got {s!r}")
         if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, list | tuple | set | frozenset):
+                raise ValueError(
+                    f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"
+                )
             ids = tuple(self.stop_token_ids)
             if not all(isinstance(i, int) and i >= 0 for i in ids):
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {ids!r}")
