@@ -22,6 +22,7 @@ from mcsd.config import (
     DEFAULT_ATTENTION,
     DEFAULT_DTYPE,
     DEFAULT_RUNTIME,
+    LlamaCppConfig,
     SpecConfig,
 )
 from mcsd.draft.model import ModelProposer
@@ -95,13 +96,17 @@ def load_model(
     progress: bool = True,
     compile: bool = False,
     max_length: int | None = None,
+    llamacpp: LlamaCppConfig | None = None,
 ) -> tuple[Runtime, Any, tuple[int, ...]]:
-    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``
-    (``mcsd.models.factory.RUNTIMES``: ``hf``, ``hf-static``; ``auto`` picks for the machine).
+    """Load one causal LM by known name, local directory, Hugging Face id or GGUF file on
+    ``runtime`` (``mcsd.models.factory.RUNTIMES``: ``llama.cpp``, ``hf``, ``hf-static``;
+    ``auto`` picks for the machine: llama.cpp for GGUF models on a CPU when llama-cpp-python is
+    installed, else hf).
 
     ``hf-static`` runs it on mcsd's static KV cache of ``max_length`` positions (default
     min(model limit, 4096); CUDA graphs on GPUs; ``compile=True`` also runs ``torch.compile``
-    on each captured shape, ~30 s per shape). Returns the runtime, its tokenizer and its EOS
+    on each captured shape, ~30 s per shape). ``llamacpp``: threads, KV cells and batch size of
+    the llama.cpp runtime (``LlamaCppConfig``). Returns the runtime, its tokenizer and its EOS
     token ids."""
     from mcsd.models.factory import load_runtime
 
@@ -116,6 +121,7 @@ def load_model(
         progress=progress,
         compile=compile,
         max_length=max_length,
+        llamacpp=llamacpp,
     )
 
 
@@ -129,12 +135,14 @@ def load_pair(
     attn_implementation: str = DEFAULT_ATTENTION,
     progress: bool = True,
     compile: str = "none",
+    llamacpp: LlamaCppConfig | None = None,
 ) -> ModelPair:
     """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
-    one runtime (see ``load_model``). ``compile``: which of them ``torch.compile`` also fuses
-    on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward
-    is mostly small kernels)."""
-    from mcsd.models.factory import check_options, parse_device, runtime_kind
+    one runtime (see ``load_model``; ``auto`` is resolved once, from the target, and logged).
+    ``compile``: which of them ``torch.compile`` also fuses on a compiling runtime, one of
+    ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft forward is mostly small kernels).
+    ``llamacpp``: the llama.cpp contexts' settings (each model gets its own context)."""
+    from mcsd.models.factory import check_options, log_auto_choice, parse_device, runtime_kind
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
@@ -144,14 +152,18 @@ def load_pair(
             raise ValueError(f"{role} must be a model name, directory or HF id, got {name!r}")
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
-    kind = runtime_kind(runtime, parse_device(device), target)  # refuse bad options first
-    check_options(kind, compile=compile != "none", max_length=None)
+    torch_device = parse_device(device)
+    kind = runtime_kind(runtime, torch_device, target)  # refuse bad options first
+    check_options(kind, compile=compile != "none", max_length=None, dtype=dtype)
+    if runtime == "auto":
+        log_auto_choice(kind, torch_device)
     kwargs: dict[str, Any] = dict(
         runtime=kind.name,  # auto resolved once, for the target: both models on one runtime
         dtype=dtype,
         device=device,
         attn_implementation=attn_implementation,
         progress=progress,
+        llamacpp=llamacpp,
     )
     target_model, tokenizer, eos = load_model(target, compile=compile == "all", **kwargs)
     draft_model, draft_tokenizer, _ = load_model(
