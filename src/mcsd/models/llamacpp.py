@@ -163,7 +163,8 @@ class LlamaCppModel:
         self._finalizer = weakref.finalize(self, _free_context, lib, context, batch)
         self._lib, self._ctx, self._batch = lib, context, batch
         self._memory = lib.llama_get_memory(context)
-        self._cells = int(lib.llama_n_ctx(context))
+        # llama.cpp may round its cell count up; the configured count is the limit either way
+        self._cells = min(int(lib.llama_n_ctx(context)), self._max_context + config.pending_cells)
         self._vocab = int(lib.llama_vocab_n_tokens(self.model.vocab))
         self._tokens = np.ctypeslib.as_array(batch.token, shape=(config.batch,))
         self._positions = np.ctypeslib.as_array(batch.pos, shape=(config.batch,))
@@ -216,8 +217,8 @@ class LlamaCppModel:
         if committed + pending + n > self._cells:
             raise ValueError(
                 f"context overflow: {committed} committed + {pending} pending + {n} new tokens "
-                f"exceed the {self._cells} KV cells of this llama.cpp context (LlamaCppConfig."
-                f"context={self.config.context} + pending_cells={self.config.pending_cells})"
+                f"exceed the {self._cells} KV cells of this llama.cpp context ({self._max_context}"
+                f" positions + LlamaCppConfig.pending_cells={self.config.pending_cells})"
             )
         mask = tree_mask[0] if tree_mask.dim() == 3 else tree_mask  # [n, P + n]
         from mcsd.models.base import chain_mask

@@ -164,9 +164,9 @@ def speculative(
             step = time.perf_counter()
             pending = len(committed) - 1  # position of the pending (last committed) token
             room = budget - len(tokens) - 1  # draft tokens that can still be emitted
-            chain, decoded = _draft_chain(
-                helper, committed[helper_length:], helper_length, min(n_max, room), p_min
-            )
+            uncached = committed[helper_length:]
+            limit = min(n_max, room)
+            chain, decoded = _draft_chain(helper, uncached, helper_length, limit, p_min, vocab_size)
             helper_length = len(committed) + decoded
             drafted = time.perf_counter()
             main.raw_decode([committed[-1], *chain], pending, all_logits=True)
@@ -210,7 +210,12 @@ def speculative(
 
 
 def _draft_chain(
-    draft: LlamaCppModel, uncached: list[int], start: int, n_max: int, p_min: float
+    draft: LlamaCppModel,
+    uncached: list[int],
+    start: int,
+    n_max: int,
+    p_min: float,
+    vocab_size: int,
 ) -> tuple[list[int], int]:
     """Greedy draft-simple chain after the ``uncached`` committed tokens (the last one pending):
     up to ``n_max`` tokens, each the draft's top token, stopping when its probability among the
@@ -219,15 +224,16 @@ def _draft_chain(
     chain: list[int] = []
     if n_max < 1:
         return chain, 0
-    logits = draft.raw_decode(uncached, start, all_logits=False)[-1]
+    logits = draft.raw_decode(uncached, start, all_logits=False)[-1, :vocab_size]
     position = start + len(uncached)
+    k = min(DRAFT_TOP_K, vocab_size)
     while True:
-        top = np.argpartition(logits, -DRAFT_TOP_K)[-DRAFT_TOP_K:]  # [10] ids
+        top = np.argpartition(logits, -k)[-k:]  # [k] ids
         weights = np.exp(logits[top] - logits[top].max())
         if weights.max() / weights.sum() < p_min:
             return chain, len(chain)
         chain.append(int(top[np.argmax(weights)]))
         if len(chain) == n_max:
             return chain, len(chain) - 1
-        logits = draft.raw_decode(chain[-1:], position, all_logits=False)[-1]
+        logits = draft.raw_decode(chain[-1:], position, all_logits=False)[-1, :vocab_size]
         position += 1
