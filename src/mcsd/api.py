@@ -153,7 +153,7 @@ def load_pair(
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
     torch_device = parse_device(device)
-    kind = runtime_kind(runtime, torch_device, target)  # refuse bad options first
+    kind = runtime_kind(runtime, torch_device, target, dtype)  # refuse bad options first
     check_options(kind, compile=compile != "none", max_length=None, dtype=dtype)
     if runtime == "auto":
         log_auto_choice(kind, torch_device)

@@ -67,7 +67,8 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
     from mcsd.models.factory import parse_device, runtime_kind
 
     tree, _ = tree_default(args)
-    kind = runtime_kind(args.runtime, parse_device(args.device), args.target or DEFAULT_TARGET)
+    device = parse_device(args.device)
+    kind = runtime_kind(args.runtime, device, args.target or DEFAULT_TARGET, args.dtype)
     defaults = BenchDefaults.llamacpp_methods if kind.name == "llama.cpp" else BenchDefaults.methods
     names = list(args.methods or (m.format(tree=tree) for m in defaults))
     if args.tree:  # --tree/--rule of the shared decoding options add one more tree

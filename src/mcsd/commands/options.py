@@ -29,6 +29,7 @@ from mcsd.config import (
     SweepDefaults,
 )
 from mcsd.models.factory import DTYPE_CHOICES, RUNTIME_CHOICES
+from mcsd.sources.registry import DEFAULT_TARGET
 from mcsd.verify.rules import RULE_NAMES
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
     device = parse_device(args.device)
     parse_dtype(args.dtype, device)
-    kind = runtime_kind(args.runtime, device, args.target)
+    kind = runtime_kind(args.runtime, device, args.target or DEFAULT_TARGET, args.dtype)
     check_options(kind, compile=False, max_length=None, dtype=args.dtype)
     try:
         check_options(kind, compile=args.compile != "none", max_length=None)

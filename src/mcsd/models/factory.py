@@ -155,12 +155,20 @@ RUNTIMES: dict[str, RuntimeKind] = {
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 
 
-def runtime_kind(runtime: object, device: torch.device, name: str | None = None) -> RuntimeKind:
+def runtime_kind(
+    runtime: object, device: torch.device, name: str | None = None, dtype: object = "auto"
+) -> RuntimeKind:
     """The kind ``runtime`` names; ``auto``: the first kind that takes model ``name`` on
-    ``device`` (``llama.cpp`` for GGUF models on a CPU, then ``hf``, which takes everything).
+    ``device`` (``llama.cpp`` for GGUF models on a CPU, then ``hf``, which takes everything),
+    among the kinds that take ``dtype`` (an explicit torch dtype means transformers).
     ``ValueError`` for anything else."""
     if runtime == "auto":
-        return next(k for k in RUNTIMES.values() if k.auto(name or "", device))
+        explicit = dtype not in (None, "auto")
+        return next(
+            k
+            for k in RUNTIMES.values()
+            if (k.dtypes or not explicit) and k.auto(name or "", device)
+        )
     if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}; got {runtime!r}")
     return RUNTIMES[runtime]
@@ -256,7 +264,7 @@ def load_runtime(
     from mcsd.models.hf import SUPPORTED_ATTENTION
 
     torch_device = parse_device(device)
-    kind = runtime_kind(runtime, torch_device, name)
+    kind = runtime_kind(runtime, torch_device, name, dtype)
     if runtime == "auto":
         log_auto_choice(kind, torch_device)
     torch_dtype = parse_dtype(dtype, torch_device)
