@@ -112,10 +112,10 @@ class RecordingModel(HFModel):
         super().__init__(model)
         self.roots: list[torch.Tensor] = []
 
-    def forward(self, tokens, positions, tree_mask):
-        logits = super().forward(tokens, positions, tree_mask)
-        self.roots.append(logits[0, 0])
-        return logits
+    def forward(self, tokens, positions, tree_mask, *, logits="all"):
+        out = super().forward(tokens, positions, tree_mask, logits="all")
+        self.roots.append(out[0, 0])
+        return out if logits == "all" else None if logits == "none" else out[:, -1:]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

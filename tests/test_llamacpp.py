@@ -160,6 +160,33 @@ def target_copy(runtime: LlamaCppModel) -> LlamaCppModel:
     return LlamaCppModel(runtime.path, runtime.config)
 
 
+@pytest.mark.parametrize("batch", [32, 5])  # one decode, or the forward split over decodes
+def test_logits_last_and_none(tiny_paths, batch: int) -> None:
+    """A prefill may skip the head (``logits="none"``) or keep the last row (``"last"``): the
+    same state and the same last row as ``"all"``, also when split over several decodes."""
+    from dataclasses import replace
+
+    runtime = LlamaCppModel(tiny_paths["target"], replace(TINY, batch=batch, sequences=4))
+    ids = [1, 2, 0, 3, 2, 1, 0, 1, 2, 3, 3, 0]
+    n = len(ids)
+    every = score(runtime, ids)  # [n, V]
+    for rows in ("last", "none"):
+        runtime.reset()
+        out = runtime.forward(
+            torch.tensor([ids]), torch.arange(n)[None], chain_mask(n), logits=rows
+        )
+        runtime.commit()
+        if rows == "last":
+            assert out.shape == (1, 1, 4) and max_diff(out[0, 0], every[-1]) < EXACT
+        else:
+            assert out is None
+        step = runtime.forward(torch.tensor([[1]]), torch.tensor([[n]]), chain_mask(1))[0, 0]
+        assert max_diff(step, score(target_copy(runtime), [*ids, 1])[-1]) < EXACT
+    runtime.reset()
+    with pytest.raises(ValueError, match="logits must be one of"):
+        runtime.forward(torch.tensor([[1]]), torch.tensor([[0]]), chain_mask(1), logits="first")
+
+
 def test_draft_levels_match_per_path_scoring(tiny) -> None:
     """The draft role: one forward per tree level, each attending to earlier forwards; every
     node's q equals the draft's distribution after the node's own path, scored on its own."""
@@ -310,6 +337,21 @@ def test_cli_runtime_choice_lists_llamacpp() -> None:
     assert RUNTIME_CHOICES[0] == "auto" and "llama.cpp" in RUNTIME_CHOICES
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"context": 1}, "context must be an integer >= 2"),
+        ({"sequences": 300}, "sequences must be an integer <= 256"),
+        ({"batch": 16, "sequences": 32}, r"batch \(16\) must be >= sequences \(32\)"),
+        ({"threads": 0}, "threads must be an integer >= 1"),
+        ({"repack": "yes"}, "repack must be True or False"),
+    ],
+)
+def test_config_names_the_parameter(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LlamaCppConfig(**options)
+
+
 def test_tiny_tokenizer(tiny) -> None:
     tokenizer = tiny[0].tokenizer()
     assert tokenizer("abca")["input_ids"] == [0, 1, 2, 0]
@@ -415,10 +457,11 @@ class _Recorder:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def forward(self, tokens, positions, tree_mask):
-        logits = self.inner.forward(tokens, positions, tree_mask)
-        self.calls.append((tokens[0].tolist(), logits[0].clone()))
-        return logits
+    def forward(self, tokens, positions, tree_mask, *, logits="all"):
+        out = self.inner.forward(tokens, positions, tree_mask, logits=logits)
+        if logits == "all":
+            self.calls.append((tokens[0].tolist(), out[0].clone()))
+        return out
 
 
 GREEDY_PROMPTS = ["def quicksort(arr):", "The capital of France is"]

@@ -82,6 +82,11 @@ class LlamaCppConfig:
                 _check_int(name, getattr(self, name), 1)
         _check_int("batch", self.batch, 1)
         _check_int("sequences", self.sequences, 2, LLAMA_MAX_SEQUENCES)
+        if self.batch < self.sequences:  # llama.cpp asserts it (llama_context::output_reserve)
+            raise ValueError(
+                f"batch ({self.batch}) must be >= sequences ({self.sequences}): llama.cpp keeps "
+                "room for one row of logits per sequence id in every decode"
+            )
         for name in ("repack", "flash_attention", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

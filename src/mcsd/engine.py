@@ -47,13 +47,15 @@ def speculative_decode(
     vocab_size: int,
     stop_token_ids: frozenset[int] = frozenset(),
     device_verify: bool | None = None,
+    verify_dtype: torch.dtype | None = None,
 ) -> Iterator[Step]:
     """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``.
 
     ``vocab_size`` is the common vocabulary: logits are cut to it, so padding ids beyond the
     tokenizer are never sampled. ``device_verify``: verify every node at once on the device
     with one host transfer when the rule has a device verifier; ``None`` leaves the choice to
-    the rule's record (greedy always; the sampled rules on CUDA)."""
+    the rule's record (greedy always; the sampled rules on CUDA). ``verify_dtype``: of the device
+    verifiers' residual work (default float32 on CUDA, float64 elsewhere)."""
     rule = get_rule(spec.resolved_rule())
     max_new_tokens = _check_lengths(target, proposer, prompt_ids, spec.max_new_tokens)
     device = target.device
@@ -61,31 +63,36 @@ def speculative_decode(
     generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
     verifiers: dict[TokenTree, tuple[TreeVerifier, torch.Tensor, torch.Tensor]] = {}
 
-    started = time.perf_counter()
+    clock = StepClock(device)
+    started = clock.mark()
     committed = list(prompt_ids)
     _prefill(target, committed[:-1])
     proposer.start(committed)
-    prefill_time = time.perf_counter() - started
+    prefill_time = clock.host_seconds(started, clock.mark())
     produced = 0
     while True:
         pending = len(committed) - 1  # position of the pending token
-        started = time.perf_counter()
+        started = clock.mark()
         proposal = proposer.propose(committed, generator)
-        drafted = time.perf_counter()
+        drafted = clock.mark()
 
         tree = proposal.tree
         if tree not in verifiers:
-            verifiers[tree] = _verifier(tree, rule, spec, device, device_verify, vocab_size)
+            verifiers[tree] = _verifier(
+                tree, rule, spec, device, device_verify, verify_dtype, vocab_size
+            )
         verifier, mask, offsets = verifiers[tree]
         tokens = torch.cat([to_device([committed[-1]], device), proposal.tokens])[None]  # [1, N+1]
         logits = target.forward(tokens, (pending + offsets)[None], mask)[0, :, :vocab_size]
-        result, accepted_tokens = verifier.verify(proposal.tokens, logits, proposal.q, generator)
-        verified = time.perf_counter()
+        launched = verifier.launch(proposal.tokens, logits, proposal.q, generator)
+        result, accepted_tokens = verifier.finish(launched)  # the step's host synchronisation
 
         accepted = list(result.accepted)
         target.commit([[0, *(1 + a for a in accepted)]])
         new_tokens = [*accepted_tokens, result.token]
         proposer.commit(accepted, new_tokens)
+        ended = clock.mark()
+        draft_time = clock.device_seconds(started, drafted)
         new_tokens, finish_reason = _truncate(new_tokens, max_new_tokens - produced, stop_token_ids)
         if finish_reason is None and produced + len(new_tokens) >= max_new_tokens:
             finish_reason = "length"
@@ -97,8 +104,8 @@ def speculative_decode(
             attempted=len(accepted) + (0 if result.bonus else 1),
             ranks=result.ranks,
             tree_size=tree.num_nodes,
-            draft_time=drafted - started,
-            target_time=verified - drafted,
+            draft_time=draft_time,
+            target_time=clock.host_seconds(started, ended) - draft_time,
             prefill_time=prefill_time,
         )
         prefill_time = 0.0
@@ -107,12 +114,41 @@ def speculative_decode(
             return
 
 
+class StepClock:
+    """Times the parts of a step. A mark is the host time and, on CUDA, an event recorded on
+    the stream (read after the step's one host synchronisation: no synchronisation of its own).
+    The draft's share is its device time on CUDA (its kernels are queued, so a host clock would
+    bill them to whatever waits for them next: the target), the host time elsewhere; the
+    target's share is the rest of the step's wall time (forward, verification, commit)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> tuple[float, torch.cuda.Event | None]:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return time.perf_counter(), event
+
+    def device_seconds(self, start, end) -> float:
+        """Between two marks: device time on CUDA (both behind a synchronisation already)."""
+        if self.cuda:
+            return start[1].elapsed_time(end[1]) / 1e3
+        return end[0] - start[0]
+
+    @staticmethod
+    def host_seconds(start, end) -> float:
+        return end[0] - start[0]
+
+
 def _verifier(
     tree: TokenTree,
     rule: Rule,
     spec: SpecConfig,
     device: torch.device,
     device_verify: bool | None,
+    verify_dtype: torch.dtype | None,
     vocab_size: int,
 ) -> tuple[TreeVerifier, torch.Tensor, torch.Tensor]:
     """For one tree: its verifier, the target's tree mask ``[N+1, N+1]`` over [pending root,
@@ -127,7 +163,7 @@ def _verifier(
     mask[:, 0] = True
     mask[1:, 1:] = tree.ancestor_mask(device)
     offsets = torch.tensor([0, *tree.depth], device=device)
-    verifier = tree_verifier(tree, rule, spec.target, device, device_verify)
+    verifier = tree_verifier(tree, rule, spec.target, device, device_verify, verify_dtype)
     return verifier, mask, offsets
 
 
@@ -156,7 +192,7 @@ def autoregressive_decode(
         started = time.perf_counter()
         cache = target.cache_lengths()[0]
         tokens = to_device([[pending, cache]], device)  # [1, 2]: the token and its position
-        logits = target.forward(tokens[:, :1], tokens[:, 1:], one)
+        logits = target.forward(tokens[:, :1], tokens[:, 1:], one, logits="last")
         target.commit()
         if sampling.greedy:  # argmax of the one-hot p is the argmax of the logits
             pending = int(logits[0, -1, :vocab_size].argmax())
@@ -178,7 +214,7 @@ def _prefill(model: Runtime, tokens: list[int]) -> None:
     device = model.device
     ids = to_device([tokens], device)  # [1, T]
     positions = torch.arange(len(tokens), device=device)[None]  # [1, T]
-    model.forward(ids, positions, chain_mask(len(tokens), device=device))
+    model.forward(ids, positions, chain_mask(len(tokens), device=device), logits="none")
     model.commit()
 
 

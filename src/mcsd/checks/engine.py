@@ -67,6 +67,7 @@ class EngineCase:
     # True: verify every node at once (the rule's device verifier); False: the host walk; None:
     # as the engine chooses on this CPU (the device verifier for greedy only).
     device_verify: bool | None = None
+    float32: bool = False  # the device verifier's residual work in float32 (as on GPUs)
 
     @property
     def target_sampling(self) -> SamplingConfig:
@@ -106,6 +107,7 @@ class EngineCase:
         same = " draft=target" if self.same_models else ""
         top_k = f" draft-top-k={self.draft_top_k}" if self.draft_top_k else ""
         batched = {True: " device-verify", False: " host-walk", None: ""}[self.device_verify]
+        batched += " float32" if self.float32 else ""
         return f"{self.rule} tree={self.tree}{same}{top_k}{batched}"
 
 
@@ -130,6 +132,9 @@ def engine_cases() -> list[EngineCase]:
         EngineCase("topk", "paths", device_verify=True),
         EngineCase("mcns", "4,2,2", device_verify=True),
         EngineCase("greedy", "4,2,2", device_verify=False),
+        EngineCase("mcss-wor", "4,2,2", device_verify=True, float32=True),
+        EngineCase("mcss", "paths", device_verify=True, float32=True),
+        EngineCase("topk", "4,2,2", device_verify=True, float32=True),
     ]
     return cases
 
@@ -174,6 +179,7 @@ def generation(case: EngineCase, target: Runtime, draft: Runtime, seed: int):  #
         spec,
         vocab_size=case.vocab,
         device_verify=case.device_verify,
+        verify_dtype=torch.float32 if case.float32 else None,
     )
 
 

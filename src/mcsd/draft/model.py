@@ -125,7 +125,9 @@ class ModelProposer:
             device = self.draft.device
             ids = to_device([prefix], device)  # [1, T]
             positions = torch.arange(len(prefix), device=device)[None]  # [1, T]
-            self.draft.forward(ids, positions, chain_mask(len(prefix), device=device))
+            self.draft.forward(
+                ids, positions, chain_mask(len(prefix), device=device), logits="none"
+            )
             self.draft.commit()
         self._uncached = list(prompt_ids[-1:])
 
@@ -141,7 +143,7 @@ class ModelProposer:
         assert start + n == pending + 1, "draft cache out of step with the committed tokens"
         need_q = not self.deterministic or self.return_q
         ids = to_device([[*uncached, *range(start, start + n)]], device)  # [1, 2n]
-        logits = draft.forward(ids[:, :n], ids[:, n:], chain_mask(n, device=device))
+        logits = draft.forward(ids[:, :n], ids[:, n:], chain_mask(n, device=device), logits="last")
         row_logits = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
         row_logits[0] = logits[0, -1, : self.vocab_size]
         q = torch.zeros_like(row_logits) if need_q else None  # [N+1, V]

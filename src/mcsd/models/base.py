@@ -16,12 +16,13 @@ the accepted path; everything else in the block is dropped.
   runtime turns this into what its kernels take (an additive float mask for transformers,
   sequence-id sets for llama.cpp, block masks for a compiled model). Positions are explicit
   (rotary positions of tree nodes are depth-based, not slot-based). Returns float32 logits
-  ``[B, n, vocab_size]``.
+  ``[B, n, vocab_size]``; ``logits="last"`` only the last new token's (``[B, 1, V]``), and
+  ``logits="none"`` none at all (``None``: a prefill), so a runtime can skip the head's work.
 - ``commit(keep)``: for each row, the pending entries to keep (indices into the block,
   increasing), appended to that row's committed prefix in that order; the rest of the block is
   dropped. ``keep=None`` keeps the whole block (a prefill). Rows may keep different numbers of
   entries (ragged acceptance).
-- ``reset(row=None)``: empty one row (or every row): committed prefix and pending block.
+- ``reset(row=None)``: empty every row, or one row between steps (its pending block empty).
 
 Nothing outside ``mcsd.models`` touches a framework's model or cache object: what callers need
 beyond the step (the dtype, a name, scoring a whole sequence) is on the protocol or built on it
@@ -32,12 +33,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 Keep = Sequence[Sequence[int]] | None  # per row: indices into the pending block to keep
+Rows = Literal["all", "last", "none"]  # which logits a forward returns
+ROWS = ("all", "last", "none")
 
 
 @runtime_checkable
@@ -84,8 +87,11 @@ class Runtime(Protocol):
         tokens: Tensor,  # [B, n] long
         positions: Tensor,  # [B, n] long, rotary / absolute positions of the new tokens
         tree_mask: Tensor,  # [n, P + n] or [B, n, P + n] bool over the pending block
-    ) -> Tensor:
-        """Append ``tokens`` to every row's pending block; logits ``[B, n, V]`` float32."""
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """Append ``tokens`` to every row's pending block; logits ``[B, n, V]`` float32 (or the
+        last row's, or None)."""
         ...
 
     def commit(self, keep: Keep = None) -> None:
@@ -115,7 +121,7 @@ def chain_mask(n: int, pending: int = 0, device: torch.device | str = "cpu") -> 
 
 
 def check_forward(
-    runtime: Runtime, tokens: Tensor, positions: Tensor, tree_mask: Tensor
+    runtime: Runtime, tokens: Tensor, positions: Tensor, tree_mask: Tensor, logits: str = "all"
 ) -> tuple[int, int]:
     """Validate a ``forward`` call's shapes; returns ``(B, n)``. Shared by every runtime so
     that a wrong call fails the same clear way everywhere."""
@@ -135,6 +141,8 @@ def check_forward(
         )
     if tree_mask.dtype != torch.bool:
         raise ValueError(f"tree_mask must be boolean, got {tree_mask.dtype}")
+    if logits not in ROWS:
+        raise ValueError(f"logits must be one of {', '.join(ROWS)}; got {logits!r}")
     return batch, n
 
 

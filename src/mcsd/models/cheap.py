@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mcsd.models.base import Keep, Runtime
+from mcsd.models.base import Keep, Rows, Runtime
 from mcsd.models.frequent import frequent_tokens
 
 
@@ -112,8 +112,12 @@ class RestrictedVocabModel:
     def pending_length(self) -> int:
         return self.inner.pending_length
 
-    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
-        small = self.inner.forward(tokens, positions, tree_mask)  # [B, n, K]
+    def forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
+    ) -> Tensor | None:
+        small = self.inner.forward(tokens, positions, tree_mask, logits=logits)  # [B, n, K]
+        if small is None:
+            return None
         full = small.new_full((*small.shape[:-1], self.full_vocab), float("-inf"))  # [B, n, V]
         return full.index_copy_(-1, self.keep, small)
 

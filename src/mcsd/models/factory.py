@@ -5,16 +5,19 @@ A kind names how a checkpoint is run (``RUNTIMES``):
 - ``hf``         transformers' modelling code on its dynamic cache (any causal LM with
                  full-attention layers; CPU or GPU);
 - ``hf-static``  the same modelling code on mcsd's static KV cache, CUDA graphs on GPUs and
-                 optionally ``torch.compile`` (the GPU fast path until mcsd's own model exists);
+                 optionally ``torch.compile``;
+- ``fast``       mcsd's own compiled Llama-family model (``mcsd.models.fast``) on the same
+                 static cache: the GPU default for the architectures it supports;
 - ``llama.cpp``  a GGUF file on llama.cpp (llama-cpp-python), quantised weights as they are,
                  its own tokenizer and chat template; CPU only (``mcsd.models.llamacpp``).
 
-``auto`` picks ``llama.cpp`` on a CPU for a GGUF model (a known offline model, or a path to a
-``.gguf`` file) when llama-cpp-python is installed, else ``hf``, and logs one line saying which.
-The transformers kinds load from what ``mcsd.sources.resolve`` gives (a known offline model, a
-local directory, a Hugging Face id), llama.cpp from ``mcsd.sources.resolve_gguf``; every kind
-returns the runtime with its tokenizer and end-of-sequence ids. Bad options are refused here,
-before any weight is read.
+``auto`` picks ``fast`` on a CUDA device for a checkpoint it supports; ``llama.cpp`` on a CPU
+for a GGUF model (a known offline model, or a path to a ``.gguf`` file) when llama-cpp-python is
+installed and no torch dtype is asked for; else ``hf``; and logs one line saying which. The
+transformers kinds load from what ``mcsd.sources.resolve`` gives (a known offline model, a local
+directory, a Hugging Face id), llama.cpp from ``mcsd.sources.resolve_gguf``; every kind returns
+the runtime with its tokenizer and end-of-sequence ids. Bad options are refused here, before
+any weight is read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +98,52 @@ def _hf_static(request: LoadRequest) -> Loaded:
     )
 
 
+def _fast(request: LoadRequest) -> Loaded:
+    from transformers import AutoTokenizer
+
+    from mcsd.models.fast import load_fast, read_architecture
+    from mcsd.sources import resolve
+
+    path = resolve(request.name, progress=request.progress)
+    read_architecture(path)  # refuse an unsupported checkpoint before anything is read
+    runtime = load_fast(
+        path,
+        dtype=request.dtype,
+        device=request.device,
+        max_length=request.max_length,
+        compile=request.compile,
+        label=Path(request.name).name,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return runtime, tokenizer, _eos_ids(_generation_config(path), tokenizer)
+
+
+def _fast_supports(name: str, device: torch.device) -> bool:
+    """auto: the fast runtime on CUDA for a checkpoint it runs (known, local or cached)."""
+    if device.type != "cuda":
+        return False
+    from mcsd.models.fast.arch import FAMILIES, read_architecture
+    from mcsd.sources import known_model, resolve
+
+    known = known_model(name)
+    if known is not None:  # decided from the registry: nothing is fetched to decide
+        return known.family in FAMILIES
+    try:
+        read_architecture(resolve(name, progress=False))
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _generation_config(path: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        return None
+
+
 def _llamacpp(request: LoadRequest) -> Loaded:
     """A GGUF file (``mcsd.sources.resolve_gguf``) on llama.cpp, with its own tokenizer."""
     from mcsd.models.llamacpp import load_llamacpp
@@ -125,6 +175,15 @@ RUNTIMES: dict[str, RuntimeKind] = {
     kind.name: kind
     for kind in (
         RuntimeKind(
+            "fast",
+            "mcsd's own compiled Llama-family model, static KV cache, CUDA graphs",
+            _fast,
+            compiles=True,
+            sized=True,
+            auto=_fast_supports,
+            why="a CUDA device and an architecture mcsd's own model runs",
+        ),
+        RuntimeKind(
             "llama.cpp",
             "a GGUF file on llama.cpp (CPU): quantised kernels, its own tokenizer",
             _llamacpp,
@@ -141,7 +200,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             compiles=False,
             sized=False,
             auto=lambda name, device: True,
-            why="the default for everything llama.cpp does not take",
+            why="the default for what fast and llama.cpp do not take",
         ),
         RuntimeKind(
             "hf-static",
@@ -159,8 +218,9 @@ def runtime_kind(
     runtime: object, device: torch.device, name: str | None = None, dtype: object = "auto"
 ) -> RuntimeKind:
     """The kind ``runtime`` names; ``auto``: the first kind that takes model ``name`` on
-    ``device`` (``llama.cpp`` for GGUF models on a CPU, then ``hf``, which takes everything),
-    among the kinds that take ``dtype`` (an explicit torch dtype means transformers).
+    ``device`` (``fast`` on CUDA, ``llama.cpp`` for GGUF models on a CPU, then ``hf``, which
+    takes everything), among the kinds that take ``dtype`` (an explicit torch dtype means
+    torch).
     ``ValueError`` for anything else."""
     if runtime == "auto":
         explicit = dtype not in (None, "auto")
@@ -291,9 +351,11 @@ def load_runtime(
     return kind.load(request)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_ids(generation: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The EOS ids of a generation config (or a model carrying one) and the tokenizer."""
     ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    generation = getattr(generation, "generation_config", generation)
+    configured = getattr(generation, "eos_token_id", None)
     for value in (configured, getattr(tokenizer, "eos_token_id", None)):
         if isinstance(value, int):
             ids.append(value)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mcsd.models.base import Keep, check_forward, check_keep, to_device
+from mcsd.models.base import Keep, Rows, check_forward, check_keep, to_device
 
 # Attention implementations checked against a chain forward (tests/test_hf_adapter.py).
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -116,8 +116,10 @@ class HFModel:
         return self._pending
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
-        batch, n = check_forward(self, tokens, positions, tree_mask)
+    def forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
+    ) -> Tensor | None:
+        batch, n = check_forward(self, tokens, positions, tree_mask, logits)
         width, pending = self._width, self._pending
         device = tokens.device
         lengths = to_device(self._committed, device)  # [B]
@@ -131,13 +133,14 @@ class HFModel:
             position_ids=positions,
             attention_mask=additive,  # [B, 1, n, S + P + n]
             use_cache=True,
+            logits_to_keep=n if logits == "all" else 1,  # "none": one row, cheaper than n
             **{self._cache_keyword: self._cache},
         )
         first = width + pending == 0
         self._pending += n
         if first:
             self._check_layers()
-        return out.logits.float()  # [B, n, V]
+        return None if logits == "none" else out.logits.float()  # [B, n | 1, V]
 
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)

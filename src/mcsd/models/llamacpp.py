@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import LlamaCppConfig
-from mcsd.models.base import Keep, check_forward, check_keep
+from mcsd.models.base import Keep, Rows, chain_mask, check_forward, check_keep
 from mcsd.models.sequences import COMMITTED, SequenceMap
 
 GGUF_MAGIC = b"GGUF"
@@ -210,8 +210,10 @@ class LlamaCppModel:
         return self._sequences.pending
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
-        _, n = check_forward(self, tokens, positions, tree_mask)
+    def forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
+    ) -> Tensor | None:
+        _, n = check_forward(self, tokens, positions, tree_mask, logits)
         sequences = self._sequences
         pending, committed = sequences.pending, sequences.committed
         if committed + pending + n > self._cells:
@@ -221,8 +223,6 @@ class LlamaCppModel:
                 f" positions + LlamaCppConfig.pending_cells={self.config.pending_cells})"
             )
         mask = tree_mask[0] if tree_mask.dim() == 3 else tree_mask  # [n, P + n]
-        from mcsd.models.base import chain_mask
-
         parents = None
         if torch.equal(mask.cpu(), chain_mask(n, pending)):
             parents = sequences.chain_parents(n)
@@ -232,14 +232,19 @@ class LlamaCppModel:
         for copy in plan.copies:
             self._lib.llama_memory_seq_cp(self._memory, copy.source, copy.target, -1, copy.end)
         ids = tokens[0].tolist()
-        logits = torch.empty(1, n, self._vocab)  # [1, n, V]
+        rows = n if logits == "all" else 1
+        out = None if logits == "none" else torch.empty(1, rows, self._vocab)  # [1, n | 1, V]
         for start in range(0, n, self.config.batch):
             stop = min(start + self.config.batch, n)
-            self._fill(ids[start:stop], plan.positions[start:stop], plan.seqs[start:stop])
+            outputs = logits if logits != "last" or stop == n else "none"  # "last": last chunk
+            self._fill(ids[start:stop], plan.positions[start:stop], plan.seqs[start:stop], outputs)
             self._decode(stop - start)
-            logits[0, start:stop] = torch.from_numpy(self._logits(stop - start))
+            if out is not None and outputs == "all":
+                out[0, start:stop] = torch.from_numpy(self._logits(stop - start))
+            elif out is not None and outputs == "last":
+                out[0, 0] = torch.from_numpy(self._logits(1)[0])
         sequences.apply(plan)
-        return logits
+        return out
 
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)
@@ -274,9 +279,8 @@ class LlamaCppModel:
             chunk = list(ids[first : first + self.config.batch])
             positions = range(start + first, start + first + len(chunk))
             last = first + len(chunk) == len(ids)
-            self._fill(chunk, positions, [(COMMITTED,)] * len(chunk), last_only=not all_logits)
-            if not all_logits and not last:
-                self._outputs[: len(chunk)] = 0
+            outputs = "all" if all_logits else "last" if last else "none"
+            self._fill(chunk, positions, [(COMMITTED,)] * len(chunk), outputs)
             self._decode(len(chunk))
             if all_logits or last:
                 rows = self._logits(len(chunk) if all_logits else 1)
@@ -298,16 +302,17 @@ class LlamaCppModel:
         ids: Sequence[int],
         positions: Sequence[int],
         seqs: Sequence[Sequence[int]],
-        *,
-        last_only: bool = False,
+        outputs: Rows,
     ) -> None:
+        """Write one llama_batch: tokens, positions, sequence ids, and which rows output
+        logits (``all``, the ``last`` or ``none``: llama.cpp then skips the head's work)."""
         m = len(ids)
         batch = self._batch
         batch.n_tokens = m
         self._tokens[:m] = ids
         self._positions[:m] = positions
-        self._outputs[:m] = 0 if last_only else 1
-        if last_only:
+        self._outputs[:m] = 1 if outputs == "all" else 0
+        if outputs == "last":
             self._outputs[m - 1] = 1
         for i, token_seqs in enumerate(seqs):
             self._n_seq[i] = len(token_seqs)

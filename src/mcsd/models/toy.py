@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import SamplingConfig
-from mcsd.models.base import Keep, check_forward, check_keep
+from mcsd.models.base import Keep, Rows, check_forward, check_keep
 from mcsd.sampling import warp
 
 NextTokenFn = Callable[[tuple[int, ...]], Tensor]  # context -> [V] probabilities
@@ -102,10 +102,12 @@ class TableLM:
     def pending_length(self) -> int:
         return len(self._pending[0])
 
-    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor) -> Tensor:
-        batch, n = check_forward(self, tokens, positions, tree_mask)
+    def forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
+    ) -> Tensor | None:
+        batch, n = check_forward(self, tokens, positions, tree_mask, logits)
         masks = tree_mask.expand(batch, *tree_mask.shape[-2:]).tolist()  # [B, n, P + n]
-        logits = torch.empty(batch, n, self._vocab_size)
+        out = torch.empty(batch, n, self._vocab_size)
         for b in range(batch):
             committed, block = self._committed[b], self._pending[b] + tokens[b].tolist()
             pending = len(self._pending[b])
@@ -118,10 +120,10 @@ class TableLM:
                     raise ValueError(
                         f"new token {j} sees {len(context)} tokens but has position {position}"
                     )
-                logits[b, j] = self._logits(context)
+                out[b, j] = self._logits(context)
             self._pending[b] = block
         self.forward_calls += 1
-        return logits
+        return None if logits == "none" else out[:, -1:] if logits == "last" else out
 
     def _logits(self, context: tuple[int, ...]) -> Tensor:
         if context not in self._memo:

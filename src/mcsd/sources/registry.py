@@ -37,6 +37,7 @@ class KnownModel:
     # Tokens that also end generation, beyond the GGUF's eos (as in the upstream HF
     # generation_config.json); written into the converted generation_config.
     extra_eos_tokens: tuple[str, ...] = ()
+    family: str = ""  # the converted checkpoint's config.json model_type (qwen2, llama, ...)
 
     def __post_init__(self) -> None:
         if not self.packages:
@@ -90,6 +91,7 @@ def _qwen_coder(
         aliases=(f"qwen2.5-coder-{size}", f"qwen-coder-{size}"),
         # The GGUF's eos is <|im_end|>; Qwen's own generation_config also stops at <|endoftext|>.
         extra_eos_tokens=("<|endoftext|>",),
+        family="qwen2",
         size=nbytes,
         sha256=sha256,
     )
@@ -123,6 +125,7 @@ KNOWN_MODELS: Mapping[str, KnownModel] = MappingProxyType(
                 sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                 gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
                 aliases=("smollm2-135m", "smollm2"),
+                family="llama",
             ),
         )
     }

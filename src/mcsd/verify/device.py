@@ -21,9 +21,10 @@ on the device; the host reads back one small tensor and follows the accepted chi
   changes nothing: the walk has exactly the law of the sequential one (the whole-engine tests
   check it, ``mcsd check --engine``).
 
-Each verifier's ``verify(tokens, logits, q, generator)`` returns the ``TreeResult`` and the
-accepted tokens, like ``mcsd.verify.walk.HostTreeVerifier``; the registry
-(``mcsd.verify.rules``) says which rule uses which.
+Each verifier's ``launch(tokens, logits, q, generator)`` queues the device work and
+``finish(launched)`` makes the one host transfer and returns the ``TreeResult`` and the accepted
+tokens, like ``mcsd.verify.walk.HostTreeVerifier``; the registry (``mcsd.verify.rules``) says
+which rule uses which.
 """
 
 from __future__ import annotations
@@ -97,12 +98,16 @@ class GreedyTreeVerifier:
     def __call__(self, tokens: Tensor, target_argmax: Tensor) -> TreeResult:
         return self.result(self.device_result(tokens, target_argmax).tolist())[0]
 
-    def verify(
+    def launch(
         self, tokens: Tensor, logits: Tensor, q: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[TreeResult, list[int]]:
+    ) -> Tensor:
         """``tokens`` ``[N]``, ``logits`` ``[N+1, V]``: p is one-hot at the argmax, so the
-        argmax of the logits is all the rule reads."""
-        return self.result(self.device_result(tokens, logits.argmax(dim=-1)).tolist())
+        argmax of the logits is all the rule reads. Queues the work; no host transfer."""
+        return self.device_result(tokens, logits.argmax(dim=-1))
+
+    def finish(self, launched: Tensor) -> tuple[TreeResult, list[int]]:
+        """The one host transfer, then the ``TreeResult`` and the accepted tokens."""
+        return self.result(launched.tolist())
 
 
 class SampledTreeVerifier:
@@ -110,7 +115,9 @@ class SampledTreeVerifier:
 
     ``without_replacement``: siblings were drawn without replacement (mcss-wor), so q' loses each
     rejected candidate; ``one_hot``: deterministic candidates (topk; mcns's recursion), accepted
-    with p'(c) and removed from p' when rejected, q unused."""
+    with p'(c) and removed from p' when rejected, q unused. ``dtype``: of the residual work and
+    the coins (float32 on GPUs: half the bytes over every node's vocabulary; float64 on CPUs,
+    where the work is small)."""
 
     def __init__(
         self,
@@ -120,9 +127,11 @@ class SampledTreeVerifier:
         *,
         without_replacement: bool = False,
         one_hot: bool = False,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         self.tree = tree
         self.target = target
+        self.dtype = dtype
         self.without_replacement = without_replacement
         self.one_hot = one_hot
         n = tree.num_nodes
@@ -154,13 +163,13 @@ class SampledTreeVerifier:
         Returns ``[2, N+1]`` long on the device: per row the index of the accepted child (in
         draw order, ``NO_NODE`` when none) and the token drawn from the row's final residual."""
         rows_total = p.shape[0]
-        left = p.double()  # [N+1, V]; rows without children keep p (their bonus draw)
+        left = p.to(self.dtype)  # [N+1, V]; rows without children keep p (their bonus draw)
         chosen = torch.full((rows_total,), NO_NODE, dtype=torch.long, device=p.device)  # [N+1]
         for k, rows, children in self.groups:
             p_row = left[rows]  # [R, V]
-            q_row = None if self.one_hot else q[rows].double()  # [R, V]
+            q_row = None if self.one_hot else q[rows].to(self.dtype)  # [R, V]
             candidates = tokens[children]  # [R, k]
-            u = torch.rand(len(rows), k, generator=generator, dtype=torch.float64, device=p.device)
+            u = torch.rand(len(rows), k, generator=generator, dtype=self.dtype, device=p.device)
             picked = torch.full((len(rows),), NO_NODE, dtype=torch.long, device=p.device)  # [R]
             for j in range(k):
                 c = candidates[:, j : j + 1]  # [R, 1]
@@ -205,13 +214,16 @@ class SampledTreeVerifier:
     ) -> TreeResult:
         return self.result(self.device_result(tokens, p, q, generator).tolist())
 
-    def verify(
+    def launch(
         self, tokens: Tensor, logits: Tensor, q: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[TreeResult, list[int]]:
-        """One step: warp the logits ``[N+1, V]`` into p, verify every node, and read back the
-        outcome and the node tokens in one transfer."""
+    ) -> Tensor:
+        """One step's device work: warp the logits ``[N+1, V]`` into p, verify every node."""
         outcome = self.device_result(tokens, warp(logits, self.target), q, generator)
-        fetched = torch.cat([outcome.flatten(), tokens]).tolist()  # the one host transfer
+        return torch.cat([outcome.flatten(), tokens])  # [2 (N+1) + N]
+
+    def finish(self, launched: Tensor) -> tuple[TreeResult, list[int]]:
+        """The one host transfer: the outcome and the node tokens; the accepted path."""
+        fetched = launched.tolist()
         rows = self.tree.num_nodes + 1
         result = self.result([fetched[:rows], fetched[rows : 2 * rows]])
         node_list = fetched[2 * rows :]

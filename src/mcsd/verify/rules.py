@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -160,26 +160,40 @@ def get_rule(name: object) -> Rule:
 
 # ---------------------------------------------------------------- one step of the engine
 class TreeVerifier(Protocol):
-    def verify(
+    """One step's verification in two halves, so that the caller can time the device work
+    without adding a host synchronisation."""
+
+    def launch(
         self, tokens: Tensor, logits: Tensor, q: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[TreeResult, list[int]]:
+    ) -> Any:
         """``tokens`` ``[N]`` node tokens, ``logits`` ``[N+1, V]`` the target's (cut to the
-        common vocabulary), ``q`` ``[N+1, V]`` or None: the ``TreeResult`` and the accepted
-        tokens."""
+        common vocabulary), ``q`` ``[N+1, V]`` or None: queue what runs on the device."""
+        ...
+
+    def finish(self, launched: Any) -> tuple[TreeResult, list[int]]:
+        """Read the result back (the step's host synchronisation): the ``TreeResult`` and the
+        accepted tokens."""
         ...
 
 
 def device_verifier(
-    tree: TokenTree, rule: str | Rule, device: torch.device | str, target: SamplingConfig
+    tree: TokenTree,
+    rule: str | Rule,
+    device: torch.device | str,
+    target: SamplingConfig,
+    dtype: torch.dtype | None = None,
 ) -> TreeVerifier:
-    """The rule's batched verifier; ``ValueError`` for a rule without one."""
+    """The rule's batched verifier; ``ValueError`` for a rule without one. ``dtype`` of the
+    sampled rules' residual work: default float32 on CUDA, float64 elsewhere."""
     record = rule if isinstance(rule, Rule) else get_rule(rule)
     if record.device is None:
         with_one = ", ".join(r.name for r in RULES.values() if r.device is not None)
         raise ValueError(f"rule must be one of {with_one} (rules with a device verifier)")
     if record.device == "greedy":
         return GreedyTreeVerifier(tree, device)
-    make = partial(SampledTreeVerifier, tree, device, target)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cuda" else torch.float64
+    make = partial(SampledTreeVerifier, tree, device, target, dtype=dtype)
     if record.device == "one-hot":
         return make(one_hot=True)
     return make(without_replacement=record.device == "sampled-wor")
@@ -191,6 +205,7 @@ def tree_verifier(
     target: SamplingConfig,
     device: torch.device,
     on_device: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TreeVerifier:
     """What the engine verifies each step's tree with: the rule's device verifier when it has
     one and ``on_device`` asks for it (``None``: where the record says, always for greedy and
@@ -199,7 +214,7 @@ def tree_verifier(
     if on_device is None:
         on_device = rule.device_by_default == "always" or device.type == "cuda"
     if on_device and rule.device is not None:
-        return device_verifier(tree, rule, device, target)
+        return device_verifier(tree, rule, device, target, dtype)
     return HostTreeVerifier(tree, rule.walk, rule.node, target, reads_q=rule.reads_q)
 
 

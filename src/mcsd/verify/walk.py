@@ -153,13 +153,15 @@ class HostTreeVerifier:
         self.target = target
         self.reads_q = reads_q
 
-    def verify(
+    def launch(
         self, tokens: Tensor, logits: Tensor, q: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[TreeResult, list[int]]:
-        """``tokens`` ``[N]``, ``logits`` ``[N+1, V]``, ``q`` ``[N+1, V]`` or None."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, torch.Generator | None]:
+        """``tokens`` ``[N]``, ``logits`` ``[N+1, V]``, ``q`` ``[N+1, V]`` or None: p queued;
+        the walk itself (host round trips) is ``finish``."""
+        return tokens, warp(logits, self.target), q if self.reads_q else None, generator
+
+    def finish(self, launched) -> tuple[TreeResult, list[int]]:
+        tokens, p, q, generator = launched
         node_tokens = tokens.tolist()
-        p = warp(logits, self.target)  # [N+1, V]
-        result = self.walk(
-            self.tree, node_tokens, p, q if self.reads_q else None, self.rule, generator
-        )
+        result = self.walk(self.tree, node_tokens, p, q, self.rule, generator)
         return result, [node_tokens[a] for a in result.accepted]
