@@ -382,6 +382,21 @@ def test_llamacpp_baselines_run_and_agree_with_mcsd_greedy(tiny_paths) -> None:
         parse_method("llama-spec:0")
 
 
+def test_server_on_llamacpp(tiny_paths) -> None:
+    """The OpenAI-compatible server on a llama.cpp pair: the GGUF tokenizer in the worker."""
+    from fastapi.testclient import TestClient
+
+    from mcsd.server.app import create_app
+
+    pair = load_pair(str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp")
+    app = create_app(pair, SpecConfig(tree="2,2", target=GREEDY, max_new_tokens=6))
+    with TestClient(app) as client:
+        response = client.post("/v1/completions", json={"prompt": "abca", "max_tokens": 6})
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["text"]
+    assert 1 <= len(text) <= 6 and set(text) <= set("abcd")
+
+
 def test_llamacpp_baselines_refuse_other_runtimes(tiny) -> None:
     from mcsd.models.llamacpp_baselines import llamacpp_model
     from mcsd.models.toy import TableLM
