@@ -40,7 +40,8 @@ for name in ("humaneval", "mt-bench"):
     for question in load_dataset(name, n=n, seed=0, turns=1):
         messages = [{"role": "user", "content": question.turns[0]}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        (out / f"{name}-{question.question_id}.txt").write_text(text)
+        stem = "".join(c if c.isalnum() else "-" for c in f"{name}-{question.question_id}")
+        (out / f"{stem}.txt").write_text(text)
 PY
 target=$(python -c "from mcsd.sources import resolve_gguf, DEFAULT_TARGET; print(resolve_gguf(DEFAULT_TARGET))")
 draft=$(python -c "from mcsd.sources import resolve_gguf, DEFAULT_DRAFT; print(resolve_gguf(DEFAULT_DRAFT))")
@@ -51,6 +52,7 @@ for settings in "3 0.0" "16 0.75"; do
     "$binary" -m "$target" -md "$draft" -f "$prompt" -n "$TOKENS" -t "$THREADS" -td "$THREADS" \
       --spec-type draft-simple --spec-draft-n-max "$n_max" --spec-draft-p-min "$p_min" \
       --temp 0 --top-k 1 --seed 0 -c 4096 2>&1 \
-      | grep -E "^(encoded|decoded)|n_draft|n_predict|n_drafted|n_accept|accept " || true
+      | grep -E "(encoded|decoded) +[0-9]+ tokens|n_draft|n_predict|n_drafted|n_accept|accept +=" \
+      || true
   done
 done

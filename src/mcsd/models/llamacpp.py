@@ -99,18 +99,6 @@ class _Model:
         self.vocab = lib.llama_model_get_vocab(pointer)
         self._finalizer = weakref.finalize(self, lib.llama_model_free, pointer)
 
-    def meta(self, key: str) -> str | None:
-        """A GGUF metadata value as a string (``general.architecture``, ...), or None."""
-        size = 256
-        while True:
-            buffer = ctypes.create_string_buffer(size)
-            n = self.lib.llama_model_meta_val_str(self.pointer, key.encode(), buffer, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buffer.value.decode("utf-8", errors="replace")
-            size = n + 1
-
 
 class LlamaCppModel:
     """A GGUF causal LM on one llama.cpp context, behind the runtime protocol
@@ -222,6 +210,8 @@ class LlamaCppModel:
                 f"exceed the {self._cells} KV cells of this llama.cpp context ({self._max_context}"
                 f" positions + LlamaCppConfig.pending_cells={self.config.pending_cells})"
             )
+        if n == 0:
+            return None if logits == "none" else torch.empty(1, 0, self._vocab)
         mask = tree_mask[0] if tree_mask.dim() == 3 else tree_mask  # [n, P + n]
         parents = None
         if torch.equal(mask.cpu(), chain_mask(n, pending)):
