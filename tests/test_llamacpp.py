@@ -37,7 +37,9 @@ from mcsd.models.llamacpp import GGUFTokenizer, LlamaCppModel, load_llamacpp
 from mcsd.tree import TokenTree
 
 TINY = LlamaCppConfig(context=64, pending_cells=64, batch=32, sequences=32, threads=1)
-REAL = LlamaCppConfig(context=1024, pending_cells=256, batch=64, sequences=64)
+# One thread: llama.cpp's threads spin at every barrier, so on a busy (shared CI) machine two of
+# them crawl (a 2-second test took 80 s next to two other busy processes); one is steady.
+REAL = LlamaCppConfig(context=1024, pending_cells=256, batch=64, sequences=64, threads=1)
 EXACT = 1e-3  # float32 tiny models: differently batched decodes agree to rounding
 # Quantised real models: batched and one-token decodes of the same text round differently (by
 # up to 0.56 for Qwen2.5 0.5B, 1.36 for SmolLM2 over 32 tokens); a tree put in one sequence moves
@@ -267,8 +269,15 @@ def test_bad_input_is_one_clear_line(tiny, tiny_paths, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist") as error:
         LlamaCppModel(tmp_path / "missing.gguf", TINY)
     errors.append(error)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_paths["target"].read_bytes()[:4096])
+    with pytest.raises(ValueError, match="could not load") as error:
+        LlamaCppModel(truncated, TINY)
+    errors.append(error)
     with pytest.raises(ValueError, match="different tokenizers") as error:
-        load_pair(str(tiny_paths["target"]), str(tiny_paths["other"]), runtime="llama.cpp")
+        load_pair(
+            str(tiny_paths["target"]), str(tiny_paths["other"]), runtime="llama.cpp", llamacpp=TINY
+        )
     errors.append(error)
     target, _ = tiny
     target.reset()
@@ -280,7 +289,9 @@ def test_bad_input_is_one_clear_line(tiny, tiny_paths, tmp_path: Path) -> None:
             chain_mask(cells + 1),
         )
     errors.append(error)
-    pair = load_pair(str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp")
+    pair = load_pair(
+        str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp", llamacpp=TINY
+    )
     with pytest.raises(ValueError, match="model context of 64") as error:
         generate(pair, [1] * 70, SpecConfig(tree="2", target=GREEDY, max_new_tokens=4))
     errors.append(error)
@@ -320,7 +331,7 @@ def test_runtime_selection_and_the_auto_log_line(
     assert factory.runtime_kind("auto", cpu, "org/some-hf-model").name == "hf"
     assert factory.runtime_kind("auto", torch.device("cuda"), target).name == "hf"
     with caplog.at_level(logging.INFO, logger="mcsd"):
-        pair = load_pair(target, str(tiny_paths["draft"]), device="cpu")
+        pair = load_pair(target, str(tiny_paths["draft"]), device="cpu", llamacpp=TINY)
     lines = [r.getMessage() for r in caplog.records if "runtime auto" in r.getMessage()]
     assert len(lines) == 1 and "llama.cpp" in lines[0], lines
     assert isinstance(pair.target, LlamaCppModel) and isinstance(pair.draft, LlamaCppModel)
@@ -364,7 +375,9 @@ def test_tiny_tokenizer(tiny) -> None:
 
 # ---------------------------------------------------------------------------- baselines
 def test_llamacpp_baselines_run_and_agree_with_mcsd_greedy(tiny_paths) -> None:
-    pair = load_pair(str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp")
+    pair = load_pair(
+        str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp", llamacpp=TINY
+    )
     base = SpecConfig(tree="1", target=GREEDY, max_new_tokens=12, stop_token_ids=(), seed=0)
     prompt = [1, 2, 0]
     answers = {
@@ -388,7 +401,9 @@ def test_server_on_llamacpp(tiny_paths) -> None:
 
     from mcsd.server.app import create_app
 
-    pair = load_pair(str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp")
+    pair = load_pair(
+        str(tiny_paths["target"]), str(tiny_paths["draft"]), runtime="llama.cpp", llamacpp=TINY
+    )
     app = create_app(pair, SpecConfig(tree="2,2", target=GREEDY, max_new_tokens=6))
     with TestClient(app) as client:
         response = client.post("/v1/completions", json={"prompt": "abca", "max_tokens": 6})
