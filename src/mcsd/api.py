@@ -22,6 +22,7 @@ from mcsd.config import (
     DEFAULT_ATTENTION,
     DEFAULT_DTYPE,
     DEFAULT_RUNTIME,
+    LlamaCppConfig,
     SpecConfig,
 )
 from mcsd.draft.model import ModelProposer
@@ -96,12 +97,15 @@ def load_pair(
     attn_implementation: str = DEFAULT_ATTENTION,
     progress: bool = True,
     compile: str = "none",
+    llamacpp: LlamaCppConfig | None = None,
 ) -> ModelPair:
     """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
-    one runtime (``load_model``, i.e. ``mcsd.models.factory.load_runtime``). ``compile``: which
-    of them ``torch.compile`` also fuses on a compiling runtime, one of ``COMPILE_CHOICES``
-    (``"draft"`` pays most: a draft forward is mostly small kernels)."""
-    from mcsd.models.factory import check_options, parse_device, runtime_kind
+    one runtime (``load_model``, i.e. ``mcsd.models.factory.load_runtime``; ``auto`` is
+    resolved once, from the target, and logged). ``compile``: which of them ``torch.compile``
+    also fuses on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft
+    forward is mostly small kernels). ``llamacpp``: the llama.cpp contexts' settings (each model
+    gets its own context)."""
+    from mcsd.models.factory import check_options, log_auto_choice, parse_device, runtime_kind
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
@@ -111,14 +115,18 @@ def load_pair(
             raise ValueError(f"{role} must be a model name, directory or HF id, got {name!r}")
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
-    kind = runtime_kind(runtime, parse_device(device), target)  # refuse bad options first
-    check_options(kind, compile=compile != "none", max_length=None)
+    torch_device = parse_device(device)
+    kind = runtime_kind(runtime, torch_device, target, dtype)  # refuse bad options first
+    check_options(kind, compile=compile != "none", max_length=None, dtype=dtype)
+    if runtime == "auto":
+        log_auto_choice(kind, torch_device)
     kwargs: dict[str, Any] = dict(
         runtime=kind.name,  # auto resolved once, for the target: both models on one runtime
         dtype=dtype,
         device=device,
         attn_implementation=attn_implementation,
         progress=progress,
+        llamacpp=llamacpp,
     )
     target_model, tokenizer, eos = load_model(target, compile=compile == "all", **kwargs)
     draft_model, draft_tokenizer, _ = load_model(

@@ -7,6 +7,7 @@ on the command line, in the server or in Python never surfaces as a stack trace 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from mcsd.tree import TokenTree
@@ -25,6 +26,70 @@ DEFAULT_ATTENTION = "sdpa"  # transformers attention implementation ("eager" als
 STATIC_MAX_LENGTH = 4096  # cache positions per row when the model allows that many
 MAX_GRAPH_TOKENS = 128  # new tokens per forward up to which forwards are padded and captured
 ATTENTION_BLOCK = 256  # attention length granularity: fewer graphs, little wasted attention
+
+# The llama.cpp runtime (mcsd.models.llamacpp)
+LLAMA_MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids one context can hold
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be an integer <= {high}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """One llama.cpp context (``mcsd.models.llamacpp``); the target and the draft get one each.
+
+    KV cells = ``context + pending_cells``: the committed tokens of a row use at most
+    ``context`` positions, and a step's pending block (a token tree) needs its own cells on top.
+    A tree is scored in one ``llama_decode`` with one sequence id per root-to-leaf path, so
+    ``sequences`` bounds the leaves of a tree (plus one id for the committed tokens).
+    """
+
+    context: int = STATIC_MAX_LENGTH  # positions per row (capped at the model's training length)
+    pending_cells: int = DEFAULT_MAX_TREE_NODES + 1  # room for the largest tree and its root
+    threads: int | None = None  # None: every CPU this process may run on
+    batch_threads: int | None = None  # threads of multi-token decodes; None: as ``threads``
+    # Tokens per llama_decode (longer forwards are split); every token's logits are kept, so the
+    # output buffer is batch x vocabulary floats (512 x 151,936 x 4 B = 311 MB for Qwen).
+    batch: int = 512
+    sequences: int = 128  # sequence ids: 127 tree leaves at most (llama.cpp allows 256)
+    # llama.cpp's repacked CPU weight layouts ("extra buffer types"); False is the documented way
+    # around kernels that crash on some CPUs (AMX, see .ci/prepare)
+    repack: bool = True
+    # Flash attention stays off: with it, llama.cpp 0.3.36 on the CPU gets the next token wrong
+    # (logits off by ~0.5, exact without it) once a commit kept any path but the first and the
+    # new token fills a freed cell before the kept one (tests/test_llamacpp.py checks this case)
+    flash_attention: bool = False
+    verbose: bool = False  # llama.cpp's own log lines on stderr
+
+    def thread_counts(self) -> tuple[int, int]:
+        """``(threads, batch_threads)`` with the defaults resolved for this machine."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on every platform
+            cpus = os.cpu_count() or 1
+        threads = self.threads or cpus
+        return threads, self.batch_threads or threads
+
+    def __post_init__(self) -> None:
+        _check_int("context", self.context, 2)
+        _check_int("pending_cells", self.pending_cells, 1)
+        for name in ("threads", "batch_threads"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("batch", self.batch, 1)
+        _check_int("sequences", self.sequences, 2, LLAMA_MAX_SEQUENCES)
+        if self.batch < self.sequences:  # llama.cpp asserts it (llama_context::output_reserve)
+            raise ValueError(
+                f"batch ({self.batch}) must be >= sequences ({self.sequences}): llama.cpp keeps "
+                "room for one row of logits per sequence id in every decode"
+            )
+        for name in ("repack", "flash_attention", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _check_number(name: str, value: object) -> float:
@@ -169,6 +234,15 @@ class BenchDefaults:
         "hf-ar",
         "hf-assisted",
         "hf-assisted:5",
+        "ar",
+        "sps:4",
+        "tree:{tree}",
+    )
+    # on the llama.cpp runtime: llama.cpp's own loops instead of transformers'
+    llamacpp_methods: tuple[str, ...] = (
+        "llama-ar",
+        "llama-spec",
+        "llama-spec:16:0.75",  # the best llama-server setting measured in issue 13
         "ar",
         "sps:4",
         "tree:{tree}",

@@ -8,6 +8,12 @@ Method names (``parse_method``):
 - ``hf-assisted:N``    the same with ``num_assistant_tokens=N``;
 - ``hf-static``        the target alone through ``generate`` with a transformers ``StaticCache``,
                        which transformers compiles on GPUs: its fastest decoding of one model;
+- ``llama-ar``         the target alone through llama.cpp's own loop and sampler (the llama.cpp
+                       runtime only): what a llama.cpp user runs;
+- ``llama-spec[:N[:P]]`` llama.cpp's draft-model speculative decoding ("draft-simple": a greedy
+                       draft chain of up to N tokens, default 3, cut where the draft's top
+                       probability falls below P, default 0), re-implemented through the same
+                       bindings (``mcsd.models.llamacpp_baselines``; llama.cpp runtime only);
 - ``ar``               mcsd's target alone (``autoregressive_decode``: same adapter, no draft);
 - ``sps:G``            an mcsd chain of depth G (rule ``sps`` when sampling, ``greedy`` when not);
 - ``tree:K[:RULE]``    an mcsd k-config tree such as ``tree:4,2,2:mcss-wor`` (default rule: the
@@ -36,9 +42,10 @@ from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.stats import StepRecord
 from mcsd.verify.rules import RULE_NAMES
 
-BASELINES = ("hf-ar", "hf-static", "hf-assisted", "ar")
+BASELINES = ("hf-ar", "hf-static", "hf-assisted", "llama-ar", "llama-spec", "ar")
 MCSD_KINDS = ("sps", "tree")
 HF_KINDS = {"hf-ar": "generate", "hf-static": "static", "hf-assisted": "assisted"}
+LLAMA_KINDS = ("llama-ar", "llama-spec")
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,14 @@ class Method:
     """One decoding method of a benchmark run."""
 
     name: str  # as written on the command line, e.g. "tree:4,2,2:mcss-wor"
-    kind: str  # "hf-ar", "hf-static", "hf-assisted", "ar", "sps" or "tree"
+    kind: str  # one of BASELINES, "sps" or "tree"
     tree: str | None = None  # k-config ("1,1,1,1") or JSON rank paths ("[[0],[1],[0,0]]")
     rule: str | None = None  # verification rule; None = SpecConfig's natural choice
     assistant_tokens: int | None = None  # hf-assisted's num_assistant_tokens; None = its default
     draft_vocab: int | None = None  # mcsd methods: the draft scores only this many tokens
     draft_int8: bool = False  # mcsd methods: the draft's linear layers in int8
+    draft_max: int | None = None  # llama-spec: longest draft chain; None = llama.cpp's default
+    draft_p_min: float | None = None  # llama-spec: draft confidence cut; None = llama.cpp's
 
     @property
     def is_mcsd(self) -> bool:
@@ -89,8 +98,10 @@ def parse_method(text: str) -> Method:
                 method = replace(method, draft_vocab=parse_count(value, name))
         return method
     kind, _, rest = name.partition(":")
-    if kind in ("hf-ar", "hf-static", "ar") and not rest:
+    if kind in ("hf-ar", "hf-static", "ar", "llama-ar") and not rest:
         return Method(name, kind)
+    if kind == "llama-spec":
+        return _llama_spec(name, rest)
     if kind == "hf-assisted":
         if not rest:
             return Method(name, kind)
@@ -108,9 +119,29 @@ def parse_method(text: str) -> Method:
         SpecConfig(tree=parse_tree(shape), rule=None)  # a bad shape fails here, clearly
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
-        f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, ar, sps:G, "
-        "tree:K-CONFIG or tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor)"
+        f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, llama-ar, "
+        "llama-spec, llama-spec:N, llama-spec:N:P, ar, sps:G, tree:K-CONFIG or "
+        "tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor)"
     )
+
+
+def _llama_spec(name: str, rest: str) -> Method:
+    """``llama-spec``, ``llama-spec:N`` or ``llama-spec:N:P``."""
+    if not rest:
+        return Method(name, "llama-spec")
+    n, _, p = rest.partition(":")
+    problem = f"method {name!r}: llama-spec:N[:P] needs a draft length N in 1..64 and P in [0, 1]"
+    if not n.isdigit() or not 1 <= int(n) <= 64:
+        raise ValueError(problem)
+    p_min = None
+    if p:
+        try:
+            p_min = float(p)
+        except ValueError:
+            raise ValueError(problem) from None
+        if not 0.0 <= p_min <= 1.0:
+            raise ValueError(problem)
+    return Method(name, "llama-spec", draft_max=int(n), draft_p_min=p_min)
 
 
 def parse_count(text: str, name: str) -> int:
@@ -165,6 +196,28 @@ def run_method(
             seed=base.seed,
             assistant_tokens=method.assistant_tokens,
         )
+        finish = "stop" if tokens and tokens[-1] in stop else "length"
+        return Generation(tokens, wall, records, finish)
+    if method.kind in LLAMA_KINDS:
+        from mcsd.models import llamacpp_baselines as llama
+
+        options = dict(vocab_size=pair.vocab_size, seed=base.seed)
+        if method.kind == "llama-ar":
+            tokens, wall, records = llama.autoregressive(
+                pair.target, prompt_ids, base.target, stop, base.max_new_tokens, **options
+            )
+        else:
+            tokens, wall, records = llama.speculative(
+                pair.target,
+                pair.draft,
+                prompt_ids,
+                base.target,
+                stop,
+                base.max_new_tokens,
+                n_max=method.draft_max or llama.DRAFT_MAX,
+                p_min=llama.DRAFT_P_MIN if method.draft_p_min is None else method.draft_p_min,
+                **options,
+            )
         finish = "stop" if tokens and tokens[-1] in stop else "length"
         return Generation(tokens, wall, records, finish)
     tokens: list[int] = []

@@ -83,19 +83,23 @@ def summarize(answers: Sequence[Answer], methods: Sequence[Method]) -> dict[str,
             name: metrics([a for a in answers if a.dataset == dataset and a.method == name])
             for name in names
         }
-        for reference in REFERENCES:
-            if reference in names:
-                base = results[dataset][reference]["tokens_per_s"]
-                for row in results[dataset].values():
-                    row[f"speedup_vs_{reference}"] = row["tokens_per_s"] / base if base else 0.0
+        for reference in speedup_bases(names):
+            base = results[dataset][reference]["tokens_per_s"]
+            for row in results[dataset].values():
+                row[f"speedup_vs_{reference}"] = row["tokens_per_s"] / base if base else 0.0
     pooled = {name: metrics([a for a in answers if a.method == name]) for name in names}
-    for reference in REFERENCES:
-        if reference in names:
-            for name, row in pooled.items():
-                ratios = [results[d][name][f"speedup_vs_{reference}"] for d in datasets]
-                row[f"speedup_vs_{reference}"] = geometric_mean(ratios)
+    for reference in speedup_bases(names):
+        for name, row in pooled.items():
+            ratios = [results[d][name][f"speedup_vs_{reference}"] for d in datasets]
+            row[f"speedup_vs_{reference}"] = geometric_mean(ratios)
     results[ALL] = pooled
     return results
+
+
+def speedup_bases(names: Sequence[str]) -> list[str]:
+    """The methods every row gets a speedup against: the target-alone references that ran,
+    then llama.cpp's own speculative decoding (``llama-spec...``) when it ran."""
+    return [r for r in REFERENCES if r in names] + [n for n in names if n.startswith("llama-spec")]
 
 
 def geometric_mean(values: Sequence[float]) -> float:
@@ -113,7 +117,7 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
     names = [m.name for m in methods]
     table = Table(title=title or None, show_lines=False)
     columns = ["dataset", "method", "tok/s"]
-    references = [reference for reference in REFERENCES if reference in names]
+    references = speedup_bases(names)
     columns += [f"x {reference}" for reference in references]
     columns += ["AL", "accept/depth", "tree", "draft %", "target %"]
     greedy = any(

@@ -41,7 +41,7 @@ class Answer:
         return self.question.dataset
 
 
-REFERENCES = ("hf-ar", "hf-static", "ar")  # the target alone, in order of preference
+REFERENCES = ("hf-ar", "hf-static", "llama-ar", "ar")  # the target alone, by preference
 
 
 def reference_method(methods: Sequence[Method]) -> str | None:

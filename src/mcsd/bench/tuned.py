@@ -34,8 +34,9 @@ def tuned_key_for(
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     torch_device = parse_device(device)
-    kind = runtime_kind(runtime, torch_device, target or DEFAULT_TARGET)
-    torch_dtype = parse_dtype(dtype, torch_device)
+    kind = runtime_kind(runtime, torch_device, target or DEFAULT_TARGET, dtype)
+    # a runtime without torch dtypes (llama.cpp) reports float32, as mcsd tune records it
+    torch_dtype = parse_dtype(dtype, torch_device) if kind.dtypes else "float32"
     return tuned_key(
         target or DEFAULT_TARGET, draft or DEFAULT_DRAFT, torch_device.type, torch_dtype, kind.name
     )

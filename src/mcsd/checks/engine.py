@@ -5,6 +5,11 @@ they do for real models; only the models are tables (``mcsd.models.toy``), so th
 of generated sequences is known exactly by enumeration. Each case samples many seeded
 generations and compares the sequence frequencies with the exact target distribution
 (chi-square and total variation, ``mcsd.checks.node.goodness_of_fit``).
+
+The same check runs through a real runtime (``run_engine_case(..., models=(target, draft))``,
+e.g. two tiny GGUF models on llama.cpp, ``mcsd.checks.tiny_gguf``): the exact reference is then
+the target runtime's own next-token distribution after every context, each context scored on its
+own (``scored_table``), and the engine's tree batches, commits and caches must reproduce it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from mcsd.checks.node import DEFAULT_ALPHA, Fit, goodness_of_fit
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import speculative_decode
-from mcsd.models.base import score
+from mcsd.models.base import Runtime, score
 from mcsd.models.toy import TableLM, sequence_distribution
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import RULES, get_rule
@@ -102,20 +107,6 @@ class EngineCase:
             self.vocab, seed=draft_seed
         )
 
-    def exact_target(self, target) -> TableLM:
-        """A table LM with the target's next-token distributions (the target itself for
-        tables; for a real runtime, its logits for every context, scored one at a time)."""
-        if isinstance(target, TableLM):
-            return target
-        from mcsd.models.fast import FastModel
-
-        scorer = FastModel(target.lm, max_graph_tokens=target.max_graph_tokens)
-
-        def table(context: tuple[int, ...]) -> torch.Tensor:
-            return torch.softmax(score(scorer, context)[-1].double(), dim=-1)
-
-        return TableLM(table, self.vocab)
-
     def describe(self) -> str:
         same = " draft=target" if self.same_models else ""
         top_k = f" draft-top-k={self.draft_top_k}" if self.draft_top_k else ""
@@ -169,7 +160,22 @@ class EngineResult:
         return self.fit.passed and (self.full_acceptance or not self.case.same_models)
 
 
-def generation(case: EngineCase, target: TableLM, draft: TableLM, seed: int):  # -> steps
+def scored_table(runtime: Runtime, vocab: int) -> TableLM:
+    """A ``TableLM`` whose next-token table is ``runtime``'s own distribution after each context
+    (the last row of ``score(runtime, context)``, memoised): the exact reference for engine runs
+    through ``runtime``. It resets ``runtime``, so build the reference before decoding."""
+    memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def table(context: tuple[int, ...]) -> torch.Tensor:
+        if context not in memo:
+            logits = score(runtime, context)[-1, :vocab].double()
+            memo[context] = torch.softmax(logits, dim=-1)
+        return memo[context]
+
+    return TableLM(table, vocab)
+
+
+def generation(case: EngineCase, target: Runtime, draft: Runtime, seed: int):  # -> steps
     """The engine's steps for one seeded generation of ``case`` (a fresh draft-model
     proposer around ``draft``)."""
     spec = case.spec(seed)
@@ -192,14 +198,22 @@ def run_engine_steps(case: EngineCase, seed: int) -> list[tuple[int, ...]]:
 
 
 def run_engine_case(
-    case: EngineCase, trials: int, *, seed: int = 0, alpha: float = DEFAULT_ALPHA
+    case: EngineCase,
+    trials: int,
+    *,
+    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+    models: tuple[Runtime, Runtime] | None = None,
 ) -> EngineResult:
     """Sample ``trials`` generations through the engine and test them against the exact
-    distribution of ``case.length``-token continuations under the warped target."""
-    target, draft = case.models()
-    exact = sequence_distribution(
-        case.exact_target(target), case.prompt, case.length, case.target_sampling
-    )
+    distribution of ``case.length``-token continuations under the warped target.
+
+    ``models``: run these (target, draft) runtimes instead of the case's own models; the exact
+    distribution of a real runtime comes from scoring every context with it (``scored_table``),
+    before any decoding."""
+    target, draft = case.models() if models is None else models
+    reference = target if isinstance(target, TableLM) else scored_table(target, case.vocab)
+    exact = sequence_distribution(reference, case.prompt, case.length, case.target_sampling)
     outcomes = sorted(exact)
     index = {seq: i for i, seq in enumerate(outcomes)}
     counts: Counter[tuple[int, ...]] = Counter()

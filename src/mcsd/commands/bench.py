@@ -21,13 +21,15 @@ from mcsd.commands.options import (
     tree_default,
 )
 from mcsd.config import BenchDefaults
+from mcsd.sources.registry import DEFAULT_TARGET
 
 EXAMPLES = """examples:
   mcsd bench --n 10 --max-new-tokens 128 --temperature 0      greedy, HumanEval + MT-bench
   mcsd bench --temperature 1 --methods hf-ar hf-assisted:5 sps:4 tree:4,2,2:mcss-wor
   mcsd bench --dataset questions.jsonl --turns 2 --methods ar tree:2,2,2,2:mcss
   mcsd bench --sweep --n 4 --temperature 0                    pick tree shapes (see mcsd tune)
-methods: hf-ar, hf-static, hf-assisted, hf-assisted:N, ar, sps:G, tree:K-CONFIG[:RULE]
+methods: hf-ar, hf-static, hf-assisted, hf-assisted:N, ar, sps:G, tree:K-CONFIG[:RULE];
+  on --runtime llama.cpp: llama-ar, llama-spec[:N[:P]] (llama.cpp's own loops)
 datasets: humaneval, mt-bench, sharegpt, or a JSON/JSONL file (turns / conversations /
   instruction+input / src / prompt)"""
 
@@ -62,9 +64,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def parse_methods(args: argparse.Namespace) -> list[Any]:
     from mcsd.bench.methods import parse_method
+    from mcsd.models.factory import parse_device, runtime_kind
 
     tree, _ = tree_default(args)
-    names = list(args.methods or (m.format(tree=tree) for m in BenchDefaults.methods))
+    device = parse_device(args.device)
+    kind = runtime_kind(args.runtime, device, args.target or DEFAULT_TARGET, args.dtype)
+    defaults = BenchDefaults.llamacpp_methods if kind.name == "llama.cpp" else BenchDefaults.methods
+    names = list(args.methods or (m.format(tree=tree) for m in defaults))
     if args.tree:  # --tree/--rule of the shared decoding options add one more tree
         names.append(f"tree:{args.tree}" + (f":{args.rule}" if args.rule else ""))
     methods = [parse_method(name) for name in names]

@@ -29,6 +29,7 @@ from mcsd.config import (
     SweepDefaults,
 )
 from mcsd.models.factory import DTYPE_CHOICES, RUNTIME_CHOICES
+from mcsd.sources.registry import DEFAULT_TARGET
 from mcsd.verify.rules import RULE_NAMES
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         default=DEFAULT_RUNTIME,
         choices=RUNTIME_CHOICES,
-        help="how the models run: hf (transformers, dynamic cache), hf-static (mcsd's static "
-        "KV cache, CUDA graphs on GPUs); auto picks for the machine (default)",
+        help="how the models run: llama.cpp (GGUF files, quantised CPU kernels), hf "
+        "(transformers, dynamic cache), hf-static (mcsd's static KV cache, CUDA graphs on GPUs); "
+        "auto (default) picks llama.cpp for GGUF models on a CPU when llama-cpp-python is "
+        "installed, else hf",
     )
     parser.add_argument(
         "--static-cache",
@@ -76,7 +79,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
     device = parse_device(args.device)
     parse_dtype(args.dtype, device)
-    kind = runtime_kind(args.runtime, device, args.target)
+    kind = runtime_kind(args.runtime, device, args.target or DEFAULT_TARGET, args.dtype)
+    check_options(kind, compile=False, max_length=None, dtype=args.dtype)
     try:
         check_options(kind, compile=args.compile != "none", max_length=None)
     except ValueError:
@@ -88,7 +92,9 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 def load_pair_from_args(args: argparse.Namespace) -> ModelPair:
     """The pair named by ``add_model_arguments``' options."""
     from mcsd.api import load_pair
+    from mcsd.config import LlamaCppConfig
 
+    threads = getattr(args, "threads", None)  # bench / tune: torch's and llama.cpp's threads
     return load_pair(
         args.target,
         args.draft,
@@ -96,6 +102,7 @@ def load_pair_from_args(args: argparse.Namespace) -> ModelPair:
         dtype=args.dtype,
         device=args.device,
         compile=args.compile,
+        llamacpp=LlamaCppConfig(threads=threads) if threads else None,
     )
 
 
@@ -217,7 +224,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch and of llama.cpp (default: torch's choice; llama.cpp: every "
+        "CPU this process may use)",
     )
 
 

@@ -7,25 +7,33 @@ A kind names how a checkpoint is run (``RUNTIMES``):
 - ``hf-static``  the same modelling code on mcsd's static KV cache, CUDA graphs on GPUs and
                  optionally ``torch.compile``;
 - ``fast``       mcsd's own compiled Llama-family model (``mcsd.models.fast``) on the same
-                 static cache: the GPU default for the architectures it supports.
+                 static cache: the GPU default for the architectures it supports;
+- ``llama.cpp``  a GGUF file on llama.cpp (llama-cpp-python), quantised weights as they are,
+                 its own tokenizer and chat template; CPU only (``mcsd.models.llamacpp``).
 
-``auto`` picks ``fast`` on a CUDA device for a checkpoint it supports, else ``hf``. Every kind
-loads from what ``mcsd.sources.resolve`` gives (a known offline model, a local directory, a
-Hugging Face id) and returns the runtime with its tokenizer and end-of-sequence ids. Bad options
-are refused here, before any weight is read.
+``auto`` picks ``fast`` on a CUDA device for a checkpoint it supports; ``llama.cpp`` on a CPU
+for a GGUF model (a known offline model, or a path to a ``.gguf`` file) when llama-cpp-python is
+installed and no torch dtype is asked for; else ``hf``; and logs one line saying which. The
+transformers kinds load from what ``mcsd.sources.resolve`` gives (a known offline model, a local
+directory, a Hugging Face id), llama.cpp from ``mcsd.sources.resolve_gguf``; every kind returns
+the runtime with its tokenizer and end-of-sequence ids. Bad options are refused here, before
+any weight is read.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mcsd.config import DEFAULT_ATTENTION, DEFAULT_DTYPE, DEFAULT_RUNTIME
+from mcsd.config import DEFAULT_ATTENTION, DEFAULT_DTYPE, DEFAULT_RUNTIME, LlamaCppConfig
 from mcsd.models.base import Runtime
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -42,6 +50,7 @@ class LoadRequest:
     compile: bool
     max_length: int | None
     progress: bool
+    llamacpp: LlamaCppConfig = field(default_factory=LlamaCppConfig)  # the llama.cpp runtime's
 
 
 Loaded = tuple[Runtime, Any, tuple[int, ...]]  # the runtime, its tokenizer, its EOS ids
@@ -56,6 +65,8 @@ class RuntimeKind:
     sized: bool  # accepts max_length (a static cache)
     # auto picks the first kind (in registry order) that accepts (model name, device)
     auto: Callable[[str, torch.device], bool] = lambda name, device: False
+    dtypes: bool = True  # accepts a dtype other than auto (llama.cpp runs the GGUF's own types)
+    why: str = ""  # the reason auto gives when it picks this kind
 
 
 def _transformers(request: LoadRequest, wrap: Callable[[Any], Runtime]) -> Loaded:
@@ -133,6 +144,33 @@ def _generation_config(path: str) -> Any:
         return None
 
 
+def _llamacpp(request: LoadRequest) -> Loaded:
+    """A GGUF file (``mcsd.sources.resolve_gguf``) on llama.cpp, with its own tokenizer."""
+    from mcsd.models.llamacpp import load_llamacpp
+    from mcsd.sources import known_model, resolve_gguf
+
+    if request.device.type != "cpu":
+        raise ValueError(
+            f"runtime llama.cpp runs on the CPU (this build has no GPU backend), got device "
+            f"{request.device}; use device cpu, or runtime hf / hf-static on a GPU"
+        )
+    path = resolve_gguf(request.name, progress=request.progress)
+    known = known_model(request.name)
+    extra_eos = known.extra_eos_tokens if known is not None else ()
+    return load_llamacpp(path, request.llamacpp, extra_eos)
+
+
+def _llamacpp_auto(name: str, device: torch.device) -> bool:
+    """A GGUF model on a CPU, and llama-cpp-python imports."""
+    from mcsd.sources import is_gguf_name
+
+    if device.type != "cpu" or not is_gguf_name(name):
+        return False
+    from mcsd.models.llamacpp import bindings_available
+
+    return bindings_available()
+
+
 RUNTIMES: dict[str, RuntimeKind] = {
     kind.name: kind
     for kind in (
@@ -143,6 +181,17 @@ RUNTIMES: dict[str, RuntimeKind] = {
             compiles=True,
             sized=True,
             auto=_fast_supports,
+            why="a CUDA device and an architecture mcsd's own model runs",
+        ),
+        RuntimeKind(
+            "llama.cpp",
+            "a GGUF file on llama.cpp (CPU): quantised kernels, its own tokenizer",
+            _llamacpp,
+            compiles=False,
+            sized=False,
+            auto=_llamacpp_auto,
+            dtypes=False,
+            why="a GGUF model on the CPU and llama-cpp-python is installed",
         ),
         RuntimeKind(
             "hf",
@@ -151,6 +200,7 @@ RUNTIMES: dict[str, RuntimeKind] = {
             compiles=False,
             sized=False,
             auto=lambda name, device: True,
+            why="the default for what fast and llama.cpp do not take",
         ),
         RuntimeKind(
             "hf-static",
@@ -164,11 +214,21 @@ RUNTIMES: dict[str, RuntimeKind] = {
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 
 
-def runtime_kind(runtime: object, device: torch.device, name: str | None = None) -> RuntimeKind:
+def runtime_kind(
+    runtime: object, device: torch.device, name: str | None = None, dtype: object = "auto"
+) -> RuntimeKind:
     """The kind ``runtime`` names; ``auto``: the first kind that takes model ``name`` on
-    ``device`` (``hf`` takes everything). ``ValueError`` for anything else."""
+    ``device`` (``fast`` on CUDA, ``llama.cpp`` for GGUF models on a CPU, then ``hf``, which
+    takes everything), among the kinds that take ``dtype`` (an explicit torch dtype means
+    torch).
+    ``ValueError`` for anything else."""
     if runtime == "auto":
-        return next(k for k in RUNTIMES.values() if k.auto(name or "", device))
+        explicit = dtype not in (None, "auto")
+        return next(
+            k
+            for k in RUNTIMES.values()
+            if (k.dtypes or not explicit) and k.auto(name or "", device)
+        )
     if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}; got {runtime!r}")
     return RUNTIMES[runtime]
@@ -211,9 +271,26 @@ def parse_dtype(dtype: object, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def log_auto_choice(kind: RuntimeKind, device: torch.device) -> None:
+    """The one log line of an ``auto`` runtime choice."""
+    others = ", ".join(name for name in RUNTIMES if name != kind.name)
+    log.info(
+        "runtime auto -> %s on %s: %s (--runtime %s to choose)", kind.name, device, kind.why, others
+    )
+
+
 def check_options(
-    kind: RuntimeKind, *, compile: bool, max_length: int | None
+    kind: RuntimeKind,
+    *,
+    compile: bool,
+    max_length: int | None,
+    dtype: object = DEFAULT_DTYPE,
 ) -> None:  # before any load
+    if not kind.dtypes and dtype not in (None, "auto"):
+        raise ValueError(
+            f"dtype: runtime {kind.name} runs the GGUF's own (quantised) weights; leave dtype "
+            f"auto, got {dtype!r}"
+        )
     if compile and not kind.compiles:
         raise ValueError(
             f"compile needs a runtime that compiles (hf-static), got runtime {kind.name!r}"
@@ -235,29 +312,44 @@ def load_runtime(
     progress: bool = True,
     compile: bool = False,
     max_length: int | None = None,
+    llamacpp: LlamaCppConfig | None = None,
 ) -> Loaded:
-    """Load one causal LM by known name, local directory or Hugging Face id on ``runtime``
-    (``RUNTIMES``; ``auto`` picks for the machine). Public as ``mcsd.load_model``.
+    """Load one causal LM by known name, local directory, Hugging Face id or GGUF file on
+    ``runtime`` (``RUNTIMES``; ``auto`` picks for the machine). Public as ``mcsd.load_model``.
 
     Returns the runtime, its tokenizer and its EOS token ids. ``max_length``: positions of a
     static cache (default min(model limit, ``mcsd.config.STATIC_MAX_LENGTH``)); ``compile``: also
     ``torch.compile`` it (the fast runtime compiles twice in its warm-up; hf-static ~30 s per
-    captured shape)."""
+    captured shape); ``llamacpp``: the llama.cpp runtime's threads, KV cells and batch size
+    (default ``LlamaCppConfig()``)."""
     from mcsd.models.hf import SUPPORTED_ATTENTION
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     torch_device = parse_device(device)
-    kind = runtime_kind(runtime, torch_device, name)
+    kind = runtime_kind(runtime, torch_device, name, dtype)
+    if runtime == "auto":
+        log_auto_choice(kind, torch_device)
     torch_dtype = parse_dtype(dtype, torch_device)
-    check_options(kind, compile=compile, max_length=max_length)
+    check_options(kind, compile=compile, max_length=max_length, dtype=dtype)
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attn_implementation must be one of {', '.join(SUPPORTED_ATTENTION)}; got "
             f"{attn_implementation!r}"
         )
+    if llamacpp is None:
+        llamacpp = LlamaCppConfig()
+    elif not isinstance(llamacpp, LlamaCppConfig):
+        raise ValueError(f"llamacpp must be a LlamaCppConfig, got {type(llamacpp).__name__}")
     request = LoadRequest(
-        name, torch_dtype, torch_device, attn_implementation, compile, max_length, progress
+        name,
+        torch_dtype,
+        torch_device,
+        attn_implementation,
+        compile,
+        max_length,
+        progress,
+        llamacpp,
     )
     return kind.load(request)
 

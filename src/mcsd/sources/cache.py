@@ -9,9 +9,14 @@ else ``~/.cache/mcsd``)::
     models/.<name>.lock         held while one process fetches <name>
     models/.<name>.partial-*/   a conversion in progress, renamed to models/<name> when done
     tmp/<name>.work-*/          the assembled GGUF while it is converted, deleted afterwards
+    gguf/<name>/                the assembled, verified GGUF file itself (<gguf_filename>), kept
+                                for the llama.cpp runtime, and last of all mcsd-complete.json
+    gguf/.<name>.lock           held while one process assembles <name>'s GGUF
+    gguf/.<name>.partial-*/     an assembly in progress, renamed to gguf/<name> when done
 
-A ``models/<name>`` without a valid ``mcsd-complete.json`` is a half-written cache left by an
-interrupted run: it is reported and rebuilt. An interrupted fetch can simply be re-run.
+A ``models/<name>`` or ``gguf/<name>`` without a valid ``mcsd-complete.json`` is a half-written
+cache left by an interrupted run: it is reported and rebuilt. An interrupted fetch can simply be
+re-run. A conversion uses the kept GGUF when there is one (no second assembly).
 """
 
 from __future__ import annotations
@@ -70,6 +75,38 @@ def _is_complete(model: KnownModel, directory: Path) -> bool:
     )
 
 
+def _gguf_dir(root: Path, model: KnownModel) -> Path:
+    return root / "gguf" / model.name
+
+
+def _gguf_complete(model: KnownModel, directory: Path) -> bool:
+    """The kept GGUF is whole: its marker names the known SHA-256 and the file has the known
+    size (the hash itself was checked when it was assembled)."""
+    marker = _read_marker(directory)
+    file = directory / model.gguf_filename
+    return (
+        marker is not None
+        and marker.get("sha256") == model.sha256
+        and file.is_file()
+        and file.stat().st_size == model.size
+    )
+
+
+def gguf_status(name: str, cache_dir: PathLike | None = None) -> str:
+    """The kept GGUF of ``name``: ``"complete"``, ``"half-written"`` or ``"absent"``."""
+    model = require_known(name)
+    directory = _gguf_dir(_cache_root(cache_dir), model)
+    if _gguf_complete(model, directory):
+        return "complete"
+    return "half-written" if directory.exists() else "absent"
+
+
+def cached_gguf(model: KnownModel, cache_dir: PathLike | None = None) -> Path | None:
+    """The kept, verified GGUF file of ``model``, or None."""
+    directory = _gguf_dir(_cache_root(cache_dir), model)
+    return directory / model.gguf_filename if _gguf_complete(model, directory) else None
+
+
 def cache_status(name: str, cache_dir: PathLike | None = None) -> str:
     """``"complete"``, ``"half-written"`` (directory without a valid marker) or ``"absent"``."""
     model = require_known(name)
@@ -110,6 +147,25 @@ def _write_marker(
         "dtype": CONVERTED_DTYPE,
         "transformers": transformers_version,
         "convert_seconds": round(convert_seconds, 1),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    scratch = directory / f".{MARKER}.tmp"
+    scratch.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(scratch, directory / MARKER)
+
+
+def _write_gguf_marker(directory: Path, model: KnownModel, gguf: PathLike | None) -> None:
+    """The kept GGUF's completion marker, written atomically and last."""
+    data = {
+        "name": model.name,
+        "sha256": model.sha256,
+        "size": model.size,
+        "gguf_file": model.gguf_filename,
+        "source": (
+            [f"pypi:{requirement}" for requirement in model.requirements]
+            if gguf is None
+            else [f"file:{Path(gguf).resolve()}"]
+        ),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     scratch = directory / f".{MARKER}.tmp"

