@@ -21,8 +21,10 @@ export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 mcsd() { python3 -c 'import sys; from mcsd.cli import main; sys.exit(main())' "$@"; }
 OUT_DIR=$WORK/out
-COMMON=(--target "$WORK/t" --draft "$WORK/d" --device cuda --dtype bfloat16 --static-cache --n 5 --max-new-tokens 128 --seed 0 --no-plots
+BASE=(--target "$WORK/t" --draft "$WORK/d" --device cuda --dtype bfloat16 --n 5 --max-new-tokens 128 --seed 0 --no-plots
   --no-progress)
+COMMON=("${BASE[@]}" --runtime hf-static)
+FAST=("${BASE[@]}" --runtime fast)  # graphs, not compiled: see docs/benchmarks.md (2026-12-02)
 
 case "$1" in
 pieces)  # here: assemble and verify both GGUFs, cut them into pieces under .gpu/
@@ -84,7 +86,7 @@ PY
   python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'
   ;;
 greedy)  # HF eager, HF static-cache (compiled by transformers), HF assisted, mcsd
-  mcsd bench "${COMMON[@]}" --out "$OUT_DIR/greedy" \
+  mcsd bench "${COMMON[@]}" --temperature 0 --out "$OUT_DIR/greedy" \
     --methods hf-ar hf-static hf-assisted hf-assisted:5 ar sps:4 sps:6 tree:2,2,2 tree:4,2,2 \
     tree:2,2,1,1
   ;;
@@ -93,18 +95,31 @@ sampling)  # temperature 1: chain vs trees, every rule on the same tree
     --methods hf-ar hf-static hf-assisted:5 ar sps:3 sps:4 tree:4,2,2:mcss-wor tree:4,2,2:optimal \
     tree:4,2,2:kseq tree:4,2,2:traversal tree:2,2,1,1:mcss-wor
   ;;
+fast-greedy)  # issue 12: the fast runtime (compiled, CUDA graphs); run after `baseline`
+  mcsd bench "${FAST[@]}" --temperature 0 --out "$OUT_DIR/fast-greedy" \
+    --methods ar sps:4 tree:2,2,2 tree:4,2,2
+  ;;
+fast-sampling)
+  mcsd bench "${FAST[@]}" --temperature 1 --out "$OUT_DIR/fast-sampling" \
+    --methods ar sps:4 tree:4,2,2:mcss-wor
+  ;;
+baseline)  # issue 12: transformers' static-cache generate and mcsd's ar / best tree on hf-static
+  mcsd bench "${COMMON[@]}" --temperature 0 --out "$OUT_DIR/baseline" --methods hf-static ar tree:4,2,2
+  mcsd bench "${COMMON[@]}" --temperature 1 --out "$OUT_DIR/baseline-t1" \
+    --methods hf-static ar tree:4,2,2:mcss-wor
+  ;;
 compiled)  # the draft under torch.compile too (~30 s per captured shape)
-  mcsd bench "${COMMON[@]}" --compile draft --out "$OUT_DIR/compiled" \
+  mcsd bench "${COMMON[@]}" --temperature 0 --compile draft --out "$OUT_DIR/compiled" \
     --methods hf-static sps:4 sps:6 tree:2,2,1,1
   ;;
 esac
 case "$1" in
-greedy | sampling | compiled)  # one archive comes back from the device ($OUT), not 20 files
+greedy | sampling | compiled | fast-greedy | fast-sampling | baseline)  # one archive comes back from the device ($OUT), not 20 files
   if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$1.tgz" -C "$OUT_DIR" "$1"; fi
   ;;
 pieces | append | prepare) ;;
 *)
-  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled" >&2
+  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling" >&2
   exit 2
   ;;
 esac
