@@ -431,7 +431,8 @@ def test_sigterm_drains_then_exits(model_dir: Path) -> None:
         live.server.handle_exit(signal.SIGTERM, None)
         refused = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x"})
         assert _error(refused, 503)["code"] == "unavailable"
-        assert httpx.get(f"{live.url}/health").status_code == 503
+        health = httpx.get(f"{live.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "draining"
         events = [first, *(line for line in lines if line)]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]

@@ -4,6 +4,7 @@
     POST /v1/chat/completions   chat messages, the tokenizer's chat template applied
     GET  /v1/models             the served model, with the speculation defaults and the concurrency
     GET  /health                200 while the worker runs (with running / waiting counts), else 503
+                                ("draining" after SIGTERM); open even with an API key
     GET  /metrics               Prometheus text format (see ``mcsd.server.metrics``)
 
 Streaming answers are server-sent events in OpenAI's chunk format; one speculative step may
@@ -132,8 +133,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        state = "draining" if scheduler.queue.closed else "unavailable"
         status = {
-            "status": "ok" if scheduler.alive else "unavailable",
+            "status": "ok" if scheduler.alive else state,
             "running": scheduler.running_count(),
             "waiting": scheduler.waiting_count(),
         }
