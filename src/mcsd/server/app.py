@@ -81,8 +81,6 @@ def create_app(
     defaults = defaults or SpecConfig()
     serve_limits = limits or ServeLimits()
     model_name = model_name or pair.target_name
-    if max_queue < 0:
-        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     scheduler = Scheduler(
         pair, max_queue=max_queue, max_prompt_tokens=serve_limits.max_prompt_tokens
     )
@@ -94,7 +92,6 @@ def create_app(
         min(context, serve_limits.max_tokens or context),
         max_stop=serve_limits.max_stop,
         max_stop_length=serve_limits.max_stop_length,
-        max_prompt_tokens=serve_limits.max_prompt_tokens,
     )
     max_body_bytes = serve_limits.max_body_bytes
     created = int(time.time())

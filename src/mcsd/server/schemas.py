@@ -226,7 +226,7 @@ class Limits:
     max_tokens: int  # largest max_tokens a request may ask for (the model context or less)
     max_stop: int = ServeLimits.max_stop  # stop strings per request
     max_stop_length: int = ServeLimits.max_stop_length  # characters of one stop string
-    max_prompt_tokens: int | None = None  # token-id prompts are checked here, text in the worker
+    # The prompt-token limit needs the tokenizer: the worker checks it (``--max-prompt-tokens``).
 
 
 def check_stop(stop: str | list[str] | None, limits: Limits) -> None:
@@ -265,12 +265,6 @@ def prompt_of(request: CompletionRequest, limits: Limits) -> str | list[int]:
         if bad:
             raise invalid(
                 f"prompt: token ids must be in [0, {limits.vocab_size}), got {bad[0]}", "prompt"
-            )
-        if limits.max_prompt_tokens is not None and len(prompt) > limits.max_prompt_tokens:
-            raise invalid(
-                f"prompt has {len(prompt)} tokens; this server accepts at most "
-                f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
-                "prompt",
             )
     return prompt  # type: ignore[return-value]
 
