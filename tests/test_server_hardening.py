@@ -369,7 +369,17 @@ def test_out_of_memory_is_503_and_frees_the_request(
     monkeypatch.undo()
 
 
-def test_client_that_disconnects_mid_stream(live: Live, client: openai.OpenAI) -> None:
+def test_client_that_disconnects_mid_stream(
+    live: Live, client: openai.OpenAI, pair: ModelPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forward = pair.target.forward
+
+    def slow(*args: object, **kwargs: object) -> object:  # 32 steps take 1.6 s at least
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pair.target, "forward", slow)
+    before = _metrics(live.url)
     body = {"prompt": PROMPT, "max_tokens": 32, "stream": True, "mcsd": {"tree": "1"}}
     with (
         httpx.Client(timeout=30, headers=AUTH) as http,
@@ -378,6 +388,12 @@ def test_client_that_disconnects_mid_stream(live: Live, client: openai.OpenAI) -
         assert response.status_code == 200
         next(response.iter_lines())
     _wait(lambda: _idle(live.url), "the cancelled generation to stop", timeout=5)
+    after = _metrics(live.url)
+    cancelled = 'mcsd:requests_total{"outcome": "cancelled"}'
+    assert after[cancelled] - before[cancelled] == 1
+    tokens = "mcsd:generation_tokens_total{}"
+    assert after[tokens] - before[tokens] < 32
+    monkeypatch.undo()
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage
 
 
@@ -468,7 +484,7 @@ def test_sigterm_drain_is_bounded(model_dir: Path) -> None:
         signalled = time.monotonic()
         live.server.handle_exit(signal.SIGTERM, None)
         _wait(lambda: live.server.should_exit, "the drain deadline", timeout=5)
-        assert 0.5 <= time.monotonic() - signalled < 2.0
+        assert 0.5 <= time.monotonic() - signalled < 5.0  # 0.5 s, not the default 30
     finally:
         released.set()
     live.thread.join(15)
