@@ -447,6 +447,8 @@ def test_sigterm_drains_then_exits(model_dir: Path) -> None:
         live.server.handle_exit(signal.SIGTERM, None)
         refused = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x"})
         assert _error(refused, 503)["code"] == "unavailable"
+        counted = httpx.get(f"{live.url}/metrics").text
+        assert 'mcsd:requests_total{outcome="unavailable"} 1.0' in counted
         health = httpx.get(f"{live.url}/health")
         assert health.status_code == 503 and health.json()["status"] == "draining"
         events = [first, *(line for line in lines if line)]
@@ -524,7 +526,7 @@ def test_mcsd_serve_key_from_environment_and_sigterm(model_dir: Path) -> None:
             events = [first, *(line for line in lines if line)]
         assert events[-1] == "data: [DONE]"
         assert process.wait(20) == 0
-        assert "warning" not in (process.stderr.read() if process.stderr else "")
+        assert "without an API key" not in (process.stderr.read() if process.stderr else "")
     finally:
         if process.poll() is None:
             process.kill()
