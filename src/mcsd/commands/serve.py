@@ -1,14 +1,18 @@
 """``mcsd serve``: the OpenAI-compatible HTTP server (FastAPI app under uvicorn).
 
-mcsd serve --host 127.0.0.1 --port 8000 --tree 4,2,2 --max-queue 64
+mcsd serve --host 127.0.0.1 --port 8000 --tree 4,2,2 --max-queue 64 --api-key KEY
 
 The decoding options (``--tree``, ``--rule``, ``--temperature``, ...) are the server's defaults;
-a request overrides them with the OpenAI fields and the ``mcsd`` extension object.
+a request overrides them with the OpenAI fields and the ``mcsd`` extension object. The limit
+options (``--max-body-bytes``, ``--max-prompt-tokens``, ``--max-tokens``, ``--max-stop``,
+``--max-stop-length``) bound what one request may ask for; ``--api-key`` (or ``MCSD_API_KEY``)
+requires ``Authorization: Bearer KEY``; SIGTERM drains for at most ``--drain-timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -20,7 +24,7 @@ from mcsd.commands.options import (
     spec_from_args,
     tree_default,
 )
-from mcsd.config import ServeDefaults
+from mcsd.config import ServeDefaults, ServeLimits
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="serve the OpenAI API (completions, chat) with speculative decoding",
         description=(
             "Serve POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health and "
-            "/metrics. One generation runs at a time; requests wait in a FIFO queue."
+            "/metrics. Requests wait for a row in a FIFO queue."
         ),
     )
     add_model_arguments(parser)
@@ -44,7 +48,50 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=ServeDefaults.max_queue,
-        help="requests that may wait behind the running one; more get 429 (default %(default)s)",
+        help="requests that may wait for a row; more get 429 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+        f"${ServeDefaults.api_key_env}, else no key)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=ServeDefaults.drain_timeout_s,
+        help="SIGTERM: seconds running requests may take to finish (default %(default)s)",
+    )
+    limits = parser.add_argument_group("request limits (400 / 413 beyond them)")
+    limits.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=ServeLimits.max_body_bytes,
+        help="request body size (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=ServeLimits.max_prompt_tokens,
+        help="prompt tokens (default: the models' context)",
+    )
+    limits.add_argument(
+        "--max-tokens",
+        type=int,
+        default=ServeLimits.max_tokens,
+        help="largest max_tokens a request may ask for (default: the models' context)",
+    )
+    limits.add_argument(
+        "--max-stop",
+        type=int,
+        default=ServeLimits.max_stop,
+        help="stop strings per request (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-stop-length",
+        type=int,
+        default=ServeLimits.max_stop_length,
+        help="characters of one stop string (default %(default)s)",
     )
     parser.add_argument(
         "--served-model-name", default=None, help="model id clients use (default: the target)"
@@ -60,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mcsd.server import create_app
+    from mcsd.server.auth import is_loopback
+    from mcsd.server.drain import DrainingServer
 
     tree, origin = tree_default(args)
     spec = spec_from_args(args, tree)  # validate before the slow model load
@@ -67,6 +116,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    limits = _limits_from_args(args)
+    api_key = args.api_key
+    if api_key is None:
+        api_key = os.environ.get(ServeDefaults.api_key_env)
+    if api_key == "":
+        raise ValueError(f"--api-key (or ${ServeDefaults.api_key_env}) must not be empty")
+    if api_key is None and not is_loopback(args.host):
+        print(
+            f"mcsd: warning: serving on {args.host} without an API key: anyone who can reach "
+            f"this address can use the models (set --api-key or ${ServeDefaults.api_key_env})",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     if args.tree is None:
         print(f"mcsd: {origin}", file=sys.stderr)
@@ -76,6 +139,37 @@ def run(args: argparse.Namespace) -> int:
         f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
-    app = create_app(pair, spec, model_name=args.served_model_name, max_queue=args.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(
+        pair,
+        spec,
+        model_name=args.served_model_name,
+        max_queue=args.max_queue,
+        limits=limits,
+        api_key=api_key,
+    )
+    # After the drain, responses still on the wire get a moment to finish before uvicorn stops.
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=ServeDefaults.graceful_shutdown_s,
+    )
+    server = DrainingServer(config, app.state.scheduler, drain_timeout_s=args.drain_timeout)
+    server.run()
     return 0
+
+
+def _limits_from_args(args: argparse.Namespace) -> ServeLimits:
+    """``ServeLimits`` from the options; its errors name the option."""
+    try:
+        return ServeLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens,
+            max_stop=args.max_stop,
+            max_stop_length=args.max_stop_length,
+        )
+    except ValueError as error:
+        name, _, rest = str(error).partition(" ")
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None

@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP server for speculative decoding (``mcsd serve``).
 
 ``create_app(pair, defaults)`` builds the FastAPI app; ``mcsd.commands.serve`` runs it under
-uvicorn. Modules: ``app`` (endpoints, streaming), ``schemas`` (request validation),
-``worker`` (the one-generation-at-a-time FIFO queue), ``metrics`` (Prometheus).
+uvicorn. Modules: ``app`` (endpoints, streaming), ``schemas`` (request validation and limits),
+``admission`` (the bounded FIFO queue of waiting requests), ``worker`` (the scheduler that runs
+them), ``failures`` (how a broken generation is answered), ``auth`` (the API key), ``drain``
+(SIGTERM), ``metrics`` (Prometheus).
 """
 
 from mcsd.server.app import create_app

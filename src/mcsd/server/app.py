@@ -4,6 +4,7 @@
     POST /v1/chat/completions   chat messages, the tokenizer's chat template applied
     GET  /v1/models             the served model, with the speculation defaults and the concurrency
     GET  /health                200 while the worker runs (with running / waiting counts), else 503
+                                ("draining" after SIGTERM); open even with an API key
     GET  /metrics               Prometheus text format (see ``mcsd.server.metrics``)
 
 Streaming answers are server-sent events in OpenAI's chunk format; one speculative step may
@@ -11,7 +12,11 @@ commit several tokens, and they travel in one chunk. With ``stream_options.inclu
 last chunk carries ``usage`` with a ``speculative`` summary (tree, rule, steps, mean accepted
 length, acceptance per depth, tokens per step); non-streaming answers always carry it.
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status; a
-stack trace never reaches a client.
+stack trace never reaches a client. Hardening: an API key (``mcsd.server.auth``; 401 without it),
+request limits (``ServeLimits``: 413 for the body, 400 naming the field otherwise), a bounded
+queue (``mcsd.server.admission``; 429 beyond it, 503 while draining), a broken generation fails
+only its request (``mcsd.server.failures``: 500, or 503 for device out-of-memory), and SIGTERM
+drains (``mcsd.server.drain``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from starlette.exceptions import HTTPException
 
 from mcsd import __version__
 from mcsd.api import Chunk, ModelPair
-from mcsd.config import ServeDefaults, SpecConfig
+from mcsd.config import ServeDefaults, ServeLimits, SpecConfig
+from mcsd.server.auth import BearerAuth
 from mcsd.server.metrics import CONTENT_TYPE, Metrics
 from mcsd.server.schemas import (
     APIError,
@@ -51,7 +57,6 @@ from mcsd.stats import Stats
 
 log = logging.getLogger("mcsd.server")
 
-MAX_BODY_BYTES = ServeDefaults.max_body_bytes
 DISCONNECT_POLL_S = ServeDefaults.disconnect_poll_s
 UNBOUNDED_MAX_TOKENS = ServeDefaults.unbounded_max_tokens
 
@@ -66,15 +71,29 @@ def create_app(
     *,
     model_name: str | None = None,
     max_queue: int = ServeDefaults.max_queue,
+    limits: ServeLimits | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
     """An ASGI app serving ``pair``; ``defaults`` are the speculation settings a request may
-    override (``mcsd`` object, sampling fields). Run it with uvicorn (``mcsd serve`` does)."""
+    override (``mcsd`` object, sampling fields), ``limits`` what one request may ask for, and
+    ``api_key`` (if given) the bearer token every request but ``/health`` must carry. Run it
+    with uvicorn (``mcsd serve`` does, under ``mcsd.server.drain.DrainingServer``)."""
     defaults = defaults or SpecConfig()
+    serve_limits = limits or ServeLimits()
     model_name = model_name or pair.target_name
-    scheduler = Scheduler(pair, max_queue=max_queue)
+    scheduler = Scheduler(
+        pair, max_queue=max_queue, max_prompt_tokens=serve_limits.max_prompt_tokens
+    )
     metrics = scheduler.metrics
     contexts = [m.max_context for m in (pair.target, pair.draft) if m.max_context is not None]
-    limits = Limits(pair.vocab_size, min(contexts) if contexts else UNBOUNDED_MAX_TOKENS)
+    context = min(contexts) if contexts else UNBOUNDED_MAX_TOKENS
+    request_limits = Limits(
+        pair.vocab_size,
+        min(context, serve_limits.max_tokens or context),
+        max_stop=serve_limits.max_stop,
+        max_stop_length=serve_limits.max_stop_length,
+    )
+    max_body_bytes = serve_limits.max_body_bytes
     created = int(time.time())
 
     @asynccontextmanager
@@ -85,6 +104,8 @@ def create_app(
 
     app = FastAPI(title="mcsd", version=__version__, lifespan=lifespan)
     app.state.scheduler = scheduler
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -109,8 +130,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        state = "draining" if scheduler.queue.closed else "unavailable"
         status = {
-            "status": "ok" if scheduler.alive else "unavailable",
+            "status": "ok" if scheduler.alive else state,
             "running": scheduler.running_count(),
             "waiting": scheduler.waiting_count(),
         }
@@ -127,7 +149,7 @@ def create_app(
             "object": "model",
             "created": created,
             "owned_by": "mcsd",
-            "max_model_len": limits.max_tokens,
+            "max_model_len": context,
             "mcsd": {
                 "target": pair.target_name,
                 "draft": pair.draft_name,
@@ -144,6 +166,14 @@ def create_app(
                     "draft_temperature": defaults.draft_sampling.temperature,
                     "max_tokens": defaults.max_new_tokens,
                 },
+                "limits": {
+                    "max_body_bytes": max_body_bytes,
+                    "max_prompt_tokens": serve_limits.max_prompt_tokens or context,
+                    "max_tokens": request_limits.max_tokens,
+                    "max_stop": request_limits.max_stop,
+                    "max_stop_length": request_limits.max_stop_length,
+                    "max_queue": max_queue,
+                },
             },
         }
         return {"object": "list", "data": [card]}
@@ -151,21 +181,21 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         with _count_invalid(metrics):
-            body = parse_request(CompletionRequest, await _read_json(request))
+            body = parse_request(CompletionRequest, await _read_json(request, max_body_bytes))
             assert isinstance(body, CompletionRequest)
             _check_model(body.model, model_name)
-            prompt = prompt_of(body, limits)
-            spec = spec_for(body, defaults, limits)
+            prompt = prompt_of(body, request_limits)
+            spec = spec_for(body, defaults, request_limits)
         return await _generate(request, body, prompt, spec, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         with _count_invalid(metrics):
-            body = parse_request(ChatCompletionRequest, await _read_json(request))
+            body = parse_request(ChatCompletionRequest, await _read_json(request, max_body_bytes))
             assert isinstance(body, ChatCompletionRequest)
             _check_model(body.model, model_name)
             messages = messages_of(body)
-            spec = spec_for(body, defaults, limits)
+            spec = spec_for(body, defaults, request_limits)
         return await _generate(request, body, messages, spec, chat=True)
 
     async def _generate(
@@ -178,12 +208,13 @@ def create_app(
             metrics.requests.labels("rejected").inc()
             raise APIError(
                 429,
-                f"the server is busy: one generation runs at a time and {max_queue} requests "
-                "are already waiting; retry later",
+                f"the server is busy: every row is generating and {max_queue} requests are "
+                "already waiting (--max-queue); retry later",
                 type="rate_limit_error",
                 code="queue_full",
             ) from None
         except ShuttingDown:
+            metrics.requests.labels("unavailable").inc()
             raise APIError(
                 503, "the server is shutting down", type="server_error", code="unavailable"
             ) from None
@@ -274,18 +305,29 @@ def _check_model(requested: str | None, served: str) -> None:
         )
 
 
-async def _read_json(request: Request) -> object:
+async def _read_json(request: Request, max_bytes: int) -> object:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:  # refused before reading a byte
+        raise _too_large(max_bytes)
     body = bytearray()
     async for part in request.stream():
         body += part
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
     if not body:
         raise invalid("the request body is empty; send a JSON object", None)
     try:
         return json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise invalid(f"malformed JSON body: {error}", None) from None
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"request body larger than {max_bytes} bytes, this server's limit (--max-body-bytes)",
+        code="request_too_large",
+    )
 
 
 def _refuse_constant(name: str) -> None:

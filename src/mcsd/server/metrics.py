@@ -9,8 +9,13 @@ Speculation (one *draft* = one speculative step = one target forward):
 - ``mcsd:spec_decode_num_verified_per_pos_total{position}``  steps that verified depth position+1;
   accepted_per_pos / verified_per_pos is the conditional acceptance rate per depth (DESIGN 6)
 - ``mcsd:spec_decode_mean_accepted_length``          generation tokens / drafts since start
-Requests: ``mcsd:requests_total{outcome}`` (stop, length, cancelled, error, invalid, rejected),
-prompt / generation token counters, running / waiting gauges, and histograms of time to first
+Batching (vLLM's gauge names where vLLM has one):
+- ``mcsd:num_requests_running``   rows generating now; ``mcsd:num_requests_waiting`` queue length
+- ``mcsd:batch_size``             histogram of the rows in each engine step
+- ``mcsd:request_mean_accepted_length``  histogram, one sample per finished request: its tokens
+  per step (the acceptance of that row, whatever else shared the batch)
+Requests: ``mcsd:requests_total{outcome}`` (stop, length, cancelled, error, invalid, rejected,
+unavailable), prompt / generation token counters, and histograms of time to first
 token, inter-token latency (time between consecutive streamed steps; one step can carry several
 tokens), time per output token (per request, after the first), queue time and end-to-end latency.
 Every ``Metrics`` has its own registry, so several servers can live in one process (tests).
@@ -29,11 +34,11 @@ from prometheus_client import (
     generate_latest,
 )
 
-from mcsd.stats import StepRecord
+from mcsd.stats import Stats, StepRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # of GET /metrics
 PREFIX = "mcsd:"
-OUTCOMES = ("stop", "length", "cancelled", "error", "invalid", "rejected")
+OUTCOMES = ("stop", "length", "cancelled", "error", "invalid", "rejected", "unavailable")
 # Buckets as vLLM's (seconds), reaching down to the millisecond steps of tiny models.
 TTFT_BUCKETS = (
     0.001,
@@ -81,6 +86,8 @@ STEP_BUCKETS = (
     40.0,
     80.0,
 )
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # the padded batch sizes a runtime captures
+ACCEPTED_LENGTH_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
 REQUEST_BUCKETS = (
     0.01,
     0.1,
@@ -152,7 +159,7 @@ class Metrics:
         mean.set_function(self._mean_accepted_length)
         Gauge(
             PREFIX + "num_requests_running",
-            "Generations running (at most 1).",
+            "Requests generating now (rows of the engine's batch).",
             registry=self.registry,
         ).set_function(running)
         Gauge(
@@ -174,6 +181,14 @@ class Metrics:
         self.queue_time = histogram(
             "request_queue_time_seconds", "Arrival to start of generation.", REQUEST_BUCKETS
         )
+        self.batch_size = histogram(
+            "batch_size", "Rows decoded together in one engine step.", BATCH_BUCKETS
+        )
+        self.row_accepted_length = histogram(
+            "request_mean_accepted_length",
+            "Per finished request: its generated tokens per speculative step.",
+            ACCEPTED_LENGTH_BUCKETS,
+        )
         self.e2e = histogram(
             "e2e_request_latency_seconds", "Arrival to end of generation.", REQUEST_BUCKETS
         )
@@ -194,6 +209,15 @@ class Metrics:
             self.verified_per_pos.labels(str(position)).inc()
         for position in range(record.accepted):
             self.accepted_per_pos.labels(str(position)).inc()
+
+    def observe_batch(self, rows: int) -> None:
+        """One engine step decoded ``rows`` requests together."""
+        self.batch_size.observe(rows)
+
+    def observe_row(self, stats: Stats) -> None:
+        """A request finished; ``stats`` are its own steps (one row of the batch)."""
+        if stats.steps:
+            self.row_accepted_length.observe(stats.mean_accepted_length)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.config import SamplingConfig, ServeLimits, SpecConfig
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import get_rule
 
@@ -125,7 +125,11 @@ class _Generation(_Strict):
                     name,
                 )
         if self.n != 1:
-            raise invalid(f"n={self.n} is not supported: mcsd returns one choice (n=1)", "n")
+            raise invalid(
+                f"n must be 1 (mcsd returns one choice per request; send n requests for n "
+                f"samples), got {self.n}",
+                "n",
+            )
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed with stream=true", "stream_options")
 
@@ -216,10 +220,31 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 @dataclass(frozen=True)
 class Limits:
-    """What the server knows before it sees a prompt."""
+    """What the server knows before it sees a prompt (``ServeLimits`` met with the models)."""
 
     vocab_size: int  # token ids in a prompt must be below this
-    max_tokens: int  # largest max_tokens a request may ask for (the model context)
+    max_tokens: int  # largest max_tokens a request may ask for (the model context or less)
+    max_stop: int = ServeLimits.max_stop  # stop strings per request
+    max_stop_length: int = ServeLimits.max_stop_length  # characters of one stop string
+    # The prompt-token limit needs the tokenizer: the worker checks it (``--max-prompt-tokens``).
+
+
+def check_stop(stop: str | list[str] | None, limits: Limits) -> None:
+    """At most ``max_stop`` stop strings of at most ``max_stop_length`` characters each."""
+    strings = [stop] if isinstance(stop, str) else stop or []
+    if len(strings) > limits.max_stop:
+        raise invalid(
+            f"stop: at most {limits.max_stop} stop strings are allowed (--max-stop), "
+            f"got {len(strings)}",
+            "stop",
+        )
+    for index, string in enumerate(strings):
+        if len(string) > limits.max_stop_length:
+            raise invalid(
+                f"stop: a stop string may have at most {limits.max_stop_length} characters "
+                f"(--max-stop-length), stop[{index}] has {len(string)}",
+                "stop",
+            )
 
 
 def prompt_of(request: CompletionRequest, limits: Limits) -> str | list[int]:
@@ -258,10 +283,11 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
     max_new = request.new_tokens_limit
     if max_new is not None and not 1 <= max_new <= limits.max_tokens:
         raise invalid(
-            f"{limit_name} must be an integer in [1, {limits.max_tokens}] (the model context), "
-            f"got {max_new}",
+            f"{limit_name} must be an integer in [1, {limits.max_tokens}] (the model context "
+            f"or --max-tokens, the smaller), got {max_new}",
             limit_name,
         )
+    check_stop(request.stop, limits)
     base = defaults.target
     try:
         target = SamplingConfig(
@@ -298,7 +324,7 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
             rule=rule,
             target=target,
             draft=draft,
-            max_new_tokens=_pick(max_new, defaults.max_new_tokens),
+            max_new_tokens=_pick(max_new, min(defaults.max_new_tokens, limits.max_tokens)),
             stop_token_ids=defaults.stop_token_ids,
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
             seed=_pick(request.seed, defaults.seed),

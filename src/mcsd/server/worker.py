@@ -8,6 +8,8 @@ queue if it is waiting, or makes the worker close its generator after the curren
 running, so a disconnect frees the models within one speculative step.
 
 Tokenising happens in the worker thread too: a tokenizer is not safe to use from two threads.
+The waiting requests live in an ``AdmissionQueue`` (``mcsd.server.admission``); how a broken
+generation is answered (500, or 503 for device out-of-memory) is ``mcsd.server.failures``.
 """
 
 from __future__ import annotations
@@ -16,24 +18,23 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from mcsd.api import Chunk, ModelPair, Prompt, encode_prompt, stream
 from mcsd.config import SpecConfig
+from mcsd.server.admission import AdmissionQueue, Closed, QueueFull
+from mcsd.server.failures import failure_of
 from mcsd.server.metrics import Metrics
 from mcsd.server.schemas import APIError
 from mcsd.stats import Stats
 
 log = logging.getLogger("mcsd.server")
 
-
-class QueueFull(Exception):
-    """The queue already holds ``max_queue`` waiting requests."""
+__all__ = ["Failed", "Finished", "Job", "QueueFull", "Scheduler", "ShuttingDown"]
 
 
 class ShuttingDown(Exception):
-    """The server is stopping (or its worker died) and takes no new requests."""
+    """The server is draining or stopping (or its worker died) and takes no new requests."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,13 @@ class Job:
 class Scheduler:
     """The queue and its worker thread (``start`` / ``stop`` follow the server's lifespan)."""
 
-    def __init__(self, pair: ModelPair, *, max_queue: int) -> None:
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    def __init__(
+        self, pair: ModelPair, *, max_queue: int, max_prompt_tokens: int | None = None
+    ) -> None:
         self.pair = pair
         self.max_queue = max_queue
-        self._waiting: deque[Job] = deque()
+        self.max_prompt_tokens = max_prompt_tokens  # None: the models' context decides
+        self.queue: AdmissionQueue[Job] = AdmissionQueue(max_queue)
         self._running: Job | None = None
         self._condition = threading.Condition()
         self._stopping = False
@@ -100,11 +102,16 @@ class Scheduler:
         return int(self._running is not None)
 
     def waiting_count(self) -> int:
-        return len(self._waiting)
+        return len(self.queue)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        running = self._thread is not None and self._thread.is_alive()
+        return running and not self._stopping and not self.queue.closed
+
+    def drain(self) -> None:
+        """Admit no new request (503); the running and waiting ones still finish."""
+        self.queue.close()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="mcsd-worker", daemon=True)
@@ -113,25 +120,22 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         with self._condition:
             self._stopping = True
-            for job in self._waiting:
+            self.queue.close()
+            for job in self.queue.clear():
                 job.cancelled.set()
             if self._running is not None:
                 self._running.cancelled.set()
-            self._condition.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; returns how many requests are ahead of it."""
-        with self._condition:
-            if not self.alive:
-                raise ShuttingDown
-            # Room for one running generation plus ``max_queue`` waiting ones.
-            if len(self._waiting) + self.running_count() > self.max_queue:
-                raise QueueFull
-            self._waiting.append(job)
-            self._condition.notify()
-            return len(self._waiting) - 1 + self.running_count()
+        if not self.alive:
+            raise ShuttingDown
+        try:
+            return self.queue.put(job) + self.running_count()
+        except Closed:
+            raise ShuttingDown from None
 
     def cancel(self, job: Job) -> None:
         """The client is gone: forget the job if it waits, stop it after this step if it runs."""
@@ -139,19 +143,19 @@ class Scheduler:
             if job.done or job.cancelled.is_set():
                 return
             job.cancelled.set()
-            if job in self._waiting:
-                self._waiting.remove(job)
+            if self.queue.cancel(job):
                 job.done = True
                 self.metrics.requests.labels("cancelled").inc()
 
     def _loop(self) -> None:
         while True:
+            taken = self.queue.take(1)
             with self._condition:
-                while not self._waiting and not self._stopping:
-                    self._condition.wait()
-                if self._stopping:
+                if not taken or self._stopping:  # closed and empty, or stopped
+                    for job in taken:
+                        job.cancelled.set()
                     return
-                job = self._waiting.popleft()
+                job = taken[0]
                 self._running = job
             try:
                 self._run(job)
@@ -170,6 +174,7 @@ class Scheduler:
                 return
             prompt_ids = encode_prompt(self.pair.tokenizer, job.prompt, chat=job.chat)
             job.prompt_tokens = len(prompt_ids)
+            _check_prompt_tokens(job.prompt_tokens, self.max_prompt_tokens)
             generation = stream(self.pair, prompt_ids, job.spec)
             try:
                 for chunk, stats in generation:
@@ -181,10 +186,12 @@ class Scheduler:
                     else:
                         metrics.itl.observe(now - last)
                     last = now
+                    metrics.observe_batch(1)
                     metrics.observe_step(stats.records[-1], len(chunk.token_ids))
                     job.completion_tokens += len(chunk.token_ids)
                     if chunk.finish_reason is not None:
                         outcome = chunk.finish_reason
+                        metrics.observe_row(stats)
                         job.done = True
                         job.post(chunk)
                         job.post(Finished(chunk.finish_reason, stats))
@@ -223,5 +230,12 @@ class Scheduler:
     def _fail(job: Job, error: Exception, before_output: bool) -> None:
         log.exception("generation failed")
         job.done = True
-        message = f"generation failed: {type(error).__name__}: {error}"
-        job.post(Failed(APIError(500, message, type="server_error"), before_output))
+        job.post(Failed(failure_of(error), before_output))
+
+
+def _check_prompt_tokens(tokens: int, limit: int | None) -> None:
+    """The server's prompt limit (``--max-prompt-tokens``); a ValueError is a 400."""
+    if limit is not None and tokens > limit:
+        raise ValueError(
+            f"prompt has {tokens} tokens; this server accepts at most {limit} (--max-prompt-tokens)"
+        )
