@@ -364,6 +364,11 @@ class SweepDefaults:
     cost_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
 
 
+# The tree-shape optimiser (mcsd.bench.optimise): Dinkelbach rounds on the tokens/s ratio
+OPTIMISER_ITERATIONS = 20  # it converges in 3-6 on measured tables
+OPTIMISER_TOLERANCE = 1e-9  # relative: stop when no tree beats the current ratio by more
+
+
 @dataclass(frozen=True)
 class ServeDefaults:
     """``mcsd serve`` (``mcsd.server``)."""
