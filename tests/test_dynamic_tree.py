@@ -206,6 +206,16 @@ def test_bad_dynamic_configs(kwargs: dict, message: str) -> None:
         SpecConfig(**kwargs)
 
 
+def test_no_speculation_spec() -> None:
+    spec = SpecConfig(tree="none")
+    assert not spec.speculative and spec.resolved_rule() == "none"
+    assert spec.describe_tree() == "none" and spec.tree_nodes == 0
+    with pytest.raises(ValueError, match="no speculation"):
+        spec.token_tree()
+    with pytest.raises(ValueError, match="verifies nothing"):
+        SpecConfig(tree="none", rule="mcss")
+
+
 def test_dynamic_spec_rules_and_names() -> None:
     assert SpecConfig(tree="dynamic:8", target=SamplingConfig(0.0)).resolved_rule() == "greedy"
     assert SpecConfig(tree="dynamic:8", draft=SamplingConfig(0.0)).resolved_rule() == "topk"

@@ -19,6 +19,7 @@ DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth
 DEFAULT_MAX_NEW_TOKENS = 128
 VERIFIER_CACHE = 64  # verifiers the engine keeps per generation (one per distinct tree shape)
 DYNAMIC_PREFIX = "dynamic"  # --tree dynamic:BUDGET[:WIDTH[:DEPTH]]
+NO_SPECULATION = "none"  # --tree none: the target alone (what mcsd tune saves when no tree pays)
 # Dynamic trees whose rule the proposer can draft for losslessly (mcsd.draft.dynamic)
 DYNAMIC_RULES = ("greedy", "topk", "mcss-wor")
 COMPILE_CHOICES = ("none", "draft", "all")  # load_pair(compile=...): which models to compile
@@ -175,9 +176,10 @@ class SpecConfig:
 
     ``tree`` is a k-config (``(4, 2, 2)`` or ``"4,2,2"``), a list of paths (each path a list of
     sibling ranks, Medusa style), a ``TokenTree``, or a dynamic tree grown per step
-    (``"dynamic:16"`` or a ``DynamicTreeConfig``). ``rule=None`` picks the natural rule:
-    ``greedy`` for a greedy target, ``topk`` for a greedy draft under a sampling target, ``sps``
-    for a chain and ``mcss-wor`` otherwise.
+    (``"dynamic:16"`` or a ``DynamicTreeConfig``), or ``"none"``: no speculation, the target
+    alone, one token per forward (``mcsd.engine.autoregressive_decode``). ``rule=None`` picks
+    the natural rule: ``greedy`` for a greedy target, ``topk`` for a greedy draft under a
+    sampling target, ``sps`` for a chain and ``mcss-wor`` otherwise.
     """
 
     tree: TokenTree | DynamicTreeConfig | str | tuple[int, ...] | list = DEFAULT_TREE
@@ -225,7 +227,9 @@ class SpecConfig:
         # Build the tree now so a bad shape fails at configuration time, not mid-generation.
         if isinstance(self.tree, str) and self.tree.strip().startswith(DYNAMIC_PREFIX):
             object.__setattr__(self, "tree", DynamicTreeConfig.parse(self.tree))
-        if isinstance(self.tree, DynamicTreeConfig):
+        if isinstance(self.tree, str) and self.tree.strip() == NO_SPECULATION:
+            object.__setattr__(self, "tree", NO_SPECULATION)
+        elif isinstance(self.tree, DynamicTreeConfig):
             if self.tree.budget > self.max_tree_nodes:
                 raise ValueError(
                     f"dynamic tree budget {self.tree.budget} is more than the limit "
@@ -240,6 +244,11 @@ class SpecConfig:
         return self.target if self.draft is None else self.draft
 
     @property
+    def speculative(self) -> bool:
+        """False for ``tree="none"``: plain decoding with the target alone."""
+        return self.tree != NO_SPECULATION
+
+    @property
     def dynamic(self) -> DynamicTreeConfig | None:
         """The dynamic tree's configuration, or None for a static tree."""
         return self.tree if isinstance(self.tree, DynamicTreeConfig) else None
@@ -250,21 +259,32 @@ class SpecConfig:
             raise ValueError(
                 f"tree {self.tree.describe()} is grown per step and has no fixed shape"
             )
+        if not self.speculative:
+            raise ValueError("tree 'none' means no speculation: there is no token tree")
         return TokenTree.parse(self.tree, max_nodes=self.max_tree_nodes)
 
     def describe_tree(self) -> str:
         """The tree's short name: a k-config, a node count, or ``dynamic:BUDGET:WIDTH:DEPTH``."""
         dynamic = self.dynamic
+        if not self.speculative:
+            return NO_SPECULATION
         return dynamic.describe() if dynamic is not None else self.token_tree().describe()
 
     @property
     def tree_nodes(self) -> int:
-        """Nodes per step (at most, for a dynamic tree)."""
+        """Nodes per step (at most, for a dynamic tree; 0 without speculation)."""
         dynamic = self.dynamic
+        if not self.speculative:
+            return 0
         return dynamic.budget if dynamic is not None else self.token_tree().num_nodes
 
     def resolved_rule(self) -> str:
-        """The rule used, after defaults, checked against the samplers and the tree."""
+        """The rule used, after defaults, checked against the samplers and the tree; ``"none"``
+        without speculation (a rule asked for is then refused)."""
+        if not self.speculative:
+            if self.rule is not None:
+                raise ValueError(f"rule {self.rule!r} needs a tree; tree 'none' verifies nothing")
+            return NO_SPECULATION
         if self.dynamic is not None:
             return self._dynamic_rule()
         tree = self.token_tree()

@@ -226,7 +226,8 @@ def run_method(
     records: list[StepRecord] = []
     finish = "length"
     started = time.perf_counter()
-    if method.kind == "ar":
+    spec = method.spec(base)
+    if method.kind == "ar" or not spec.speculative:
         steps = autoregressive_decode(
             pair.target,
             prompt_ids,
@@ -237,7 +238,6 @@ def run_method(
             seed=base.seed,
         )
     else:
-        spec = method.spec(base)
         steps = speculative_decode(
             pair.target,
             ModelProposer.for_spec(pair.draft, spec, pair.vocab_size),

@@ -33,10 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mcsd.config import OPTIMISER_ITERATIONS, OPTIMISER_TOLERANCE
+from mcsd.config import NO_SPECULATION, OPTIMISER_ITERATIONS, OPTIMISER_TOLERANCE
 from mcsd.tree import ROOT, TokenTree
-
-NO_SPECULATION = "none"  # the choice when no tree pays: plain autoregressive decoding
 
 
 @dataclass(frozen=True)
