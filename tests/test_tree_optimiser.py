@@ -142,6 +142,24 @@ def test_cheap_wide_forwards_favour_wide_trees() -> None:
     assert steep.tree.num_nodes < 6
 
 
+def test_step_costs_from_measured_forwards() -> None:
+    """mcsd tune's CostModel -> the optimiser's costs: an affine draft is fitted exactly."""
+    from mcsd.bench.sweep import CostModel
+
+    sizes = [1, 2, 4, 8, 16]
+    model = CostModel(
+        64, sizes, [1.0 + 0.1 * n for n in sizes], [0.2 + 0.01 * n for n in sizes], overhead=0.05
+    )
+    costs = model.step_costs(8)
+    assert costs.max_nodes == 8
+    assert costs.target == pytest.approx([1.0 + 0.1 * n for n in range(1, 10)])
+    assert costs.fixed == pytest.approx(0.05 + 0.21)
+    assert costs.draft_level == pytest.approx(0.2)
+    assert costs.draft_node == pytest.approx(0.01)
+    chain = TokenTree.from_config((1, 1))
+    assert costs.step_time(chain) == pytest.approx(model.step_time(chain))
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
