@@ -12,6 +12,7 @@ import torch
 from mcsd.bench.optimise import (
     NO_SPECULATION,
     StepCosts,
+    acceptance_from_steps,
     best_tree,
     choose,
     expected_accepted_length,
@@ -140,6 +141,31 @@ def test_cheap_wide_forwards_favour_wide_trees() -> None:
     assert flat.tree is not None and steep.tree is not None
     assert flat.tree.num_nodes == 16
     assert steep.tree.num_nodes < 6
+
+
+def test_acceptance_from_step_records() -> None:
+    """Per depth and rank, measured through the engine: a (3,2) tree under greedy verification
+    on toy tables; the table matches the records counted by hand and its AL prediction for the
+    tree that ran is the measured AL (same steps, no model error: 5 sigma)."""
+    from mcsd.config import GREEDY, SpecConfig
+    from mcsd.draft.model import DraftModelProposer
+    from mcsd.engine import speculative_decode
+    from mcsd.models.toy import TableLM
+
+    target, draft = TableLM.random(6, seed=3), TableLM.random(6, seed=4)
+    spec = SpecConfig(tree="3,2", target=GREEDY, max_new_tokens=400, seed=0)
+    proposer = DraftModelProposer.for_spec(draft, spec, 6)
+    steps = list(speculative_decode(target, proposer, [1, 2], spec, vocab_size=6))
+    records = [step.record for step in steps[:-1]]  # the last step may be cut by the length
+    table = acceptance_from_steps(records, 2, 3)
+    first = sum(1 for r in records if r.ranks[:1] == (0,)) / len(records)
+    assert table[0][0] == pytest.approx(first)
+    deeper = [r for r in records if r.attempted >= 2]
+    assert table[1][1] == pytest.approx(sum(r.ranks[1:2] == (1,) for r in deeper) / len(deeper))
+    assert table[1][2] == 0.0  # the tree offered 2 children at depth 2
+    measured = sum(r.accepted + 1 for r in records) / len(records)
+    predicted = expected_accepted_length(TokenTree.from_config((3, 2)), table)
+    assert abs(predicted - measured) < 5 * 1.0 / len(records) ** 0.5
 
 
 def test_step_costs_from_measured_forwards() -> None:

@@ -1,7 +1,9 @@
 """The tree-shape optimiser (Sequoia / OPT-Tree style): the static tree with the best expected
 tokens per second under a node budget, from measured acceptance and measured step costs.
 
-Acceptance model (positional, as in Sequoia): ``acceptance[d-1][r]`` is the probability that a
+Acceptance model (positional, as in Sequoia; measured by ``acceptance_from_steps`` from a run's
+step records, or from the draft ranks of the target's answers by ``mcsd tune``):
+``acceptance[d-1][r]`` is the probability that a
 node's child of sibling rank ``r`` is the accepted one, given that the node at depth ``d-1`` was
 reached; it does not depend on how many siblings there are (true for the draft's top-k under
 greedy verification: child r is accepted exactly when the target's token has draft rank r). A
@@ -28,12 +30,13 @@ token) and picks no speculation at all when no tree is expected to beat it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mcsd.config import NO_SPECULATION, OPTIMISER_ITERATIONS, OPTIMISER_TOLERANCE
+from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
 
 
@@ -89,6 +92,24 @@ def _check_acceptance(acceptance: Sequence[Sequence[float]]) -> tuple[tuple[floa
                 f"acceptance at depth {d} must be probabilities in [0, 1] summing to <= 1"
             )
     return table
+
+
+def acceptance_from_steps(
+    records: Iterable[StepRecord], max_depth: int, width: int
+) -> list[list[float]]:
+    """The acceptance table measured by a run (``mcsd bench`` / ``mcsd generate`` step
+    records): at depth d, the share of the steps that verified depth d whose accepted node
+    there had sibling rank r. Only the ranks the run's tree offered are observed, so measure
+    with a tree at least ``width`` wide and ``max_depth`` deep."""
+    reached = [0] * max_depth
+    accepted = [[0] * width for _ in range(max_depth)]
+    for record in records:
+        for d in range(min(record.attempted, max_depth)):
+            reached[d] += 1
+        for d, rank in enumerate(record.ranks[:max_depth]):
+            if rank < width:
+                accepted[d][rank] += 1
+    return [[a / n if n else 0.0 for a in row] for row, n in zip(accepted, reached, strict=True)]
 
 
 def expected_accepted_length(tree: TokenTree, acceptance: Sequence[Sequence[float]]) -> float:
