@@ -136,6 +136,9 @@ def test_different_tokenizers_are_refused(pair) -> None:
         (["--top-p", "1.5"], "top_p"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
         (["--temperature", "1", "--draft-temperature", "0", "--rule", "mcss"], "topk"),
+        (["--tree", "dynamic:0"], "budget must be an integer >= 1"),
+        (["--tree", "dynamic:8", "--rule", "mcss"], "cannot verify dynamic trees"),
+        (["--tree", "none", "--rule", "mcss"], "verifies nothing"),
     ],
 )
 def test_cli_rejects_bad_options_before_loading(argv, message, capsys) -> None:
