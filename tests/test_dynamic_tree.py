@@ -112,6 +112,31 @@ def test_greedy_dynamic_output_equals_target_greedy(runtime: str) -> None:
     assert len(expected) == 24 and len(set(expected)) > 1  # not a degenerate repetition
 
 
+@pytest.mark.parametrize("rule", ["topk", "mcss-wor"])
+def test_variable_trees_run_on_captured_shapes(rule: str) -> None:
+    """On the fast runtime every verify forward of a tree that changes each step is padded to
+    one capturable bucket (budget 8 + root -> 16 tokens) and every draft level to a bucket of
+    at most ``width``: a bounded set of CUDA-graph shapes however the trees vary."""
+    target, draft = tiny_fast(8, 11), tiny_fast(8, 23)
+    shapes: dict[str, list[int]] = {"target": [], "draft": []}
+    for name, model in (("target", target), ("draft", draft)):
+        graphs = model._graphs
+        original = graphs.run
+
+        def run(key, fn, original=original, seen=shapes[name]):
+            seen.append(key[0])
+            return original(key, fn)
+
+        graphs.run = run
+    spec = SpecConfig(
+        tree="dynamic:8:3:3", rule=rule, draft=SamplingConfig(0.8), max_new_tokens=24, seed=1
+    )
+    steps = _steps(spec, target, draft, 8, [1, 5, 3])
+    assert shapes["target"].count(16) == len(steps)  # every verify forward, one shape
+    assert set(shapes["target"]) <= {1, 2, 16}  # besides: the pending token alone
+    assert set(shapes["draft"]) <= {1, 2, 4}
+
+
 @pytest.mark.parametrize(
     ("rule", "draft_temperature"), [("topk", 0.0), ("topk", 0.8), ("mcss-wor", 0.8)]
 )
