@@ -135,9 +135,9 @@ GREEDY = SamplingConfig(temperature=0.0)
 class DynamicTreeConfig:
     """A tree grown per step by the draft's path probability under a node budget (EAGLE-2
     style, ``mcsd.draft.dynamic``): level by level, the ``width`` most probable nodes of the
-    newest depth run through the draft and get children, down to ``max_depth``; a tree has at
-    most ``budget`` nodes (exactly ``budget`` for deterministic candidates, when the draft has
-    the tokens)."""
+    newest depth run through the draft and get children, down to ``max_depth``; a tree has
+    exactly ``budget`` nodes (sampled trees place at most ``width`` per level, hence
+    ``width * max_depth >= budget``), so the target's forward keeps one shape."""
 
     budget: int = 16  # nodes per step: what the target verifies in one forward
     width: int = 4  # nodes expanded per level, and children per expanded node
@@ -147,6 +147,12 @@ class DynamicTreeConfig:
         _check_int("dynamic tree budget", self.budget, 1, DEFAULT_MAX_TREE_NODES)
         _check_int("dynamic tree width", self.width, 1)
         _check_int("dynamic tree max_depth", self.max_depth, 1)
+        if self.width * self.max_depth < self.budget:
+            raise ValueError(
+                f"dynamic tree budget {self.budget} needs width * max_depth >= {self.budget}, "
+                f"got {self.width} * {self.max_depth}; raise WIDTH or DEPTH "
+                "(dynamic:BUDGET:WIDTH:DEPTH)"
+            )
 
     @classmethod
     def parse(cls, text: str) -> DynamicTreeConfig:

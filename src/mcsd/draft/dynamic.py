@@ -22,10 +22,11 @@ decides which verification rule is lossless:
   does) would keep a subset that is no longer a draw without replacement: biased
   (``tests/test_dynamic_tree.py`` shows the whole-engine test catching it).
 
-The tree is laid out in BFS order with siblings in draw (or top-k) order; it has at most
-``budget`` nodes (exactly ``budget`` in the deterministic mode when the draft has the tokens),
-so the target's forward stays within a few padded shapes of the slot runtimes (CUDA graphs per
-power-of-two bucket, ``mcsd.models.slots``).
+The tree is laid out in BFS order with siblings in draw (or top-k) order; it has exactly
+``budget`` nodes in both modes (``DynamicTreeConfig`` asks for ``width * max_depth >= budget``;
+draws without replacement beyond the draft's support are zero-mass padding, rejected by the
+rule), so the target's forward keeps one padded shape of the slot runtimes (a CUDA graph per
+power-of-two bucket, ``mcsd.models.slots``) and the draft's levels at most ``width`` tokens.
 """
 
 from __future__ import annotations
