@@ -240,6 +240,9 @@ def test_no_speculation_spec() -> None:
         spec.token_tree()
     with pytest.raises(ValueError, match="verifies nothing"):
         SpecConfig(tree="none", rule="mcss")
+    target = TableLM.random(4, seed=1)
+    with pytest.raises(ValueError, match="run autoregressive_decode"):
+        next(speculative_decode(target, None, [1], spec, vocab_size=4))  # type: ignore[arg-type]
 
 
 def test_dynamic_spec_rules_and_names() -> None:

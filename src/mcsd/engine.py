@@ -57,6 +57,8 @@ def speculative_decode(
     with one host transfer when the rule has a device verifier; ``None`` leaves the choice to
     the rule's record (greedy always; the sampled rules on CUDA). ``verify_dtype``: of the device
     verifiers' residual work (default float32 on CUDA, float64 elsewhere)."""
+    if not spec.speculative:
+        raise ValueError("tree 'none' is plain decoding: run autoregressive_decode")
     rule = get_rule(spec.resolved_rule())
     max_new_tokens = _check_lengths(target, proposer, prompt_ids, spec.max_new_tokens)
     device = target.device
