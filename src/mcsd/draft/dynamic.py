@@ -84,8 +84,10 @@ class DynamicProposer(DraftModelProposer):
     ) -> None:
         super().__init__(draft, sampling, vocab_size=vocab_size)
         self.config = config
+        # how children are picked: the draft's top-k, or drawn without replacement from q
         self.deterministic = deterministic or sampling.greedy
-        # deterministic candidates: grow wide, keep the best budget; sampled: no pruning
+        # how the tree is shaped: grow wide and keep the best budget nodes (only lossless for
+        # deterministic candidates), or allot each level's children before drawing them
         self.prune = self.deterministic
         self.return_q = return_q
 
@@ -113,24 +115,24 @@ class DynamicProposer(DraftModelProposer):
             parent_scores = torch.tensor(
                 [1.0 if u == ROOT else grown.score[u] for u in frontier], device=device
             )  # [F]
-            if self.prune:
-                top = torch.topk(scores, k, dim=-1)  # [F, k] the draft's top-k per node
-                values = (parent_scores[:, None] * top.values).tolist()
-                for u, tokens, child_scores in zip(
-                    frontier, top.indices.tolist(), values, strict=True
-                ):
-                    grown.add(u, tokens, child_scores, depth)
-            else:
+            if self.prune:  # every expanded node gets k children, the best are kept below
+                counts = [k] * len(frontier)
+            else:  # the level's slots, allotted before anything is drawn
                 counts = self._counts(scores, parent_scores, min(left, k))
-                for i, (u, count) in enumerate(zip(frontier, counts, strict=True)):
-                    if count == 0:
-                        continue
+                left -= sum(counts)
+            if self.deterministic:
+                top = torch.topk(scores, k, dim=-1).indices  # [F, k] the draft's top-k per node
+            for i, (u, count) in enumerate(zip(frontier, counts, strict=True)):
+                if count == 0:
+                    continue
+                if self.deterministic:
+                    tokens = top[i, :count]
+                else:
                     tokens = draw_children(
                         q[i : i + 1], count, replacement=False, generator=generator
                     )[0]  # [count] in draw order
-                    child_scores = (parent_scores[i] * q[i, tokens]).tolist()
-                    grown.add(u, tokens.tolist(), child_scores, depth)
-                left -= sum(counts)
+                child_scores = (parent_scores[i] * scores[i, tokens]).tolist()
+                grown.add(u, tokens.tolist(), child_scores, depth)
             newest = range(first, len(grown.token))
             if depth == config.max_depth or left == 0 or not newest:
                 break
