@@ -43,6 +43,22 @@ def test_greedy_text_prompt_matches_target_generate(pair) -> None:
     assert result.stats.steps < len(result.token_ids)  # speculation accepted something
 
 
+@pytest.mark.parametrize("tree", ["dynamic:8:3:4", "none"])
+def test_dynamic_tree_and_no_speculation_match_target_generate(pair, tree: str) -> None:
+    """A tree grown per step, and tree "none" (what mcsd tune saves when no tree pays: the
+    target alone), both give the target's greedy output."""
+    spec = SpecConfig(tree=tree, target=GREEDY, max_new_tokens=24)
+    result = generate(pair, "def reverse(s):", spec)
+    reference = greedy_reference(
+        pair.target.hf_model, result.prompt_ids, 24, eos=pair.eos_token_ids
+    )
+    assert result.token_ids == reference
+    if tree == "none":
+        assert result.stats.steps == len(result.token_ids)
+    else:
+        assert result.stats.steps < len(result.token_ids)
+
+
 def test_stream_chunks_add_up_to_generate(pair) -> None:
     spec = SpecConfig(tree="3,1", target=SamplingConfig(0.8), max_new_tokens=20, seed=5)
     chunks = [chunk for chunk, _ in stream(pair, "Once upon a time", spec)]
@@ -120,6 +136,9 @@ def test_different_tokenizers_are_refused(pair) -> None:
         (["--top-p", "1.5"], "top_p"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
         (["--temperature", "1", "--draft-temperature", "0", "--rule", "mcss"], "topk"),
+        (["--tree", "dynamic:0"], "budget must be an integer >= 1"),
+        (["--tree", "dynamic:8", "--rule", "mcss"], "cannot verify dynamic trees"),
+        (["--tree", "none", "--rule", "mcss"], "verifies nothing"),
     ],
 )
 def test_cli_rejects_bad_options_before_loading(argv, message, capsys) -> None:

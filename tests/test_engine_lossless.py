@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from mcsd.checks.engine import EngineCase, engine_cases, run_engine_case
+from mcsd.checks.engine import DYNAMIC_TREES, EngineCase, engine_cases, run_engine_case
 from mcsd.draft.model import ModelProposer
 
 TRIALS = 3000
@@ -26,7 +26,8 @@ def test_engine_output_is_target_distribution(case: EngineCase) -> None:
     assert result.fit.passed, (case.describe(), result.fit)
     if case.same_models:
         assert result.full_acceptance
-        assert result.mean_accepted_length == pytest.approx(case.length)
+        if case.tree not in DYNAMIC_TREES:  # a dynamic tree's accepted node may have no children
+            assert result.mean_accepted_length == pytest.approx(case.length)
 
 
 def test_wrong_engine_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

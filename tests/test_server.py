@@ -324,6 +324,20 @@ def test_tree_override(
     assert summary["draft_tokens"] == size * summary["steps"]
 
 
+@pytest.mark.parametrize(("tree", "size"), [("dynamic:6:2:3", 6), ("none", 0)])
+def test_dynamic_and_no_speculation_override(client: openai.OpenAI, tree: str, size: int) -> None:
+    response = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"mcsd": {"tree": tree}},
+    )
+    summary = _speculative(response.usage)
+    assert summary["tree"] == tree
+    assert summary["tree_size"] == size and summary["draft_tokens"] == size * summary["steps"]
+
+
 def test_draft_temperature_override(client: openai.OpenAI) -> None:
     response = client.completions.create(
         model="tiny",
@@ -421,6 +435,7 @@ BAD = [
     ("completions", {"prompt": PROMPT, "mcsd": {"tree": "0"}}, "mcsd.tree"),
     ("completions", {"prompt": PROMPT, "mcsd": {"tree": 5}}, "mcsd.tree"),
     ("completions", {"prompt": PROMPT, "mcsd": {"tree": "1024,1024"}}, "mcsd.tree"),
+    ("completions", {"prompt": PROMPT, "mcsd": {"tree": "dynamic:0"}}, "mcsd.tree"),
     ("completions", {"prompt": PROMPT, "mcsd": {"rule": "bogus"}}, "mcsd.rule"),
     ("completions", {"prompt": PROMPT, "mcsd": {"rule": "sps"}}, "mcsd.rule"),  # 4,2,2 not a chain
     ("completions", {"prompt": PROMPT, "temperature": 0, "mcsd": {"rule": "mcss"}}, "mcsd.rule"),

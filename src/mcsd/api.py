@@ -26,7 +26,7 @@ from mcsd.config import (
     SpecConfig,
 )
 from mcsd.draft.model import ModelProposer
-from mcsd.engine import speculative_decode
+from mcsd.engine import Step, autoregressive_decode, speculative_decode
 from mcsd.models.base import Runtime
 from mcsd.models.factory import load_runtime as load_model
 from mcsd.stats import Stats
@@ -199,6 +199,31 @@ def _check_call(pair: object, config: object) -> SpecConfig:
     return config
 
 
+def _steps(
+    pair: ModelPair, prompt_ids: list[int], config: SpecConfig, stop_ids: frozenset[int]
+) -> Iterator[Step]:
+    """The engine's steps: speculative, or the target alone for ``tree="none"``."""
+    if not config.speculative:
+        return autoregressive_decode(
+            pair.target,
+            prompt_ids,
+            config.target,
+            config.max_new_tokens,
+            vocab_size=pair.vocab_size,
+            stop_token_ids=stop_ids,
+            seed=config.seed,
+        )
+    proposer = ModelProposer.for_spec(pair.draft, config, pair.vocab_size)
+    return speculative_decode(
+        pair.target,
+        proposer,
+        prompt_ids,
+        config,
+        vocab_size=pair.vocab_size,
+        stop_token_ids=stop_ids,
+    )
+
+
 def stream(
     pair: ModelPair, prompt: Prompt, config: SpecConfig | None = None, *, chat: bool = False
 ) -> Iterator[tuple[Chunk, Stats]]:
@@ -209,19 +234,11 @@ def stream(
     stop_ids = frozenset(
         config.stop_token_ids if config.stop_token_ids is not None else pair.eos_token_ids
     )
-    proposer = ModelProposer.for_spec(pair.draft, config, pair.vocab_size)
     stats = Stats()
     tokens: list[int] = []
     emitted_text = ""
     hold = max((len(s) for s in config.stop_strings), default=1) - 1
-    for step in speculative_decode(
-        pair.target,
-        proposer,
-        prompt_ids,
-        config,
-        vocab_size=pair.vocab_size,
-        stop_token_ids=stop_ids,
-    ):
+    for step in _steps(pair, prompt_ids, config, stop_ids):
         step_tokens = list(step.tokens)
         finish = step.finish_reason
         tokens += step_tokens

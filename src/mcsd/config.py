@@ -11,12 +11,17 @@ import os
 from dataclasses import dataclass, field
 
 from mcsd.tree import TokenTree
-from mcsd.verify.rules import get_rule
+from mcsd.verify.rules import Rule, get_rule
 
 DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's default)
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
 DEFAULT_MAX_NEW_TOKENS = 128
+VERIFIER_CACHE = 64  # verifiers the engine keeps per generation (one per distinct tree shape)
+DYNAMIC_PREFIX = "dynamic"  # --tree dynamic:BUDGET[:WIDTH[:DEPTH]]
+NO_SPECULATION = "none"  # --tree none: the target alone (what mcsd tune saves when no tree pays)
+# Dynamic trees whose rule the proposer can draft for losslessly (mcsd.draft.dynamic)
+DYNAMIC_RULES = ("greedy", "topk", "mcss-wor")
 COMPILE_CHOICES = ("none", "draft", "all")  # load_pair(compile=...): which models to compile
 DEFAULT_RUNTIME = "auto"  # mcsd.models.factory.RUNTIMES: auto picks the fastest for the machine
 DEFAULT_DTYPE = "auto"  # bfloat16 where the CPU/GPU computes it natively, else float32
@@ -127,16 +132,63 @@ GREEDY = SamplingConfig(temperature=0.0)
 
 
 @dataclass(frozen=True)
+class DynamicTreeConfig:
+    """A tree grown per step by the draft's path probability under a node budget (EAGLE-2
+    style, ``mcsd.draft.dynamic``): level by level, the ``width`` most probable nodes of the
+    newest depth run through the draft and get children, down to ``max_depth``; a tree has
+    exactly ``budget`` nodes (sampled trees place at most ``width`` per level, hence
+    ``width * max_depth >= budget``), so the target's forward keeps one shape."""
+
+    budget: int = 16  # nodes per step: what the target verifies in one forward
+    width: int = 4  # nodes expanded per level, and children per expanded node
+    max_depth: int = 6  # deepest level grown (a draft forward each)
+
+    def __post_init__(self) -> None:
+        _check_int("dynamic tree budget", self.budget, 1, DEFAULT_MAX_TREE_NODES)
+        _check_int("dynamic tree width", self.width, 1)
+        _check_int("dynamic tree max_depth", self.max_depth, 1)
+        if self.width * self.max_depth < self.budget:
+            raise ValueError(
+                f"dynamic tree budget {self.budget} needs width * max_depth >= {self.budget}, "
+                f"got {self.width} * {self.max_depth}; raise WIDTH or DEPTH "
+                "(dynamic:BUDGET:WIDTH:DEPTH)"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> DynamicTreeConfig:
+        """``dynamic:BUDGET[:WIDTH[:DEPTH]]``, e.g. ``dynamic:32`` or ``dynamic:32:8:6``."""
+        head, _, rest = text.strip().partition(":")
+        parts = rest.split(":") if rest else []
+        if head != DYNAMIC_PREFIX or not 1 <= len(parts) <= 3:
+            raise ValueError(
+                f"dynamic tree must look like dynamic:BUDGET[:WIDTH[:DEPTH]] (e.g. dynamic:16 "
+                f"or dynamic:32:8:6), got {text!r}"
+            )
+        try:
+            values = [int(part) for part in parts]
+        except ValueError:
+            raise ValueError(
+                f"dynamic tree {text!r}: BUDGET, WIDTH and DEPTH must be integers"
+            ) from None
+        return cls(**dict(zip(("budget", "width", "max_depth"), values, strict=False)))
+
+    def describe(self) -> str:
+        return f"{DYNAMIC_PREFIX}:{self.budget}:{self.width}:{self.max_depth}"
+
+
+@dataclass(frozen=True)
 class SpecConfig:
     """One speculative generation: tree, verification rule, both samplers, stopping.
 
     ``tree`` is a k-config (``(4, 2, 2)`` or ``"4,2,2"``), a list of paths (each path a list of
-    sibling ranks, Medusa style) or a ``TokenTree``. ``rule=None`` picks the natural rule:
-    ``greedy`` for a greedy target, ``topk`` for a greedy draft under a sampling target, ``sps``
-    for a chain and ``mcss-wor`` otherwise.
+    sibling ranks, Medusa style), a ``TokenTree``, or a dynamic tree grown per step
+    (``"dynamic:16"`` or a ``DynamicTreeConfig``), or ``"none"``: no speculation, the target
+    alone, one token per forward (``mcsd.engine.autoregressive_decode``). ``rule=None`` picks
+    the natural rule: ``greedy`` for a greedy target, ``topk`` for a greedy draft under a
+    sampling target, ``sps`` for a chain and ``mcss-wor`` otherwise.
     """
 
-    tree: TokenTree | str | tuple[int, ...] | list = DEFAULT_TREE
+    tree: TokenTree | DynamicTreeConfig | str | tuple[int, ...] | list = DEFAULT_TREE
     rule: str | None = None
     target: SamplingConfig = field(default_factory=SamplingConfig)
     draft: SamplingConfig | None = None  # None: the same as the target
@@ -179,18 +231,68 @@ class SpecConfig:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {ids!r}")
             object.__setattr__(self, "stop_token_ids", ids)
         # Build the tree now so a bad shape fails at configuration time, not mid-generation.
-        object.__setattr__(self, "tree", self.token_tree())
+        if isinstance(self.tree, str) and self.tree.strip().startswith(DYNAMIC_PREFIX):
+            object.__setattr__(self, "tree", DynamicTreeConfig.parse(self.tree))
+        if isinstance(self.tree, str) and self.tree.strip() == NO_SPECULATION:
+            object.__setattr__(self, "tree", NO_SPECULATION)
+        elif isinstance(self.tree, DynamicTreeConfig):
+            if self.tree.budget > self.max_tree_nodes:
+                raise ValueError(
+                    f"dynamic tree budget {self.tree.budget} is more than the limit "
+                    f"max_tree_nodes={self.max_tree_nodes}"
+                )
+        else:
+            object.__setattr__(self, "tree", self.token_tree())
         self.resolved_rule()
 
     @property
     def draft_sampling(self) -> SamplingConfig:
         return self.target if self.draft is None else self.draft
 
+    @property
+    def speculative(self) -> bool:
+        """False for ``tree="none"``: plain decoding with the target alone."""
+        return self.tree != NO_SPECULATION
+
+    @property
+    def dynamic(self) -> DynamicTreeConfig | None:
+        """The dynamic tree's configuration, or None for a static tree."""
+        return self.tree if isinstance(self.tree, DynamicTreeConfig) else None
+
     def token_tree(self) -> TokenTree:
+        """The static tree; ``ValueError`` for a dynamic one (its shape changes every step)."""
+        if isinstance(self.tree, DynamicTreeConfig):
+            raise ValueError(
+                f"tree {self.tree.describe()} is grown per step and has no fixed shape"
+            )
+        if not self.speculative:
+            raise ValueError("tree 'none' means no speculation: there is no token tree")
         return TokenTree.parse(self.tree, max_nodes=self.max_tree_nodes)
 
+    def describe_tree(self) -> str:
+        """The tree's short name: a k-config, a node count, or ``dynamic:BUDGET:WIDTH:DEPTH``."""
+        dynamic = self.dynamic
+        if not self.speculative:
+            return NO_SPECULATION
+        return dynamic.describe() if dynamic is not None else self.token_tree().describe()
+
+    @property
+    def tree_nodes(self) -> int:
+        """Nodes per step (at most, for a dynamic tree; 0 without speculation)."""
+        dynamic = self.dynamic
+        if not self.speculative:
+            return 0
+        return dynamic.budget if dynamic is not None else self.token_tree().num_nodes
+
     def resolved_rule(self) -> str:
-        """The rule used, after defaults, checked against the samplers and the tree."""
+        """The rule used, after defaults, checked against the samplers and the tree; ``"none"``
+        without speculation (a rule asked for is then refused)."""
+        if not self.speculative:
+            if self.rule is not None:
+                raise ValueError(f"rule {self.rule!r} needs a tree; tree 'none' verifies nothing")
+            return NO_SPECULATION
+        if self.dynamic is not None:
+            return self._dynamic_rule()
         tree = self.token_tree()
         if self.rule is None:
             if self.target.greedy:
@@ -198,6 +300,31 @@ class SpecConfig:
             if self.draft_sampling.greedy:
                 return "topk"
             return "sps" if tree.max_children == 1 else "mcss-wor"
+        rule = self._checked_rule()
+        if rule.max_children is not None and tree.max_children > rule.max_children:
+            raise ValueError(
+                f"rule {rule.name!r} verifies one candidate per node, but tree {tree.describe()} "
+                f"has nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'"
+            )
+        return rule.name
+
+    def _dynamic_rule(self) -> str:
+        """A dynamic tree's rule: ``greedy`` / ``topk`` (the draft's top-k, deterministic) or
+        ``mcss-wor`` (sampled without replacement, each node a prefix of its draws)."""
+        if self.rule is None:
+            if self.target.greedy:
+                return "greedy"
+            return "topk" if self.draft_sampling.greedy else "mcss-wor"
+        rule = self._checked_rule()
+        if rule.name not in DYNAMIC_RULES:
+            raise ValueError(
+                f"rule {rule.name!r} cannot verify dynamic trees losslessly; use one of "
+                f"{', '.join(DYNAMIC_RULES)} (or leave rule unset)"
+            )
+        return rule.name
+
+    def _checked_rule(self) -> Rule:
+        """The rule asked for, checked against the target and draft samplers."""
         rule = get_rule(self.rule)
         if self.target.greedy and rule.target == "sampling":
             # Every lossless rule reduces to greedy when p is one-hot; say so rather than guess.
@@ -210,17 +337,12 @@ class SpecConfig:
                 f"rule {rule.name!r} emits the target's argmax: it needs temperature 0; for a "
                 "sampling target leave rule unset (or use 'topk' with a greedy draft)"
             )
-        if rule.max_children is not None and tree.max_children > rule.max_children:
-            raise ValueError(
-                f"rule {rule.name!r} verifies one candidate per node, but tree {tree.describe()} "
-                f"has nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'"
-            )
         if self.draft_sampling.greedy and rule.reads_q:
             raise ValueError(
                 f"rule {rule.name!r} needs the draft's sampling distribution q, but the draft is "
                 "greedy (draft temperature 0); use rule 'topk' (deterministic candidates) instead"
             )
-        return rule.name
+        return rule
 
 
 # ------------------------------------------------------------------ the commands' defaults
@@ -266,6 +388,11 @@ class SweepDefaults:
     out: str = "tune-out"
     chain: str = "sps:4"  # produces the reference answers (and calibrates the step overhead)
     cost_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
+
+
+# The tree-shape optimiser (mcsd.bench.optimise): Dinkelbach rounds on the tokens/s ratio
+OPTIMISER_ITERATIONS = 20  # it converges in 3-6 on measured tables
+OPTIMISER_TOLERANCE = 1e-9  # relative: stop when no tree beats the current ratio by more
 
 
 @dataclass(frozen=True)

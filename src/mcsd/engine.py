@@ -17,12 +17,13 @@ cache holds ``committed[:-1]``; the last token is *pending* (position ``L - 1``)
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.config import VERIFIER_CACHE, SamplingConfig, SpecConfig
 from mcsd.draft.base import Proposer
 from mcsd.models.base import Runtime, chain_mask, to_device
 from mcsd.sampling import sample, warp
@@ -56,12 +57,16 @@ def speculative_decode(
     with one host transfer when the rule has a device verifier; ``None`` leaves the choice to
     the rule's record (greedy always; the sampled rules on CUDA). ``verify_dtype``: of the device
     verifiers' residual work (default float32 on CUDA, float64 elsewhere)."""
+    if not spec.speculative:
+        raise ValueError("tree 'none' is plain decoding: run autoregressive_decode")
     rule = get_rule(spec.resolved_rule())
     max_new_tokens = _check_lengths(target, proposer, prompt_ids, spec.max_new_tokens)
     device = target.device
     generator = torch.Generator(device=device)
     generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
-    verifiers: dict[TokenTree, tuple[TreeVerifier, torch.Tensor, torch.Tensor]] = {}
+    # per tree shape, least recently used first: a dynamic tree has a new shape most steps
+    verifiers: OrderedDict[TokenTree, tuple[TreeVerifier, torch.Tensor, torch.Tensor]]
+    verifiers = OrderedDict()
 
     clock = StepClock(device)
     started = clock.mark()
@@ -81,6 +86,9 @@ def speculative_decode(
             verifiers[tree] = _verifier(
                 tree, rule, spec, device, device_verify, verify_dtype, vocab_size
             )
+            if len(verifiers) > VERIFIER_CACHE:
+                verifiers.popitem(last=False)
+        verifiers.move_to_end(tree)
         verifier, mask, offsets = verifiers[tree]
         tokens = torch.cat([to_device([committed[-1]], device), proposal.tokens])[None]  # [1, N+1]
         logits = target.forward(tokens, (pending + offsets)[None], mask)[0, :, :vocab_size]

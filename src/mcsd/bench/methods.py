@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, replace
 
 from mcsd.api import ModelPair
-from mcsd.config import SpecConfig
+from mcsd.config import DYNAMIC_PREFIX, DynamicTreeConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.stats import StepRecord
@@ -76,8 +76,7 @@ class Method:
         if not self.is_mcsd:
             return self.name
         spec = self.spec(base)
-        tree = spec.token_tree()
-        return f"{self.name} ({tree.num_nodes} nodes, {spec.resolved_rule()})"
+        return f"{self.name} ({spec.tree_nodes} nodes, {spec.resolved_rule()})"
 
 
 def parse_method(text: str) -> Method:
@@ -112,6 +111,9 @@ def parse_method(text: str) -> Method:
         if rest.isdigit() and 1 <= int(rest) <= 64:
             return Method(name, kind, tree=",".join(["1"] * int(rest)))
         raise ValueError(f"method {name!r}: sps:G needs a depth G in 1..64, e.g. sps:4")
+    if kind == DYNAMIC_PREFIX and rest:
+        DynamicTreeConfig.parse(name)  # a bad budget fails here, clearly
+        return Method(name, "tree", tree=name)
     if kind == "tree" and rest:
         shape, _, rule = rest.partition(":")
         if rule and rule not in RULE_NAMES:
@@ -120,8 +122,8 @@ def parse_method(text: str) -> Method:
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
         f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, llama-ar, "
-        "llama-spec, llama-spec:N, llama-spec:N:P, ar, sps:G, tree:K-CONFIG or "
-        "tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor)"
+        "llama-spec, llama-spec:N, llama-spec:N:P, ar, sps:G, tree:K-CONFIG, "
+        "tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor) or dynamic:BUDGET[:WIDTH[:DEPTH]]"
     )
 
 
@@ -224,7 +226,8 @@ def run_method(
     records: list[StepRecord] = []
     finish = "length"
     started = time.perf_counter()
-    if method.kind == "ar":
+    spec = method.spec(base)
+    if method.kind == "ar" or not spec.speculative:
         steps = autoregressive_decode(
             pair.target,
             prompt_ids,
@@ -235,7 +238,6 @@ def run_method(
             seed=base.seed,
         )
     else:
-        spec = method.spec(base)
         steps = speculative_decode(
             pair.target,
             ModelProposer.for_spec(pair.draft, spec, pair.vocab_size),

@@ -15,10 +15,12 @@ exactly and only the winners are run:
    predicted tokens/s = accepted length / (draft forwards + target forward + step overhead);
 5. the best shapes by predicted tokens/s are then run for real (``mcsd bench --sweep``).
 
-Candidate shapes: every non-increasing k-config up to the largest budget, plus for each budget and
-depth limit the "top-B tree": the B nodes of highest path probability when each sibling rank r
-is accepted with its observed frequency P(rank = r) (the Sequoia / EAGLE-2 idea; the set of the
-B most probable paths is always a tree, because a path is never more probable than its prefix).
+Candidate shapes: every non-increasing k-config up to the largest budget, the optimiser's pick
+for each budget (``mcsd.bench.optimise``: a dynamic program on the rank frequencies and the
+measured costs), plus for each budget and depth limit the "top-B tree": the B nodes of highest
+path probability when each sibling rank r is accepted with its observed frequency P(rank = r)
+(the Sequoia / EAGLE-2 idea; the set of the B most probable paths is always a tree, because a
+path is never more probable than its prefix).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mcsd.bench.optimise import StepCosts
 from mcsd.config import SweepDefaults
 from mcsd.models.base import Runtime, chain_mask, score
 from mcsd.tree import ROOT, TokenTree
@@ -197,6 +200,24 @@ class CostModel:
             if width:
                 draft += self.draft_time(width)
         return draft + self.target_time(tree.num_nodes + 1) + self.overhead
+
+    def step_costs(self, max_nodes: int) -> StepCosts:
+        """The optimiser's cost model (``mcsd.bench.optimise.StepCosts``) up to ``max_nodes``:
+        the target's forward of every size, the draft's uncached forward and the overhead as a
+        fixed cost, and the draft's level forwards as a least-squares line over the measured
+        sizes up to ``max_nodes`` (a level forward and a price per inner node)."""
+        sizes = [n for n in self.sizes if n <= max(max_nodes, 2)] or self.sizes[:2]
+        times = [self.draft_time(n) for n in sizes]
+        mean_n, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
+        spread = sum((n - mean_n) ** 2 for n in sizes)
+        slope = sum((n - mean_n) * (t - mean_t) for n, t in zip(sizes, times, strict=True))
+        slope = max(0.0, slope / spread) if spread else 0.0
+        return StepCosts(
+            tuple(self.target_time(n) for n in range(1, max_nodes + 2)),
+            fixed=self.overhead + self.draft_time(1),
+            draft_level=max(0.0, mean_t - slope * mean_n),
+            draft_node=slope,
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {

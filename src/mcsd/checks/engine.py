@@ -38,6 +38,10 @@ TREES: dict[str, object] = {
     "4,2,2": (4, 2, 2),
     "paths": PATH_TREE,
 }
+# Trees grown per step (mcsd.draft.dynamic), verified by the rules that are lossless for them:
+# 3 + 3 + 2 sampled nodes, or the best 8 of 3 + 9 + 27 deterministic ones; "dynamic-wide" asks
+# for more children per node than the toy vocabulary has (sampled: zero-mass padding draws).
+DYNAMIC_TREES: dict[str, str] = {"dynamic": "dynamic:8:3:3", "dynamic-wide": "dynamic:8:5:3"}
 
 
 # Draft == target must accept every drafted token: checked for the rules whose acceptance is 1
@@ -58,7 +62,7 @@ RULE_TREES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class EngineCase:
     rule: str
-    tree: str  # a key of TREES
+    tree: str  # a key of TREES or DYNAMIC_TREES
     vocab: int = 4
     length: int = 3  # generated tokens per sample
     prompt: tuple[int, ...] = (1, 2)
@@ -86,8 +90,9 @@ class EngineCase:
         return self.target_sampling if self.same_models else SamplingConfig(0.8)
 
     def spec(self, seed: int) -> SpecConfig:
+        dynamic = DYNAMIC_TREES.get(self.tree)
         return SpecConfig(
-            tree=self.token_tree,
+            tree=self.token_tree if dynamic is None else dynamic,
             rule=self.rule,
             target=self.target_sampling,
             draft=self.draft_sampling,
@@ -143,6 +148,17 @@ def engine_cases() -> list[EngineCase]:
         # A real model in the loop: tiny random Qwen2-shaped models on the fast runtime.
         EngineCase("mcss-wor", "2,2", runtime="fast"),
         EngineCase("sps", "1,1,1", runtime="fast"),
+    ]
+    # Dynamic trees: deterministic (top-k, best nodes kept) and sampled (draws without
+    # replacement, counts fixed before the draw), host walks and batched verifiers.
+    cases += [
+        EngineCase("greedy", "dynamic"),
+        EngineCase("topk", "dynamic"),
+        EngineCase("topk", "dynamic-wide", device_verify=True),
+        EngineCase("mcss-wor", "dynamic"),
+        EngineCase("mcss-wor", "dynamic-wide", device_verify=True),
+        EngineCase("mcss-wor", "dynamic", same_models=True),
+        EngineCase("mcss-wor", "dynamic", runtime="fast"),
     ]
     return cases
 

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     rate = stats.new_tokens / elapsed if elapsed > 0 else 0.0
     print(
-        f"[{spec.token_tree().describe()} {spec.resolved_rule()}] {stats.summary()}, "
+        f"[{spec.describe_tree()} {spec.resolved_rule()}] {stats.summary()}, "
         f"{rate:.2f} tokens/s, finish: {finish}",
         file=sys.stderr,
     )

@@ -112,7 +112,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tree",
         default=None,
-        help="k-config like 4,2,2 (1,1,1,1 = chain) or JSON rank paths; default: the tree mcsd "
+        help="k-config like 4,2,2 (1,1,1,1 = chain), JSON rank paths, or a tree grown per step "
+        "dynamic:BUDGET[:WIDTH[:DEPTH]] (e.g. dynamic:16); default: the tree mcsd "
         f"tune saved for the pair here, else {DEFAULT_TREE}",
     )
     parser.add_argument("--rule", default=None, choices=RULE_NAMES, help="verification rule")

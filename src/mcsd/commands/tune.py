@@ -3,7 +3,9 @@
 Greedy decoding only: the acceptance of every candidate shape is simulated exactly from the
 draft's ranks of the target's answers, its step time predicted from measured forward costs, and
 the best predicted shapes are then run for real against the target alone (see
-``mcsd.bench.sweep``). ``mcsd tune`` saves the fastest measured tree in the cache's tuned.json.
+``mcsd.bench.sweep``; the optimiser's pick per budget, ``mcsd.bench.optimise``, is among them).
+``mcsd tune`` saves the fastest measured tree in the cache's tuned.json, or ``none`` (the
+target alone) when plain decoding was faster than every tree.
 
 mcsd tune --n 4 --max-new-tokens 128
 mcsd bench --sweep --temperature 0 --budgets 4,8,16,32,64 --verify 4 --out sweep-out
@@ -29,7 +31,7 @@ from mcsd.commands.options import (
     load_questions,
     spec_from_args,
 )
-from mcsd.config import SweepDefaults
+from mcsd.config import NO_SPECULATION, SweepDefaults
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -65,7 +67,7 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     import torch
     from rich.console import Console
 
-    from mcsd.bench import sweep
+    from mcsd.bench import optimise, sweep
     from mcsd.bench.methods import parse_method, run_method
     from mcsd.bench.report import render_table, run_metadata, summarize, table_text, write_results
     from mcsd.bench.runner import build_prompt, run_bench
@@ -121,8 +123,18 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     costs.overhead = max(0.0, measured - costs.step_time(chain_tree))
     costs.notes["chain_step_ms"] = 1e3 * measured
 
-    # 4. Rank every candidate shape.
+    # 4. The optimiser's pick per budget, then rank every candidate shape by simulation.
+    acceptance = [sweep.rank_frequencies(traces)] * args.max_depth  # draft ranks, any depth
+    step_costs = costs.step_costs(max(budgets))
+    picks = {b: optimise.choose(acceptance, step_costs, b, args.max_depth) for b in budgets}
+    for budget, pick in picks.items():
+        print(
+            f"optimiser, budget {budget}: {pick.name} (expected AL {pick.accepted_length:.2f}, "
+            f"{pick.tokens_per_s:.1f} tokens/s against {pick.plain_tokens_per_s:.1f} plain)",
+            file=sys.stderr,
+        )
     trees = sweep.candidate_trees(traces, budgets, args.max_depth)
+    trees += [p.tree for p in picks.values() if p.tree is not None and p.tree not in trees]
     candidates = sweep.rank_candidates(trees, traces, costs)
     ar_rate = 1.0 / costs.target_time(1)
     best = sweep.best_per_budget(candidates, budgets)
@@ -164,6 +176,15 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
         "costs": costs.to_dict(),
         "ar_tokens_per_s_predicted": ar_rate,
         "rank_frequencies": sweep.rank_frequencies(traces),
+        "optimiser": {
+            str(b): {
+                "tree": p.name,
+                "expected_accepted_length": p.accepted_length,
+                "tokens_per_s": p.tokens_per_s,
+                "plain_tokens_per_s": p.plain_tokens_per_s,
+            }
+            for b, p in picks.items()
+        },
         "candidates": [_candidate_dict(c) for c in candidates],
         "best_per_budget": {
             str(b): {key: _candidate_dict(c) for key, c in entry.items()}
@@ -185,14 +206,22 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     print(f"sweep results in {out}/sweep.json", file=sys.stderr)
 
     if save:
+        # Speculation that does not pay switches itself off: tree "none", the target alone.
         mcsd_rows = {k: v for k, v in verified.items() if k.startswith(("tree:", "sps:"))}
         if mcsd_rows:
             name = max(mcsd_rows, key=lambda k: mcsd_rows[k]["tokens_per_s"])
             method = parse_method(name)
             tree = ",".join(["1"] * int(name[4:])) if method.kind == "sps" else method.tree
             source = "measured"
+            if (
+                "ar" in verified
+                and verified["ar"]["tokens_per_s"] >= verified[name]["tokens_per_s"]
+            ):
+                name, tree = "ar", NO_SPECULATION
         else:
             name, tree, source = candidates[0].name, candidates[0].name, "predicted"
+            if candidates[0].tokens_per_s <= ar_rate:
+                tree = NO_SPECULATION
         runtime = pair.target.name.split(":")[0]
         key = tuned_key(
             pair.target_name, draft_name, str(pair.target.device), str(pair.target.dtype), runtime

@@ -38,7 +38,88 @@ class _Level:
     offsets: Tensor  # [len(run)] long, position of each run node relative to the root
 
 
-class ModelProposer:
+class DraftModelProposer:
+    """What every draft-model proposer shares (static trees here, dynamic ones in
+    ``mcsd.draft.dynamic``): the draft's committed cache, the step's first forward over the
+    uncached tokens, and the commit of the accepted nodes the draft ran (``slot``: node -> index
+    of its entry in the pending block, after the uncached tokens)."""
+
+    def __init__(self, draft: Runtime, sampling: SamplingConfig, *, vocab_size: int) -> None:
+        self.draft = draft
+        self.sampling = sampling
+        self.vocab_size = vocab_size
+        self.slot: dict[int, int] = {}
+        self._uncached: list[int] = []
+
+    @classmethod
+    def for_spec(cls, draft: Runtime, spec: SpecConfig, vocab_size: int) -> DraftModelProposer:
+        """The proposer ``spec`` asks for: its tree (static, or grown per step), its draft
+        sampling, candidates drawn the way its rule needs."""
+        rule: Rule = get_rule(spec.resolved_rule())
+        dynamic = spec.dynamic
+        if dynamic is not None:
+            from mcsd.draft.dynamic import DynamicProposer
+
+            return DynamicProposer(
+                draft,
+                dynamic,
+                spec.draft_sampling,
+                vocab_size=vocab_size,
+                deterministic=rule.deterministic,
+                return_q=rule.reads_q,
+            )
+        return ModelProposer(
+            draft,
+            spec.token_tree(),
+            spec.draft_sampling,
+            vocab_size=vocab_size,
+            replacement=rule.replacement,
+            deterministic=rule.deterministic,
+            return_q=rule.reads_q,
+        )
+
+    @property
+    def max_context(self) -> int | None:
+        return self.draft.max_context
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        self.draft.reset()
+        prefix = list(prompt_ids[:-1])
+        if prefix:
+            device = self.draft.device
+            ids = to_device([prefix], device)  # [1, T]
+            positions = torch.arange(len(prefix), device=device)[None]  # [1, T]
+            self.draft.forward(
+                ids, positions, chain_mask(len(prefix), device=device), logits="none"
+            )
+            self.draft.commit()
+        self._uncached = list(prompt_ids[-1:])
+
+    def run_uncached(self, committed: Sequence[int]) -> tuple[Tensor, int, int]:
+        """The step's first draft forward, over the uncached tokens: the logits after the
+        pending token ``[V]`` (cut to the common vocabulary), the number of uncached tokens and
+        the pending token's position."""
+        draft, device = self.draft, self.draft.device
+        uncached = self._uncached
+        n = len(uncached)
+        start = draft.cache_lengths()[0]
+        pending = len(committed) - 1  # position of the pending token
+        assert start + n == pending + 1, "draft cache out of step with the committed tokens"
+        ids = to_device([[*uncached, *range(start, start + n)]], device)  # [1, 2n]
+        logits = draft.forward(ids[:, :n], ids[:, n:], chain_mask(n, device=device), logits="last")
+        return logits[0, -1, : self.vocab_size], n, pending
+
+    def commit(self, accepted: Sequence[int], tokens: Sequence[int]) -> None:
+        """Keep the uncached tokens and the accepted nodes the draft ran; the accepted tokens it
+        has not run and the correction / bonus token are uncached for the next step."""
+        kept = [a for a in accepted if a in self.slot]
+        assert kept == list(accepted[: len(kept)]), "only the accepted leaf can be missing"
+        n = len(self._uncached)
+        self.draft.commit([[*range(n), *(n + self.slot[a] for a in kept)]])
+        self._uncached = list(tokens[len(kept) :])
+
+
+class ModelProposer(DraftModelProposer):
     """Grows ``tree`` with the ``draft`` runtime (see the module docstring).
 
     ``replacement`` / ``deterministic`` say how a node's children are picked (from the rule's
@@ -56,14 +137,11 @@ class ModelProposer:
         deterministic: bool,
         return_q: bool,
     ) -> None:
-        self.draft = draft
+        super().__init__(draft, sampling, vocab_size=vocab_size)
         self.tree = tree
-        self.sampling = sampling
-        self.vocab_size = vocab_size
         self.replacement = replacement
         self.deterministic = deterministic or sampling.greedy
         self.return_q = return_q
-        self._uncached: list[int] = []
         device = draft.device
         ancestors = tree.ancestor_mask(device)  # [N, N]
         inner = [u for u in range(tree.num_nodes) if tree.children(u)]
@@ -94,58 +172,20 @@ class ModelProposer:
             run_index = torch.tensor(run, dtype=torch.long, device=device)
             self.levels.append(_Level(picks, run, run_index, mask, offsets))
 
-    @classmethod
-    def for_spec(cls, draft: Runtime, spec: SpecConfig, vocab_size: int) -> ModelProposer:
-        """The proposer ``spec`` asks for: its tree, its draft sampling, candidates drawn the
-        way its rule needs."""
-        rule: Rule = get_rule(spec.resolved_rule())
-        return cls(
-            draft,
-            spec.token_tree(),
-            spec.draft_sampling,
-            vocab_size=vocab_size,
-            replacement=rule.replacement,
-            deterministic=rule.deterministic,
-            return_q=rule.reads_q,
-        )
-
     # ------------------------------------------------------------------ protocol
-    @property
-    def max_context(self) -> int | None:
-        return self.draft.max_context
-
     @property
     def max_depth(self) -> int:
         return self.tree.max_depth
-
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self.draft.reset()
-        prefix = list(prompt_ids[:-1])
-        if prefix:
-            device = self.draft.device
-            ids = to_device([prefix], device)  # [1, T]
-            positions = torch.arange(len(prefix), device=device)[None]  # [1, T]
-            self.draft.forward(
-                ids, positions, chain_mask(len(prefix), device=device), logits="none"
-            )
-            self.draft.commit()
-        self._uncached = list(prompt_ids[-1:])
 
     def propose(self, committed: Sequence[int], generator: torch.Generator) -> Proposal:
         """Node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u; rows of nodes
         without children stay zero), or None for q when neither the picking nor the rule reads
         it (deterministic drafts under greedy / top-k verification)."""
         tree, draft, device = self.tree, self.draft, self.draft.device
-        uncached = self._uncached
-        n = len(uncached)
-        start = draft.cache_lengths()[0]
-        pending = len(committed) - 1  # position of the pending token
-        assert start + n == pending + 1, "draft cache out of step with the committed tokens"
+        root_logits, n, pending = self.run_uncached(committed)
         need_q = not self.deterministic or self.return_q
-        ids = to_device([[*uncached, *range(start, start + n)]], device)  # [1, 2n]
-        logits = draft.forward(ids[:, :n], ids[:, n:], chain_mask(n, device=device), logits="last")
         row_logits = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
-        row_logits[0] = logits[0, -1, : self.vocab_size]
+        row_logits[0] = root_logits
         q = torch.zeros_like(row_logits) if need_q else None  # [N+1, V]
         if q is not None:
             q[0] = warp(row_logits[0], self.sampling)
@@ -173,12 +213,3 @@ class ModelProposer:
             if q is not None:
                 q[rows] = warp(row_logits[rows], self.sampling)
         return Proposal(tree, node_tokens, q if self.return_q else None)
-
-    def commit(self, accepted: Sequence[int], tokens: Sequence[int]) -> None:
-        """Keep the uncached tokens and the accepted nodes the draft ran; the accepted tokens it
-        has not run and the correction / bonus token are uncached for the next step."""
-        kept = [a for a in accepted if a in self.slot]
-        assert kept == list(accepted[: len(kept)]), "only the accepted leaf can be missing"
-        n = len(self._uncached)
-        self.draft.commit([[*range(n), *(n + self.slot[a] for a in kept)]])
-        self._uncached = list(tokens[len(kept) :])

@@ -158,7 +158,7 @@ def create_app(
                 "scheduling": "one generation at a time (batch 1); requests wait in a FIFO "
                 f"queue of at most {max_queue}, beyond which the server answers 429",
                 "defaults": {
-                    "tree": defaults.token_tree().describe(),
+                    "tree": defaults.describe_tree(),
                     "rule": defaults.rule or "auto",
                     "temperature": defaults.target.temperature,
                     "top_p": defaults.target.top_p,
@@ -340,13 +340,12 @@ def _data(payload: dict[str, Any]) -> str:
 
 def speculative_summary(spec: SpecConfig, stats: Stats) -> dict[str, Any]:
     """What speculation did for one request (``usage.speculative``)."""
-    tree = spec.token_tree()
     return {
-        "tree": tree.describe(),
-        "tree_size": tree.num_nodes,
+        "tree": spec.describe_tree(),
+        "tree_size": spec.tree_nodes,
         "rule": spec.resolved_rule(),
         "steps": stats.steps,
-        "draft_tokens": tree.num_nodes * stats.steps,
+        "draft_tokens": sum(r.tree_size for r in stats.records),
         "accepted_tokens": sum(r.accepted for r in stats.records),
         "mean_accepted_length": stats.mean_accepted_length,
         "acceptance_per_depth": stats.acceptance_per_depth(),

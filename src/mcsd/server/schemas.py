@@ -11,7 +11,8 @@ The ``mcsd`` extension object overrides the server's speculation settings for on
 
     {"mcsd": {"tree": "4,2,2", "rule": "mcss-wor", "draft_temperature": 0.7}}
 
-``tree`` takes a k-config (``"4,2,2"`` or ``[4, 2, 2]``) or a list of paths
+``tree`` takes a k-config (``"4,2,2"`` or ``[4, 2, 2]``), ``"dynamic:BUDGET[:WIDTH[:DEPTH]]"``,
+``"none"`` (the target alone) or a list of paths
 (``[[0], [1], [0, 0]]``).
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcsd.config import SamplingConfig, ServeLimits, SpecConfig
+from mcsd.config import DYNAMIC_PREFIX, NO_SPECULATION, SamplingConfig, ServeLimits, SpecConfig
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import get_rule
 
@@ -308,7 +309,12 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
     tree = defaults.tree
     if options.tree is not None:
         try:
-            tree = TokenTree.parse(options.tree, max_nodes=defaults.max_tree_nodes)
+            if isinstance(options.tree, str) and options.tree.strip().startswith(
+                (DYNAMIC_PREFIX, NO_SPECULATION)
+            ):
+                tree = SpecConfig(tree=options.tree, max_tree_nodes=defaults.max_tree_nodes).tree
+            else:
+                tree = TokenTree.parse(options.tree, max_nodes=defaults.max_tree_nodes)
         except ValueError as error:
             raise invalid(f"mcsd.tree: {error}", "mcsd.tree") from None
     rule = defaults.rule

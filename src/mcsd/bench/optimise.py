@@ -1,0 +1,271 @@
+"""The tree-shape optimiser (Sequoia / OPT-Tree style): the static tree with the best expected
+tokens per second under a node budget, from measured acceptance and measured step costs.
+
+Acceptance model (positional, as in Sequoia; measured by ``acceptance_from_steps`` from a run's
+step records, or from the draft ranks of the target's answers by ``mcsd tune``):
+``acceptance[d-1][r]`` is the probability that a
+node's child of sibling rank ``r`` is the accepted one, given that the node at depth ``d-1`` was
+reached; it does not depend on how many siblings there are (true for the draft's top-k under
+greedy verification: child r is accepted exactly when the target's token has draft rank r). A
+node's path probability is the product of its ranks' acceptances down from the root, and
+
+    expected accepted length  AL(T) = 1 + sum over nodes u of P(path to u accepted)
+
+(the 1 is the step's correction or bonus token). Cost model (``StepCosts``): a step of a tree
+with N nodes, I of them inner (with children), of depth D costs
+
+    c(T) = fixed + draft_level * (D - 1) + draft_node * I + target(N + 1)
+
+(``fixed``: the per-step overhead and the draft's forward over the uncached tokens; every depth
+above the deepest runs one draft forward, affine in the nodes it runs; ``target`` is the measured
+forward time of N + 1 tree tokens, any shape). Tokens per second = AL(T) / c(T).
+
+The search: for a fixed price ``lam`` of a second, AL(T) - lam * c(T) splits over subtrees, so a
+dynamic program over (depth, sibling rank, nodes left) finds the best tree of every size N and
+depth limit D at once; Dinkelbach's iteration (lam <- AL / c of the last pick) converges to the
+best ratio in a few rounds. ``choose`` then compares with plain decoding (one target forward per
+token) and picks no speculation at all when no tree is expected to beat it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mcsd.config import NO_SPECULATION, OPTIMISER_ITERATIONS, OPTIMISER_TOLERANCE
+from mcsd.stats import StepRecord
+from mcsd.tree import ROOT, TokenTree
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per step: see the module docstring. ``target[n - 1]`` is the target's forward of
+    n new tokens (n = 1 is plain decoding), measured up to the largest tree plus its root."""
+
+    target: tuple[float, ...]
+    fixed: float = 0.0  # overhead + the draft's forward over the uncached tokens
+    draft_level: float = 0.0  # each draft forward over one tree level
+    draft_node: float = 0.0  # each inner node in it
+    plain_overhead: float = 0.0  # per token of plain decoding, outside the target forward
+
+    def __post_init__(self) -> None:
+        if not self.target or any(not (t > 0 and math.isfinite(t)) for t in self.target):
+            raise ValueError("target costs must be positive seconds, one per token count 1..n")
+        for name in ("fixed", "draft_level", "draft_node", "plain_overhead"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be non-negative seconds, got {value!r}")
+
+    @property
+    def max_nodes(self) -> int:
+        return len(self.target) - 1
+
+    def step_time(self, tree: TokenTree) -> float:
+        if tree.num_nodes > self.max_nodes:
+            raise ValueError(
+                f"tree of {tree.num_nodes} nodes: costs are measured up to {self.max_nodes}"
+            )
+        inner = sum(1 for u in range(tree.num_nodes) if tree.children(u))
+        return (
+            self.fixed
+            + self.draft_level * (tree.max_depth - 1)
+            + self.draft_node * inner
+            + self.target[tree.num_nodes]
+        )
+
+    @property
+    def plain_time(self) -> float:
+        """Seconds per token of plain decoding (the target alone)."""
+        return self.target[0] + self.plain_overhead
+
+
+def _check_acceptance(acceptance: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+    table = tuple(tuple(float(a) for a in row) for row in acceptance)
+    if not table or not all(table):
+        raise ValueError("acceptance must have one non-empty row of rank probabilities per depth")
+    for d, row in enumerate(table, start=1):
+        if any(not 0.0 <= a <= 1.0 for a in row) or sum(row) > 1.0 + 1e-9:
+            raise ValueError(
+                f"acceptance at depth {d} must be probabilities in [0, 1] summing to <= 1"
+            )
+    return table
+
+
+def acceptance_from_steps(
+    records: Iterable[StepRecord], max_depth: int, width: int
+) -> list[list[float]]:
+    """The acceptance table measured by a run (``mcsd bench`` / ``mcsd generate`` step
+    records): at depth d, the share of the steps that verified depth d whose accepted node
+    there had sibling rank r. Only the ranks the run's tree offered are observed, so measure
+    with a tree at least ``width`` wide and ``max_depth`` deep."""
+    reached = [0] * max_depth
+    accepted = [[0] * width for _ in range(max_depth)]
+    for record in records:
+        for d in range(min(record.attempted, max_depth)):
+            reached[d] += 1
+        for d, rank in enumerate(record.ranks[:max_depth]):
+            if rank < width:
+                accepted[d][rank] += 1
+    return [[a / n if n else 0.0 for a in row] for row, n in zip(accepted, reached, strict=True)]
+
+
+def expected_accepted_length(tree: TokenTree, acceptance: Sequence[Sequence[float]]) -> float:
+    """AL(T) = 1 + the sum of the nodes' path probabilities (module docstring); a rank or depth
+    beyond the table is never accepted."""
+    table = _check_acceptance(acceptance)
+    reach = [0.0] * tree.num_nodes
+    for u, parent in enumerate(tree.parents):
+        d, r = tree.depth[u], tree.rank[u]
+        a = table[d - 1][r] if d <= len(table) and r < len(table[d - 1]) else 0.0
+        reach[u] = a * (1.0 if parent == ROOT else reach[parent])
+    return 1.0 + sum(reach)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The optimiser's pick: a tree, or None for plain decoding."""
+
+    tree: TokenTree | None
+    accepted_length: float  # expected tokens per step (1 for plain decoding)
+    step_time: float  # seconds
+    plain_tokens_per_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.accepted_length / self.step_time
+
+    @property
+    def name(self) -> str:
+        if self.tree is None:
+            return NO_SPECULATION
+        from mcsd.bench.sweep import tree_name
+
+        return tree_name(self.tree)
+
+
+def best_tree(
+    acceptance: Sequence[Sequence[float]],
+    costs: StepCosts,
+    budget: int,
+    max_depth: int | None = None,
+) -> Choice:
+    """The static tree of at most ``budget`` nodes (and ``max_depth`` levels; default: the
+    acceptance table's depth) with the best expected tokens/s under the two models."""
+    table = _check_acceptance(acceptance)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+    if budget > costs.max_nodes:
+        raise ValueError(f"budget {budget}: costs are measured up to {costs.max_nodes} nodes")
+    depth_limit = len(table) if max_depth is None else max_depth
+    if isinstance(depth_limit, bool) or not isinstance(depth_limit, int) or depth_limit < 1:
+        raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
+    lam, best = 0.0, None
+    for _ in range(OPTIMISER_ITERATIONS):
+        tree = _best_for_price(table, costs, budget, depth_limit, lam)
+        value = expected_accepted_length(tree, table)
+        cost = costs.step_time(tree)
+        best = Choice(tree, value, cost, 1.0 / costs.plain_time)
+        if value - lam * cost <= OPTIMISER_TOLERANCE * value:
+            break
+        lam = value / cost
+    assert best is not None
+    return best
+
+
+def choose(
+    acceptance: Sequence[Sequence[float]],
+    costs: StepCosts,
+    budget: int,
+    max_depth: int | None = None,
+) -> Choice:
+    """``best_tree``, or plain decoding (``tree=None``) when it is expected to be faster."""
+    pick = best_tree(acceptance, costs, budget, max_depth)
+    if pick.tokens_per_s > pick.plain_tokens_per_s:
+        return pick
+    return Choice(None, 1.0, costs.plain_time, pick.plain_tokens_per_s)
+
+
+def _best_for_price(
+    table: tuple[tuple[float, ...], ...],
+    costs: StepCosts,
+    budget: int,
+    depth_limit: int,
+    lam: float,
+) -> TokenTree:
+    """argmax over trees of AL - lam * c. For every depth limit L, ``forest[d][r][n]`` is the
+    best value of exactly n nodes placed as the children of ranks >= r of a node at depth d - 1
+    and their subtrees, per unit of that node's reach (its inner nodes priced at
+    lam * draft_node each); ranks beyond the table are worth nothing, so any nodes left there
+    are leaves. The levels and the target forward are priced outside, for the tree's true depth
+    and size, so the best score over all L and N is the optimum."""
+    depth_limit = min(depth_limit, budget)
+    price = lam * costs.draft_node
+    best: tuple[float, TokenTree] | None = None
+    for limit in range(1, depth_limit + 1):
+        # value[d][r] [budget + 1], split[d][r][n] = nodes in the rank-r child's subtree
+        value: dict[tuple[int, int], np.ndarray] = {}
+        split: dict[tuple[int, int], np.ndarray] = {}
+        below = np.full(budget + 1, -np.inf)  # forest below depth limit: no node fits
+        below[0] = 0.0
+        for d in range(limit, 0, -1):
+            row = table[d - 1] if d <= len(table) else ()
+            width = len(row)
+            value[d, width] = np.zeros(budget + 1)  # worthless leaves
+            split[d, width] = np.zeros(budget + 1, dtype=np.int64)
+            # subtree of a child with m nodes: a * (1 + below[m - 1]) - price if m > 1
+            m = np.arange(1, budget + 1)
+            inner = np.where(m > 1, price, 0.0)
+            for r in range(width - 1, -1, -1):
+                subtree = row[r] * (1.0 + below[m - 1]) - inner  # [budget] for m = 1..budget
+                subtree = np.where(np.isfinite(below[m - 1]), subtree, -np.inf)
+                rest = value[d, r + 1]
+                out = np.full(budget + 1, -np.inf)
+                out[0] = 0.0
+                pick = np.zeros(budget + 1, dtype=np.int64)
+                for n in range(1, budget + 1):
+                    totals = subtree[:n] + rest[n - 1 :: -1][:n]  # m = 1..n, rest n - m
+                    j = int(np.argmax(totals))
+                    out[n], pick[n] = totals[j], j + 1
+                value[d, r], split[d, r] = out, pick
+            below = value[d, 0]
+        for n in range(1, budget + 1):
+            if not np.isfinite(below[n]):
+                continue
+            tree = _from_shape(_shape(split, table, 1, 0, n))
+            score = (
+                expected_accepted_length(tree, table) - lam * costs.step_time(tree)
+                if lam
+                else expected_accepted_length(tree, table)
+            )
+            if best is None or score > best[0] + 1e-12:
+                best = (score, tree)
+    assert best is not None
+    return best[1]
+
+
+def _shape(split: dict, table: tuple, d: int, r: int, n: int) -> tuple:
+    """The children (nested shapes, rank order) of n nodes placed from rank r at depth d."""
+    width = len(table[d - 1]) if d <= len(table) else 0
+    if n == 0:
+        return ()
+    if r >= width:
+        return ((),) * n  # worthless leaves
+    m = int(split[d, r][n])
+    return (_shape(split, table, d + 1, 0, m - 1), *_shape(split, table, d, r + 1, n - m))
+
+
+def _from_shape(shape: tuple) -> TokenTree:
+    """A ``TokenTree`` from nested child tuples (children in rank order), BFS-numbered."""
+    parents: list[int] = []
+    level = [(ROOT, shape)]
+    while level:
+        following = []
+        for parent, children in level:
+            for child in children:
+                parents.append(parent)
+                following.append((len(parents) - 1, child))
+        level = following
+    return TokenTree(tuple(parents))
