@@ -25,6 +25,7 @@ class StepRecord:
     draft_time: float  # seconds spent drafting
     target_time: float  # seconds in the target forward and verification
     prefill_time: float = 0.0  # seconds reading the prompt (models' prefill), on the first step
+    accepted_context: int = 0  # accepted nodes copied from the context (mcsd.draft.context)
 
 
 @dataclass
