@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
-        f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
+        f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
     app = create_app(pair, spec, model_name=args.served_model_name, max_queue=args.max_queue)

@@ -73,7 +73,7 @@ def create_app(
     model_name = model_name or pair.target_name
     scheduler = Scheduler(pair, max_queue=max_queue)
     metrics = scheduler.metrics
-    contexts = [m.max_context for m in (pair.target, pair.draft) if m.max_context is not None]
+    contexts = [m.max_context for m in (pair.target, pair.draft) if m is not None and m.max_context]
     limits = Limits(pair.vocab_size, min(contexts) if contexts else UNBOUNDED_MAX_TOKENS)
     created = int(time.time())
 
