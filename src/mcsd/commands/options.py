@@ -218,7 +218,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         action="append",
         default=None,
-        help="humaneval, mt-bench, sharegpt or a file path (repeatable; default: "
+        help="humaneval, humaneval-edit, mt-bench, mt-bench-2nd, sharegpt or a file path "
+        "(repeatable; default: "
         f"{' and '.join(BenchDefaults.datasets)})",
     )
     parser.add_argument(
