@@ -47,7 +47,7 @@ from mcsd.config import DEFAULT_MAX_TREE_NODES, SpecConfig
 from mcsd.draft.select import make_proposer
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.stats import StepRecord
-from mcsd.verify.rules import RULE_NAMES
+from mcsd.verify.rules import RULE_NAMES, get_rule
 
 BASELINES = ("hf-ar", "hf-static", "hf-assisted", "hf-pld", "llama-ar", "llama-spec", "ar")
 MCSD_KINDS = ("sps", "tree", "ctx", "mixed")
@@ -163,8 +163,9 @@ def parse_method(text: str) -> Method:
         shape, _, rule = rest.partition(":")
         if rule and rule not in RULE_NAMES:
             raise ValueError(f"method {name!r}: rule must be one of {', '.join(RULE_NAMES)}")
-        # a bad shape (or a rule that cannot mix) fails here, clearly
-        SpecConfig(tree=parse_tree(shape), rule=None, proposer=PROPOSER_OF_KIND[kind])
+        if kind == "mixed" and rule and get_rule(rule).mixed_trees is None:
+            raise ValueError(f"method {name!r}: rule {rule!r} cannot verify mixed trees")
+        SpecConfig(tree=parse_tree(shape), rule=None)  # a bad shape fails here, clearly
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
         f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, hf-pld, "
