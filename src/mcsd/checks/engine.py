@@ -160,7 +160,7 @@ def engine_cases() -> list[EngineCase]:
                 ("topk", "context", {"device_verify": True}),
                 ("greedy", "context", {}),
                 ("mcss-wor", "mixed", {}),
-                ("mcss-wor", "mixed", {"device_verify": True}),
+                ("mcss-wor", "mixed", {"device_verify": True, "float32": True}),
                 ("topk", "mixed", {}),
             )
         ),
