@@ -149,8 +149,8 @@ def run(
             helper.generation_config.num_assistant_tokens = assistant_tokens
             helper.generation_config.num_assistant_tokens_schedule = "constant"
         kwargs["assistant_model"] = helper
-    if kind == "pld":
-        kwargs["prompt_lookup_num_tokens"] = lookup_tokens or PROMPT_LOOKUP_TOKENS
+    if kind == "pld":  # on the config: generate() warns about it beside a generation_config
+        config.prompt_lookup_num_tokens = lookup_tokens or PROMPT_LOOKUP_TOKENS
     if seed is not None:
         torch.manual_seed(seed)  # transformers samples from the global generator
     ids = torch.tensor([prompt_ids], device=target.device)
