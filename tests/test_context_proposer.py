@@ -166,3 +166,31 @@ def test_greedy_output_is_target_greedy_on_a_tiny_hf_model(proposer: str) -> Non
     )
     reference = autoregressive_decode(target, prompt, GREEDY, 24, vocab_size=vocab)
     assert [t for s in steps for t in s.tokens] == [t for s in reference for t in s.tokens]
+
+
+def test_request_store_through_the_api() -> None:
+    """A pair without a draft, context drafting from an earlier request (RequestStore): the
+    greedy output is still the target's and the copied continuation is accepted."""
+    from mcsd.api import ModelPair, generate
+
+    vocab = 6
+    target = TableLM.random(vocab, seed=3, order=3)
+    pair = ModelPair(target, None, None)
+    spec = SpecConfig(target=GREEDY, max_new_tokens=12, proposer="context", stop_token_ids=())
+    prompt = [4, 1, 5]
+    reference = [
+        t
+        for s in autoregressive_decode(target, prompt, GREEDY, 12, vocab_size=vocab)
+        for t in s.tokens
+    ]
+    alone = generate(pair, prompt, spec)
+    store = RequestStore(capacity=4, max_ngram=spec.context.max_ngram)
+    store.add([0, 4, 1, 5, *reference])  # an earlier request that produced the same answer
+    copied = generate(pair, prompt, spec, store=store)
+    assert alone.token_ids == copied.token_ids == reference
+    assert copied.stats.steps < alone.stats.steps
+    assert copied.stats.context_share == 1.0
+    with pytest.raises(ValueError, match="needs a draft model"):
+        generate(pair, prompt, SpecConfig(target=GREEDY, proposer="mixed"))
+    with pytest.raises(ValueError, match="capacity must be an integer"):
+        RequestStore(capacity=0, max_ngram=4)
