@@ -156,3 +156,32 @@ def test_mixed_engine_without_the_residual_update_is_caught(
     monkeypatch.setattr(node_module, "_remove_from_p", lambda state, c: None)
     result = run_engine_case(MIXED, TRIALS, seed=1)
     assert not result.fit.passed, result.fit
+
+
+def test_merge_continues_the_draft_below_a_context_twin() -> None:
+    """Context tree: 7 -> 8; draft tree 2,1 with tokens 7 (child 5) and 3 (child 6). The
+    context's 7 is the draft's 7's twin: it takes the drawn child 5 after its own 8, and the
+    drawn 7 stays a childless candidate."""
+    from mcsd.draft.mixed import merge
+
+    context = TokenTree((-1, 0))
+    draft = TokenTree((-1, -1, 0, 1))
+    merged = merge(context, (7, 8), draft, (7, 3, 5, 6), torch.device("cpu"))
+    # union nodes: 0 ctx 7, 1 draft 7 (leaf), 2 draft 3, 3 ctx 8, 4 draft 5 (below ctx 7), 5 draft 6
+    assert merged.tree.parents == (-1, -1, -1, 0, 0, 2)
+    tokens = torch.tensor([7, 8, 7, 3, 5, 6])[merged.order].tolist()
+    assert tokens == [7, 7, 3, 8, 5, 6]
+    assert merged.deterministic == (True, False, False, True, False, False)
+    assert merged.draft_node == (0, 0, 1, -1, 2, 3)
+    # q rows: root = draft root; ctx 7 holds draft node 0's children; drawn 7 is a leaf (zero)
+    zero = draft.num_nodes + 1
+    assert merged.q_rows.tolist() == [0, 1, zero, 2, zero, 3, 4]
+    assert mixed_counts(merged.tree, get_rule("mcss-wor"), merged.deterministic) == (
+        1,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
