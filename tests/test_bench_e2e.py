@@ -76,6 +76,7 @@ def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys, monkeypatch)
     monkeypatch.setenv("MCSD_CACHE", str(tmp_path / "cache"))  # the +fr token ranking goes there
     monkeypatch.setattr("mcsd.models.frequent.CORPUS_CHARS", 20_000)
     methods = ["hf-ar", "hf-assisted:3", "ar", "sps:2", "tree:2,2", "tree:2,1+fr=100", "sps:2+int8"]
+    methods += ["mixed:2,1", "mixed:2,1+int8"]  # the draft's tree and the context's in one
     models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
     run = ["--dataset", str(prompts), "--turns", "2", "--max-new-tokens", "8", "--temperature", "0"]
     quiet = ["--warmup-tokens", "2", "--no-progress", "--out", str(out)]
@@ -98,6 +99,34 @@ def test_bench_greedy_end_to_end(tiny_pair, tmp_path: Path, capsys, monkeypatch)
     first = json.loads(lines[0])["choices"][0]
     assert len(first["turns"]) == 2 and sum(first["new_tokens"]) == sum(first["accept_lengths"])
     assert (out / "table.txt").read_text().count("tree:2,2") == 2  # prompts + all
+    assert "ctx %" in printed and pooled["mixed:2,1"]["mean_tree_size"] >= 3
+
+
+def test_bench_without_a_draft_model(tiny_pair, tmp_path: Path, capsys) -> None:
+    """Context drafting and transformers' prompt lookup need no draft: none is loaded (the
+    --draft path does not exist)."""
+    target, _, prompts = tiny_pair
+    out = tmp_path / "out"
+    methods = ["hf-ar", "hf-pld", "hf-pld:3", "ar", "ctx", "ctx:4"]
+    models = ["--target", str(target), "--draft", str(tmp_path / "missing"), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--max-new-tokens", "12", "--temperature", "0"]
+    quiet = ["--warmup-tokens", "2", "--no-progress", "--no-plots", "--out", str(out)]
+    assert main(["bench", *models, *run, *quiet, "--methods", *methods]) == 0
+    assert "no draft" in capsys.readouterr().err
+    pooled = json.loads((out / "summary.json").read_text())["results"]["all"]
+    for name in methods:
+        assert pooled[name]["equal_rate"] == 1.0, name
+    assert pooled["ctx:4"]["tree_size"] <= 4
+    assert pooled["hf-pld:3"]["steps"] <= pooled["hf-ar"]["steps"]
+
+
+def test_generate_with_the_context_proposer_loads_no_draft(tiny_pair, tmp_path: Path, capsys):
+    target, _, _ = tiny_pair
+    models = ["--target", str(target), "--draft", str(tmp_path / "missing"), "--dtype", "float32"]
+    run = ["--temperature", "0", "--max-new-tokens", "8", "--proposer", "context", "--json"]
+    assert main(["generate", "def add(a, b): return a + b\ndef add(", *models, *run]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["token_ids"]) == 8 and "context_share" in result["stats"]
 
 
 def test_bench_sampling_runs(tiny_pair, tmp_path: Path) -> None:

@@ -96,6 +96,34 @@ def test_method_names() -> None:
         with pytest.raises(ValueError):
             parse_method(bad)
     assert method_slug("tree:4,2,2:mcss-wor") == "tree-4.2.2-mcss-wor"
+
+
+def test_context_method_names() -> None:
+    from mcsd.config import GREEDY, SamplingConfig, SpecConfig
+
+    base = SpecConfig(target=SamplingConfig(1.0))
+    ctx = parse_method("ctx")
+    assert (ctx.kind, ctx.proposer, ctx.context_nodes, ctx.uses_draft) == (
+        "ctx",
+        "context",
+        None,
+        False,
+    )
+    spec = parse_method("ctx:8").spec(base)
+    assert (spec.proposer, spec.context.max_nodes, spec.resolved_rule()) == ("context", 8, "topk")
+    assert parse_method("ctx").spec(SpecConfig(target=GREEDY)).resolved_rule() == "greedy"
+    mixed = parse_method("mixed:4,2,2")
+    assert (mixed.proposer, mixed.tree, mixed.uses_draft) == ("mixed", "4,2,2", True)
+    assert mixed.spec(base).resolved_rule() == "mcss-wor"
+    assert parse_method("mixed:2,2:mcss+int8").draft_int8
+    assert "context" in mixed.describe(base)
+    pld = parse_method("hf-pld:5")
+    assert (pld.kind, pld.lookup_tokens, pld.is_mcsd) == ("hf-pld", 5, False)
+    assert parse_method("hf-pld").lookup_tokens is None
+    assert parse_method("tree:2,2").spec(base).proposer == "model"
+    for bad in ("ctx:0", "ctx:x", "ctx+int8", "mixed", "mixed:2,2:traversal", "hf-pld:0"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
     assert turn_seed(0, 1, 0) != turn_seed(0, 0, 1) and turn_seed(3, 2, 1) == turn_seed(3, 2, 1)
 
 

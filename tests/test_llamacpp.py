@@ -609,3 +609,26 @@ def test_default_pair_runs_on_llamacpp_without_conversion(monkeypatch: pytest.Mo
         pair, "def add(a, b):", SpecConfig(tree="2,2", target=GREEDY, max_new_tokens=8)
     )
     assert len(result.token_ids) == 8 and result.text.strip()
+
+
+def test_context_only_on_llamacpp_loads_no_draft(tiny_paths, tmp_path: Path) -> None:
+    """``proposer="context"`` on llama.cpp: no draft model (its path does not exist), greedy
+    output equal to the target's own, and a sampled run through the same engine is lossless."""
+    pair = load_pair(
+        str(tiny_paths["target"]),
+        str(tmp_path / "missing.gguf"),
+        runtime="llama.cpp",
+        llamacpp=TINY,
+        load_draft=False,
+    )
+    assert pair.draft is None
+    base = SpecConfig(tree="1", target=GREEDY, max_new_tokens=16, stop_token_ids=(), seed=0)
+    prompt = [1, 2, 0, 3, 1, 2, 0, 3, 1, 2]
+    answers = {
+        name: run_method(parse_method(name), pair, prompt, base).tokens
+        for name in ("llama-ar", "ar", "ctx", "ctx:3")
+    }
+    assert len(set(map(tuple, answers.values()))) == 1, answers
+    case = EngineCase("topk", "2,2", prompt=(1, 2, 0, 1, 2), proposer="context")
+    result = run_engine_case(case, TRIALS, seed=1, models=(pair.target, pair.target))
+    assert result.fit.passed, result.fit

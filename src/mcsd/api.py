@@ -25,7 +25,8 @@ from mcsd.config import (
     LlamaCppConfig,
     SpecConfig,
 )
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.context import RequestStore
+from mcsd.draft.select import make_proposer
 from mcsd.engine import Step, autoregressive_decode, speculative_decode
 from mcsd.models.base import Runtime
 from mcsd.models.factory import load_runtime as load_model
@@ -36,19 +37,28 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids or ch
 
 @dataclass
 class ModelPair:
-    """A target and a draft sharing one tokenizer, ready for speculative decoding."""
+    """A target and a draft sharing one tokenizer, ready for speculative decoding. ``draft``
+    is None for a pair loaded for context drafting only (``load_pair(load_draft=False)``)."""
 
     target: Runtime
-    draft: Runtime
+    draft: Runtime | None
     tokenizer: Any
     target_name: str = "target"
     draft_name: str = "draft"
     eos_token_ids: tuple[int, ...] = ()
 
     @property
+    def names(self) -> str:
+        """``target <- draft`` for the commands' log lines."""
+        draft = "no draft (context drafting)" if self.draft is None else self.draft.name
+        return f"{self.target.name} <- {draft}"
+
+    @property
     def vocab_size(self) -> int:
         """The common vocabulary: logits beyond it (padding ids) are never sampled."""
-        sizes = [self.target.vocab_size, self.draft.vocab_size]
+        sizes = [self.target.vocab_size]
+        if self.draft is not None:
+            sizes.append(self.draft.vocab_size)
         if self.tokenizer is not None:
             sizes.append(len(self.tokenizer))
         return min(sizes)
@@ -63,6 +73,8 @@ class ModelPair:
 
         if vocab is None and not int8:
             return self
+        if self.draft is None:
+            raise ValueError("this pair has no draft model (loaded with load_draft=False)")
         draft = cheap_draft(self.draft, self.tokenizer, vocab=vocab, int8=int8, texts=texts)
         notes = [*([f"top {vocab} tokens"] if vocab else []), *(["int8"] if int8 else [])]
         return replace(self, draft=draft, draft_name=f"{self.draft_name} ({', '.join(notes)})")
@@ -98,13 +110,15 @@ def load_pair(
     progress: bool = True,
     compile: str = "none",
     llamacpp: LlamaCppConfig | None = None,
+    load_draft: bool = True,
 ) -> ModelPair:
     """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
     one runtime (``load_model``, i.e. ``mcsd.models.factory.load_runtime``; ``auto`` is
     resolved once, from the target, and logged). ``compile``: which of them ``torch.compile``
     also fuses on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft
     forward is mostly small kernels). ``llamacpp``: the llama.cpp contexts' settings (each model
-    gets its own context)."""
+    gets its own context). ``load_draft=False``: the target alone, for ``proposer="context"``
+    (candidates copied from the context, no draft forward)."""
     from mcsd.models.factory import check_options, log_auto_choice, parse_device, runtime_kind
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -129,6 +143,8 @@ def load_pair(
         llamacpp=llamacpp,
     )
     target_model, tokenizer, eos = load_model(target, compile=compile == "all", **kwargs)
+    if not load_draft:
+        return ModelPair(target_model, None, tokenizer, target, "none", eos)
     draft_model, draft_tokenizer, _ = load_model(
         draft, compile=compile in ("draft", "all"), **kwargs
     )
@@ -200,7 +216,11 @@ def _check_call(pair: object, config: object) -> SpecConfig:
 
 
 def _steps(
-    pair: ModelPair, prompt_ids: list[int], config: SpecConfig, stop_ids: frozenset[int]
+    pair: ModelPair,
+    prompt_ids: list[int],
+    config: SpecConfig,
+    stop_ids: frozenset[int],
+    store: RequestStore | None,
 ) -> Iterator[Step]:
     """The engine's steps: speculative, or the target alone for ``tree="none"``."""
     if not config.speculative:
@@ -213,7 +233,7 @@ def _steps(
             stop_token_ids=stop_ids,
             seed=config.seed,
         )
-    proposer = ModelProposer.for_spec(pair.draft, config, pair.vocab_size)
+    proposer = make_proposer(config, pair.draft, pair.vocab_size, pair.target.device, store)
     return speculative_decode(
         pair.target,
         proposer,
@@ -225,9 +245,16 @@ def _steps(
 
 
 def stream(
-    pair: ModelPair, prompt: Prompt, config: SpecConfig | None = None, *, chat: bool = False
+    pair: ModelPair,
+    prompt: Prompt,
+    config: SpecConfig | None = None,
+    *,
+    chat: bool = False,
+    store: RequestStore | None = None,
 ) -> Iterator[tuple[Chunk, Stats]]:
-    """Generate step by step, yielding each step's tokens and new text with the running stats."""
+    """Generate step by step, yielding each step's tokens and new text with the running stats.
+    ``store``: earlier requests the context proposer may copy from (``proposer`` "context" or
+    "mixed"); the caller adds finished requests to it."""
     config = _check_call(pair, config)
     tokenizer = pair.tokenizer
     prompt_ids = encode_prompt(tokenizer, prompt, chat=chat, vocab_size=pair.vocab_size)
@@ -238,7 +265,7 @@ def stream(
     tokens: list[int] = []
     emitted_text = ""
     hold = max((len(s) for s in config.stop_strings), default=1) - 1
-    for step in _steps(pair, prompt_ids, config, stop_ids):
+    for step in _steps(pair, prompt_ids, config, stop_ids, store):
         step_tokens = list(step.tokens)
         finish = step.finish_reason
         tokens += step_tokens
@@ -281,14 +308,19 @@ def _tokens_until(
 
 
 def generate(
-    pair: ModelPair, prompt: Prompt, config: SpecConfig | None = None, *, chat: bool = False
+    pair: ModelPair,
+    prompt: Prompt,
+    config: SpecConfig | None = None,
+    *,
+    chat: bool = False,
+    store: RequestStore | None = None,
 ) -> GenerationResult:
     """Generate a completion of ``prompt`` with speculative decoding; see ``stream``."""
     started = time.perf_counter()
     config = _check_call(pair, config)
     prompt_ids = encode_prompt(pair.tokenizer, prompt, chat=chat, vocab_size=pair.vocab_size)
     text, tokens, finish, stats = "", [], "length", Stats()
-    for chunk, running in stream(pair, prompt_ids, config):
+    for chunk, running in stream(pair, prompt_ids, config, store=store):
         text += chunk.text
         tokens += chunk.token_ids
         finish = chunk.finish_reason or finish

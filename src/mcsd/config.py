@@ -32,6 +32,9 @@ STATIC_MAX_LENGTH = 4096  # cache positions per row when the model allows that m
 MAX_GRAPH_TOKENS = 128  # new tokens per forward up to which forwards are padded and captured
 ATTENTION_BLOCK = 256  # attention length granularity: fewer graphs, little wasted attention
 
+PROPOSERS = ("model", "context", "mixed")  # what builds each step's tree (mcsd.draft)
+DEFAULT_PROPOSER = "model"
+
 # The llama.cpp runtime (mcsd.models.llamacpp)
 LLAMA_MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids one context can hold
 
@@ -95,6 +98,28 @@ class LlamaCppConfig:
         for name in ("repack", "flash_attention", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """The context proposer (``mcsd.draft.context``): candidates copied from the prompt, the
+    tokens generated so far and, opt-in, recent requests, found by matching the longest suffix
+    of the committed tokens; no model forward."""
+
+    max_nodes: int = 16  # node budget of one step's context tree
+    max_depth: int = 8  # the deepest continuation proposed
+    max_ngram: int = 4  # longest suffix of the committed tokens that is matched
+    # most recent earlier occurrences of the matched suffix that vote for continuations: bounds
+    # the work per step on long, repetitive contexts
+    max_occurrences: int = 64
+    max_children: int = 4  # continuations per node where the context branches
+
+    def __post_init__(self) -> None:
+        _check_int("context max_nodes", self.max_nodes, 1, DEFAULT_MAX_TREE_NODES)
+        _check_int("context max_depth", self.max_depth, 1, DEFAULT_MAX_TREE_NODES)
+        _check_int("context max_ngram", self.max_ngram, 1, 64)
+        _check_int("context max_occurrences", self.max_occurrences, 1)
+        _check_int("context max_children", self.max_children, 1, DEFAULT_MAX_TREE_NODES)
 
 
 def _check_number(name: str, value: object) -> float:
@@ -197,8 +222,18 @@ class SpecConfig:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
+    # what builds each step's tree: "model" the draft model (``tree``), "context" candidates
+    # copied from the context (``context``, no draft model at all), "mixed" both in one tree
+    proposer: str = DEFAULT_PROPOSER
+    context: ContextConfig = field(default_factory=ContextConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.proposer, str) or self.proposer not in PROPOSERS:
+            raise ValueError(
+                f"proposer must be one of {', '.join(PROPOSERS)}; got {self.proposer!r}"
+            )
+        if not isinstance(self.context, ContextConfig):
+            raise ValueError(f"context must be a ContextConfig, got {type(self.context).__name__}")
         if not isinstance(self.target, SamplingConfig):
             raise ValueError(f"target must be a SamplingConfig, got {type(self.target).__name__}")
         if self.draft is not None and not isinstance(self.draft, SamplingConfig):
@@ -297,7 +332,7 @@ class SpecConfig:
         if self.rule is None:
             if self.target.greedy:
                 return "greedy"
-            if self.draft_sampling.greedy:
+            if self.draft_sampling.greedy or self.proposer == "context":
                 return "topk"
             return "sps" if tree.max_children == 1 else "mcss-wor"
         rule = self._checked_rule()
@@ -326,6 +361,16 @@ class SpecConfig:
     def _checked_rule(self) -> Rule:
         """The rule asked for, checked against the target and draft samplers."""
         rule = get_rule(self.rule)
+        if self.proposer == "context" and rule.reads_q:
+            raise ValueError(
+                f"rule {rule.name!r} reads the draft's q, but proposer 'context' copies "
+                "deterministic candidates: use rule 'topk' or 'mcns' (or leave rule unset)"
+            )
+        if self.proposer == "mixed" and rule.mixed_trees is None:
+            raise ValueError(
+                f"rule {rule.name!r} cannot verify trees that mix context and draft candidates "
+                "(proposer 'mixed'); leave rule unset or use 'mcss-wor'"
+            )
         if self.target.greedy and rule.target == "sampling":
             # Every lossless rule reduces to greedy when p is one-hot; say so rather than guess.
             raise ValueError(

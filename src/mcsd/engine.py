@@ -64,9 +64,11 @@ def speculative_decode(
     device = target.device
     generator = torch.Generator(device=device)
     generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
-    # per tree shape, least recently used first: a dynamic tree has a new shape most steps
-    verifiers: OrderedDict[TokenTree, tuple[TreeVerifier, torch.Tensor, torch.Tensor]]
-    verifiers = OrderedDict()
+    # per (tree shape, deterministic flags), least recently used first: dynamic and context
+    # trees have a new shape most steps
+    verifiers: OrderedDict[
+        tuple[TokenTree, tuple[bool, ...] | None], tuple[TreeVerifier, torch.Tensor, torch.Tensor]
+    ] = OrderedDict()
 
     clock = StepClock(device)
     started = clock.mark()
@@ -81,15 +83,15 @@ def speculative_decode(
         proposal = proposer.propose(committed, generator)
         drafted = clock.mark()
 
-        tree = proposal.tree
-        if tree not in verifiers:
-            verifiers[tree] = _verifier(
-                tree, rule, spec, device, device_verify, verify_dtype, vocab_size
+        tree, deterministic = proposal.tree, proposal.deterministic
+        if (tree, deterministic) not in verifiers:
+            verifiers[tree, deterministic] = _verifier(
+                tree, rule, spec, device, device_verify, verify_dtype, vocab_size, deterministic
             )
             if len(verifiers) > VERIFIER_CACHE:
                 verifiers.popitem(last=False)
-        verifiers.move_to_end(tree)
-        verifier, mask, offsets = verifiers[tree]
+        verifiers.move_to_end((tree, deterministic))
+        verifier, mask, offsets = verifiers[tree, deterministic]
         tokens = torch.cat([to_device([committed[-1]], device), proposal.tokens])[None]  # [1, N+1]
         logits = target.forward(tokens, (pending + offsets)[None], mask)[0, :, :vocab_size]
         launched = verifier.launch(proposal.tokens, logits, proposal.q, generator)
@@ -112,6 +114,7 @@ def speculative_decode(
             attempted=len(accepted) + (0 if result.bonus else 1),
             ranks=result.ranks,
             tree_size=tree.num_nodes,
+            accepted_context=sum(deterministic[a] for a in accepted) if deterministic else 0,
             draft_time=draft_time,
             target_time=clock.host_seconds(started, ended) - draft_time,
             prefill_time=prefill_time,
@@ -158,6 +161,7 @@ def _verifier(
     device_verify: bool | None,
     verify_dtype: torch.dtype | None,
     vocab_size: int,
+    deterministic: tuple[bool, ...] | None,
 ) -> tuple[TreeVerifier, torch.Tensor, torch.Tensor]:
     """For one tree: its verifier, the target's tree mask ``[N+1, N+1]`` over [pending root,
     nodes] (everyone sees the root, nodes see their ancestors and themselves) and the position
@@ -171,7 +175,9 @@ def _verifier(
     mask[:, 0] = True
     mask[1:, 1:] = tree.ancestor_mask(device)
     offsets = torch.tensor([0, *tree.depth], device=device)
-    verifier = tree_verifier(tree, rule, spec.target, device, device_verify, verify_dtype)
+    verifier = tree_verifier(
+        tree, rule, spec.target, device, device_verify, verify_dtype, deterministic
+    )
     return verifier, mask, offsets
 
 

@@ -25,6 +25,7 @@ class StepRecord:
     draft_time: float  # seconds spent drafting
     target_time: float  # seconds in the target forward and verification
     prefill_time: float = 0.0  # seconds reading the prompt (models' prefill), on the first step
+    accepted_context: int = 0  # accepted nodes copied from the context (mcsd.draft.context)
 
 
 @dataclass
@@ -73,6 +74,18 @@ class Stats:
         return histogram
 
     @property
+    def mean_tree_size(self) -> float:
+        """Draft nodes verified per step (context trees vary from step to step)."""
+        return sum(r.tree_size for r in self.records) / self.steps if self.steps else 0.0
+
+    @property
+    def context_share(self) -> float | None:
+        """Share of the accepted draft tokens that were copied from the context; None when
+        nothing was accepted."""
+        accepted = sum(r.accepted for r in self.records)
+        return sum(r.accepted_context for r in self.records) / accepted if accepted else None
+
+    @property
     def prefill_time(self) -> float:
         return sum(r.prefill_time for r in self.records)
 
@@ -93,6 +106,8 @@ class Stats:
             "rank_histogram": self.rank_histogram(),
             "accept_lengths": self.accept_lengths,
             "tree_size": self.records[0].tree_size if self.records else 0,
+            "mean_tree_size": self.mean_tree_size,
+            "context_share": self.context_share,
             "draft_time": self.draft_time,
             "target_time": self.target_time,
             "prefill_time": self.prefill_time,

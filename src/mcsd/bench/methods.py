@@ -18,7 +18,14 @@ Method names (``parse_method``):
 - ``sps:G``            an mcsd chain of depth G (rule ``sps`` when sampling, ``greedy`` when not);
 - ``tree:K[:RULE]``    an mcsd k-config tree such as ``tree:4,2,2:mcss-wor`` (default rule: the
                        natural one, see ``SpecConfig``); K may also be a JSON list of sibling-rank
-                       paths, ``tree:[[0],[1],[0,0]]`` (what ``mcsd bench --sweep`` prints).
+                       paths, ``tree:[[0],[1],[0,0]]`` (what ``mcsd bench --sweep`` prints);
+- ``ctx[:NODES]``      mcsd's context proposer alone (``mcsd.draft.context``: continuations
+                       copied from the prompt and the output, no draft forward), a tree of at
+                       most NODES nodes (default ``ContextConfig.max_nodes``);
+- ``mixed:K[:RULE]``   the draft's tree K and the context's tree in one tree
+                       (``mcsd.draft.mixed``), e.g. ``mixed:4,2,2``;
+- ``hf-pld[:N]``       transformers' prompt lookup decoding (``prompt_lookup_num_tokens`` N,
+                       default ``hf_baselines.PROMPT_LOOKUP_TOKENS``), no draft model.
 
 An mcsd method may end in modifiers that make its draft cheaper (``mcsd.models.cheap``;
 still lossless): ``+int8`` (int8 weights, CPU) and ``+fr=K`` (the draft scores only the K most
@@ -36,15 +43,16 @@ import time
 from dataclasses import dataclass, replace
 
 from mcsd.api import ModelPair
-from mcsd.config import DYNAMIC_PREFIX, DynamicTreeConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.config import DEFAULT_MAX_TREE_NODES, DYNAMIC_PREFIX, DynamicTreeConfig, SpecConfig
+from mcsd.draft.select import make_proposer
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.stats import StepRecord
-from mcsd.verify.rules import RULE_NAMES
+from mcsd.verify.rules import RULE_NAMES, get_rule
 
-BASELINES = ("hf-ar", "hf-static", "hf-assisted", "llama-ar", "llama-spec", "ar")
-MCSD_KINDS = ("sps", "tree")
-HF_KINDS = {"hf-ar": "generate", "hf-static": "static", "hf-assisted": "assisted"}
+BASELINES = ("hf-ar", "hf-static", "hf-assisted", "hf-pld", "llama-ar", "llama-spec", "ar")
+MCSD_KINDS = ("sps", "tree", "ctx", "mixed")
+PROPOSER_OF_KIND = {"sps": "model", "tree": "model", "ctx": "context", "mixed": "mixed"}
+HF_KINDS = {"hf-ar": "generate", "hf-static": "static", "hf-assisted": "assisted", "hf-pld": "pld"}
 LLAMA_KINDS = ("llama-ar", "llama-spec")
 
 
@@ -61,22 +69,46 @@ class Method:
     draft_int8: bool = False  # mcsd methods: the draft's linear layers in int8
     draft_max: int | None = None  # llama-spec: longest draft chain; None = llama.cpp's default
     draft_p_min: float | None = None  # llama-spec: draft confidence cut; None = llama.cpp's
+    context_nodes: int | None = None  # ctx: the context tree's node budget; None = the default
+    lookup_tokens: int | None = None  # hf-pld: prompt_lookup_num_tokens; None = the default
 
     @property
     def is_mcsd(self) -> bool:
         return self.kind in MCSD_KINDS
 
+    @property
+    def proposer(self) -> str | None:
+        """``SpecConfig.proposer`` of an mcsd method, else None."""
+        return PROPOSER_OF_KIND.get(self.kind)
+
+    @property
+    def uses_draft(self) -> bool:
+        """The method runs the draft model (cheap-draft modifiers apply to it)."""
+        return self.kind not in ("ctx", "hf-pld", "hf-ar", "hf-static", "ar", "llama-ar")
+
     def spec(self, base: SpecConfig) -> SpecConfig:
-        """``base`` (sampling, lengths, seed) with this method's tree and rule."""
+        """``base`` (sampling, lengths, seed) with this method's tree, rule and proposer."""
         if not self.is_mcsd:
-            return replace(base, tree=(1,), rule=None)
-        return replace(base, tree=parse_tree(self.tree or ""), rule=self.rule)
+            return replace(base, tree=(1,), rule=None, proposer="model")
+        context = base.context
+        if self.context_nodes is not None:
+            context = replace(context, max_nodes=self.context_nodes)
+        return replace(
+            base,
+            tree=parse_tree(self.tree or "1"),
+            rule=self.rule,
+            proposer=self.proposer,
+            context=context,
+        )
 
     def describe(self, base: SpecConfig) -> str:
         if not self.is_mcsd:
             return self.name
         spec = self.spec(base)
-        return f"{self.name} ({spec.tree_nodes} nodes, {spec.resolved_rule()})"
+        if self.kind == "ctx":
+            return f"{self.name} (<= {spec.context.max_nodes} nodes, {spec.resolved_rule()})"
+        extra = f" + <= {spec.context.max_nodes} context" if self.kind == "mixed" else ""
+        return f"{self.name} ({spec.tree_nodes}{extra} nodes, {spec.resolved_rule()})"
 
 
 def parse_method(text: str) -> Method:
@@ -87,9 +119,10 @@ def parse_method(text: str) -> Method:
         method = replace(parse_method(body), name=name)
         for modifier in modifiers:
             key, _, value = modifier.partition("=")
-            if not method.is_mcsd or key not in ("fr", "int8") or (key == "int8" and value):
+            bad = key not in ("fr", "int8") or (key == "int8" and bool(value))
+            if not method.is_mcsd or not method.uses_draft or bad:
                 raise ValueError(
-                    f"method {name!r}: modifiers are +int8 and +fr=K, on sps/tree methods"
+                    f"method {name!r}: modifiers are +int8 and +fr=K, on sps/tree/mixed methods"
                 )
             if key == "int8":
                 method = replace(method, draft_int8=True)
@@ -101,6 +134,20 @@ def parse_method(text: str) -> Method:
         return Method(name, kind)
     if kind == "llama-spec":
         return _llama_spec(name, rest)
+    if kind == "hf-pld":
+        if not rest:
+            return Method(name, kind)
+        if rest.isdigit() and int(rest) >= 1:
+            return Method(name, kind, lookup_tokens=int(rest))
+        raise ValueError(f"method {name!r}: hf-pld:N needs an integer N >= 1")
+    if kind == "ctx":
+        if not rest:
+            return Method(name, kind)
+        if rest.isdigit() and 1 <= int(rest) <= DEFAULT_MAX_TREE_NODES:
+            return Method(name, kind, context_nodes=int(rest))
+        raise ValueError(
+            f"method {name!r}: ctx:NODES needs a node budget in 1..{DEFAULT_MAX_TREE_NODES}"
+        )
     if kind == "hf-assisted":
         if not rest:
             return Method(name, kind)
@@ -114,16 +161,19 @@ def parse_method(text: str) -> Method:
     if kind == DYNAMIC_PREFIX and rest:
         DynamicTreeConfig.parse(name)  # a bad budget fails here, clearly
         return Method(name, "tree", tree=name)
-    if kind == "tree" and rest:
+    if kind in ("tree", "mixed") and rest:
         shape, _, rule = rest.partition(":")
         if rule and rule not in RULE_NAMES:
             raise ValueError(f"method {name!r}: rule must be one of {', '.join(RULE_NAMES)}")
+        if kind == "mixed" and rule and get_rule(rule).mixed_trees is None:
+            raise ValueError(f"method {name!r}: rule {rule!r} cannot verify mixed trees")
         SpecConfig(tree=parse_tree(shape), rule=None)  # a bad shape fails here, clearly
         return Method(name, kind, tree=shape, rule=rule or None)
     raise ValueError(
-        f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, llama-ar, "
-        "llama-spec, llama-spec:N, llama-spec:N:P, ar, sps:G, tree:K-CONFIG, "
-        "tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor) or dynamic:BUDGET[:WIDTH[:DEPTH]]"
+        f"unknown method {name!r}; use hf-ar, hf-static, hf-assisted, hf-assisted:N, hf-pld, "
+        "hf-pld:N, llama-ar, llama-spec, llama-spec:N, llama-spec:N:P, ar, sps:G, tree:K-CONFIG, "
+        "tree:K-CONFIG:RULE (e.g. tree:4,2,2:mcss-wor), dynamic:BUDGET[:WIDTH[:DEPTH]], ctx, "
+        "ctx:NODES or mixed:K-CONFIG[:RULE]"
     )
 
 
@@ -197,6 +247,7 @@ def run_method(
             base.max_new_tokens,
             seed=base.seed,
             assistant_tokens=method.assistant_tokens,
+            lookup_tokens=method.lookup_tokens,
         )
         finish = "stop" if tokens and tokens[-1] in stop else "length"
         return Generation(tokens, wall, records, finish)
@@ -240,7 +291,7 @@ def run_method(
     else:
         steps = speculative_decode(
             pair.target,
-            ModelProposer.for_spec(pair.draft, spec, pair.vocab_size),
+            make_proposer(spec, pair.draft, pair.vocab_size, pair.target.device),
             prompt_ids,
             spec,
             vocab_size=pair.vocab_size,

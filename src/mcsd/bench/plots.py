@@ -1,7 +1,8 @@
 """PNG figures of a benchmark summary (matplotlib, no display needed).
 
 - ``speedup.png``               speedup over the reference per method, grouped by dataset;
-- ``al_vs_tree_size.png``       mean accepted length against draft nodes per step, one series per
+- ``al_vs_tree_size.png``       mean accepted length against draft nodes per step (the mean:
+                                context trees vary per step), one series per proposer and
                                 verification rule (mcsd methods and hf-assisted);
 - ``acceptance_per_depth.png``  acceptance rate at each depth, one line per speculative method.
 """
@@ -103,12 +104,14 @@ def _al_vs_size(
         row = summary[ALL][method.name]
         if method.is_mcsd:
             label = rules.get(method.name, method.rule or "default")
+            if method.proposer != "model":
+                label = f"{method.proposer}, {label}"
         elif method.kind == "hf-assisted":
             label = "hf-assisted (chain, max size)"
         else:
             continue
         series.setdefault(label, []).append(
-            (row["tree_size"], row["mean_accepted_length"], method.name)
+            (row.get("mean_tree_size", row["tree_size"]), row["mean_accepted_length"], method.name)
         )
     if not series:
         return None

@@ -65,6 +65,8 @@ def metrics(answers: Sequence[Answer]) -> dict[str, Any]:
         "acceptance_per_depth": stats.acceptance_per_depth(),
         "rank_histogram": stats.rank_histogram(),
         "tree_size": max((r.tree_size for r in stats.records), default=0),
+        "mean_tree_size": stats.mean_tree_size,
+        "context_share": stats.context_share,
         "draft_time": stats.draft_time,
         "target_time": stats.target_time,
         "draft_share": stats.draft_time / wall if wall > 0 else 0.0,
@@ -120,6 +122,9 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
     references = speedup_bases(names)
     columns += [f"x {reference}" for reference in references]
     columns += ["AL", "accept/depth", "tree", "draft %", "target %"]
+    copying = any(m.proposer in ("context", "mixed") for m in methods)
+    if copying:
+        columns.append("ctx %")  # share of the accepted tokens copied from the context
     greedy = any(
         row["equal_rate"] is not None for rows in summary.values() for row in rows.values()
     )
@@ -143,6 +148,9 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
                 f"{100 * row['draft_share']:.0f}" if row["draft_time"] else "-",
                 f"{100 * row['target_share']:.0f}" if row["target_time"] else "-",
             ]
+            if copying:
+                share = row["context_share"]
+                cells.append("-" if share is None else f"{100 * share:.0f}")
             if greedy:
                 rate = row["equal_rate"]
                 cells.append("-" if rate is None else f"{100 * rate:.0f}%")

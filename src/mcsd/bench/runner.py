@@ -107,7 +107,7 @@ def run_bench(
         chat = getattr(tokenizer, "chat_template", None) is not None
     reference = reference_method(methods) if base.target.greedy else None
     pairs = method_pairs(pair, methods)
-    total = sum(len(q.turns) for q in questions) * len(methods)
+    total = sum(len(q.turns) - len(q.answers) for q in questions) * len(methods)
 
     with _Progress(progress, total + len(methods)) as bar:
         if warmup_tokens > 0:
@@ -122,8 +122,9 @@ def run_bench(
         for index, question in enumerate(questions):
             shift = index % len(methods)
             order = [*methods[shift:], *methods[:shift]]
-            texts: dict[str, list[str]] = {m.name: [] for m in methods}
-            for turn in range(len(question.turns)):
+            # each method's conversation so far: the answers given with the question, then its own
+            texts: dict[str, list[str]] = {m.name: list(question.answers) for m in methods}
+            for turn in range(len(question.answers), len(question.turns)):
                 spec = replace(base, seed=turn_seed(base.seed, index, turn))
                 done: dict[str, Answer] = {}
                 for method in order:

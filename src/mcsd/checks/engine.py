@@ -21,8 +21,8 @@ from functools import cached_property
 import torch
 
 from mcsd.checks.node import DEFAULT_ALPHA, Fit, goodness_of_fit
-from mcsd.config import SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.config import ContextConfig, SamplingConfig, SpecConfig
+from mcsd.draft.select import make_proposer
 from mcsd.engine import speculative_decode
 from mcsd.models.base import Runtime, score
 from mcsd.models.toy import TableLM, sequence_distribution
@@ -43,6 +43,11 @@ TREES: dict[str, object] = {
 # for more children per node than the toy vocabulary has (sampled: zero-mass padding draws).
 DYNAMIC_TREES: dict[str, str] = {"dynamic": "dynamic:8:3:3", "dynamic-wide": "dynamic:8:5:3"}
 
+
+# Context and mixed cases: a prompt that repeats itself, so that the context has continuations
+# to copy (and branches: 1 2 is followed by 3 and by 0), in trees small enough for 4 tokens.
+REPEATING_PROMPT = (1, 2, 3, 1, 2, 0, 1, 2, 3, 1, 2)
+CONTEXT = ContextConfig(max_nodes=6, max_depth=3, max_ngram=3, max_children=2)
 
 # Draft == target must accept every drafted token: checked for the rules whose acceptance is 1
 # when p = q (alpha* = 1 for any k; K-SEQ needs rho = 1, which holds only for k = 1).
@@ -73,6 +78,7 @@ class EngineCase:
     device_verify: bool | None = None
     float32: bool = False  # the device verifier's residual work in float32 (as on GPUs)
     runtime: str = "table"  # "fast": tiny random models on the fast runtime instead of tables
+    proposer: str = "model"  # SpecConfig.proposer: "context" / "mixed" copy from the prompt
 
     @property
     def target_sampling(self) -> SamplingConfig:
@@ -98,6 +104,8 @@ class EngineCase:
             draft=self.draft_sampling,
             max_new_tokens=self.length,
             seed=seed,
+            proposer=self.proposer,
+            context=CONTEXT,
         )
 
     @cached_property
@@ -118,6 +126,7 @@ class EngineCase:
         batched = {True: " device-verify", False: " host-walk", None: ""}[self.device_verify]
         batched += " float32" if self.float32 else ""
         batched += f" runtime={self.runtime}" if self.runtime != "table" else ""
+        batched += f" proposer={self.proposer}" if self.proposer != "model" else ""
         return f"{self.rule} tree={self.tree}{same}{top_k}{batched}"
 
 
@@ -148,6 +157,20 @@ def engine_cases() -> list[EngineCase]:
         # A real model in the loop: tiny random Qwen2-shaped models on the fast runtime.
         EngineCase("mcss-wor", "2,2", runtime="fast"),
         EngineCase("sps", "1,1,1", runtime="fast"),
+        # Context candidates alone (one-hot rule) and mixed with drawn ones (issue 15).
+        *(
+            EngineCase(rule, "2,2", prompt=REPEATING_PROMPT, proposer=proposer, **options)
+            for rule, proposer, options in (
+                ("topk", "context", {}),
+                ("topk", "context", {"device_verify": True}),
+                ("greedy", "context", {}),
+                ("mcss-wor", "mixed", {}),
+                ("mcss-wor", "mixed", {"device_verify": True, "float32": True}),
+                ("topk", "mixed", {}),
+            )
+        ),
+        EngineCase("sps", "1,1,1", prompt=REPEATING_PROMPT, proposer="mixed"),
+        EngineCase("kseq", "2,2", prompt=REPEATING_PROMPT, proposer="mixed"),
     ]
     # Dynamic trees: deterministic (top-k, best nodes kept) and sampled (draws without
     # replacement, counts fixed before the draw), host walks and batched verifiers.
@@ -192,10 +215,10 @@ def scored_table(runtime: Runtime, vocab: int) -> TableLM:
 
 
 def generation(case: EngineCase, target: Runtime, draft: Runtime, seed: int):  # -> steps
-    """The engine's steps for one seeded generation of ``case`` (a fresh draft-model
-    proposer around ``draft``)."""
+    """The engine's steps for one seeded generation of ``case`` (a fresh proposer around
+    ``draft``, as ``case.proposer`` says)."""
     spec = case.spec(seed)
-    proposer = ModelProposer.for_spec(draft, spec, case.vocab)
+    proposer = make_proposer(spec, draft, case.vocab, target.device)
     return speculative_decode(
         target,
         proposer,

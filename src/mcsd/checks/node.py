@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mcsd.config import CheckDefaults
 from mcsd.sampling import one_hot_argmax, sample_candidates
-from mcsd.verify.node import NONE_ACCEPTED
+from mcsd.verify.node import NONE_ACCEPTED, Mixed, NodeRule
 from mcsd.verify.rules import RULES, get_rule, node_outcome, verify_node
 
 # How the draft proposes a node's candidates (DESIGN 3):
@@ -150,6 +150,34 @@ def exact_outcome(
     for cands, weight in candidate_tuples(scheme, draft, k):
         accept, correction = node_outcome(rule, p, q, torch.tensor(cands))  # [k], [V]
         for c, a in zip(cands, accept.tolist(), strict=True):
+            emitted[c] += weight * a
+        emitted += weight * correction
+        acceptance += weight * float(accept.sum())
+    return Exact(emitted, acceptance, target_distribution(rule, p))
+
+
+def exact_mixed_outcome(
+    rule: str,
+    p: Tensor,  # [V] target distribution
+    q: Tensor,  # [V] draft distribution given to the rule
+    fixed: Sequence[int],  # the deterministic (context) candidates, verified first
+    k: int,  # drawn candidates after them
+    *,
+    draft: Tensor | None = None,  # [V] distribution the drawn candidates come from; default q
+    node_rule: NodeRule | None = None,  # default: Mixed(the rule's node rule, len(fixed))
+) -> Exact:
+    """``exact_outcome`` for a node whose children mix deterministic candidates (``fixed``)
+    with ``k`` drawn from ``draft`` by the rule's scheme (``mcsd.verify.node.Mixed``)."""
+    record = get_rule(rule)
+    mixed = Mixed(record.node, len(fixed)) if node_rule is None else node_rule
+    draft = q if draft is None else draft
+    emitted = torch.zeros(p.shape[-1], dtype=torch.float64)  # [V]
+    acceptance = 0.0
+    drawn = candidate_tuples(RULE_SCHEME[rule], draft, k) if k else [((), 1.0)]
+    for cands, weight in drawn:
+        candidates = [*fixed, *cands]
+        accept, correction = mixed.outcome(p, q, candidates)  # [len(fixed) + k], [V]
+        for c, a in zip(candidates, accept.tolist(), strict=True):
             emitted[c] += weight * a
         emitted += weight * correction
         acceptance += weight * float(accept.sum())

@@ -80,7 +80,7 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
     if suffix:
         methods = [
             parse_method(m.name + suffix)
-            if m.is_mcsd and m.draft_vocab is None and not m.draft_int8
+            if m.is_mcsd and m.uses_draft and m.draft_vocab is None and not m.draft_int8
             else m
             for m in methods
         ]
@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
     if args.methods is None:
         print(f"mcsd: {tree_default(args)[1]}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
-    pair = load_pair_from_args(args)
+    pair = load_pair_from_args(args, load_draft=any(m.uses_draft for m in methods))
     print(
-        f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
+        f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
-        f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
+        f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
     started = time.perf_counter()
@@ -73,8 +73,17 @@ def run(args: argparse.Namespace) -> int:
     print()
     rate = stats.new_tokens / elapsed if elapsed > 0 else 0.0
     print(
-        f"[{spec.describe_tree()} {spec.resolved_rule()}] {stats.summary()}, "
+        f"[{_drafting(spec)} {spec.resolved_rule()}] {stats.summary()}, "
         f"{rate:.2f} tokens/s, finish: {finish}",
         file=sys.stderr,
     )
     return 0
+
+
+def _drafting(spec: Any) -> str:
+    """What drafted the trees, for the summary line."""
+    context = f"context <= {spec.context.max_nodes} nodes"
+    if spec.proposer == "context":
+        return context
+    tree = spec.describe_tree()
+    return f"{tree} + {context}" if spec.proposer == "mixed" else tree

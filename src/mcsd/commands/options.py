@@ -20,10 +20,13 @@ from mcsd.config import (
     COMPILE_CHOICES,
     DEFAULT_DTYPE,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PROPOSER,
     DEFAULT_RUNTIME,
     DEFAULT_TEMPERATURE,
     DEFAULT_TREE,
+    PROPOSERS,
     BenchDefaults,
+    ContextConfig,
     SamplingConfig,
     SpecConfig,
     SweepDefaults,
@@ -90,8 +93,9 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         ) from None
 
 
-def load_pair_from_args(args: argparse.Namespace) -> ModelPair:
-    """The pair named by ``add_model_arguments``' options."""
+def load_pair_from_args(args: argparse.Namespace, *, load_draft: bool | None = None) -> ModelPair:
+    """The pair named by ``add_model_arguments``' options; the draft is loaded when
+    ``load_draft`` says so (None: unless ``--proposer context``, which needs none)."""
     from mcsd.api import load_pair
     from mcsd.config import LlamaCppConfig
 
@@ -104,6 +108,11 @@ def load_pair_from_args(args: argparse.Namespace) -> ModelPair:
         device=args.device,
         compile=args.compile,
         llamacpp=LlamaCppConfig(threads=threads) if threads else None,
+        load_draft=(
+            getattr(args, "proposer", DEFAULT_PROPOSER) != "context"
+            if load_draft is None
+            else load_draft
+        ),
     )
 
 
@@ -117,6 +126,26 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         f"tune saved for the pair here, else {DEFAULT_TREE}",
     )
     parser.add_argument("--rule", default=None, choices=RULE_NAMES, help="verification rule")
+    parser.add_argument(
+        "--proposer",
+        default=DEFAULT_PROPOSER,
+        choices=PROPOSERS,
+        help="what drafts each step's tree: model (the draft model, --tree), context "
+        "(continuations copied from the prompt and the output: no draft model is loaded), "
+        f"mixed (both in one tree); default {DEFAULT_PROPOSER}",
+    )
+    parser.add_argument(
+        "--context-nodes",
+        type=int,
+        default=ContextConfig.max_nodes,
+        help=f"node budget of the context tree (default {ContextConfig.max_nodes})",
+    )
+    parser.add_argument(
+        "--context-depth",
+        type=int,
+        default=ContextConfig.max_depth,
+        help=f"deepest context continuation (default {ContextConfig.max_depth})",
+    )
     parser.add_argument(
         "--temperature",
         type=float,
@@ -160,6 +189,8 @@ def spec_from_args(args: argparse.Namespace, tree: Any = None) -> SpecConfig:
         max_new_tokens=args.max_new_tokens,
         stop_strings=tuple(args.stop),
         seed=args.seed,
+        proposer=args.proposer,
+        context=ContextConfig(max_nodes=args.context_nodes, max_depth=args.context_depth),
     )
 
 
@@ -189,7 +220,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         action="append",
         default=None,
-        help="humaneval, mt-bench, sharegpt or a file path (repeatable; default: "
+        help="humaneval, humaneval-edit, mt-bench, mt-bench-2nd, sharegpt or a file path "
+        "(repeatable; default: "
         f"{' and '.join(BenchDefaults.datasets)})",
     )
     parser.add_argument(

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
-        f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
+        f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
     app = create_app(

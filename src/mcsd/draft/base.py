@@ -36,6 +36,10 @@ class Proposal:
     # node u's (rows of leaves are zero); None when the candidates are deterministic and the
     # rule does not read q.
     q: Tensor | None
+    # Per node: True for a deterministic candidate (copied from the context, verified with the
+    # one-hot rule whatever the step's rule), False for one drawn from q. Deterministic siblings
+    # come before drawn ones. None: every node is drawn as the step's rule expects.
+    deterministic: tuple[bool, ...] | None = None
 
 
 @runtime_checkable

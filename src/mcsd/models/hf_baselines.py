@@ -5,7 +5,10 @@
                 model, ``HF_STATIC_LENGTH`` slots, reset per prompt), which transformers compiles
                 on GPUs: its fastest decoding of one model;
 - ``assisted``  assisted generation with the draft (``num_assistant_tokens`` N, or its default
-                20 with the confidence threshold 0.4).
+                20 with the confidence threshold 0.4);
+- ``pld``       prompt lookup decoding, no draft model: ``generate(prompt_lookup_num_tokens=N)``
+                copies a chain of up to N tokens that followed the last n-gram earlier in the
+                sequence (``PROMPT_LOOKUP_TOKENS`` unless given).
 
 transformers' loops are observed, not modified: a forward pre-hook on the target records the
 position of the first token of every target forward, from which the tokens committed per
@@ -26,7 +29,8 @@ from mcsd.models.base import Runtime
 from mcsd.models.hf import cache_keyword
 from mcsd.stats import StepRecord
 
-KINDS = ("generate", "static", "assisted")
+KINDS = ("generate", "static", "assisted", "pld")
+PROMPT_LOOKUP_TOKENS = 10  # transformers' documented example value of prompt_lookup_num_tokens
 
 
 def transformers_model(runtime: Runtime, method: str) -> Any:
@@ -124,9 +128,11 @@ def run(
     *,
     seed: int | None = None,
     assistant_tokens: int | None = None,
+    lookup_tokens: int | None = None,
 ) -> tuple[list[int], float, list[StepRecord]]:
     """One answer with transformers' loop ``kind`` (``KINDS``): the new tokens, the wall time
-    and one ``StepRecord`` per target forward."""
+    and one ``StepRecord`` per target forward. ``lookup_tokens``: ``pld``'s
+    ``prompt_lookup_num_tokens``."""
     name = f"hf-{'ar' if kind == 'generate' else kind}"
     model = transformers_model(target, name)
     config = hf_generation_config(sampling, stop, max_new_tokens)
@@ -143,6 +149,8 @@ def run(
             helper.generation_config.num_assistant_tokens = assistant_tokens
             helper.generation_config.num_assistant_tokens_schedule = "constant"
         kwargs["assistant_model"] = helper
+    if kind == "pld":  # on the config: generate() warns about it beside a generation_config
+        config.prompt_lookup_num_tokens = lookup_tokens or PROMPT_LOOKUP_TOKENS
     if seed is not None:
         torch.manual_seed(seed)  # transformers samples from the global generator
     ids = torch.tensor([prompt_ids], device=target.device)

@@ -85,7 +85,7 @@ def create_app(
         pair, max_queue=max_queue, max_prompt_tokens=serve_limits.max_prompt_tokens
     )
     metrics = scheduler.metrics
-    contexts = [m.max_context for m in (pair.target, pair.draft) if m.max_context is not None]
+    contexts = [m.max_context for m in (pair.target, pair.draft) if m is not None and m.max_context]
     context = min(contexts) if contexts else UNBOUNDED_MAX_TOKENS
     request_limits = Limits(
         pair.vocab_size,

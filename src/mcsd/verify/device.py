@@ -16,7 +16,9 @@ on the device; the host reads back one small tensor and follows the accepted chi
   ``mcsd.verify.residual``: accept c with min(1, p'(c) / q'(c)) (``one_hot``: with p'(c)); on
   rejection p' <- norm(max(p' - q', 0)) (``one_hot``: p' without c), and for draws without
   replacement q' <- q' without c; then one token is drawn from each node's final residual (for a
-  node without children: from p itself, the bonus token). Each node uses its own fresh uniforms,
+  node without children: from p itself, the bonus token). In a tree that mixes deterministic
+  (context) candidates with drawn ones, the deterministic ones take the one-hot steps
+  (``mcsd.verify.node.Mixed``). Each node uses its own fresh uniforms,
   so the outcomes of the nodes off the path are independent of the walk and discarding them
   changes nothing: the walk has exactly the law of the sequential one (the whole-engine tests
   check it, ``mcsd check --engine``).
@@ -127,6 +129,7 @@ class SampledTreeVerifier:
         *,
         without_replacement: bool = False,
         one_hot: bool = False,
+        deterministic: tuple[bool, ...] | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.tree = tree
@@ -135,6 +138,12 @@ class SampledTreeVerifier:
         self.without_replacement = without_replacement
         self.one_hot = one_hot
         n = tree.num_nodes
+        # [N] bool: deterministic (context) candidates among drawn ones, verified one-hot
+        self.deterministic = (
+            None
+            if deterministic is None or one_hot
+            else torch.tensor(deterministic, dtype=torch.bool, device=device)
+        )
         by_k: dict[int, list[int]] = {}
         for row in range(n + 1):
             node = ROOT if row == 0 else row - 1
@@ -169,6 +178,7 @@ class SampledTreeVerifier:
             p_row = left[rows]  # [R, V]
             q_row = None if self.one_hot else q[rows].to(self.dtype)  # [R, V]
             candidates = tokens[children]  # [R, k]
+            fixed = None if self.deterministic is None else self.deterministic[children]  # [R, k]
             u = torch.rand(len(rows), k, generator=generator, dtype=self.dtype, device=p.device)
             picked = torch.full((len(rows),), NO_NODE, dtype=torch.long, device=p.device)  # [R]
             for j in range(k):
@@ -179,9 +189,15 @@ class SampledTreeVerifier:
                 else:
                     ratio = accept_ratio(p_row, q_row, c)  # [R]
                     if self.without_replacement:
-                        p_row, q_row = wor_reject(p_row, q_row, c)
+                        p_next, q_next = wor_reject(p_row, q_row, c)
                     else:
-                        p_row = residual(p_row, q_row)
+                        p_next, q_next = residual(p_row, q_row), q_row
+                    if fixed is not None:  # deterministic candidates: the one-hot rule
+                        f = fixed[:, j : j + 1]  # [R, 1]
+                        ratio = torch.where(f[:, 0], p_row.gather(1, c)[:, 0], ratio)
+                        p_next = torch.where(f, one_hot_reject(p_row, c), p_next)
+                        q_next = torch.where(f, q_row, q_next)
+                    p_row, q_row = p_next, q_next
                 accept = (picked == NO_NODE) & ((ratio >= 1.0) | (u[:, j] < ratio))  # [R]
                 picked = torch.where(accept, j, picked)
             # Rows that accepted a child keep updating p_row above, but their draw is unused.

@@ -328,6 +328,56 @@ def _ratio_of(p: float, r: float) -> float:
     return 0.0 if r <= 0.0 else min(1.0, p / r)
 
 
+class Mixed(NodeRule):
+    """A node whose first ``fixed`` children are deterministic candidates (copied from the
+    context: q one-hot at each) and whose other children were drawn from q for the rule
+    ``drawn``.
+
+    Proof: the deterministic phase is the one-hot rule, which accepts c_i with the residual's
+    p'(c_i) and else zeroes c_i: token x is accepted there with probability p(x) for the first
+    occurrence of each x among c_1..c_fixed, and otherwise (probability ``reach``) the residual
+    p' is p conditioned on not being one of them. The drawn candidates are independent of those
+    coins, so running any rule that is lossless for candidates drawn from q against the target
+    p' emits p' there; in total p. The drawn candidates may come from any q, the draft's own or
+    the draft's with the deterministic tokens removed, as long as the same q is verified."""
+
+    def __init__(self, drawn: NodeRule, fixed: int) -> None:
+        self.drawn = drawn
+        self.fixed = fixed
+
+    def verify(self, p, q, candidates, generator):
+        state = _State(p.double(), None)
+        for i, c in enumerate(candidates[: self.fixed]):
+            if _coin(_p_of_candidate(state, c), generator, p.device):
+                return NodeResult(i, c)
+            _remove_from_p(state, c)
+        rest = candidates[self.fixed :]
+        if not rest:
+            return NodeResult(NONE_ACCEPTED, self.drawn.emitted(state.p, generator))
+        result = self.drawn.verify(state.p, q, rest, generator)
+        if result.accepted == NONE_ACCEPTED:
+            return result
+        return NodeResult(result.accepted + self.fixed, result.token)
+
+    def outcome(self, p, q, candidates):
+        state = _State(p.double(), None)
+        accept = torch.zeros(len(candidates), dtype=torch.float64)
+        reach = 1.0
+        for i, c in enumerate(candidates[: self.fixed]):
+            a = _p_of_candidate(state, c)
+            accept[i] = reach * a
+            reach *= 1.0 - a
+            if reach <= 0.0:
+                return accept, torch.zeros(p.shape[-1], dtype=torch.float64)
+            _remove_from_p(state, c)
+        rest = candidates[self.fixed :]
+        if not rest:
+            return accept, reach * state.p.cpu()
+        drawn_accept, correction = self.drawn.outcome(state.p, q, rest)
+        accept[self.fixed :] = reach * drawn_accept
+        return accept, reach * correction
+
+
 # The node rules, one object each (a rule of the registry, ``mcsd.verify.rules``, names one).
 SPECULATIVE = _Sequential(_ratio, _subtract_q, reads_q=True)  # sps and mcss
 WITHOUT_REPLACEMENT = _Sequential(_ratio, _subtract_q_then_remove, reads_q=True)  # mcss-wor

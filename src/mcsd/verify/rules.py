@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from mcsd.tree import TokenTree
+from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import node
 from mcsd.verify.device import GreedyTreeVerifier, SampledTreeVerifier
 from mcsd.verify.node import NodeResult, NodeRule
@@ -50,6 +50,9 @@ class Rule:
     max_children: int | None = None  # sps verifies one candidate per node
     device: DeviceVerifier | None = None  # the batched verifier, if the rule has one
     device_by_default: Literal["always", "cuda"] = "cuda"  # where the engine uses it unasked
+    # Trees that mix deterministic (context) candidates with drawn ones (``node.Mixed``):
+    # verified by the device verifier or the host walk, or not at all (None)
+    mixed_trees: Literal["device", "host"] | None = "device"
 
     @property
     def deterministic(self) -> bool:
@@ -128,6 +131,7 @@ RULES: dict[str, Rule] = {
             reads_q=True,
             target="sampling",
             node=node.KSEQ,
+            mixed_trees="host",
         ),
         Rule(
             "optimal",
@@ -136,6 +140,7 @@ RULES: dict[str, Rule] = {
             reads_q=True,
             target="sampling",
             node=node.OPTIMAL,
+            mixed_trees="host",
         ),
         Rule(
             "traversal",
@@ -145,6 +150,7 @@ RULES: dict[str, Rule] = {
             target="sampling",
             node=node.WITHOUT_REPLACEMENT,  # one node of a traversal is mcss-wor
             walk=traverse,
+            mixed_trees=None,
         ),
     )
 }
@@ -206,16 +212,64 @@ def tree_verifier(
     device: torch.device,
     on_device: bool | None = None,
     dtype: torch.dtype | None = None,
+    deterministic: tuple[bool, ...] | None = None,
 ) -> TreeVerifier:
     """What the engine verifies each step's tree with: the rule's device verifier when it has
     one and ``on_device`` asks for it (``None``: where the record says, always for greedy and
     on CUDA for the sampled rules, since on a CPU the walk, which visits only the accepted path,
-    does less work), else the host walk."""
+    does less work), else the host walk.
+
+    ``deterministic`` (per node, ``Proposal.deterministic``): the tree mixes deterministic
+    candidates with ones drawn from q; a rule that reads q verifies the deterministic ones with
+    the one-hot rule first (``node.Mixed``), the others treat every candidate alike already."""
+    fixed = mixed_counts(tree, rule, deterministic)
     if on_device is None:
         on_device = rule.device_by_default == "always" or device.type == "cuda"
-    if on_device and rule.device is not None:
-        return device_verifier(tree, rule, device, target, dtype)
-    return HostTreeVerifier(tree, rule.walk, rule.node, target, reads_q=rule.reads_q)
+    if on_device and rule.device is not None and (fixed is None or rule.mixed_trees == "device"):
+        if fixed is None:
+            return device_verifier(tree, rule, device, target, dtype)
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cuda" else torch.float64
+        return SampledTreeVerifier(
+            tree,
+            device,
+            target,
+            without_replacement=rule.device == "sampled-wor",
+            deterministic=deterministic,
+            dtype=dtype,
+        )
+    walk = rule.walk if fixed is None else partial(walk_path, fixed=fixed)
+    return HostTreeVerifier(tree, walk, rule.node, target, reads_q=rule.reads_q)
+
+
+def mixed_counts(
+    tree: TokenTree, rule: Rule, deterministic: tuple[bool, ...] | None
+) -> tuple[int, ...] | None:
+    """Per row (0 the root, u + 1 node u): how many of its first children are deterministic
+    candidates among drawn ones; None when the rule treats every candidate alike (it does not
+    read q) or none is deterministic. ``ValueError`` for a rule that cannot mix or for
+    deterministic candidates after drawn siblings."""
+    if deterministic is None or not rule.reads_q or not any(deterministic):
+        return None
+    if len(deterministic) != tree.num_nodes:
+        raise ValueError(
+            f"deterministic must have one flag per tree node ({tree.num_nodes}), "
+            f"got {len(deterministic)}"
+        )
+    if rule.mixed_trees is None:
+        mixing = ", ".join(r.name for r in RULES.values() if r.mixed_trees is not None)
+        raise ValueError(
+            f"rule {rule.name!r} cannot verify trees that mix context and draft candidates; "
+            f"rule must be one of {mixing}"
+        )
+    counts = []
+    for parent in (ROOT, *range(tree.num_nodes)):
+        flags = [deterministic[c] for c in tree.children(parent)]
+        fixed = flags.index(False) if False in flags else len(flags)
+        if any(flags[fixed:]):
+            raise ValueError("deterministic candidates must come before drawn siblings")
+        counts.append(fixed)
+    return tuple(counts)
 
 
 # ---------------------------------------------------------------- validated entry points

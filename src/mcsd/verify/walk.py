@@ -14,7 +14,7 @@ from the rule registry, is ``mcsd.verify.rules.verify_tree``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mcsd.sampling import normalize, sample, uniform, warp
 from mcsd.tree import ROOT, TokenTree
-from mcsd.verify.node import NONE_ACCEPTED, NodeRule
+from mcsd.verify.node import NONE_ACCEPTED, Mixed, NodeRule
 from mcsd.verify.residual import remove_token
 
 if TYPE_CHECKING:
@@ -45,8 +45,12 @@ def walk_path(
     q: Tensor | None,  # [N+1, V]
     rule: NodeRule,
     generator: torch.Generator | None,
+    *,
+    fixed: Sequence[int] | None = None,
 ) -> TreeResult:
-    """Walk ``tree`` from the root, verifying each node's children with ``rule``."""
+    """Walk ``tree`` from the root, verifying each node's children with ``rule``. ``fixed``:
+    per row (0 the root, u + 1 node u), how many of its first children are deterministic
+    candidates in a tree that mixes them with drawn ones (``mcsd.verify.node.Mixed``)."""
     accepted: list[int] = []
     ranks: list[int] = []
     node = ROOT
@@ -56,7 +60,8 @@ def walk_path(
         if not children:
             bonus = rule.emitted(p[row], generator)
             return TreeResult(tuple(accepted), tuple(ranks), bonus, True)
-        result = rule.verify(
+        node_rule = rule if fixed is None or not fixed[row] else Mixed(rule, fixed[row])
+        result = node_rule.verify(
             p[row], None if q is None else q[row], [node_tokens[c] for c in children], generator
         )
         if result.accepted == NONE_ACCEPTED:
