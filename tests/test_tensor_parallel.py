@@ -11,12 +11,16 @@ bad ``tp`` values are refused with one clear error each.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import spec_tokens, tiny_causal_lm
+from conftest import save_tiny_lm, spec_tokens, tiny_causal_lm
+from test_bench_e2e import tiny_tokenizer
 
+from mcsd.api import load_pair
+from mcsd.cli import main
 from mcsd.config import GREEDY, ParallelConfig, SamplingConfig, SpecConfig
 from mcsd.models.base import chain_mask
 from mcsd.models.fast import FastModel, build, read_architecture
@@ -173,3 +177,32 @@ def test_bad_tp_is_refused(reference) -> None:
         check_tp(arch, 2, torch.device("cuda"))
     with pytest.raises(ValueError, match=r"tp must be an integer >= 1, got 0"):
         launch(worker, 0, (), device=cpu)
+    with pytest.raises(ValueError, match=r"tp=2 needs runtime fast \(or auto\), got 'hf'"):
+        load_pair(str(root / "llama-target"), runtime="hf", device="cpu", tp=2)
+    with pytest.raises(ValueError, match=r"tp=2 needs 2 processes"):
+        load_pair(str(root / "llama-target"), str(root / "llama-draft"), device="cpu", tp=2)
+
+
+def test_cli_generate_on_two_ranks_equals_one(tmp_path: Path, capsys) -> None:
+    """``mcsd generate --tp 2`` (this process rank 0, one rank spawned, ranks checked every
+    step): the greedy tokens of ``--tp 1``; bad values are one-line errors."""
+    tokenizer = tiny_tokenizer()
+    options = dict(hidden=32, max_positions=512, **HEADS)
+    target = save_tiny_lm(tmp_path / "target", tokenizer, seed=0, layers=2, **options)
+    draft = save_tiny_lm(tmp_path / "draft", tokenizer, seed=1, layers=1, **options)
+    argv = ["generate", "def add(a, b):", "--target", str(target), "--draft", str(draft)]
+    argv += ["--runtime", "fast", "--device", "cpu", "--dtype", "float32", "--tree", "2,2"]
+    argv += ["--temperature", "0", "--max-new-tokens", "16", "--json", "--check-ranks"]
+    outs = []
+    for tp in ("1", "2"):
+        assert main([*argv, "--tp", tp]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert outs[0] == outs[1] and len(outs[0]) == 16
+    for tp, runtime, message in (
+        ("0", "fast", "tp must be an integer >= 1, got 0"),
+        ("2", "hf", "tp=2 needs runtime fast (or auto), got 'hf'"),
+    ):
+        assert main([*argv, "--tp", tp, "--runtime", runtime]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"mcsd generate: error: {message}"
+        )

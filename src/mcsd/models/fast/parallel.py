@@ -366,6 +366,29 @@ def init_group(rank: int, world: int, device: torch.device, *, address: str, por
     return Shard(rank, world)
 
 
+def join(parallel: ParallelConfig, device: torch.device) -> Shard:
+    """This process's ``Shard`` of a ``parallel.size``-rank group: the group ``launch`` made,
+    or one from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` /
+    ``MASTER_PORT``); a ``ValueError`` when there is none or its size is not ``parallel.size``."""
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        rank = int(os.environ["RANK"])
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        raise ValueError(
+            f"tp={parallel.size} needs {parallel.size} processes: use the CLI's --tp, "
+            "mcsd.models.fast.parallel.launch, or torchrun --nproc-per-node "
+            f"{parallel.size}"
+        )
+    if dist.get_world_size() != parallel.size:
+        raise ValueError(
+            f"tp={parallel.size}, but the process group has {dist.get_world_size()} ranks"
+        )
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
     """The device of ``rank``: its own GPU on CUDA, the CPU otherwise."""
     return torch.device("cuda", rank) if device.type == "cuda" else device
@@ -433,6 +456,7 @@ __all__ = [
     "build_shard",
     "check_tp",
     "init_group",
+    "join",
     "launch",
     "load_parallel",
     "local_architecture",
