@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_lm, spec_tokens, tiny_causal_lm
+from safetensors.torch import load_file
 from test_bench_e2e import tiny_tokenizer
 
 from mcsd.api import load_pair
@@ -31,6 +32,8 @@ from mcsd.models.fast.parallel import (
     build_shard,
     check_tp,
     launch,
+    read_shard,
+    shard_state,
 )
 from mcsd.tree import TokenTree
 
@@ -206,3 +209,21 @@ def test_cli_generate_on_two_ranks_equals_one(tmp_path: Path, capsys) -> None:
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"mcsd generate: error: {message}"
         )
+
+
+def test_slices_of_memory_equal_slices_read_from_disk(reference) -> None:
+    """``shard_state`` (a live state dict) and ``read_shard`` (safetensors slices) agree; the
+    vocabulary rows past 98 are zero padding on the last of 4 ranks."""
+    root, _ = reference
+    directory = root / "llama-target"
+    arch = read_architecture(directory)
+    state = load_file(directory / "model.safetensors")
+    for rank in range(4):
+        shard = Shard(rank, 4)
+        memory, disk = shard_state(arch, state, shard), read_shard(directory, arch, shard)
+        assert memory.keys() == disk.keys() == state.keys()
+        for name in state:
+            torch.testing.assert_close(memory[name], disk[name], atol=0, rtol=0)
+        head = disk["lm_head.weight"]  # [25, D]: rows 75..99 of a 98-row head
+        assert head.shape[0] == 25
+        assert bool(head[23:].eq(0).all()) == (rank == 3)

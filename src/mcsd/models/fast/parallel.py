@@ -132,9 +132,8 @@ def _plan(name: str, arch: Architecture, shard: Shard) -> tuple[int, int, int, i
     """How this rank slices the Hugging Face tensor ``name``: ``(dim, start, stop, total)``
     along ``dim`` (``total``: the unpadded length there), or None when it is replicated."""
     hd = arch.head_dim
-    leaf = name.rsplit(".", 2)
-    kind = ".".join(leaf[-2:])  # e.g. "q_proj.weight"
-    if kind in ("embed_tokens.weight",) or name == "lm_head.weight":
+    module = name.rsplit(".", 2)[-2]  # "model.layers.0.self_attn.q_proj.weight" -> "q_proj"
+    if module in ("embed_tokens", "lm_head"):
         return (0, *shard.span(arch.vocab_size), arch.vocab_size)
     rows = {
         "q_proj": arch.num_heads * hd,
@@ -144,7 +143,6 @@ def _plan(name: str, arch: Architecture, shard: Shard) -> tuple[int, int, int, i
         "up_proj": arch.intermediate_size,
     }
     columns = {"o_proj": arch.num_heads * hd, "down_proj": arch.intermediate_size}
-    module, _, _ = kind.partition(".")
     if module in rows:
         return (0, *shard.span(rows[module]), rows[module])
     if module in columns:
