@@ -23,6 +23,7 @@ from mcsd.config import (
     DEFAULT_DTYPE,
     DEFAULT_RUNTIME,
     LlamaCppConfig,
+    ParallelConfig,
     SpecConfig,
 )
 from mcsd.draft.context import RequestStore
@@ -111,15 +112,26 @@ def load_pair(
     compile: str = "none",
     llamacpp: LlamaCppConfig | None = None,
     load_draft: bool = True,
+    tp: int = ParallelConfig.size,
+    check_ranks: bool = ParallelConfig.check_ranks,
 ) -> ModelPair:
     """Load a target and a draft (defaults: the offline Qwen2.5-Coder 1.5B / 0.5B pair) on
     one runtime (``load_model``, i.e. ``mcsd.models.factory.load_runtime``; ``auto`` is
     resolved once, from the target, and logged). ``compile``: which of them ``torch.compile``
     also fuses on a compiling runtime, one of ``COMPILE_CHOICES`` (``"draft"`` pays most: a draft
     forward is mostly small kernels). ``llamacpp``: the llama.cpp contexts' settings (each model
-    gets its own context). ``load_draft=False``: the target alone, for ``proposer="context"``
-    (candidates copied from the context, no draft forward)."""
-    from mcsd.models.factory import check_options, log_auto_choice, parse_device, runtime_kind
+    gets its own context). ``tp``: the target tensor-parallel over that many processes on the
+    fast runtime, the draft replicated on every rank (each process calls ``load_pair``: under
+    ``mcsd.models.fast.parallel.launch`` or torchrun); ``check_ranks``: check every step that
+    the ranks agree (``ParallelConfig``). ``load_draft=False``: the target alone, for
+    ``proposer="context"`` (candidates copied from the context, no draft forward)."""
+    from mcsd.models.factory import (
+        check_options,
+        check_parallel,
+        log_auto_choice,
+        parse_device,
+        runtime_kind,
+    )
     from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
@@ -130,6 +142,9 @@ def load_pair(
     target = target or DEFAULT_TARGET
     draft = draft or DEFAULT_DRAFT
     torch_device = parse_device(device)
+    parallel = check_parallel(ParallelConfig(size=tp, check_ranks=check_ranks), runtime)
+    if parallel.size > 1:
+        runtime = "fast"
     kind = runtime_kind(runtime, torch_device, target, dtype)  # refuse bad options first
     check_options(kind, compile=compile != "none", max_length=None, dtype=dtype)
     if runtime == "auto":
@@ -142,9 +157,17 @@ def load_pair(
         progress=progress,
         llamacpp=llamacpp,
     )
-    target_model, tokenizer, eos = load_model(target, compile=compile == "all", **kwargs)
+    target_model, tokenizer, eos = load_model(
+        target, compile=compile == "all", parallel=parallel, **kwargs
+    )
     if not load_draft:
         return ModelPair(target_model, None, tokenizer, target, "none", eos)
+    if parallel.size > 1:  # the draft replicated, on this rank's device
+        import torch.distributed as dist
+
+        from mcsd.models.fast.parallel import rank_device
+
+        kwargs["device"] = rank_device(torch_device, dist.get_rank())
     draft_model, draft_tokenizer, _ = load_model(
         draft, compile=compile in ("draft", "all"), **kwargs
     )

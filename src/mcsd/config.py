@@ -503,5 +503,21 @@ class CaptureDefaults:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism of the fast runtime (``mcsd.models.fast.parallel``): ``size`` ranks
+    on ``torch.distributed`` (NCCL on CUDA, gloo on a CPU). ``check_ranks``: a debug check that
+    every rank feeds the same tokens and keeps the same accepted path each step (two
+    all-gathers and a host sync per forward and per commit)."""
+
+    size: int = 1
+    check_ranks: bool = False
+    address: str = "127.0.0.1"  # the rendezvous of a spawned group (torchrun sets its own)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"tp must be an integer >= 1, got {self.size!r}")
+
+
 HF_STATIC_LENGTH = BenchDefaults.hf_static_length
 FREQUENT_CORPUS_CHARS = 8_000_000  # per corpus source: stable counts of the top 32k tokens

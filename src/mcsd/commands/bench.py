@@ -17,6 +17,7 @@ from mcsd.commands.options import (
     add_sweep_arguments,
     load_pair_from_args,
     load_questions,
+    run_parallel,
     spec_from_args,
     tree_default,
 )
@@ -93,6 +94,10 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    launched = run_parallel(args, run)  # --tp N: this process is rank 0 of N
+    if launched is not None:
+        return launched
 
     if args.replot:
         from mcsd.bench.plots import replot

@@ -15,6 +15,7 @@ from mcsd.commands.options import (
     add_decoding_arguments,
     add_model_arguments,
     load_pair_from_args,
+    run_parallel,
     spec_from_args,
     tree_default,
 )
@@ -38,6 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mcsd.api import stream
+
+    launched = run_parallel(args, run)  # --tp N: this process is rank 0 of N
+    if launched is not None:
+        return launched
 
     tree, origin = tree_default(args)
     spec = spec_from_args(args, tree)  # validate before the slow model load

@@ -14,6 +14,10 @@ Every default comes from ``mcsd.config``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mcsd.config import (
@@ -27,6 +31,7 @@ from mcsd.config import (
     PROPOSERS,
     BenchDefaults,
     ContextConfig,
+    ParallelConfig,
     SamplingConfig,
     SpecConfig,
     SweepDefaults,
@@ -75,6 +80,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --runtime hf-static or fast: torch.compile the draft or both models "
         "(hf-static ~30 s per shape; fast ~2 min per model, once, then no recompilation)",
     )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=ParallelConfig.size,
+        help="tensor-parallel processes for the target on the fast runtime (generate, bench: "
+        "NCCL over that many GPUs, gloo on a CPU); the draft is replicated on each",
+    )
+    parser.add_argument(
+        "--check-ranks",
+        action="store_true",
+        help="with --tp: check every step that the ranks agree on tokens and accepted path",
+    )
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -100,6 +117,12 @@ def load_pair_from_args(args: argparse.Namespace, *, load_draft: bool | None = N
     from mcsd.config import LlamaCppConfig
 
     threads = getattr(args, "threads", None)  # bench / tune: torch's and llama.cpp's threads
+    tp = ParallelConfig(size=args.tp).size
+    if tp > 1 and args.command not in PARALLEL_COMMANDS:
+        raise ValueError(
+            f"--tp {tp}: tensor parallelism runs under mcsd {' and '.join(PARALLEL_COMMANDS)}, "
+            f"not {args.command}"
+        )
     return load_pair(
         args.target,
         args.draft,
@@ -113,7 +136,54 @@ def load_pair_from_args(args: argparse.Namespace, *, load_draft: bool | None = N
             if load_draft is None
             else load_draft
         ),
+        tp=tp,
+        check_ranks=args.check_ranks,
     )
+
+
+PARALLEL_COMMANDS = ("generate", "bench")  # the commands --tp N > 1 launches on N ranks
+
+
+def run_parallel(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int | None:
+    """With ``--tp N > 1`` in a process of no group yet: ``run(args)`` on N ranks
+    (``mcsd.models.fast.parallel.launch``: this process is rank 0 and its exit code is
+    returned; the others follow with their output silenced and their results in a scratch
+    folder). None when this process runs ``run`` itself: one process, or a rank already (a
+    spawned one, or torchrun's, which silences ranks > 0 here)."""
+    import torch.distributed as dist
+
+    tp = ParallelConfig(size=args.tp).size
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        if int(os.environ["RANK"]) > 0:
+            _follower(args)
+        return None
+    if tp == 1 or dist.is_initialized():
+        return None
+    from mcsd.models.factory import check_parallel, parse_device
+    from mcsd.models.fast.parallel import launch
+
+    check_parallel(ParallelConfig(size=tp), args.runtime)  # before any process starts
+    if getattr(args, "prompt", None) == "-":  # followers have no standard input
+        args = argparse.Namespace(**{**vars(args), "prompt": sys.stdin.read()})
+    return int(launch(_rank_command, tp, (run, args), device=parse_device(args.device)))
+
+
+def _rank_command(
+    rank: int, world: int, run: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    if rank:
+        _follower(args)
+    return run(args)
+
+
+def _follower(args: argparse.Namespace) -> None:
+    """A rank > 0: no output of its own, results in a scratch folder."""
+    quiet = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
+    sys.stdout = sys.stderr = quiet
+    if hasattr(args, "out"):
+        args.out = tempfile.mkdtemp(prefix="mcsd-rank-")
+    if hasattr(args, "no_plots"):
+        args.no_plots = True
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from mcsd.config import DEFAULT_ATTENTION, DEFAULT_DTYPE, DEFAULT_RUNTIME, LlamaCppConfig
+from mcsd.config import (
+    DEFAULT_ATTENTION,
+    DEFAULT_DTYPE,
+    DEFAULT_RUNTIME,
+    LlamaCppConfig,
+    ParallelConfig,
+)
 from mcsd.models.base import Runtime
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ class LoadRequest:
     max_length: int | None
     progress: bool
     llamacpp: LlamaCppConfig = field(default_factory=LlamaCppConfig)  # the llama.cpp runtime's
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the fast runtime's tp
 
 
 Loaded = tuple[Runtime, Any, tuple[int, ...]]  # the runtime, its tokenizer, its EOS ids
@@ -99,13 +106,13 @@ def _hf_static(request: LoadRequest) -> Loaded:
 
 
 def _fast(request: LoadRequest) -> Loaded:
-    from transformers import AutoTokenizer
-
     from mcsd.models.fast import load_fast, read_architecture
     from mcsd.sources import resolve
 
     path = resolve(request.name, progress=request.progress)
-    read_architecture(path)  # refuse an unsupported checkpoint before anything is read
+    arch = read_architecture(path)  # refuse an unsupported checkpoint before anything is read
+    if request.parallel.size > 1:
+        return _fast_parallel(request, path, arch), *_fast_tokens(path)
     runtime = load_fast(
         path,
         dtype=request.dtype,
@@ -114,8 +121,32 @@ def _fast(request: LoadRequest) -> Loaded:
         compile=request.compile,
         label=Path(request.name).name,
     )
+    return runtime, *_fast_tokens(path)
+
+
+def _fast_tokens(path: Any) -> tuple[Any, tuple[int, ...]]:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return runtime, tokenizer, _eos_ids(_generation_config(path), tokenizer)
+    return tokenizer, _eos_ids(_generation_config(path), tokenizer)
+
+
+def _fast_parallel(request: LoadRequest, path: Any, arch: Any) -> Runtime:
+    """This rank's shard of the checkpoint (``mcsd.models.fast.parallel``)."""
+    from mcsd.models.fast.parallel import check_tp, join, load_parallel, rank_device
+
+    check_tp(arch, request.parallel.size, request.device)
+    shard = join(request.parallel, request.device)
+    return load_parallel(
+        path,
+        shard,
+        dtype=request.dtype,
+        device=rank_device(request.device, shard.rank),
+        max_length=request.max_length,
+        compile=request.compile,
+        label=Path(request.name).name,
+        check_ranks=request.parallel.check_ranks,
+    )
 
 
 def _fast_supports(name: str, device: torch.device) -> bool:
@@ -313,6 +344,7 @@ def load_runtime(
     compile: bool = False,
     max_length: int | None = None,
     llamacpp: LlamaCppConfig | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> Loaded:
     """Load one causal LM by known name, local directory, Hugging Face id or GGUF file on
     ``runtime`` (``RUNTIMES``; ``auto`` picks for the machine). Public as ``mcsd.load_model``.
@@ -321,14 +353,16 @@ def load_runtime(
     static cache (default min(model limit, ``mcsd.config.STATIC_MAX_LENGTH``)); ``compile``: also
     ``torch.compile`` it (the fast runtime compiles twice in its warm-up; hf-static ~30 s per
     captured shape); ``llamacpp``: the llama.cpp runtime's threads, KV cells and batch size
-    (default ``LlamaCppConfig()``)."""
+    (default ``LlamaCppConfig()``); ``parallel``: tensor parallelism, on the fast runtime only
+    (default one process; ``mcsd.models.fast.parallel``)."""
     from mcsd.models.hf import SUPPORTED_ATTENTION
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     torch_device = parse_device(device)
-    kind = runtime_kind(runtime, torch_device, name, dtype)
-    if runtime == "auto":
+    parallel = check_parallel(parallel, runtime)
+    kind = runtime_kind("fast" if parallel.size > 1 else runtime, torch_device, name, dtype)
+    if runtime == "auto" and parallel.size == 1:
         log_auto_choice(kind, torch_device)
     torch_dtype = parse_dtype(dtype, torch_device)
     check_options(kind, compile=compile, max_length=max_length, dtype=dtype)
@@ -350,8 +384,21 @@ def load_runtime(
         max_length,
         progress,
         llamacpp,
+        parallel,
     )
     return kind.load(request)
+
+
+def check_parallel(parallel: object, runtime: object) -> ParallelConfig:
+    """``parallel`` (default one process) as a ``ParallelConfig``; tensor parallelism runs on
+    the fast runtime only (``auto`` then means ``fast``)."""
+    if parallel is None:
+        return ParallelConfig()
+    if not isinstance(parallel, ParallelConfig):
+        raise ValueError(f"parallel must be a ParallelConfig, got {type(parallel).__name__}")
+    if parallel.size > 1 and runtime not in ("auto", "fast"):
+        raise ValueError(f"tp={parallel.size} needs runtime fast (or auto), got {runtime!r}")
+    return parallel
 
 
 def _eos_ids(generation: Any, tokenizer: Any) -> tuple[int, ...]:

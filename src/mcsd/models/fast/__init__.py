@@ -3,7 +3,9 @@
 - ``arch``     which checkpoints it runs (``config.json`` -> ``Architecture``), refusing others;
 - ``model``    the model file: packed QKV and gate-up, slot-written KV cache, the head apart;
 - ``runtime``  ``FastModel``, the runtime protocol on the shared slot cache, CUDA graphs and
-               ``torch.compile`` per token bucket; ``load_fast`` and ``build``.
+               ``torch.compile`` per token bucket; ``load_fast`` and ``build``;
+- ``parallel`` tensor parallelism on ``torch.distributed``: sharded layers, ``ParallelFastModel``
+               (gathered logits, the rank-agreement check), ``launch``.
 """
 
 from mcsd.models.fast.arch import Architecture, architecture, read_architecture
