@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from mcsd.config import SamplingConfig, SpecConfig
-from mcsd.draft.base import Proposer
-from mcsd.models.base import Runtime, chain_mask, to_device
+from mcsd.draft.base import BatchProposer, Proposer, as_batch_proposer
+from mcsd.models.base import Runtime, chain_mask, keep_rows, rows_forward, to_device
 from mcsd.sampling import sample, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
@@ -38,9 +39,177 @@ class Step:
     finish_reason: str | None  # "stop" (a stop token), "length", or None (not finished)
 
 
+@dataclass
+class _Row:
+    """One sequence of the batch: its own committed tokens, config, randomness and stop rules."""
+
+    committed: list[int]  # prompt + generated tokens; the last one is pending
+    spec: SpecConfig
+    rule: Rule
+    generator: torch.Generator
+    stop_token_ids: frozenset[int]
+    max_new_tokens: int  # usable budget (the context may cut the asked one)
+    prefill_time: float
+    produced: int = 0
+
+
+class BatchEngine:
+    """Speculative decoding over the rows of ``target`` and ``proposer`` (continuous batching):
+    ``add`` a sequence to a free row between steps (its prompt is read in a forward of its
+    own), ``step`` every row once, ``remove`` a row (a finished row frees itself). All rows of a
+    step share one tree (``proposer``'s): one draft forward per level and one target forward for
+    the whole batch, each row with its own positions, cache length and accepted path (ragged
+    acceptance), and one host synchronisation for every row's verification where the rule has
+    a device verifier. Each row draws from its own seeded generator in the order a batch of one
+    would, so a row's output does not depend on the rows beside it. ``speculative_decode`` is
+    this engine with one row."""
+
+    def __init__(
+        self,
+        target: Runtime,
+        proposer: Proposer | BatchProposer,
+        *,
+        vocab_size: int,
+        device_verify: bool | None = None,
+        verify_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.target = target
+        self.proposer = as_batch_proposer(proposer)
+        if self.proposer.batch_size != target.batch_size:
+            raise ValueError(
+                f"proposer holds {self.proposer.batch_size} rows and the target "
+                f"{target.batch_size}: build both with the same batch_size"
+            )
+        self.vocab_size = vocab_size
+        self.device_verify, self.verify_dtype = device_verify, verify_dtype
+        self.rows: dict[int, _Row] = {}
+        self._verifiers: dict[tuple, tuple[TreeVerifier, torch.Tensor, torch.Tensor]] = {}
+        self._clock = StepClock(target.device)
+
+    @property
+    def max_batch(self) -> int:
+        return self.target.batch_size
+
+    def free_rows(self) -> list[int]:
+        return [row for row in range(self.max_batch) if row not in self.rows]
+
+    def add(
+        self,
+        prompt_ids: list[int],
+        spec: SpecConfig,
+        *,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> int:
+        """Start ``prompt_ids`` in a free row (between steps); returns the row."""
+        free = self.free_rows()
+        if not free:
+            raise ValueError(f"every row of the batch is busy (max_batch {self.max_batch})")
+        row = free[0]
+        budget = _check_lengths(self.target, self.proposer, prompt_ids, spec.max_new_tokens)
+        generator = torch.Generator(device=self.target.device)
+        generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
+        rule = get_rule(spec.resolved_rule())
+        started = self._clock.mark()
+        _prefill(self.target, row, list(prompt_ids[:-1]))
+        self.proposer.start_row(row, prompt_ids)
+        prefill = self._clock.host_seconds(started, self._clock.mark())
+        self.rows[row] = _Row(
+            list(prompt_ids), spec, rule, generator, stop_token_ids, budget, prefill
+        )
+        return row
+
+    def remove(self, row: int) -> None:
+        """Free ``row`` (between steps): its caches are emptied for the next sequence."""
+        if self.rows.pop(row, None) is not None:
+            self.target.reset(row)
+            self.proposer.remove_row(row)
+
+    def step(self) -> dict[int, Step]:
+        """One speculative step of every row; finished rows are freed."""
+        rows = sorted(self.rows)
+        if not rows:
+            return {}
+        clock, device, target = self._clock, self.target.device, self.target
+        state = [self.rows[row] for row in rows]
+        started = clock.mark()
+        proposals = self.proposer.propose_rows(
+            rows, [r.committed for r in state], [r.generator for r in state]
+        )
+        drafted = clock.mark()
+
+        tree = proposals[0].tree
+        verifiers = [self._verifier(tree, r) for r in state]
+        _, mask, offsets = verifiers[0]
+        roots = to_device([[r.committed[-1]] for r in state], device)  # [b, 1]
+        tokens = torch.cat([roots, torch.stack([p.tokens for p in proposals])], dim=1)  # [b, N+1]
+        pending = to_device([len(r.committed) - 1 for r in state], device)  # [b]
+        logits = rows_forward(target, rows, tokens, pending[:, None] + offsets, mask)
+        launched = [
+            verifier.launch(p.tokens, logits[row, :, : self.vocab_size], p.q, r.generator)
+            for (verifier, _, _), p, r, row in zip(verifiers, proposals, state, rows, strict=True)
+        ]
+        outcomes = [
+            verifier.finish(fetched)
+            for (verifier, _, _), fetched in zip(verifiers, _fetch(launched), strict=True)
+        ]  # the step's host synchronisation
+
+        keep = {
+            row: [0, *(1 + a for a in result.accepted)]
+            for row, (result, _) in zip(rows, outcomes, strict=True)
+        }
+        target.commit(keep_rows(self.max_batch, keep))
+        committed = {
+            row: (list(result.accepted), [*accepted_tokens, result.token])
+            for row, (result, accepted_tokens) in zip(rows, outcomes, strict=True)
+        }
+        self.proposer.commit_rows(committed)
+        ended = clock.mark()
+        draft_time = clock.device_seconds(started, drafted)
+        target_time = clock.host_seconds(started, ended) - draft_time
+        steps = {}
+        for row, r, (result, _) in zip(rows, state, outcomes, strict=True):
+            new_tokens, finish_reason = _truncate(
+                committed[row][1], r.max_new_tokens - r.produced, r.stop_token_ids
+            )
+            if finish_reason is None and r.produced + len(new_tokens) >= r.max_new_tokens:
+                finish_reason = "length"
+            r.committed += new_tokens
+            r.produced += len(new_tokens)
+            accepted = len(result.accepted)
+            record = StepRecord(
+                accepted=accepted,
+                emitted=len(new_tokens),
+                attempted=accepted + (0 if result.bonus else 1),
+                ranks=result.ranks,
+                tree_size=tree.num_nodes,
+                draft_time=draft_time,
+                target_time=target_time,
+                prefill_time=r.prefill_time,
+            )
+            r.prefill_time = 0.0
+            steps[row] = Step(tuple(new_tokens), record, finish_reason)
+            if finish_reason is not None:
+                self.remove(row)
+        return steps
+
+    def _verifier(self, tree: TokenTree, row: _Row) -> tuple[TreeVerifier, Tensor, Tensor]:
+        key = (tree, row.rule.name, row.spec.target)
+        if key not in self._verifiers:
+            self._verifiers[key] = _verifier(
+                tree,
+                row.rule,
+                row.spec,
+                self.target.device,
+                self.device_verify,
+                self.verify_dtype,
+                self.vocab_size,
+            )
+        return self._verifiers[key]
+
+
 def speculative_decode(
     target: Runtime,
-    proposer: Proposer,
+    proposer: Proposer | BatchProposer,
     prompt_ids: list[int],
     spec: SpecConfig,
     *,
@@ -49,69 +218,41 @@ def speculative_decode(
     device_verify: bool | None = None,
     verify_dtype: torch.dtype | None = None,
 ) -> Iterator[Step]:
-    """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``.
+    """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``: the
+    ``BatchEngine`` with one row.
 
     ``vocab_size`` is the common vocabulary: logits are cut to it, so padding ids beyond the
     tokenizer are never sampled. ``device_verify``: verify every node at once on the device
     with one host transfer when the rule has a device verifier; ``None`` leaves the choice to
     the rule's record (greedy always; the sampled rules on CUDA). ``verify_dtype``: of the device
     verifiers' residual work (default float32 on CUDA, float64 elsewhere)."""
-    rule = get_rule(spec.resolved_rule())
-    max_new_tokens = _check_lengths(target, proposer, prompt_ids, spec.max_new_tokens)
-    device = target.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
-    verifiers: dict[TokenTree, tuple[TreeVerifier, torch.Tensor, torch.Tensor]] = {}
+    engine = BatchEngine(
+        target,
+        proposer,
+        vocab_size=vocab_size,
+        device_verify=device_verify,
+        verify_dtype=verify_dtype,
+    )
+    row = engine.add(prompt_ids, spec, stop_token_ids=stop_token_ids)
+    try:
+        while row in engine.rows:
+            yield engine.step()[row]
+    finally:
+        engine.remove(row)
 
-    clock = StepClock(device)
-    started = clock.mark()
-    committed = list(prompt_ids)
-    _prefill(target, committed[:-1])
-    proposer.start(committed)
-    prefill_time = clock.host_seconds(started, clock.mark())
-    produced = 0
-    while True:
-        pending = len(committed) - 1  # position of the pending token
-        started = clock.mark()
-        proposal = proposer.propose(committed, generator)
-        drafted = clock.mark()
 
-        tree = proposal.tree
-        if tree not in verifiers:
-            verifiers[tree] = _verifier(
-                tree, rule, spec, device, device_verify, verify_dtype, vocab_size
-            )
-        verifier, mask, offsets = verifiers[tree]
-        tokens = torch.cat([to_device([committed[-1]], device), proposal.tokens])[None]  # [1, N+1]
-        logits = target.forward(tokens, (pending + offsets)[None], mask)[0, :, :vocab_size]
-        launched = verifier.launch(proposal.tokens, logits, proposal.q, generator)
-        result, accepted_tokens = verifier.finish(launched)  # the step's host synchronisation
-
-        accepted = list(result.accepted)
-        target.commit([[0, *(1 + a for a in accepted)]])
-        new_tokens = [*accepted_tokens, result.token]
-        proposer.commit(accepted, new_tokens)
-        ended = clock.mark()
-        draft_time = clock.device_seconds(started, drafted)
-        new_tokens, finish_reason = _truncate(new_tokens, max_new_tokens - produced, stop_token_ids)
-        if finish_reason is None and produced + len(new_tokens) >= max_new_tokens:
-            finish_reason = "length"
-        committed += new_tokens
-        produced += len(new_tokens)
-        record = StepRecord(
-            accepted=len(accepted),
-            emitted=len(new_tokens),
-            attempted=len(accepted) + (0 if result.bonus else 1),
-            ranks=result.ranks,
-            tree_size=tree.num_nodes,
-            draft_time=draft_time,
-            target_time=clock.host_seconds(started, ended) - draft_time,
-            prefill_time=prefill_time,
-        )
-        prefill_time = 0.0
-        yield Step(tuple(new_tokens), record, finish_reason)
-        if finish_reason is not None:
-            return
+def _fetch(launched: list) -> list:
+    """Every row's launched verification brought to the host in one transfer: the device
+    verifiers' tensors concatenated, copied once and split again (host walks pass through)."""
+    tensors = [i for i, item in enumerate(launched) if isinstance(item, Tensor)]
+    if len(tensors) < 2:
+        return launched
+    host = torch.cat([launched[i].flatten() for i in tensors]).cpu()  # the one synchronisation
+    pieces = iter(host.split([launched[i].numel() for i in tensors]))
+    fetched = list(launched)
+    for i in tensors:
+        fetched[i] = next(pieces).view(launched[i].shape)
+    return fetched
 
 
 class StepClock:
@@ -184,7 +325,7 @@ def autoregressive_decode(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.seed()))
     started = time.perf_counter()
-    _prefill(target, prompt_ids[:-1])
+    _prefill(target, 0, prompt_ids[:-1])
     prefill_time = time.perf_counter() - started
     pending = prompt_ids[-1]
     one = chain_mask(1, device=device)  # [1, 1]
@@ -207,15 +348,17 @@ def autoregressive_decode(
             return
 
 
-def _prefill(model: Runtime, tokens: list[int]) -> None:
-    model.reset()
+def _prefill(model: Runtime, row: int, tokens: list[int]) -> None:
+    """Empty ``row`` and read ``tokens`` into it, in a forward of its own."""
+    model.reset(row)
     if not tokens:
         return
     device = model.device
     ids = to_device([tokens], device)  # [1, T]
     positions = torch.arange(len(tokens), device=device)[None]  # [1, T]
-    model.forward(ids, positions, chain_mask(len(tokens), device=device), logits="none")
-    model.commit()
+    mask = chain_mask(len(tokens), device=device)
+    rows_forward(model, [row], ids, positions, mask, logits="none")
+    model.commit(keep_rows(model.batch_size, {row: list(range(len(tokens)))}))
 
 
 def _truncate(

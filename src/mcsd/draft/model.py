@@ -13,15 +13,15 @@ synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from mcsd.config import SamplingConfig, SpecConfig
-from mcsd.draft.base import Proposal
-from mcsd.models.base import Runtime, chain_mask, to_device
+from mcsd.draft.base import Proposal, RowStep
+from mcsd.models.base import Runtime, chain_mask, keep_rows, rows_forward, to_device
 from mcsd.sampling import draw_children, warp
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import Rule, get_rule
@@ -63,7 +63,7 @@ class ModelProposer:
         self.replacement = replacement
         self.deterministic = deterministic or sampling.greedy
         self.return_q = return_q
-        self._uncached: list[int] = []
+        self._uncached: dict[int, list[int]] = {}  # per row
         device = draft.device
         ancestors = tree.ancestor_mask(device)  # [N, N]
         inner = [u for u in range(tree.num_nodes) if tree.children(u)]
@@ -118,67 +118,122 @@ class ModelProposer:
     def max_depth(self) -> int:
         return self.tree.max_depth
 
+    @property
+    def batch_size(self) -> int:
+        return self.draft.batch_size
+
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self.draft.reset()
+        self.start_row(0, prompt_ids)
+
+    def propose(self, committed: Sequence[int], generator: torch.Generator) -> Proposal:
+        return self.propose_rows([0], [committed], [generator])[0]
+
+    def commit(self, accepted: Sequence[int], tokens: Sequence[int]) -> None:
+        self.commit_rows({0: (accepted, tokens)})
+
+    # ------------------------------------------------------------------ rows
+    def start_row(self, row: int, prompt_ids: Sequence[int]) -> None:
+        """A new sequence in ``row``: its prompt (but the pending last token) read in a forward
+        of its own."""
+        self.draft.reset(row)
         prefix = list(prompt_ids[:-1])
         if prefix:
             device = self.draft.device
             ids = to_device([prefix], device)  # [1, T]
             positions = torch.arange(len(prefix), device=device)[None]  # [1, T]
-            self.draft.forward(
-                ids, positions, chain_mask(len(prefix), device=device), logits="none"
-            )
-            self.draft.commit()
-        self._uncached = list(prompt_ids[-1:])
+            mask = chain_mask(len(prefix), device=device)
+            rows_forward(self.draft, [row], ids, positions, mask, logits="none")
+            self.draft.commit(keep_rows(self.batch_size, {row: list(range(len(prefix)))}))
+        self._uncached[row] = list(prompt_ids[-1:])
 
-    def propose(self, committed: Sequence[int], generator: torch.Generator) -> Proposal:
-        """Node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u; rows of nodes
-        without children stay zero), or None for q when neither the picking nor the rule reads
-        it (deterministic drafts under greedy / top-k verification)."""
+    def remove_row(self, row: int) -> None:
+        self.draft.reset(row)
+        self._uncached.pop(row, None)
+
+    def propose_rows(
+        self,
+        rows: Sequence[int],
+        committed: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator],
+    ) -> list[Proposal]:
+        """Per row: node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u;
+        rows of nodes without children stay zero), or None for q when neither the picking nor
+        the rule reads it (deterministic drafts under greedy / top-k verification). The rows'
+        uncached tokens are left-padded to one length (padding sees only itself)."""
         tree, draft, device = self.tree, self.draft, self.draft.device
-        uncached = self._uncached
-        n = len(uncached)
-        start = draft.cache_lengths()[0]
-        pending = len(committed) - 1  # position of the pending token
-        assert start + n == pending + 1, "draft cache out of step with the committed tokens"
+        b = len(rows)
+        uncached = [self._uncached[row] for row in rows]
+        n = max(map(len, uncached))
+        lengths = draft.cache_lengths()
+        pending = [len(c) - 1 for c in committed]  # position of each row's pending token
+        for row, tokens, last in zip(rows, uncached, pending, strict=True):
+            assert lengths[row] + len(tokens) == last + 1, "draft cache out of step"
         need_q = not self.deterministic or self.return_q
-        ids = to_device([[*uncached, *range(start, start + n)]], device)  # [1, 2n]
-        logits = draft.forward(ids[:, :n], ids[:, n:], chain_mask(n, device=device), logits="last")
-        row_logits = torch.zeros(tree.num_nodes + 1, self.vocab_size, device=device)  # [N+1, V]
-        row_logits[0] = logits[0, -1, : self.vocab_size]
-        q = torch.zeros_like(row_logits) if need_q else None  # [N+1, V]
+        pads = [n - len(tokens) for tokens in uncached]
+        ids = to_device(
+            [
+                [*[0] * pad, *tokens, *[lengths[row]] * pad, *range(lengths[row], last + 1)]
+                for row, tokens, last, pad in zip(rows, uncached, pending, pads, strict=True)
+            ],
+            device,
+        )  # [b, 2n]
+        seen_uncached = to_device([[0] * pad + [1] * (n - pad) for pad in pads], device).bool()
+        if any(pads):  # [b, n, n]: real tokens a chain after the padding, padding only itself
+            mask = chain_mask(n, device=device) & seen_uncached[:, None, :]
+            mask |= torch.eye(n, dtype=torch.bool, device=device)
+        else:
+            mask = chain_mask(n, device=device)  # [n, n]
+        logits = rows_forward(draft, rows, ids[:, :n], ids[:, n:], mask, logits="last")
+        logits = logits[to_device(list(rows), device)] if b < self.batch_size else logits
+        row_logits = torch.zeros(b, tree.num_nodes + 1, self.vocab_size, device=device)
+        row_logits[:, 0] = logits[:, -1, : self.vocab_size]  # [b, N+1, V]
+        q = torch.zeros_like(row_logits) if need_q else None  # [b, N+1, V]
         if q is not None:
-            q[0] = warp(row_logits[0], self.sampling)
-        node_tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)  # [N]
-        seen_uncached = torch.ones(1, n, dtype=torch.bool, device=device)  # [1, n]
+            q[:, 0] = warp(row_logits[:, 0], self.sampling)
+        node_tokens = torch.zeros(b, tree.num_nodes, dtype=torch.long, device=device)  # [b, N]
+        starts = to_device(pending, device)[:, None]  # [b, 1]
+        selected = to_device(list(rows), device)
         for level in self.levels:
-            for rows, children in level.picks:  # every parent of the level at once
+            for parents, children in level.picks:  # every parent of the level at once
                 k = children.shape[1]
                 if self.deterministic:
-                    node_tokens[children] = torch.topk(row_logits[rows], k, dim=-1).indices
-                else:
-                    assert q is not None
-                    node_tokens[children] = draw_children(
-                        q[rows], k, replacement=self.replacement, generator=generator
+                    node_tokens[:, children] = torch.topk(row_logits[:, parents], k, dim=-1).indices
+                    continue
+                assert q is not None
+                for i, generator in enumerate(generators):  # each row its own randomness
+                    node_tokens[i, children] = draw_children(
+                        q[i, parents], k, replacement=self.replacement, generator=generator
                     )  # [P, k]
             if not level.run:
                 continue
             r = len(level.run)
-            mask = torch.cat([seen_uncached.expand(r, n), level.tree_mask], dim=1)  # [r, P + r]
-            rows = level.run_index + 1
-            out = draft.forward(
-                node_tokens[level.run_index][None], (pending + level.offsets)[None], mask
+            level_mask = torch.cat(
+                [seen_uncached[:, None, :].expand(b, r, n), level.tree_mask.expand(b, -1, -1)],
+                dim=2,
+            )  # [b, r, n + P + r]
+            out = rows_forward(
+                draft, rows, node_tokens[:, level.run_index], starts + level.offsets, level_mask
             )
-            row_logits[rows] = out[0, :, : self.vocab_size]
+            out = out[selected] if b < self.batch_size else out
+            nodes = level.run_index + 1
+            row_logits[:, nodes] = out[:, :, : self.vocab_size]
             if q is not None:
-                q[rows] = warp(row_logits[rows], self.sampling)
-        return Proposal(tree, node_tokens, q if self.return_q else None)
+                q[:, nodes] = warp(row_logits[:, nodes], self.sampling)
+        return [
+            Proposal(tree, node_tokens[i], q[i] if self.return_q and q is not None else None)
+            for i in range(b)
+        ]
 
-    def commit(self, accepted: Sequence[int], tokens: Sequence[int]) -> None:
-        """Keep the uncached tokens and the accepted nodes the draft ran; the accepted tokens it
-        has not run and the correction / bonus token are uncached for the next step."""
-        kept = [a for a in accepted if a in self.slot]
-        assert kept == list(accepted[: len(kept)]), "only the accepted leaf can be missing"
-        n = len(self._uncached)
-        self.draft.commit([[*range(n), *(n + self.slot[a] for a in kept)]])
-        self._uncached = list(tokens[len(kept) :])
+    def commit_rows(self, steps: Mapping[int, RowStep]) -> None:
+        """Per row: keep its uncached tokens (after its padding) and the accepted nodes the
+        draft ran; the accepted tokens it has not run and the correction / bonus token are
+        uncached for the next step. Rows not in ``steps`` keep nothing of the block."""
+        n = max(len(self._uncached[row]) for row in steps)
+        keep = {}
+        for row, (accepted, tokens) in steps.items():
+            kept = [a for a in accepted if a in self.slot]
+            assert kept == list(accepted[: len(kept)]), "only the accepted leaf can be missing"
+            pad = n - len(self._uncached[row])
+            keep[row] = [*range(pad, n), *(n + self.slot[a] for a in kept)]
+            self._uncached[row] = list(tokens[len(kept) :])
+        self.draft.commit(keep_rows(self.batch_size, keep))
