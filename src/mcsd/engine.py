@@ -143,10 +143,12 @@ class BatchEngine:
         roots = to_device([[r.committed[-1]] for r in state], device)  # [b, 1]
         tokens = torch.cat([roots, torch.stack([p.tokens for p in proposals])], dim=1)  # [b, N+1]
         pending = to_device([len(r.committed) - 1 for r in state], device)  # [b]
-        logits = rows_forward(target, rows, tokens, pending[:, None] + offsets, mask)
+        logits = self._target_logits(rows, tokens, pending[:, None] + offsets, mask)
         launched = [
-            verifier.launch(p.tokens, logits[row, :, : self.vocab_size], p.q, r.generator)
-            for (verifier, _, _), p, r, row in zip(verifiers, proposals, state, rows, strict=True)
+            verifier.launch(p.tokens, row_logits, p.q, r.generator)
+            for (verifier, _, _), p, r, row_logits in zip(
+                verifiers, proposals, state, logits, strict=True
+            )
         ]
         outcomes = [
             verifier.finish(fetched)
@@ -191,6 +193,14 @@ class BatchEngine:
             if finish_reason is not None:
                 self.remove(row)
         return steps
+
+    def _target_logits(
+        self, rows: list[int], tokens: Tensor, positions: Tensor, mask: Tensor
+    ) -> list[Tensor]:
+        """The target forward of the step's trees (``tokens`` / ``positions`` ``[b, N+1]``):
+        each row's logits ``[N+1, V]`` cut to the common vocabulary."""
+        logits = rows_forward(self.target, rows, tokens, positions, mask)  # [B, N+1, V']
+        return [logits[row, :, : self.vocab_size] for row in rows]
 
     def _verifier(self, tree: TokenTree, row: _Row) -> tuple[TreeVerifier, Tensor, Tensor]:
         key = (tree, row.rule.name, row.spec.target)

@@ -142,6 +142,8 @@ class HFModel(CommittedRows):
             self._cache = self._new_cache()
             return
         for layer in self._cache.layers:  # the region may have shrunk: S = max(committed)
+            if layer.keys is None:  # nothing run yet (a lazily built layer)
+                continue
             layer.keys = layer.keys[:, :, : self._width]
             layer.values = layer.values[:, :, : self._width]
 
