@@ -17,6 +17,7 @@ DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's 
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_BATCH = 16  # rows decoded side by side (a list of prompts in the API, the server)
 COMPILE_CHOICES = ("none", "draft", "all")  # load_pair(compile=...): which models to compile
 DEFAULT_RUNTIME = "auto"  # mcsd.models.factory.RUNTIMES: auto picks the fastest for the machine
 DEFAULT_DTYPE = "auto"  # bfloat16 where the CPU/GPU computes it natively, else float32

@@ -161,6 +161,25 @@ class CommittedRows:
         return False
 
 
+ROW_RUNTIMES = "table, hf, hf-static and fast"  # the runtimes that hold more than one row
+
+
+def with_rows(runtime: Runtime, batch_size: int) -> Runtime:
+    """``runtime`` itself when it holds ``batch_size`` rows, else the same model (weights
+    shared) with a cache of ``batch_size`` rows; a runtime that holds one row refuses."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if runtime.batch_size == batch_size:
+        return runtime
+    resize = getattr(runtime, "with_rows", None)
+    if resize is None:
+        raise ValueError(
+            f"batch_size: runtime {runtime.name} holds one row; batch_size > 1 runs on the "
+            f"{ROW_RUNTIMES} runtimes, got batch_size={batch_size}"
+        )
+    return resize(batch_size)
+
+
 def to_device(values: list, device: torch.device | str) -> Tensor:
     """A long tensor from nested Python ints on ``device``. On CUDA it goes through pinned
     memory without blocking: a plain ``torch.tensor(..., device="cuda")`` waits for every queued

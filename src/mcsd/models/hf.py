@@ -77,6 +77,10 @@ class HFModel(CommittedRows):
         """The same runtime around another (e.g. cheaper) model."""
         return HFModel(model, batch_size=self._batch, vocab_size=vocab_size)
 
+    def with_rows(self, batch_size: int) -> HFModel:
+        """The same model with a cache of ``batch_size`` rows (weights shared)."""
+        return HFModel(self.hf_model, batch_size=batch_size, vocab_size=self._vocab)
+
     # ------------------------------------------------------------------ protocol
     @property
     def name(self) -> str:
