@@ -27,7 +27,7 @@ from mcsd.checks.engine import (
 )
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
-from mcsd.engine import BatchEngine, speculative_decode
+from mcsd.engine import BatchEngine, autoregressive_decode, speculative_decode
 from mcsd.models.hf import HFModel
 from mcsd.verify.rules import RULES
 
@@ -152,3 +152,54 @@ def test_hf_rows_equal_batch_one(temperature: float) -> None:
         for row, step in engine.step().items():
             outputs[job_of[row]] += step.tokens
     assert outputs == alone
+
+
+def test_plain_rows_beside_speculative_rows() -> None:
+    """Rows asking for no speculation (``speculate=False``) decode plainly beside speculative
+    rows; each row equals its batch-1 run (plain: ``autoregressive_decode``), and a plain row's
+    tokens reach the draft when it speculates again (a row switching mid-generation)."""
+    case = EngineCase("mcss-wor", "4,2,2", length=6)
+    spec = case.spec(0)
+    plain = replace(spec, speculate=False)
+    target, draft = case.models_for_batch(3)
+    engine = BatchEngine(target, ModelProposer.for_spec(draft, spec, 4), vocab_size=4)
+    rows = {
+        engine.add([1, 2], replace(spec, seed=1)): ("spec", (1, 2), 1),
+        engine.add([3], replace(plain, seed=2)): ("plain", (3,), 2),
+        engine.add([0, 1, 2, 3], replace(plain, seed=3)): ("switch", (0, 1, 2, 3), 3),
+    }
+    outputs: dict[int, list[int]] = {row: [] for row in rows}
+    steps = 0
+    while engine.rows:
+        steps += 1
+        if steps == 3 and 2 in engine.rows:  # the third row speculates from its third step
+            engine.rows[2].spec = replace(spec, seed=3)
+        for row, step in engine.step().items():
+            outputs[row] += step.tokens
+    one_target, _ = case.models()
+    for row, (kind, prompt, seed) in rows.items():
+        if kind == "spec":
+            assert outputs[row] == batch_one(case, prompt, seed)
+        elif kind == "plain":
+            alone = autoregressive_decode(
+                one_target, list(prompt), spec.target, 6, vocab_size=4, seed=seed
+            )
+            assert outputs[row] == [t for step in alone for t in step.tokens]
+        else:
+            assert len(outputs[row]) == 6
+
+
+def test_mixed_plain_and_speculative_steps_are_lossless() -> None:
+    """Every row alternates plain and speculative steps (the adaptive budget may switch a row
+    off and on): still the target's distribution."""
+
+    class Alternating(BatchEngine):
+        def step(self):
+            for r in self.rows.values():
+                r.spec = replace(r.spec, speculate=not r.spec.speculate)
+            return super().step()
+
+    fits = run_batch_engine_case(
+        EngineCase("mcss-wor", "2,2", length=4), TRIALS // 2, seed=2, engine_class=Alternating
+    )
+    assert all(fit.passed for fit in fits), fits

@@ -146,8 +146,11 @@ class SpecConfig:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
+    speculate: bool = True  # False: plain decoding, the target alone (one token per step)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.speculate, bool):
+            raise ValueError(f"speculate must be True or False, got {self.speculate!r}")
         if not isinstance(self.target, SamplingConfig):
             raise ValueError(f"target must be a SamplingConfig, got {type(self.target).__name__}")
         if self.draft is not None and not isinstance(self.draft, SamplingConfig):
@@ -275,7 +278,8 @@ class ServeDefaults:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_queue: int = 64  # requests waiting behind the running one; more get 429
+    max_queue: int = 64  # requests waiting behind the running ones; more get 429
+    max_batch: int = 1  # generations decoded side by side (rows of the batch engine)
     max_body_bytes: int = 16 << 20  # far beyond any context, small enough to refuse junk early
     disconnect_poll_s: float = 0.05  # how often a waiting request checks its client is there
     unbounded_max_tokens: int = 1 << 20  # max_tokens cap when the models declare no limit

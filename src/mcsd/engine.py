@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from torch import Tensor
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.base import BatchProposer, Proposer, as_batch_proposer
 from mcsd.models.base import Runtime, chain_mask, keep_rows, rows_forward, to_device
-from mcsd.sampling import sample, warp
+from mcsd.sampling import draw_children, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify.rules import Rule, TreeVerifier, get_rule, tree_verifier
@@ -67,15 +67,15 @@ class BatchEngine:
     def __init__(
         self,
         target: Runtime,
-        proposer: Proposer | BatchProposer,
+        proposer: Proposer | BatchProposer | None,
         *,
         vocab_size: int,
         device_verify: bool | None = None,
         verify_dtype: torch.dtype | None = None,
     ) -> None:
         self.target = target
-        self.proposer = as_batch_proposer(proposer)
-        if self.proposer.batch_size != target.batch_size:
+        self.proposer = None if proposer is None else as_batch_proposer(proposer)
+        if self.proposer is not None and self.proposer.batch_size != target.batch_size:
             raise ValueError(
                 f"proposer holds {self.proposer.batch_size} rows and the target "
                 f"{target.batch_size}: build both with the same batch_size"
@@ -105,13 +105,16 @@ class BatchEngine:
         if not free:
             raise ValueError(f"every row of the batch is busy (max_batch {self.max_batch})")
         row = free[0]
+        if spec.speculate and self.proposer is None:
+            raise ValueError("spec.speculate needs a proposer: this engine decodes plainly only")
         budget = _check_lengths(self.target, self.proposer, prompt_ids, spec.max_new_tokens)
         generator = torch.Generator(device=self.target.device)
         generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
         rule = get_rule(spec.resolved_rule())
         started = self._clock.mark()
         _prefill(self.target, row, list(prompt_ids[:-1]))
-        self.proposer.start_row(row, prompt_ids)
+        if self.proposer is not None:
+            self.proposer.start_row(row, prompt_ids)
         prefill = self._clock.host_seconds(started, self._clock.mark())
         self.rows[row] = _Row(
             list(prompt_ids), spec, rule, generator, stop_token_ids, budget, prefill
@@ -122,13 +125,69 @@ class BatchEngine:
         """Free ``row`` (between steps): its caches are emptied for the next sequence."""
         if self.rows.pop(row, None) is not None:
             self.target.reset(row)
-            self.proposer.remove_row(row)
+            if self.proposer is not None:
+                self.proposer.remove_row(row)
 
     def step(self) -> dict[int, Step]:
-        """One speculative step of every row; finished rows are freed."""
+        """One step of every row (speculative, or plain for the rows that do not speculate);
+        finished rows are freed."""
         rows = sorted(self.rows)
-        if not rows:
-            return {}
+        speculative = [row for row in rows if self.rows[row].spec.speculate]
+        plain = [row for row in rows if not self.rows[row].spec.speculate]
+        steps = {}
+        if speculative:
+            steps |= self._speculative_step(speculative)
+        if plain:
+            steps |= self._plain_step(plain)
+        for row, step in steps.items():
+            if step.finish_reason is not None:
+                self.remove(row)
+        return steps
+
+    def _plain_step(self, rows: list[int]) -> dict[int, Step]:
+        """The target alone: one forward of every row's pending token, one token drawn per row
+        from its warped p (its argmax when greedy), one host transfer."""
+        started = time.perf_counter()
+        device, target = self.target.device, self.target
+        state = [self.rows[row] for row in rows]
+        tokens = to_device([[r.committed[-1], len(r.committed) - 1] for r in state], device)
+        logits = rows_forward(
+            target, rows, tokens[:, :1], tokens[:, 1:], chain_mask(1, device=device), logits="last"
+        )  # [B, 1, V']
+        target.commit(keep_rows(self.max_batch, {row: [0] for row in rows}))
+        draws = []
+        for row, r in zip(rows, state, strict=True):
+            row_logits = logits[row, -1, : self.vocab_size]  # [V]
+            if r.spec.target.greedy:  # argmax of the one-hot p is the argmax of the logits
+                draws.append(row_logits.argmax()[None])
+            else:
+                p = warp(row_logits, r.spec.target)
+                draws.append(draw_children(p[None], 1, replacement=True, generator=r.generator)[0])
+        drawn = torch.cat(draws).tolist()  # the step's host synchronisation
+        elapsed = time.perf_counter() - started
+        steps = {}
+        for row, r, token in zip(rows, state, drawn, strict=True):
+            if self.proposer is not None:
+                self.proposer.extend_row(row, [token])
+            steps[row] = self._commit_row(r, [token], StepRecord(0, 1, 0, (), 0, 0.0, elapsed))
+        return steps
+
+    def _commit_row(self, r: _Row, tokens: list[int], record: StepRecord) -> Step:
+        """Append a step's ``tokens`` to a row (cut at a stop token or its budget)."""
+        new_tokens, finish_reason = _truncate(
+            tokens, r.max_new_tokens - r.produced, r.stop_token_ids
+        )
+        if finish_reason is None and r.produced + len(new_tokens) >= r.max_new_tokens:
+            finish_reason = "length"
+        r.committed += new_tokens
+        r.produced += len(new_tokens)
+        record = replace(record, emitted=len(new_tokens), prefill_time=r.prefill_time)
+        r.prefill_time = 0.0
+        return Step(tuple(new_tokens), record, finish_reason)
+
+    def _speculative_step(self, rows: list[int]) -> dict[int, Step]:
+        """Propose a tree per row, verify every row's tree in one target forward, commit."""
+        assert self.proposer is not None
         clock, device, target = self._clock, self.target.device, self.target
         state = [self.rows[row] for row in rows]
         started = clock.mark()
@@ -170,28 +229,17 @@ class BatchEngine:
         target_time = clock.host_seconds(started, ended) - draft_time
         steps = {}
         for row, r, (result, _) in zip(rows, state, outcomes, strict=True):
-            new_tokens, finish_reason = _truncate(
-                committed[row][1], r.max_new_tokens - r.produced, r.stop_token_ids
-            )
-            if finish_reason is None and r.produced + len(new_tokens) >= r.max_new_tokens:
-                finish_reason = "length"
-            r.committed += new_tokens
-            r.produced += len(new_tokens)
             accepted = len(result.accepted)
             record = StepRecord(
                 accepted=accepted,
-                emitted=len(new_tokens),
+                emitted=0,
                 attempted=accepted + (0 if result.bonus else 1),
                 ranks=result.ranks,
                 tree_size=tree.num_nodes,
                 draft_time=draft_time,
                 target_time=target_time,
-                prefill_time=r.prefill_time,
             )
-            r.prefill_time = 0.0
-            steps[row] = Step(tuple(new_tokens), record, finish_reason)
-            if finish_reason is not None:
-                self.remove(row)
+            steps[row] = self._commit_row(r, committed[row][1], record)
         return steps
 
     def _target_logits(
@@ -328,34 +376,17 @@ def autoregressive_decode(
     stop_token_ids: frozenset[int] = frozenset(),
     seed: int | None = None,
 ) -> Iterator[Step]:
-    """The target alone, one token per forward (the baseline ``ar`` of ``mcsd bench``), through
-    the same runtime, warping and stopping as ``speculative_decode``."""
-    budget = _check_lengths(target, None, prompt_ids, max_new_tokens)
-    device = target.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int(torch.seed()))
-    started = time.perf_counter()
-    _prefill(target, 0, prompt_ids[:-1])
-    prefill_time = time.perf_counter() - started
-    pending = prompt_ids[-1]
-    one = chain_mask(1, device=device)  # [1, 1]
-    for produced in range(1, budget + 1):
-        started = time.perf_counter()
-        cache = target.cache_lengths()[0]
-        tokens = to_device([[pending, cache]], device)  # [1, 2]: the token and its position
-        logits = target.forward(tokens[:, :1], tokens[:, 1:], one, logits="last")
-        target.commit()
-        if sampling.greedy:  # argmax of the one-hot p is the argmax of the logits
-            pending = int(logits[0, -1, :vocab_size].argmax())
-        else:
-            pending = sample(warp(logits[0, -1, :vocab_size], sampling), generator)
-        finish = "stop" if pending in stop_token_ids else "length" if produced == budget else None
-        elapsed = time.perf_counter() - started
-        record = StepRecord(0, 1, 0, (), 0, 0.0, elapsed, prefill_time=prefill_time)
-        prefill_time = 0.0
-        yield Step((pending,), record, finish)
-        if finish is not None:
-            return
+    """The target alone, one token per forward (the baseline ``ar`` of ``mcsd bench``): the
+    ``BatchEngine``'s plain steps on one row, through the same runtime, warping and stopping as
+    ``speculative_decode``."""
+    spec = SpecConfig(target=sampling, max_new_tokens=max_new_tokens, seed=seed, speculate=False)
+    engine = BatchEngine(target, None, vocab_size=vocab_size)
+    row = engine.add(prompt_ids, spec, stop_token_ids=stop_token_ids)
+    try:
+        while row in engine.rows:
+            yield engine.step()[row]
+    finally:
+        engine.remove(row)
 
 
 def _prefill(model: Runtime, row: int, tokens: list[int]) -> None:

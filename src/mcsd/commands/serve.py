@@ -29,7 +29,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="serve the OpenAI API (completions, chat) with speculative decoding",
         description=(
             "Serve POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health and "
-            "/metrics. One generation runs at a time; requests wait in a FIFO queue."
+            "/metrics. Up to --max-batch generations run side by side (continuous batching); "
+            "the other requests wait in a FIFO queue."
         ),
     )
     add_model_arguments(parser)
@@ -47,6 +48,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="requests that may wait behind the running one; more get 429 (default %(default)s)",
     )
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=ServeDefaults.max_batch,
+        help="generations decoded side by side, as rows of one batch; a new request joins at "
+        "the next step (default %(default)s; > 1 needs the hf, hf-static or fast runtime)",
+    )
+    parser.add_argument(
         "--served-model-name", default=None, help="model id clients use (default: the target)"
     )
     parser.add_argument(
@@ -59,12 +67,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from mcsd.models.base import with_rows
     from mcsd.server import create_app
 
     tree, origin = tree_default(args)
     spec = spec_from_args(args, tree)  # validate before the slow model load
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if isinstance(args.max_batch, bool) or args.max_batch < 1:
+        raise ValueError(f"--max-batch must be an integer >= 1, got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     started = time.perf_counter()
@@ -76,6 +87,14 @@ def run(args: argparse.Namespace) -> int:
         f"loaded {pair.target.name} <- {pair.draft.name} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
-    app = create_app(pair, spec, model_name=args.served_model_name, max_queue=args.max_queue)
+    if args.max_batch > 1:  # refuse a runtime that holds one row before serving
+        with_rows(pair.target, args.max_batch)
+    app = create_app(
+        pair,
+        spec,
+        model_name=args.served_model_name,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

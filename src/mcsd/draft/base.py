@@ -17,7 +17,9 @@ A proposer over several rows (``BatchProposer``: the batch engine's, ``mcsd.engi
 has the same three calls per row: ``start_row(row, prompt_ids)``, ``propose_rows(rows, committed,
 generators)`` (one ``Proposal`` per row, each row's randomness from its own generator, so a row's
 candidates do not depend on which rows share the step) and ``commit_rows({row: (accepted,
-tokens)})``, plus ``remove_row(row)``. ``OneRow`` runs a one-row ``Proposer`` as a batch of one.
+tokens)})``, plus ``extend_row(row, tokens)`` (tokens committed by a plain step, which the
+proposer has not seen) and ``remove_row(row)``. ``OneRow`` runs a one-row ``Proposer`` as a
+batch of one.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class BatchProposer(Protocol):
 
     def commit_rows(self, steps: Mapping[int, RowStep]) -> None: ...
 
+    def extend_row(self, row: int, tokens: Sequence[int]) -> None:
+        """``row`` committed ``tokens`` without a proposal (a plain decoding step)."""
+        ...
+
     def remove_row(self, row: int) -> None: ...
 
 
@@ -122,6 +128,12 @@ class OneRow:
 
     def commit_rows(self, steps: Mapping[int, RowStep]) -> None:
         self.proposer.commit(*steps[0])
+
+    def extend_row(self, row: int, tokens: Sequence[int]) -> None:
+        raise ValueError(
+            "plain decoding steps (speculate=False) need a proposer over rows (a BatchProposer "
+            "such as ModelProposer)"
+        )
 
     def remove_row(self, row: int) -> None:
         """Nothing to free: the next ``start_row`` starts over."""

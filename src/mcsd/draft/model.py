@@ -146,6 +146,10 @@ class ModelProposer:
             self.draft.commit(keep_rows(self.batch_size, {row: list(range(len(prefix)))}))
         self._uncached[row] = list(prompt_ids[-1:])
 
+    def extend_row(self, row: int, tokens: Sequence[int]) -> None:
+        """Tokens committed without a proposal: uncached, the draft runs them next step."""
+        self._uncached[row] += list(tokens)
+
     def remove_row(self, row: int) -> None:
         self.draft.reset(row)
         self._uncached.pop(row, None)

@@ -66,12 +66,14 @@ def create_app(
     *,
     model_name: str | None = None,
     max_queue: int = ServeDefaults.max_queue,
+    max_batch: int = ServeDefaults.max_batch,
 ) -> FastAPI:
     """An ASGI app serving ``pair``; ``defaults`` are the speculation settings a request may
-    override (``mcsd`` object, sampling fields). Run it with uvicorn (``mcsd serve`` does)."""
+        override (``mcsd`` object, sampling fields); ``max_batch``: generations decoded side by side
+    (continuous batching). Run it with uvicorn (``mcsd serve`` does)."""
     defaults = defaults or SpecConfig()
     model_name = model_name or pair.target_name
-    scheduler = Scheduler(pair, max_queue=max_queue)
+    scheduler = Scheduler(pair, max_queue=max_queue, max_batch=max_batch)
     metrics = scheduler.metrics
     contexts = [m.max_context for m in (pair.target, pair.draft) if m.max_context is not None]
     limits = Limits(pair.vocab_size, min(contexts) if contexts else UNBOUNDED_MAX_TOKENS)
@@ -131,10 +133,10 @@ def create_app(
             "mcsd": {
                 "target": pair.target_name,
                 "draft": pair.draft_name,
-                "max_concurrent_generations": 1,
-                "batching": False,
-                "scheduling": "one generation at a time (batch 1); requests wait in a FIFO "
-                f"queue of at most {max_queue}, beyond which the server answers 429",
+                "max_concurrent_generations": max_batch,
+                "batching": max_batch > 1,
+                "scheduling": f"continuous batching of up to {max_batch} generations; requests "
+                f"wait in a FIFO queue of at most {max_queue}, beyond which the server answers 429",
                 "defaults": {
                     "tree": defaults.token_tree().describe(),
                     "rule": defaults.rule or "auto",
@@ -178,8 +180,8 @@ def create_app(
             metrics.requests.labels("rejected").inc()
             raise APIError(
                 429,
-                f"the server is busy: one generation runs at a time and {max_queue} requests "
-                "are already waiting; retry later",
+                f"the server is busy: {max_batch} generation(s) run at a time and {max_queue} "
+                "requests are already waiting; retry later",
                 type="rate_limit_error",
                 code="queue_full",
             ) from None
