@@ -273,6 +273,15 @@ class SweepDefaults:
 
 
 @dataclass(frozen=True)
+class BudgetDefaults:
+    """The adaptive tree budget (``mcsd.budget``)."""
+
+    acceptance: float = 0.6  # prior acceptance rate of one candidate (a 2-4x size-gap pair)
+    repeats: int = 3  # timed forwards per probed size (the median counts)
+    probe_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # in all
+
+
+@dataclass(frozen=True)
 class ServeDefaults:
     """``mcsd serve`` (``mcsd.server``)."""
 

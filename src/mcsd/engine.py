@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from mcsd.budget import TreeBudget
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.base import BatchProposer, Proposer, as_batch_proposer
 from mcsd.models.base import Runtime, chain_mask, keep_rows, rows_forward, to_device
@@ -48,6 +49,7 @@ class _Row:
     rule: Rule
     generator: torch.Generator
     stop_token_ids: frozenset[int]
+    tree: TokenTree  # the tree it asked for (``spec``'s)
     max_new_tokens: int  # usable budget (the context may cut the asked one)
     prefill_time: float
     produced: int = 0
@@ -56,13 +58,16 @@ class _Row:
 class BatchEngine:
     """Speculative decoding over the rows of ``target`` and ``proposer`` (continuous batching):
     ``add`` a sequence to a free row between steps (its prompt is read in a forward of its
-    own), ``step`` every row once, ``remove`` a row (a finished row frees itself). All rows of a
-    step share one tree (``proposer``'s): one draft forward per level and one target forward for
-    the whole batch, each row with its own positions, cache length and accepted path (ragged
-    acceptance), and one host synchronisation for every row's verification where the rule has
-    a device verifier. Each row draws from its own seeded generator in the order a batch of one
-    would, so a row's output does not depend on the rows beside it. ``speculative_decode`` is
-    this engine with one row."""
+    own), ``step`` every row once, ``remove`` a row (a finished row frees itself). The rows that
+    grow the same tree share one draft forward per level and one target forward, each row with
+    its own positions, cache length and accepted path (ragged acceptance), and one host
+    synchronisation for every row's verification where the rule has a device verifier; a row
+    asking for its own tree gets forwards of its own, and rows with ``speculate=False`` share a
+    plain decoding forward. ``budget`` (``mcsd.budget.TreeBudget``): the rows growing the
+    budget's tree grow the tree it picks for the number of speculating rows instead, down to
+    plain decoding under load. Each row draws from its own seeded generator in the order a
+    batch of one would, so a row's output does not depend on the rows beside it.
+    ``proposer=None``: plain decoding only. ``speculative_decode`` is this engine with one row."""
 
     def __init__(
         self,
@@ -72,8 +77,10 @@ class BatchEngine:
         vocab_size: int,
         device_verify: bool | None = None,
         verify_dtype: torch.dtype | None = None,
+        budget: TreeBudget | None = None,
     ) -> None:
         self.target = target
+        self.budget = budget
         self.proposer = None if proposer is None else as_batch_proposer(proposer)
         if self.proposer is not None and self.proposer.batch_size != target.batch_size:
             raise ValueError(
@@ -107,7 +114,9 @@ class BatchEngine:
         row = free[0]
         if spec.speculate and self.proposer is None:
             raise ValueError("spec.speculate needs a proposer: this engine decodes plainly only")
-        budget = _check_lengths(self.target, self.proposer, prompt_ids, spec.max_new_tokens)
+        tree = spec.token_tree()
+        depth = max(tree.max_depth, self.proposer.max_depth) if self.proposer else 1
+        usable = _check_lengths(self.target, self.proposer, prompt_ids, spec.max_new_tokens, depth)
         generator = torch.Generator(device=self.target.device)
         generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
         rule = get_rule(spec.resolved_rule())
@@ -117,7 +126,7 @@ class BatchEngine:
             self.proposer.start_row(row, prompt_ids)
         prefill = self._clock.host_seconds(started, self._clock.mark())
         self.rows[row] = _Row(
-            list(prompt_ids), spec, rule, generator, stop_token_ids, budget, prefill
+            list(prompt_ids), spec, rule, generator, stop_token_ids, tree, usable, prefill
         )
         return row
 
@@ -134,10 +143,21 @@ class BatchEngine:
         rows = sorted(self.rows)
         speculative = [row for row in rows if self.rows[row].spec.speculate]
         plain = [row for row in rows if not self.rows[row].spec.speculate]
+        chosen = self.budget.tree_for(len(speculative)) if self.budget and speculative else None
+        groups: dict[TokenTree, list[int]] = {}  # rows growing the same tree: one forward each
+        for row in speculative:
+            tree = self.rows[row].tree
+            if self.budget is not None and tree == self.budget.tree:  # the load decides
+                if chosen is None:
+                    plain.append(row)
+                    continue
+                tree = chosen
+            groups.setdefault(tree, []).append(row)
         steps = {}
-        if speculative:
-            steps |= self._speculative_step(speculative)
+        for tree, group in groups.items():
+            steps |= self._speculative_step(group, tree)
         if plain:
+            plain.sort()
             steps |= self._plain_step(plain)
         for row, step in steps.items():
             if step.finish_reason is not None:
@@ -185,14 +205,15 @@ class BatchEngine:
         r.prefill_time = 0.0
         return Step(tuple(new_tokens), record, finish_reason)
 
-    def _speculative_step(self, rows: list[int]) -> dict[int, Step]:
-        """Propose a tree per row, verify every row's tree in one target forward, commit."""
+    def _speculative_step(self, rows: list[int], tree: TokenTree) -> dict[int, Step]:
+        """Propose ``tree`` for every row, verify every row's tree in one target forward (the
+        other rows padded), commit."""
         assert self.proposer is not None
         clock, device, target = self._clock, self.target.device, self.target
         state = [self.rows[row] for row in rows]
         started = clock.mark()
         proposals = self.proposer.propose_rows(
-            rows, [r.committed for r in state], [r.generator for r in state]
+            rows, [r.committed for r in state], [r.generator for r in state], tree
         )
         drafted = clock.mark()
 
@@ -415,12 +436,16 @@ def _truncate(
 
 
 def _check_lengths(
-    target: Runtime, proposer: Proposer | None, prompt_ids: list[int], max_new_tokens: int
+    target: Runtime,
+    proposer: Proposer | BatchProposer | None,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    depth: int = 1,
 ) -> int:
-    """Validate the prompt against the context limits; return the usable max_new_tokens."""
+    """Validate the prompt against the context limits (a step reaches ``depth`` positions past
+    the pending token); return the usable max_new_tokens."""
     if not prompt_ids:
         raise ValueError("prompt must contain at least one token")
-    depth = proposer.max_depth if proposer is not None else 1
     limits = [m.max_context for m in (target, proposer) if m is not None]
     limits = [limit for limit in limits if limit is not None]
     if not limits:

@@ -88,6 +88,7 @@ class BatchProposer(Protocol):
         rows: Sequence[int],
         committed: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator],
+        tree: TokenTree | None = None,  # this step's tree (None: the proposer's own)
     ) -> list[Proposal]: ...
 
     def commit_rows(self, steps: Mapping[int, RowStep]) -> None: ...
@@ -123,7 +124,9 @@ class OneRow:
         rows: Sequence[int],
         committed: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator],
+        tree: TokenTree | None = None,
     ) -> list[Proposal]:
+        """The one-row proposer grows its own trees: ``tree`` is not read."""
         return [self.proposer.propose(committed[0], generators[0])]
 
     def commit_rows(self, steps: Mapping[int, RowStep]) -> None:

@@ -28,6 +28,14 @@ from mcsd.verify.rules import Rule, get_rule
 
 
 @dataclass(frozen=True)
+class _Plan:
+    """A tree's drafting work: the inner nodes' slots and the levels."""
+
+    slot: dict[int, int]  # inner node -> its index among the inner nodes (its draft entry)
+    levels: list[_Level]
+
+
+@dataclass(frozen=True)
 class _Level:
     """What the proposer does at one tree depth; static for a given tree."""
 
@@ -64,11 +72,19 @@ class ModelProposer:
         self.deterministic = deterministic or sampling.greedy
         self.return_q = return_q
         self._uncached: dict[int, list[int]] = {}  # per row
-        device = draft.device
+        self._plans: dict[TokenTree, _Plan] = {}
+        self._proposed: TokenTree = tree  # the tree of the last proposal (commit reads it)
+        self._plan(tree)
+
+    def _plan(self, tree: TokenTree) -> _Plan:
+        """The static per-level work for ``tree`` (built once per tree)."""
+        if tree in self._plans:
+            return self._plans[tree]
+        device = self.draft.device
         ancestors = tree.ancestor_mask(device)  # [N, N]
         inner = [u for u in range(tree.num_nodes) if tree.children(u)]
-        self.slot = {u: i for i, u in enumerate(inner)}  # node -> index among the inner nodes
-        self.levels: list[_Level] = []
+        slot = {u: i for i, u in enumerate(inner)}  # node -> index among the inner nodes
+        levels: list[_Level] = []
         for level in tree.levels:
             parents = list(dict.fromkeys(tree.parents[u] for u in level))
             run = tuple(u for u in level if tree.children(u))
@@ -92,7 +108,9 @@ class ModelProposer:
                 for same in by_k.values()
             )
             run_index = torch.tensor(run, dtype=torch.long, device=device)
-            self.levels.append(_Level(picks, run, run_index, mask, offsets))
+            levels.append(_Level(picks, run, run_index, mask, offsets))
+        self._plans[tree] = _Plan(slot, levels)
+        return self._plans[tree]
 
     @classmethod
     def for_spec(cls, draft: Runtime, spec: SpecConfig, vocab_size: int) -> ModelProposer:
@@ -159,12 +177,16 @@ class ModelProposer:
         rows: Sequence[int],
         committed: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator],
+        tree: TokenTree | None = None,
     ) -> list[Proposal]:
         """Per row: node tokens ``[N]`` and q ``[N+1, V]`` (row 0 the root, row u+1 node u;
         rows of nodes without children stay zero), or None for q when neither the picking nor
-        the rule reads it (deterministic drafts under greedy / top-k verification). The rows'
-        uncached tokens are left-padded to one length (padding sees only itself)."""
-        tree, draft, device = self.tree, self.draft, self.draft.device
+        the rule reads it (deterministic drafts under greedy / top-k verification). ``tree``:
+        this step's tree (default the proposer's own). The rows' uncached tokens are left-padded
+        to one length (padding sees only itself)."""
+        tree = self.tree if tree is None else tree
+        draft, device, plan = self.draft, self.draft.device, self._plan(tree)
+        self._proposed = tree
         b = len(rows)
         uncached = [self._uncached[row] for row in rows]
         n = max(map(len, uncached))
@@ -197,7 +219,7 @@ class ModelProposer:
         node_tokens = torch.zeros(b, tree.num_nodes, dtype=torch.long, device=device)  # [b, N]
         starts = to_device(pending, device)[:, None]  # [b, 1]
         selected = to_device(list(rows), device)
-        for level in self.levels:
+        for level in plan.levels:
             for parents, children in level.picks:  # every parent of the level at once
                 k = children.shape[1]
                 if self.deterministic:
@@ -233,11 +255,12 @@ class ModelProposer:
         draft ran; the accepted tokens it has not run and the correction / bonus token are
         uncached for the next step. Rows not in ``steps`` keep nothing of the block."""
         n = max(len(self._uncached[row]) for row in steps)
+        slot = self._plan(self._proposed).slot
         keep = {}
         for row, (accepted, tokens) in steps.items():
-            kept = [a for a in accepted if a in self.slot]
+            kept = [a for a in accepted if a in slot]
             assert kept == list(accepted[: len(kept)]), "only the accepted leaf can be missing"
             pad = n - len(self._uncached[row])
-            keep[row] = [*range(pad, n), *(n + self.slot[a] for a in kept)]
+            keep[row] = [*range(pad, n), *(n + slot[a] for a in kept)]
             self._uncached[row] = list(tokens[len(kept) :])
         self.draft.commit(keep_rows(self.batch_size, keep))
