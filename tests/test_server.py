@@ -691,14 +691,23 @@ def batched_server(model_dir: Path) -> Iterator[str]:
 def test_concurrent_requests_equal_single_answers(
     batched_server: str, reference: ModelPair
 ) -> None:
-    """8 concurrent clients (4 rows, 4 waiting, joining as rows free) with prompts of different
-    lengths and lengths of answer, chat and completion, one with its own tree: every answer at
-    temperature 0 equals the single-request one."""
+    """9 concurrent clients (4 rows, the others waiting, joining as rows free) with prompts of
+    different lengths and lengths of answer, chat and completion, one with its own tree, one
+    without speculation: every answer at temperature 0 equals the single-request one."""
     prompts = [PROMPT, "Once upon a time", "x", "def add(a, b):\n    return"] * 2
     lengths = [24, 9, 17, 5, 12, 30, 3, 20]
-    trees = [None, None, "2,1", None, None, None, None, None]
+    trees = [None, None, "2,1", None, "none", None, None, None]
     expected = [
-        generate(reference, p, SpecConfig(tree=t or "4,2,2", target=GREEDY, max_new_tokens=n))
+        generate(
+            reference,
+            p,
+            SpecConfig(
+                tree="4,2,2" if t in (None, "none") else t,
+                target=GREEDY,
+                max_new_tokens=n,
+                speculate=t != "none",
+            ),
+        )
         for p, n, t in zip(prompts, lengths, trees, strict=True)
     ]
     chat_expected = generate(

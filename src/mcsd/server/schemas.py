@@ -11,8 +11,8 @@ The ``mcsd`` extension object overrides the server's speculation settings for on
 
     {"mcsd": {"tree": "4,2,2", "rule": "mcss-wor", "draft_temperature": 0.7}}
 
-``tree`` takes a k-config (``"4,2,2"`` or ``[4, 2, 2]``) or a list of paths
-(``[[0], [1], [0, 0]]``).
+``tree`` takes a k-config (``"4,2,2"`` or ``[4, 2, 2]``), a list of paths
+(``[[0], [1], [0, 0]]``) or ``"none"`` (no speculation: the target alone, one token per step).
 """
 
 from __future__ import annotations
@@ -279,8 +279,10 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
             draft = SamplingConfig(options.draft_temperature, like.top_k, like.top_p)
         except ValueError as error:
             raise invalid(f"mcsd.draft_{error}", "mcsd.draft_temperature") from None
-    tree = defaults.tree
-    if options.tree is not None:
+    tree, speculate = defaults.tree, defaults.speculate
+    if options.tree == "none":  # plain decoding for this request
+        speculate = False
+    elif options.tree is not None:
         try:
             tree = TokenTree.parse(options.tree, max_nodes=defaults.max_tree_nodes)
         except ValueError as error:
@@ -303,6 +305,7 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
             stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
             seed=_pick(request.seed, defaults.seed),
             max_tree_nodes=defaults.max_tree_nodes,
+            speculate=speculate,
         )
     except ValueError as error:
         message = str(error)

@@ -4,12 +4,13 @@ queue as rows free up.
 
 Each step of the loop admits waiting jobs into free rows (a new request joins at the next step;
 its prompt is read in a forward of its own), runs one speculative step of every engine and posts
-every row's chunk to its job. Rows whose requests draft the same way (tree, draft sampling,
-rule) share an engine; a request with its own tree or draft settings gets an engine of its own,
-stepped in turn. The HTTP side (asyncio) submits a ``Job`` and reads its events from an
-``asyncio.Queue`` (posted with ``loop.call_soon_threadsafe``). Cancelling a job (client gone)
-removes it from the queue if it waits, or frees its row before the next step if it runs, so a
-disconnect frees its row within one speculative step. A failure inside a step fails the rows of
+every row's chunk to its job. Rows whose requests draft the same way (draft sampling, rule)
+share an engine, whatever tree they grow (``"tree": "none"``: plain decoding beside them); a
+request with other draft settings gets an engine of its own, stepped in turn. The HTTP side
+(asyncio) submits a ``Job`` and reads its events from an ``asyncio.Queue`` (posted with
+``loop.call_soon_threadsafe``). Cancelling a job (client gone) removes it from the queue if it
+waits, or frees its row before the next step if it runs, so a disconnect frees its row within
+one speculative step. A failure inside a step fails the rows of
 that engine (500) and the engine is rebuilt; the other engines' requests carry on.
 
 Tokenising happens in the worker thread too: a tokenizer is not safe to use from two threads.
@@ -87,12 +88,13 @@ class Job:
             self.cancelled.set()
 
 
-EngineKey = tuple  # what rows of one engine share: tree, draft sampling, rule
+EngineKey = tuple  # what rows of one engine share: draft sampling and rule
 
 
 def engine_key(spec: SpecConfig) -> EngineKey:
-    """Requests with the same key can be rows of one engine (one proposer drafts for all)."""
-    return (spec.token_tree(), spec.draft_sampling, spec.resolved_rule())
+    """Requests with the same key can be rows of one engine: one proposer drafts for all (each
+    row grows its own tree; rows without speculation decode plainly beside them)."""
+    return (spec.draft_sampling, spec.resolved_rule())
 
 
 @dataclass
