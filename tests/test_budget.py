@@ -8,7 +8,14 @@ from dataclasses import replace
 
 import pytest
 
-from mcsd.budget import StepCost, TreeBudget, draft_widths, expected_length, ladder
+from mcsd.budget import (
+    StepCost,
+    TreeBudget,
+    draft_widths,
+    expected_length,
+    ladder,
+    probe_budget,
+)
 from mcsd.checks.engine import BATCH_PROMPTS, EngineCase, batch_generations, run_batch_engine_case
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import BatchEngine, speculative_decode
@@ -53,13 +60,15 @@ def test_bad_budget_inputs() -> None:
 
 
 def test_probe_measures_a_runtime() -> None:
-    cost = StepCost.probe(TableLM.random(4, batch_size=2), (2, 4, 8), repeats=1)
+    cost = StepCost.probe(TableLM.random(4, batch_size=2), (1, 2, 4), repeats=1)
     assert cost.tokens == (2, 4, 8) and all(s > 0 for s in cost.seconds)
+    budget = probe_budget(TREE, TableLM.random(4, batch_size=2), TableLM.random(4), repeats=1)
+    assert budget.target.tokens == (2, 4, 8, 16, 32, 58) and budget.draft.tokens == (1, 2, 4, 8)
 
 
 class Budgeted(BatchEngine):
     """The engine under a budget that gives a 3-node tree to one row, one node each to two and
-    plain decoding to three rows or more: rows switch trees as others join and leave."""
+    plain decoding to three rows or more (rows of the runtime: free ones run as padding)."""
 
     def __init__(self, *args, **kwargs) -> None:
         target, draft = StepCost((1, 4, 5), (1.0, 1.0, 2.0)), StepCost((1, 100), (0.05, 0.06))
@@ -68,10 +77,11 @@ class Budgeted(BatchEngine):
         assert [t.num_nodes if t else 0 for t in nodes] == [3, 1, 0]
 
 
-def test_budgeted_greedy_rows_equal_batch_one() -> None:
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_budgeted_greedy_rows_equal_batch_one(batch: int) -> None:
     case = EngineCase("greedy", "4,2,2", length=6)
     jobs = [(BATCH_PROMPTS[i % 4], i) for i in range(9)]
-    budgeted = batch_generations(case, jobs, batch=3, engine_class=Budgeted)
+    budgeted = batch_generations(case, jobs, batch=batch, engine_class=Budgeted)
     target, draft = case.models()
     for (prompt, seed), out in zip(jobs, budgeted, strict=True):
         spec = case.spec(seed)
@@ -80,10 +90,10 @@ def test_budgeted_greedy_rows_equal_batch_one() -> None:
         assert out == [t for step in alone for t in step.tokens]
 
 
-def test_budgeted_sampling_is_lossless() -> None:
-    fits = run_batch_engine_case(
-        EngineCase("mcss-wor", "4,2,2"), 1000, seed=3, engine_class=Budgeted
-    )
+@pytest.mark.parametrize("batch", [1, 2])
+def test_budgeted_sampling_is_lossless(batch: int) -> None:
+    case = EngineCase("mcss-wor", "4,2,2")
+    fits = run_batch_engine_case(case, 600, batch=batch, seed=3, engine_class=Budgeted)
     assert all(fit.passed for fit in fits), fits
 
 

@@ -57,16 +57,15 @@ class StepCost:
     @classmethod
     @torch.inference_mode()
     def probe(
-        cls, runtime: Runtime, tokens: tuple[int, ...], *, repeats: int = BudgetDefaults.repeats
+        cls, runtime: Runtime, per_row: tuple[int, ...], *, repeats: int = BudgetDefaults.repeats
     ) -> StepCost:
-        """Time forwards of ``runtime`` (all its rows) at each total of ``tokens`` (rounded to
-        whole tokens per row), median of ``repeats`` after one warm-up each; empties the
+        """Time forwards of ``per_row`` new tokens in every row of ``runtime`` (points at
+        ``rows x n`` tokens in all), median of ``repeats`` after one warm-up each; empties the
         runtime."""
         rows = runtime.batch_size
         device = runtime.device
         points: dict[int, float] = {}
-        for total in tokens:
-            n = max(1, total // rows)
+        for n in per_row:
             ids = torch.zeros(rows, n, dtype=torch.long, device=device)
             positions = torch.arange(n, device=device).expand(rows, n)
             mask = chain_mask(n, device=device)
@@ -152,3 +151,26 @@ class TreeBudget:
         """The ladder's tree with the highest ``rate`` at ``rows`` rows (None: plain)."""
         options: list[TokenTree | None] = [*ladder(self.tree), None]
         return max(options, key=lambda tree: self.rate(tree, rows))
+
+
+def probe_budget(
+    tree: TokenTree,
+    target: Runtime,
+    draft: Runtime,
+    *,
+    acceptance: float = BudgetDefaults.acceptance,
+    repeats: int = BudgetDefaults.repeats,
+) -> TreeBudget:
+    """A ``TreeBudget`` for ``tree`` from forwards measured on ``target`` and ``draft`` (at their
+    batch sizes): 1, 2, 4, ... tokens per row up to the tree's ``N + 1`` (target) and its widest
+    draft forward (draft)."""
+
+    def counts(largest: int) -> tuple[int, ...]:
+        return tuple(sorted({*(1 << i for i in range(largest.bit_length())), largest, 2}))
+
+    return TreeBudget(
+        tree,
+        StepCost.probe(target, counts(tree.num_nodes + 1), repeats=repeats),
+        StepCost.probe(draft, counts(max(draft_widths(tree))), repeats=repeats),
+        acceptance,
+    )

@@ -64,9 +64,10 @@ class BatchEngine:
     synchronisation for every row's verification where the rule has a device verifier; a row
     asking for its own tree gets forwards of its own, and rows with ``speculate=False`` share a
     plain decoding forward. ``budget`` (``mcsd.budget.TreeBudget``): the rows growing the
-    budget's tree grow the tree it picks for the number of speculating rows instead, down to
-    plain decoding under load. Each row draws from its own seeded generator in the order a
-    batch of one would, so a row's output does not depend on the rows beside it.
+    budget's tree grow the tree it picks for the rows a forward runs (``max_batch``: free rows
+    run as padding) instead, down to plain decoding. Each row draws from its own seeded
+    generator in the order a batch of one would, so a row's output does not depend on the rows
+    beside it.
     ``proposer=None``: plain decoding only. ``speculative_decode`` is this engine with one row."""
 
     def __init__(
@@ -143,7 +144,9 @@ class BatchEngine:
         rows = sorted(self.rows)
         speculative = [row for row in rows if self.rows[row].spec.speculate]
         plain = [row for row in rows if not self.rows[row].spec.speculate]
-        chosen = self.budget.tree_for(len(speculative)) if self.budget and speculative else None
+        # Every forward runs all the runtime's rows (the free ones as padding), so a step costs
+        # what ``max_batch`` rows cost, however many speculate.
+        chosen = self.budget.tree_for(self.max_batch) if self.budget and speculative else None
         groups: dict[TokenTree, list[int]] = {}  # rows growing the same tree: one forward each
         for row in speculative:
             tree = self.rows[row].tree
