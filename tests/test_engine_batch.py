@@ -203,3 +203,18 @@ def test_mixed_plain_and_speculative_steps_are_lossless() -> None:
         EngineCase("mcss-wor", "2,2", length=4), TRIALS // 2, seed=2, engine_class=Alternating
     )
     assert all(fit.passed for fit in fits), fits
+
+
+def test_generate_list_with_adaptive_tree_equals_target_greedy() -> None:
+    """``mcsd.generate`` over token-id prompts at batch 2 with the measured budget (whatever
+    tree it picks, greedy output is the target's own)."""
+    from mcsd.api import ModelPair, generate
+
+    target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
+    pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
+    prompts = [[5, 9, 11], [3], [40, 41, 42, 43]]
+    spec = SpecConfig(tree="3,2", target=SamplingConfig(0.0), max_new_tokens=10)
+    engine = pair.batch_engine(spec, 2, adaptive=True)
+    assert engine.budget is not None and engine.budget.tree == spec.token_tree()
+    results = generate(pair, prompts, spec, batch_size=2, adaptive=True)
+    assert [r.token_ids for r in results] == [greedy_reference(target_lm, p, 10) for p in prompts]

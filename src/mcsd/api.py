@@ -18,6 +18,7 @@ from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mcsd.budget import probe_budget
 from mcsd.config import (
     COMPILE_CHOICES,
     DEFAULT_ATTENTION,
@@ -60,13 +61,17 @@ class ModelPair:
         ids = config.stop_token_ids
         return frozenset(ids if ids is not None else self.eos_token_ids)
 
-    def batch_engine(self, config: SpecConfig, batch_size: int) -> BatchEngine:
+    def batch_engine(
+        self, config: SpecConfig, batch_size: int, *, adaptive: bool = False
+    ) -> BatchEngine:
         """A ``BatchEngine`` of ``batch_size`` rows on this pair (copies of both runtimes with
         caches of that many rows, weights shared; the pair's own runtimes at batch 1), its
-        proposer drafting as ``config`` asks."""
+        proposer drafting as ``config`` asks. ``adaptive``: measure the step cost of both
+        models now and let ``config``'s tree shrink with the batch (``mcsd.budget``)."""
         target, draft = with_rows(self.target, batch_size), with_rows(self.draft, batch_size)
         proposer = ModelProposer.for_spec(draft, config, self.vocab_size)
-        return BatchEngine(target, proposer, vocab_size=self.vocab_size)
+        budget = probe_budget(config.token_tree(), target, draft) if adaptive else None
+        return BatchEngine(target, proposer, vocab_size=self.vocab_size, budget=budget)
 
     def with_cheap_draft(
         self, *, vocab: int | None = None, int8: bool = False, texts: Iterable[str] | None = None
@@ -234,6 +239,7 @@ def stream(
     *,
     chat: bool = False,
     batch_size: int | None = None,
+    adaptive: bool = False,
 ) -> Iterator[tuple[Chunk, Stats]] | Iterator[tuple[int, Chunk, Stats]]:
     """Generate step by step, yielding each step's tokens and new text with the running stats.
 
@@ -241,9 +247,12 @@ def stream(
     the prompts decoded as rows of one batch (``batch_size`` rows, default
     ``min(len(prompts), DEFAULT_MAX_BATCH)``; a prompt joins as soon as a row is free), each
     row exactly as it would run alone (its own seeded generator: ``config.seed`` for every
-    prompt)."""
+    prompt). ``adaptive``: the tree shrinks with the batch, from a measured step cost
+    (``ModelPair.batch_engine``)."""
     if is_prompt_list(prompt):
-        return _stream_rows(pair, list(prompt), config, chat=chat, batch_size=batch_size)
+        return _stream_rows(
+            pair, list(prompt), config, chat=chat, batch_size=batch_size, adaptive=adaptive
+        )
     return _one_row(_stream_rows(pair, [prompt], config, chat=chat))
 
 
@@ -260,12 +269,13 @@ def _stream_rows(
     *,
     chat: bool,
     batch_size: int | None = None,
+    adaptive: bool = False,
 ) -> Iterator[tuple[int, Chunk, Stats]]:
     config = _check_call(pair, config)
     if batch_size is None:
         batch_size = min(len(prompts), DEFAULT_MAX_BATCH)
     ids = [encode_prompt(pair.tokenizer, p, chat=chat, vocab_size=pair.vocab_size) for p in prompts]
-    engine = pair.batch_engine(config, batch_size)
+    engine = pair.batch_engine(config, batch_size, adaptive=adaptive)
     waiting = list(enumerate(ids))
     texts: dict[int, TextRow] = {}  # engine row -> its prompt's text state
     try:
@@ -348,6 +358,7 @@ def generate(
     *,
     chat: bool = False,
     batch_size: int | None = None,
+    adaptive: bool = False,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate a completion of ``prompt`` with speculative decoding; see ``stream``. A list of
     prompts returns one result per prompt, in order (decoded as rows of one batch; each
@@ -358,7 +369,8 @@ def generate(
     config = _check_call(pair, config)
     ids = [encode_prompt(pair.tokenizer, p, chat=chat, vocab_size=pair.vocab_size) for p in prompts]
     results = [GenerationResult("", [], prompt_ids, "length") for prompt_ids in ids]
-    for index, chunk, stats in _stream_rows(pair, ids, config, chat=False, batch_size=batch_size):
+    rows = _stream_rows(pair, ids, config, chat=False, batch_size=batch_size, adaptive=adaptive)
+    for index, chunk, stats in rows:
         result = results[index]
         result.text += chunk.text
         result.token_ids += chunk.token_ids

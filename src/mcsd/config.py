@@ -289,6 +289,7 @@ class ServeDefaults:
     port: int = 8000
     max_queue: int = 64  # requests waiting behind the running ones; more get 429
     max_batch: int = 1  # generations decoded side by side (rows of the batch engine)
+    adaptive_tree: bool = False  # measure the step cost; the default tree shrinks with the batch
     max_body_bytes: int = 16 << 20  # far beyond any context, small enough to refuse junk early
     disconnect_poll_s: float = 0.05  # how often a waiting request checks its client is there
     unbounded_max_tokens: int = 1 << 20  # max_tokens cap when the models declare no limit

@@ -55,6 +55,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the next step (default %(default)s; > 1 needs the hf, hf-static or fast runtime)",
     )
     parser.add_argument(
+        "--adaptive-tree",
+        action="store_true",
+        help="measure the models' step cost and shrink the tree as --max-batch grows, down to "
+        "plain decoding where speculation no longer pays (still lossless)",
+    )
+    parser.add_argument(
         "--served-model-name", default=None, help="model id clients use (default: the target)"
     )
     parser.add_argument(
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        adaptive_tree=args.adaptive_tree,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

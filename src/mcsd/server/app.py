@@ -67,13 +67,16 @@ def create_app(
     model_name: str | None = None,
     max_queue: int = ServeDefaults.max_queue,
     max_batch: int = ServeDefaults.max_batch,
+    adaptive_tree: bool = ServeDefaults.adaptive_tree,
 ) -> FastAPI:
     """An ASGI app serving ``pair``; ``defaults`` are the speculation settings a request may
-        override (``mcsd`` object, sampling fields); ``max_batch``: generations decoded side by side
-    (continuous batching). Run it with uvicorn (``mcsd serve`` does)."""
+    override (``mcsd`` object, sampling fields); ``max_batch``: generations decoded side by side
+    (continuous batching); ``adaptive_tree``: the tree shrinks with the batch, from a step cost
+    measured when an engine is built (``mcsd.budget``). Run it with uvicorn (``mcsd serve``
+    does)."""
     defaults = defaults or SpecConfig()
     model_name = model_name or pair.target_name
-    scheduler = Scheduler(pair, max_queue=max_queue, max_batch=max_batch)
+    scheduler = Scheduler(pair, max_queue=max_queue, max_batch=max_batch, adaptive=adaptive_tree)
     metrics = scheduler.metrics
     contexts = [m.max_context for m in (pair.target, pair.draft) if m.max_context is not None]
     limits = Limits(pair.vocab_size, min(contexts) if contexts else UNBOUNDED_MAX_TOKENS)

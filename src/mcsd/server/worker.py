@@ -114,7 +114,9 @@ class Scheduler:
     """The queue, the running rows and the worker thread (``start`` / ``stop`` follow the
     server's lifespan)."""
 
-    def __init__(self, pair: ModelPair, *, max_queue: int, max_batch: int = 1) -> None:
+    def __init__(
+        self, pair: ModelPair, *, max_queue: int, max_batch: int = 1, adaptive: bool = False
+    ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -122,6 +124,7 @@ class Scheduler:
         self.pair = pair
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.adaptive = adaptive  # each engine measures its step cost; trees shrink with the batch
         self._waiting: deque[Job] = deque()
         self._running: list[_Running] = []
         self._engines: dict[EngineKey, BatchEngine] = {}
@@ -201,7 +204,9 @@ class Scheduler:
 
     def _engine(self, key: EngineKey, spec: SpecConfig) -> BatchEngine:
         if key not in self._engines:
-            self._engines[key] = self.pair.batch_engine(spec, self.max_batch)
+            self._engines[key] = self.pair.batch_engine(
+                spec, self.max_batch, adaptive=self.adaptive
+            )
         return self._engines[key]
 
     def _admit(self, job: Job) -> None:
