@@ -57,6 +57,8 @@ def identity_jobs(count: int = 10) -> list[tuple[tuple[int, ...], int]]:
         EngineCase("topk", "paths", length=5, device_verify=True),
         EngineCase("mcss", "2,2", length=5, device_verify=True),
         EngineCase("traversal", "4,2,2", length=5),
+        EngineCase("mcss-wor", "2,2", length=5, runtime="fast"),
+        EngineCase("greedy", "4,2,2", length=5, runtime="fast"),
     ],
     ids=lambda c: c.describe().replace(" ", "-"),
 )

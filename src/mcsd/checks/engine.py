@@ -24,7 +24,7 @@ from mcsd.checks.node import DEFAULT_ALPHA, Fit, goodness_of_fit
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import BatchEngine, speculative_decode
-from mcsd.models.base import Runtime, score
+from mcsd.models.base import Runtime, score, with_rows
 from mcsd.models.toy import TableLM, sequence_distribution
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import RULES, get_rule
@@ -108,13 +108,8 @@ class EngineCase:
         )
 
     def models_for_batch(self, batch: int):  # -> (target, draft) holding ``batch`` rows
-        if self.runtime != "table":
-            raise ValueError(f"batch runs take table models, got runtime {self.runtime!r}")
-        target_seed, draft_seed = 11, 11 if self.same_models else 23
-        return (
-            TableLM.random(self.vocab, seed=target_seed, batch_size=batch),
-            TableLM.random(self.vocab, seed=draft_seed, batch_size=batch),
-        )
+        target, draft = self.models()
+        return with_rows(target, batch), with_rows(draft, batch)
 
     def describe(self) -> str:
         same = " draft=target" if self.same_models else ""
