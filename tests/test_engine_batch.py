@@ -220,3 +220,12 @@ def test_generate_list_with_adaptive_tree_equals_target_greedy() -> None:
     assert engine.budget is not None and engine.budget.tree == spec.token_tree()
     results = generate(pair, prompts, spec, batch_size=2, adaptive=True)
     assert [r.token_ids for r in results] == [greedy_reference(target_lm, p, 10) for p in prompts]
+
+
+def test_a_row_drafted_otherwise_is_refused() -> None:
+    case = EngineCase("mcss-wor", "2,2")
+    target, draft = case.models_for_batch(2)
+    engine = BatchEngine(target, ModelProposer.for_spec(draft, case.spec(0), 4), vocab_size=4)
+    with pytest.raises(ValueError, match="needs candidates drawn otherwise"):
+        engine.add([1, 2], replace(case.spec(0), rule="mcss"))
+    assert engine.free_rows() == [0, 1]

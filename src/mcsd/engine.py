@@ -115,6 +115,8 @@ class BatchEngine:
         row = free[0]
         if spec.speculate and self.proposer is None:
             raise ValueError("spec.speculate needs a proposer: this engine decodes plainly only")
+        if spec.speculate and self.proposer is not None:
+            self.proposer.check_spec(spec)
         tree = spec.token_tree()
         depth = max(tree.max_depth, self.proposer.max_depth) if self.proposer else 1
         usable = _check_lengths(self.target, self.proposer, prompt_ids, spec.max_new_tokens, depth)

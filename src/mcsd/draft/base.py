@@ -26,12 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from mcsd.tree import TokenTree
+
+if TYPE_CHECKING:
+    from mcsd.config import SpecConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,10 @@ class BatchProposer(Protocol):
     @property
     def batch_size(self) -> int: ...
 
+    def check_spec(self, spec: SpecConfig) -> None:
+        """Raise ``ValueError`` when a row with ``spec`` needs candidates drawn otherwise."""
+        ...
+
     def start_row(self, row: int, prompt_ids: Sequence[int]) -> None: ...
 
     def propose_rows(
@@ -115,6 +122,9 @@ class OneRow:
     @property
     def max_depth(self) -> int:
         return self.proposer.max_depth
+
+    def check_spec(self, spec: SpecConfig) -> None:
+        """A one-row proposer was built for its one generation: nothing to compare."""
 
     def start_row(self, row: int, prompt_ids: Sequence[int]) -> None:
         self.proposer.start(prompt_ids)

@@ -150,6 +150,22 @@ class ModelProposer:
         self.commit_rows({0: (accepted, tokens)})
 
     # ------------------------------------------------------------------ rows
+    def check_spec(self, spec: SpecConfig) -> None:
+        """Refuse a row whose spec draws candidates otherwise than this proposer does (another
+        draft sampling, with / without replacement, top-k, or a rule reading q it omits)."""
+        rule = get_rule(spec.resolved_rule())
+        sampling = spec.draft_sampling
+        if (
+            sampling != self.sampling
+            or rule.replacement != self.replacement
+            or (rule.deterministic or sampling.greedy) != self.deterministic
+            or (rule.reads_q and not self.return_q)
+        ):
+            raise ValueError(
+                f"spec: rule {rule.name} with draft sampling {sampling} needs candidates drawn "
+                "otherwise than this engine's proposer draws them; use an engine built for it"
+            )
+
     def start_row(self, row: int, prompt_ids: Sequence[int]) -> None:
         """A new sequence in ``row``: its prompt (but the pending last token) read in a forward
         of its own."""
