@@ -756,3 +756,10 @@ def test_batched_disconnect_frees_its_row(batched_server: str) -> None:
         )
     assert other.status_code == 200
     assert _wait_idle(batched_server) < 5.0
+
+
+def test_mcsd_serve_refuses_a_bad_max_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    from mcsd.cli import main
+
+    assert main(["serve", "--max-batch", "0", "--target", "no-such-model"]) != 0
+    assert "--max-batch must be an integer >= 1" in capsys.readouterr().err
