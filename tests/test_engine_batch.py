@@ -33,7 +33,7 @@ from mcsd.verify.rules import RULES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRIALS = 1500  # per prompt: 6,000 generations per case
+TRIALS = 1000  # per prompt: 4,000 generations per case
 LOSSLESS_CASES = [EngineCase(rule, RULE_TREES.get(rule, ("4,2,2",))[-1]) for rule in RULES] + [
     EngineCase("mcss-wor", "4,2,2", device_verify=True),
     EngineCase("topk", "paths", device_verify=True),
