@@ -216,3 +216,36 @@ def test_tune_saves_the_fastest_tree(tiny_pair, tmp_path: Path, monkeypatch, cap
     code = main(["generate", "def f(x):", *models, "--max-new-tokens", "4", "--temperature", "0"])
     assert code == 0
     assert f"tree {entry['tree']} saved by mcsd tune" in capsys.readouterr().err.splitlines()[0]
+
+
+def test_bench_batch_size(tiny_pair, tmp_path: Path, capsys) -> None:
+    """``--batch-size 2``: ar, a chain and a tree over 2 rows side by side (3 prompts: one row
+    joins late); greedy, so every method's answers equal ar's."""
+    target, draft, prompts = tiny_pair
+    three = tmp_path / "three.jsonl"
+    lines = prompts.read_text().splitlines()
+    three.write_text("\n".join([*lines, json.dumps({"prompt": "def mul(a, b):"})]) + "\n")
+    out = tmp_path / "out"
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(three), "--max-new-tokens", "8", "--temperature", "0"]
+    batch = ["--out", str(out), "--batch-size", "2", "--methods", "ar", "sps:2", "tree:2,2"]
+    code = main(["bench", *models, *run, *batch])
+    assert code == 0
+    rows = json.loads((out / "batch-2.json").read_text())
+    assert [r["method"] for r in rows] == ["ar", "sps:2", "tree:2,2"]
+    assert all(r["matches_ar"] is True and r["tokens"] == 24 for r in rows)
+    assert rows[0]["mean_accepted_length"] == 1.0 and rows[2]["tokens_per_second"] > 0
+    assert "tree:2,2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--batch-size", "2", "--methods", "hf-ar", "ar"], "drop hf-ar"),
+    ],
+)
+def test_bench_batch_size_refuses_bad_options(tmp_path: Path, capsys, argv, message) -> None:
+    code = main(["bench", "--target", "no-such-model", "--out", str(tmp_path), *argv])
+    assert code != 0
+    assert message in capsys.readouterr().err

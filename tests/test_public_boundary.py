@@ -125,6 +125,7 @@ prompts = st.one_of(
     st.lists(st.integers(-3, VOCAB + 3), max_size=6),
     st.lists(st.booleans(), max_size=3),
     st.lists(st.dictionaries(st.sampled_from(["role", "content"]), anything), max_size=2),
+    st.lists(st.one_of(st.text(max_size=4), st.lists(st.integers(-3, VOCAB + 3))), max_size=3),
     anything,
 )
 specs = st.one_of(
@@ -147,7 +148,8 @@ def test_generate(pair: ModelPair, prompt, spec, chat: bool) -> None:
         result = generate(pair, prompt, spec, chat=chat)
     except ValueError:
         return
-    assert all(0 <= t < VOCAB for t in result.token_ids)
+    results = result if isinstance(result, list) else [result]  # a list of prompts: a list
+    assert all(0 <= t < VOCAB for r in results for t in r.token_ids)
 
 
 @SETTINGS

@@ -680,3 +680,96 @@ def test_no_nan_in_mean_accepted_length_before_any_request() -> None:
     families = text_string_to_metric_families(metrics.render().decode())
     values = {s.name: s.value for family in families for s in family.samples}
     assert values["mcsd:spec_decode_mean_accepted_length"] == 0.0
+
+
+# ---------------------------------------------------------------------------- continuous batching
+
+
+@pytest.fixture(scope="module")
+def batched_server(model_dir: Path) -> Iterator[str]:
+    """A second server on its own copy of the pair, decoding up to 4 requests side by side."""
+    defaults = SpecConfig(target=SamplingConfig(temperature=1.0), max_new_tokens=16)
+    app = create_app(_load(model_dir), defaults, model_name="tiny", max_queue=8, max_batch=4)
+    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{config.port}"
+    uv.should_exit = True
+    thread.join(15)
+
+
+def test_concurrent_requests_equal_single_answers(
+    batched_server: str, reference: ModelPair
+) -> None:
+    """9 concurrent clients (4 rows, the others waiting, joining as rows free) with prompts of
+    different lengths and lengths of answer, chat and completion, one with its own tree, one
+    without speculation: every answer at temperature 0 equals the single-request one."""
+    prompts = [PROMPT, "Once upon a time", "x", "def add(a, b):\n    return"] * 2
+    lengths = [24, 9, 17, 5, 12, 30, 3, 20]
+    trees = [None, None, "2,1", None, "none", None, None, None]
+    expected = [
+        generate(
+            reference,
+            p,
+            SpecConfig(tree=t or "4,2,2", target=GREEDY, max_new_tokens=n),
+        )
+        for p, n, t in zip(prompts, lengths, trees, strict=True)
+    ]
+    chat_expected = generate(
+        reference, MESSAGES, SpecConfig(target=GREEDY, max_new_tokens=10), chat=True
+    )
+    client = openai.AsyncOpenAI(
+        base_url=f"{batched_server}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+    async def completion(prompt: str, n: int, tree: str | None) -> str:
+        extra = {"mcsd": {"tree": tree}} if tree else {}
+        response = await client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=n, temperature=0, extra_body=extra
+        )
+        return response.choices[0].text
+
+    async def streamed_chat() -> str:
+        parts = []
+        async for chunk in await client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=10, temperature=0, stream=True
+        ):
+            parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        return "".join(parts)
+
+    async def everyone() -> list[str]:
+        calls = [completion(*args) for args in zip(prompts, lengths, trees, strict=True)]
+        return await asyncio.gather(*calls, streamed_chat())
+
+    answers = asyncio.run(everyone())
+    assert answers[:-1] == [e.text for e in expected]
+    assert answers[-1] == chat_expected.text
+    _wait_idle(batched_server)
+    meta = httpx.get(f"{batched_server}/v1/models").json()["data"][0]["mcsd"]
+    assert meta["max_concurrent_generations"] == 4 and meta["batching"] is True
+
+
+def test_batched_disconnect_frees_its_row(batched_server: str) -> None:
+    """A streaming client that leaves mid-generation frees its row while another row runs on."""
+    body = _long_request()
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{batched_server}/v1/completions", json=body) as response:
+            next(_events(response))
+        other = http.post(
+            f"{batched_server}/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0},
+        )
+    assert other.status_code == 200
+    assert _wait_idle(batched_server) < 5.0
+
+
+def test_mcsd_serve_refuses_a_bad_max_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    from mcsd.cli import main
+
+    assert main(["serve", "--max-batch", "0", "--target", "no-such-model"]) != 0
+    assert "--max-batch must be an integer >= 1" in capsys.readouterr().err

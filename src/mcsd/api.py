@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mcsd.budget import probe_budget
 from mcsd.config import (
     COMPILE_CHOICES,
     DEFAULT_ATTENTION,
     DEFAULT_DTYPE,
+    DEFAULT_MAX_BATCH,
     DEFAULT_RUNTIME,
     LlamaCppConfig,
     ParallelConfig,
@@ -28,8 +31,8 @@ from mcsd.config import (
 )
 from mcsd.draft.context import RequestStore
 from mcsd.draft.select import make_proposer
-from mcsd.engine import Step, autoregressive_decode, speculative_decode
-from mcsd.models.base import Runtime
+from mcsd.engine import BatchEngine, Step
+from mcsd.models.base import Runtime, with_rows
 from mcsd.models.factory import load_runtime as load_model
 from mcsd.stats import Stats
 
@@ -63,6 +66,48 @@ class ModelPair:
         if self.tokenizer is not None:
             sizes.append(len(self.tokenizer))
         return min(sizes)
+
+    def stop_ids(self, config: SpecConfig) -> frozenset[int]:
+        """The stop tokens of a generation: ``config``'s, else the tokenizer's EOS ids."""
+        ids = config.stop_token_ids
+        return frozenset(ids if ids is not None else self.eos_token_ids)
+
+    def batch_engine(
+        self,
+        config: SpecConfig,
+        batch_size: int,
+        *,
+        adaptive: bool = False,
+        store: RequestStore | None = None,
+    ) -> BatchEngine:
+        """A ``BatchEngine`` of ``batch_size`` rows on this pair (copies of both runtimes with
+        caches of that many rows, weights shared; the pair's own runtimes at batch 1), its
+        proposer drafting as ``config`` asks (``mcsd.draft.select.make_proposer``; none for
+        ``tree="none"``: plain decoding). ``adaptive``: measure the step cost of both models now
+        and let ``config``'s tree shrink with the batch (``mcsd.budget``). ``store``: earlier
+        requests the context proposer may copy from. Dynamic trees and the context / mixed
+        proposers grow their trees one row at a time: batch size 1 only."""
+        if batch_size != 1 and one_row_spec(config):
+            raise ValueError(
+                f"batch_size: tree {config.describe_tree()} with proposer {config.proposer!r} "
+                f"runs one row at a time (batch_size 1); batch_size > 1 needs proposer 'model' "
+                f"with a static tree, got batch_size={batch_size}"
+            )
+        if adaptive and (one_row_spec(config) or not config.speculative):
+            raise ValueError(
+                f"adaptive: the tree budget shrinks a static draft tree; tree "
+                f"{config.describe_tree()} with proposer {config.proposer!r} has none"
+            )
+        target = with_rows(self.target, batch_size)
+        if not config.speculative:
+            return BatchEngine(target, None, vocab_size=self.vocab_size)
+        draft = None if self.draft is None else with_rows(self.draft, batch_size)
+        proposer = make_proposer(config, draft, self.vocab_size, target.device, store)
+        budget = None
+        if adaptive:
+            assert draft is not None  # proposer 'model' has one
+            budget = probe_budget(config.token_tree(), target, draft)
+        return BatchEngine(target, proposer, vocab_size=self.vocab_size, budget=budget)
 
     def with_cheap_draft(
         self, *, vocab: int | None = None, int8: bool = False, texts: Iterable[str] | None = None
@@ -238,78 +283,133 @@ def _check_call(pair: object, config: object) -> SpecConfig:
     return config
 
 
-def _steps(
-    pair: ModelPair,
-    prompt_ids: list[int],
-    config: SpecConfig,
-    stop_ids: frozenset[int],
-    store: RequestStore | None,
-) -> Iterator[Step]:
-    """The engine's steps: speculative, or the target alone for ``tree="none"``."""
-    if not config.speculative:
-        return autoregressive_decode(
-            pair.target,
-            prompt_ids,
-            config.target,
-            config.max_new_tokens,
-            vocab_size=pair.vocab_size,
-            stop_token_ids=stop_ids,
-            seed=config.seed,
+def one_row_spec(config: SpecConfig) -> bool:
+    """Whether ``config``'s trees are grown one row at a time (a dynamic tree, the context's
+    or a mixed one): such generations run as batches of one."""
+    return config.speculative and (config.dynamic is not None or config.proposer != "model")
+
+
+def is_prompt_list(prompt: object) -> bool:
+    """Several prompts (a list of texts, of token-id lists or of chat conversations), not one
+    prompt (a text, token ids or chat messages)."""
+    return (
+        isinstance(prompt, list | tuple)
+        and bool(prompt)
+        and all(
+            isinstance(p, str) or (isinstance(p, list | tuple) and not isinstance(p, dict))
+            for p in prompt
         )
-    proposer = make_proposer(config, pair.draft, pair.vocab_size, pair.target.device, store)
-    return speculative_decode(
-        pair.target,
-        proposer,
-        prompt_ids,
-        config,
-        vocab_size=pair.vocab_size,
-        stop_token_ids=stop_ids,
     )
 
 
 def stream(
     pair: ModelPair,
-    prompt: Prompt,
+    prompt: Prompt | Sequence[Prompt],
     config: SpecConfig | None = None,
     *,
     chat: bool = False,
+    batch_size: int | None = None,
+    adaptive: bool = False,
     store: RequestStore | None = None,
-) -> Iterator[tuple[Chunk, Stats]]:
+) -> Iterator[tuple[Chunk, Stats]] | Iterator[tuple[int, Chunk, Stats]]:
     """Generate step by step, yielding each step's tokens and new text with the running stats.
-    ``store``: earlier requests the context proposer may copy from (``proposer`` "context" or
-    "mixed"); the caller adds finished requests to it."""
+
+    One prompt yields ``(chunk, stats)``; a list of prompts yields ``(index, chunk, stats)``,
+    the prompts decoded as rows of one batch (``batch_size`` rows, default
+    ``min(len(prompts), DEFAULT_MAX_BATCH)``; a prompt joins as soon as a row is free), each
+    row exactly as it would run alone (its own seeded generator: ``config.seed`` for every
+    prompt). ``adaptive``: the tree shrinks with the batch, from a measured step cost
+    (``ModelPair.batch_engine``). ``store``: earlier requests the context proposer may copy
+    from (``proposer`` "context" or "mixed"); the caller adds finished requests to it."""
+    if is_prompt_list(prompt):
+        return _stream_rows(
+            pair,
+            list(prompt),
+            config,
+            chat=chat,
+            batch_size=batch_size,
+            adaptive=adaptive,
+            store=store,
+        )
+    return _one_row(_stream_rows(pair, [prompt], config, chat=chat, store=store))
+
+
+def _one_row(rows: Iterator[tuple[int, Chunk, Stats]]) -> Iterator[tuple[Chunk, Stats]]:
+    with closing(rows):  # closing this generator frees the row at once
+        for _, chunk, stats in rows:
+            yield chunk, stats
+
+
+def _stream_rows(
+    pair: ModelPair,
+    prompts: list,
+    config: SpecConfig | None,
+    *,
+    chat: bool,
+    batch_size: int | None = None,
+    adaptive: bool = False,
+    store: RequestStore | None = None,
+) -> Iterator[tuple[int, Chunk, Stats]]:
     config = _check_call(pair, config)
-    tokenizer = pair.tokenizer
-    prompt_ids = encode_prompt(tokenizer, prompt, chat=chat, vocab_size=pair.vocab_size)
-    stop_ids = frozenset(
-        config.stop_token_ids if config.stop_token_ids is not None else pair.eos_token_ids
-    )
-    stats = Stats()
-    tokens: list[int] = []
-    emitted_text = ""
-    hold = max((len(s) for s in config.stop_strings), default=1) - 1
-    for step in _steps(pair, prompt_ids, config, stop_ids, store):
+    if batch_size is None:
+        batch_size = 1 if one_row_spec(config) else min(len(prompts), DEFAULT_MAX_BATCH)
+    ids = [encode_prompt(pair.tokenizer, p, chat=chat, vocab_size=pair.vocab_size) for p in prompts]
+    engine = pair.batch_engine(config, batch_size, adaptive=adaptive, store=store)
+    waiting = list(enumerate(ids))
+    texts: dict[int, TextRow] = {}  # engine row -> its prompt's text state
+    try:
+        while waiting or engine.rows:
+            while waiting and engine.free_rows():
+                index, prompt_ids = waiting.pop(0)
+                row = engine.add(prompt_ids, config, stop_token_ids=pair.stop_ids(config))
+                texts[row] = TextRow(index, pair.tokenizer, config.stop_strings)
+            for row, step in engine.step().items():
+                text = texts[row]
+                chunk = text.feed(step)
+                yield text.index, chunk, text.stats
+                if chunk.finish_reason is not None:
+                    engine.remove(row)  # a stop string may end the row before the engine does
+                    del texts[row]
+    finally:
+        for row in list(engine.rows):
+            engine.remove(row)
+
+
+class TextRow:
+    """One generation's text: decoding, stop strings and held-back text, step by step."""
+
+    def __init__(self, index: int, tokenizer: Any, stop_strings: tuple[str, ...]) -> None:
+        self.index = index
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+        self.tokens: list[int] = []
+        self.emitted_text = ""
+        self.stats = Stats()
+
+    def feed(self, step: Step) -> Chunk:
+        """The chunk of ``step`` (its tokens cut after a stop string)."""
+        tokenizer = self.tokenizer
         step_tokens = list(step.tokens)
         finish = step.finish_reason
-        tokens += step_tokens
+        self.tokens += step_tokens
+        tokens = self.tokens
         text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
-        found = _find_stop(text, config.stop_strings, max(0, len(emitted_text) - hold))
+        found = _find_stop(text, self.stop_strings, max(0, len(self.emitted_text) - self.hold))
         if found is not None:
-            step_tokens, tokens = _tokens_until(tokenizer, tokens, step_tokens, found[1])
+            step_tokens, self.tokens = _tokens_until(tokenizer, tokens, step_tokens, found[1])
             text, finish = text[: found[0]], "stop"
         elif finish is None:
             # Hold back an incomplete UTF-8 character and a possible partial stop string.
-            safe = len(text) - (hold if config.stop_strings else 0)
+            safe = len(text) - (self.hold if self.stop_strings else 0)
             while safe > 0 and text[safe - 1] == "\ufffd":
                 safe -= 1
-            text = text[: max(safe, len(emitted_text))]
+            text = text[: max(safe, len(self.emitted_text))]
         # Count only the tokens returned (a stop string can end the text mid-step).
-        stats.add(replace(step.record, emitted=len(step_tokens)))
-        delta = text[len(emitted_text) :]
-        emitted_text = text
-        yield Chunk(delta, tuple(step_tokens), finish), stats
-        if finish is not None:
-            return
+        self.stats.add(replace(step.record, emitted=len(step_tokens)))
+        delta = text[len(self.emitted_text) :]
+        self.emitted_text = text
+        return Chunk(delta, tuple(step_tokens), finish)
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> tuple[int, int] | None:
@@ -332,20 +432,32 @@ def _tokens_until(
 
 def generate(
     pair: ModelPair,
-    prompt: Prompt,
+    prompt: Prompt | Sequence[Prompt],
     config: SpecConfig | None = None,
     *,
     chat: bool = False,
+    batch_size: int | None = None,
+    adaptive: bool = False,
     store: RequestStore | None = None,
-) -> GenerationResult:
-    """Generate a completion of ``prompt`` with speculative decoding; see ``stream``."""
+) -> GenerationResult | list[GenerationResult]:
+    """Generate a completion of ``prompt`` with speculative decoding; see ``stream``. A list of
+    prompts returns one result per prompt, in order (decoded as rows of one batch; each
+    result's ``wall_time`` is the whole batch's)."""
     started = time.perf_counter()
+    several = is_prompt_list(prompt)
+    prompts = list(prompt) if several else [prompt]
     config = _check_call(pair, config)
-    prompt_ids = encode_prompt(pair.tokenizer, prompt, chat=chat, vocab_size=pair.vocab_size)
-    text, tokens, finish, stats = "", [], "length", Stats()
-    for chunk, running in stream(pair, prompt_ids, config, store=store):
-        text += chunk.text
-        tokens += chunk.token_ids
-        finish = chunk.finish_reason or finish
-        stats = running
-    return GenerationResult(text, tokens, prompt_ids, finish, stats, time.perf_counter() - started)
+    ids = [encode_prompt(pair.tokenizer, p, chat=chat, vocab_size=pair.vocab_size) for p in prompts]
+    results = [GenerationResult("", [], prompt_ids, "length") for prompt_ids in ids]
+    rows = _stream_rows(
+        pair, ids, config, chat=False, batch_size=batch_size, adaptive=adaptive, store=store
+    )
+    for index, chunk, stats in rows:
+        result = results[index]
+        result.text += chunk.text
+        result.token_ids += chunk.token_ids
+        result.finish_reason = chunk.finish_reason or result.finish_reason
+        result.stats = stats
+    for result in results:
+        result.wall_time = time.perf_counter() - started
+    return results if several else results[0]

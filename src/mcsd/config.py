@@ -22,6 +22,7 @@ DYNAMIC_PREFIX = "dynamic"  # --tree dynamic:BUDGET[:WIDTH[:DEPTH]]
 NO_SPECULATION = "none"  # --tree none: the target alone (what mcsd tune saves when no tree pays)
 # Dynamic trees whose rule the proposer can draft for losslessly (mcsd.draft.dynamic)
 DYNAMIC_RULES = ("greedy", "topk", "mcss-wor")
+DEFAULT_MAX_BATCH = 16  # rows decoded side by side (a list of prompts in the API, the server)
 COMPILE_CHOICES = ("none", "draft", "all")  # load_pair(compile=...): which models to compile
 DEFAULT_RUNTIME = "auto"  # mcsd.models.factory.RUNTIMES: auto picks the fastest for the machine
 DEFAULT_DTYPE = "auto"  # bfloat16 where the CPU/GPU computes it natively, else float32
@@ -441,6 +442,15 @@ OPTIMISER_TOLERANCE = 1e-9  # relative: stop when no tree beats the current rati
 
 
 @dataclass(frozen=True)
+class BudgetDefaults:
+    """The adaptive tree budget (``mcsd.budget``)."""
+
+    acceptance: float = 0.6  # prior acceptance rate of one candidate (a 2-4x size-gap pair)
+    repeats: int = 3  # timed forwards per probed size (the median counts)
+    probe_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # in all
+
+
+@dataclass(frozen=True)
 class ServeDefaults:
     """``mcsd serve`` (``mcsd.server``)."""
 
@@ -450,6 +460,8 @@ class ServeDefaults:
     api_key_env: str = "MCSD_API_KEY"  # where --api-key is read from when not given
     drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
     graceful_shutdown_s: float = 5.0  # after the drain: responses still being sent may finish
+    max_batch: int = 1  # generations decoded side by side (rows of the batch engine)
+    adaptive_tree: bool = False  # measure the step cost; the default tree shrinks with the batch
     disconnect_poll_s: float = 0.05  # how often a waiting request checks its client is there
     unbounded_max_tokens: int = 1 << 20  # max_tokens cap when the models declare no limit
 

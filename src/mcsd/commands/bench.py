@@ -54,6 +54,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_sweep_arguments(parser)
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="instead of one answer at a time: throughput of ar / sps / tree methods with B rows "
+        "decoded side by side (first turns only, rows joining as others finish); tokens/s "
+        "summed over the batch",
+    )
+    parser.add_argument(
         "--replot",
         default=None,
         metavar="DIR",
@@ -124,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args)
     for method in methods:  # a rule that does not fit the sampling fails now, not in an hour
         method.spec(base).resolved_rule()
+    if args.batch_size is not None:
+        return run_batch_sizes(args, base, methods)
     questions = load_questions(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,5 +180,50 @@ def run(args: argparse.Namespace) -> int:
 
         rules = {m.name: m.spec(base).resolved_rule() for m in methods if m.is_mcsd}
         plot_all(summary, methods, out, rules)
+    print(f"results in {out}/", file=sys.stderr)
+    return 0
+
+
+def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> int:
+    """``--batch-size B``: every method's throughput at B rows (``mcsd.bench.batch``)."""
+    import json
+
+    from mcsd.bench.batch import batch_table, check_batch_methods, run_batch_bench
+    from mcsd.bench.runner import build_prompt
+    from mcsd.models.base import with_rows
+
+    batch = args.batch_size
+    if isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch}")
+    if args.methods is None:  # the defaults' transformers baselines decode one row at a time
+        from mcsd.bench.methods import parse_method
+
+        methods = [parse_method("ar"), *(m for m in methods if m.kind in ("sps", "tree"))]
+    check_batch_methods(methods)
+    questions = load_questions(args)
+    print("loading models...", file=sys.stderr)
+    pair = load_pair_from_args(args)
+    with_rows(pair.target, batch)  # a runtime that holds one row refuses before any work
+    chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
+    prompts = [build_prompt(pair.tokenizer, q, [], 0, chat) for q in questions]
+    results = run_batch_bench(pair, prompts, methods, base, batch)
+    table = batch_table(results)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "method": r.method,
+            "batch_size": r.batch_size,
+            "tokens": r.tokens,
+            "seconds": r.seconds,
+            "tokens_per_second": r.tokens_per_second,
+            "mean_accepted_length": r.stats.mean_accepted_length,
+            "matches_ar": r.matches_ar,
+        }
+        for r in results
+    ]
+    (out / f"batch-{batch}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"batch-{batch}.txt").write_text(table + "\n")
     print(f"results in {out}/", file=sys.stderr)
     return 0

@@ -33,7 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="serve the OpenAI API (completions, chat) with speculative decoding",
         description=(
             "Serve POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health and "
-            "/metrics. Requests wait for a row in a FIFO queue."
+            "/metrics. Up to --max-batch generations run side by side (continuous batching); "
+            "the other requests wait in a FIFO queue."
         ),
     )
     add_model_arguments(parser)
@@ -94,6 +95,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="characters of one stop string (default %(default)s)",
     )
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=ServeDefaults.max_batch,
+        help="generations decoded side by side, as rows of one batch; a new request joins at "
+        "the next step (default %(default)s; > 1 needs the hf, hf-static or fast runtime)",
+    )
+    parser.add_argument(
+        "--adaptive-tree",
+        action="store_true",
+        help="measure the models' step cost and shrink the tree as --max-batch grows, down to "
+        "plain decoding where speculation no longer pays (still lossless)",
+    )
+    parser.add_argument(
         "--served-model-name", default=None, help="model id clients use (default: the target)"
     )
     parser.add_argument(
@@ -106,6 +120,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from mcsd.models.base import with_rows
     from mcsd.server import create_app
     from mcsd.server.auth import is_loopback
     from mcsd.server.drain import DrainingServer
@@ -114,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args, tree)  # validate before the slow model load
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if isinstance(args.max_batch, bool) or args.max_batch < 1:
+        raise ValueError(f"--max-batch must be an integer >= 1, got {args.max_batch}")
+    if args.adaptive_tree and (not spec.speculative or spec.dynamic is not None):
+        raise ValueError(
+            f"--adaptive-tree shrinks a static tree; --tree {spec.describe_tree()} has none"
+        )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.drain_timeout < 0:
@@ -139,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
+    if args.max_batch > 1:  # refuse a runtime that holds one row before serving
+        with_rows(pair.target, args.max_batch)
     app = create_app(
         pair,
         spec,
@@ -146,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         limits=limits,
         api_key=api_key,
+        max_batch=args.max_batch,
+        adaptive_tree=args.adaptive_tree,
     )
     # After the drain, responses still on the wire get a moment to finish before uvicorn stops.
     config = uvicorn.Config(

@@ -161,6 +161,25 @@ class CommittedRows:
         return False
 
 
+ROW_RUNTIMES = "table, hf, hf-static and fast"  # the runtimes that hold more than one row
+
+
+def with_rows(runtime: Runtime, batch_size: int) -> Runtime:
+    """``runtime`` itself when it holds ``batch_size`` rows, else the same model (weights
+    shared) with a cache of ``batch_size`` rows; a runtime that holds one row refuses."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if runtime.batch_size == batch_size:
+        return runtime
+    resize = getattr(runtime, "with_rows", None)
+    if resize is None:
+        raise ValueError(
+            f"batch_size: runtime {runtime.name} holds one row; batch_size > 1 runs on the "
+            f"{ROW_RUNTIMES} runtimes, got batch_size={batch_size}"
+        )
+    return resize(batch_size)
+
+
 def to_device(values: list, device: torch.device | str) -> Tensor:
     """A long tensor from nested Python ints on ``device``. On CUDA it goes through pinned
     memory without blocking: a plain ``torch.tensor(..., device="cuda")`` waits for every queued
@@ -176,6 +195,44 @@ def chain_mask(n: int, pending: int = 0, device: torch.device | str = "cpu") -> 
     ``pending`` entries that they all see."""
     rows = torch.arange(n, device=device)[:, None] + pending  # [n, 1]
     return torch.arange(pending + n, device=device)[None, :] <= rows  # [n, P + n]
+
+
+def rows_forward(
+    runtime: Runtime,
+    rows: Sequence[int],
+    tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+    positions: Tensor,  # [R, n] long
+    tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+    *,
+    logits: Rows = "all",
+) -> Tensor | None:
+    """A forward of ``rows`` only (in increasing order): every other row of the runtime runs
+    ``n`` padding tokens (token 0 at its committed length), each seeing only itself, so nothing
+    of that row is read or changed; the caller drops the padding entries at the commit (keeps
+    none of them). Returns ``[B, n, V]`` over every runtime row, as ``forward`` (padding rows'
+    logits are meaningless)."""
+    batch = runtime.batch_size
+    if len(rows) == batch:
+        return runtime.forward(tokens, positions, tree_mask, logits=logits)
+    device = runtime.device
+    n, pending = tokens.shape[1], runtime.pending_length
+    index = to_device(list(rows), device)  # [R]
+    all_tokens = torch.zeros(batch, n, dtype=torch.long, device=device)  # [B, n]
+    all_tokens[index] = tokens
+    lengths = to_device(list(runtime.cache_lengths()), device)  # [B]
+    all_positions = lengths[:, None].repeat(1, n)  # [B, n]
+    all_positions[index] = positions
+    mask = torch.zeros(batch, n, pending + n, dtype=torch.bool, device=device)  # [B, n, P + n]
+    new = torch.arange(n, device=device)
+    mask[:, new, pending + new] = True
+    mask[index] = tree_mask.expand(len(rows), n, pending + n)
+    return runtime.forward(all_tokens, all_positions, mask, logits=logits)
+
+
+def keep_rows(batch_size: int, keep: dict[int, list[int]]) -> list[list[int]]:
+    """``commit`` argument keeping ``keep[row]`` for the rows listed and nothing for the others
+    (their padding entries of ``rows_forward``)."""
+    return [keep.get(row, []) for row in range(batch_size)]
 
 
 def check_forward(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mcsd.models.base import Keep, Rows, Runtime
+from mcsd.models.base import Keep, Rows, Runtime, with_rows
 from mcsd.models.frequent import frequent_tokens
 
 
@@ -81,6 +81,9 @@ class RestrictedVocabModel:
         self.inner = inner
         self.keep = keep.to(inner.device)
         self.full_vocab = full_vocab
+
+    def with_rows(self, batch_size: int) -> RestrictedVocabModel:
+        return RestrictedVocabModel(with_rows(self.inner, batch_size), self.keep, self.full_vocab)
 
     @property
     def name(self) -> str:

@@ -77,6 +77,10 @@ class HFModel(CommittedRows):
         """The same runtime around another (e.g. cheaper) model."""
         return HFModel(model, batch_size=self._batch, vocab_size=vocab_size)
 
+    def with_rows(self, batch_size: int) -> HFModel:
+        """The same model with a cache of ``batch_size`` rows (weights shared)."""
+        return HFModel(self.hf_model, batch_size=batch_size, vocab_size=self._vocab)
+
     # ------------------------------------------------------------------ protocol
     @property
     def name(self) -> str:
@@ -142,6 +146,8 @@ class HFModel(CommittedRows):
             self._cache = self._new_cache()
             return
         for layer in self._cache.layers:  # the region may have shrunk: S = max(committed)
+            if layer.keys is None:  # nothing run yet (a lazily built layer)
+                continue
             layer.keys = layer.keys[:, :, : self._width]
             layer.values = layer.values[:, :, : self._width]
 

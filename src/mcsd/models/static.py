@@ -96,6 +96,11 @@ class StaticHFModel(SlotCacheRuntime):
         """The same runtime, with the same settings, around another (e.g. cheaper) model."""
         return StaticHFModel(model, vocab_size=vocab_size, **self.options)
 
+    def with_rows(self, batch_size: int) -> StaticHFModel:
+        """The same model and settings with a cache of ``batch_size`` rows (weights shared)."""
+        options = self.options | {"batch_size": batch_size}
+        return StaticHFModel(self.hf_model, vocab_size=self._vocab, **options)
+
     @property
     def name(self) -> str:
         return model_label(self.kind, self.hf_model)

@@ -70,6 +70,10 @@ class TableLM:
 
         return cls(table, vocab_size, batch_size=batch_size)
 
+    def with_rows(self, batch_size: int) -> TableLM:
+        """The same table with ``batch_size`` rows."""
+        return TableLM(self.table, self._vocab_size, self._max_context, batch_size=batch_size)
+
     # ------------------------------------------------------------------ protocol
     @property
     def name(self) -> str:

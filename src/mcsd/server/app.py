@@ -73,16 +73,25 @@ def create_app(
     max_queue: int = ServeDefaults.max_queue,
     limits: ServeLimits | None = None,
     api_key: str | None = None,
+    max_batch: int = ServeDefaults.max_batch,
+    adaptive_tree: bool = ServeDefaults.adaptive_tree,
 ) -> FastAPI:
     """An ASGI app serving ``pair``; ``defaults`` are the speculation settings a request may
     override (``mcsd`` object, sampling fields), ``limits`` what one request may ask for, and
-    ``api_key`` (if given) the bearer token every request but ``/health`` must carry. Run it
-    with uvicorn (``mcsd serve`` does, under ``mcsd.server.drain.DrainingServer``)."""
+    ``api_key`` (if given) the bearer token every request but ``/health`` must carry;
+    ``max_batch``: generations decoded side by side (continuous batching); ``adaptive_tree``:
+    the tree shrinks with the batch, from a step cost measured when an engine is built
+    (``mcsd.budget``). Run it with uvicorn (``mcsd serve`` does, under
+    ``mcsd.server.drain.DrainingServer``)."""
     defaults = defaults or SpecConfig()
     serve_limits = limits or ServeLimits()
     model_name = model_name or pair.target_name
     scheduler = Scheduler(
-        pair, max_queue=max_queue, max_prompt_tokens=serve_limits.max_prompt_tokens
+        pair,
+        max_queue=max_queue,
+        max_prompt_tokens=serve_limits.max_prompt_tokens,
+        max_batch=max_batch,
+        adaptive=adaptive_tree,
     )
     metrics = scheduler.metrics
     contexts = [m.max_context for m in (pair.target, pair.draft) if m is not None and m.max_context]
@@ -153,10 +162,10 @@ def create_app(
             "mcsd": {
                 "target": pair.target_name,
                 "draft": pair.draft_name,
-                "max_concurrent_generations": 1,
-                "batching": False,
-                "scheduling": "one generation at a time (batch 1); requests wait in a FIFO "
-                f"queue of at most {max_queue}, beyond which the server answers 429",
+                "max_concurrent_generations": max_batch,
+                "batching": max_batch > 1,
+                "scheduling": f"continuous batching of up to {max_batch} generations; requests "
+                f"wait in a FIFO queue of at most {max_queue}, beyond which the server answers 429",
                 "defaults": {
                     "tree": defaults.describe_tree(),
                     "rule": defaults.rule or "auto",
@@ -208,8 +217,8 @@ def create_app(
             metrics.requests.labels("rejected").inc()
             raise APIError(
                 429,
-                f"the server is busy: every row is generating and {max_queue} requests are "
-                "already waiting (--max-queue); retry later",
+                f"the server is busy: every row of {max_batch} is generating and {max_queue} "
+                "requests are already waiting (--max-queue); retry later",
                 type="rate_limit_error",
                 code="queue_full",
             ) from None

@@ -317,7 +317,8 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
                 tree = TokenTree.parse(options.tree, max_nodes=defaults.max_tree_nodes)
         except ValueError as error:
             raise invalid(f"mcsd.tree: {error}", "mcsd.tree") from None
-    rule = defaults.rule
+    # the server's rule is for its trees: a request without speculation verifies nothing
+    rule = defaults.rule if tree != NO_SPECULATION else None
     if options.rule is not None:
         try:
             rule = get_rule(options.rule).name

@@ -1,27 +1,38 @@
-"""One generation at a time: a worker thread serving a bounded first-in-first-out queue.
+"""Continuous batching: a worker thread runs up to ``max_batch`` generations as rows of batch
+engines (``mcsd.engine.BatchEngine``) and admits waiting requests from a bounded first-in-first-out
+queue as rows free up.
 
-The engine decodes one sequence at a time (batch 1), so requests wait their turn in arrival order
-(fair: nobody is overtaken). The HTTP side (asyncio) submits a ``Job`` and reads its events from
-an ``asyncio.Queue``; the worker thread runs ``mcsd.api.stream`` and posts every step to that
-queue with ``loop.call_soon_threadsafe``. Cancelling a job (client gone) removes it from the
-queue if it is waiting, or makes the worker close its generator after the current step if it is
-running, so a disconnect frees the models within one speculative step.
+Each step of the loop admits waiting jobs into free rows (a new request joins at the next step;
+its prompt is read in a forward of its own), runs one speculative step of every engine and posts
+every row's chunk to its job. Rows whose requests draft the same way (draft sampling, rule)
+share an engine, whatever tree they grow (``"tree": "none"``: plain decoding beside them); a
+request with other draft settings gets an engine of its own, stepped in turn. The HTTP side
+(asyncio) submits a ``Job`` and reads its events from an ``asyncio.Queue`` (posted with
+``loop.call_soon_threadsafe``). Cancelling a job (client gone) removes it from the queue if it
+waits, or frees its row before the next step if it runs, so a disconnect frees its row within
+one speculative step. A failure inside a step fails the rows of
+that engine (500, or 503 for device out-of-memory: ``mcsd.server.failures``) and the engine is
+rebuilt; the other engines' requests carry on. A request whose trees are grown one row at a
+time (a dynamic tree: ``mcsd.api.one_row_spec``) gets an engine of one row of its own.
 
 Tokenising happens in the worker thread too: a tokenizer is not safe to use from two threads.
-The waiting requests live in an ``AdmissionQueue`` (``mcsd.server.admission``); how a broken
-generation is answered (500, or 503 for device out-of-memory) is ``mcsd.server.failures``.
+The waiting requests live in an ``AdmissionQueue`` (``mcsd.server.admission``): beyond the free
+rows, at most ``max_queue`` wait, more get 429; a drain (SIGTERM) closes it and the running and
+waiting requests still finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from mcsd.api import Chunk, ModelPair, Prompt, encode_prompt, stream
+from mcsd.api import Chunk, ModelPair, Prompt, TextRow, encode_prompt, one_row_spec
 from mcsd.config import SpecConfig
+from mcsd.engine import BatchEngine, Step
 from mcsd.server.admission import AdmissionQueue, Closed, QueueFull
 from mcsd.server.failures import failure_of
 from mcsd.server.metrics import Metrics
@@ -48,7 +59,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     """The last event of a generation that could not run or broke; ``error`` is what the client
-    sees (400 when the prompt was refused before any token, 500 otherwise)."""
+    sees (400 when the prompt was refused before any token, 500 / 503 otherwise)."""
 
     error: APIError
     before_output: bool
@@ -82,24 +93,63 @@ class Job:
             self.cancelled.set()
 
 
+EngineKey = tuple  # what rows of one engine share: draft sampling and rule
+PLAIN: EngineKey = ("plain",)  # an engine without a proposer: rows without speculation only
+
+
+def engine_key(spec: SpecConfig) -> EngineKey:
+    """Requests with the same key can be rows of one engine: one proposer drafts for all (each
+    row grows its own static tree; rows without speculation decode plainly beside them)."""
+    return (spec.draft_sampling, spec.resolved_rule())
+
+
+@dataclass
+class _Running:
+    """A job in a row: its engine, row, text state and timings."""
+
+    job: Job
+    key: EngineKey
+    row: int
+    text: TextRow
+    started: float
+    first: float | None = None
+    last: float = 0.0
+
+
 class Scheduler:
-    """The queue and its worker thread (``start`` / ``stop`` follow the server's lifespan)."""
+    """The queue, the running rows and the worker thread (``start`` / ``stop`` follow the
+    server's lifespan)."""
 
     def __init__(
-        self, pair: ModelPair, *, max_queue: int, max_prompt_tokens: int | None = None
+        self,
+        pair: ModelPair,
+        *,
+        max_queue: int,
+        max_prompt_tokens: int | None = None,
+        max_batch: int = 1,
+        adaptive: bool = False,
     ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        AdmissionQueue(max_queue)  # refuses a bad max_queue, naming it
         self.pair = pair
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens  # None: the models' context decides
-        self.queue: AdmissionQueue[Job] = AdmissionQueue(max_queue)
-        self._running: Job | None = None
+        self.adaptive = adaptive  # each engine measures its step cost; trees shrink with the batch
+        # the free rows' requests pass through it too: submit counts only those beyond them
+        self.queue: AdmissionQueue[Job] = AdmissionQueue(max_queue + max_batch)
+        self._held = 0  # requests taken from the queue and not finished (admitted or running)
+        self._running: list[_Running] = []
+        self._engines: dict[EngineKey, BatchEngine] = {}
+        self._one_row_keys = itertools.count()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.metrics = Metrics(self.running_count, self.waiting_count)
 
     def running_count(self) -> int:
-        return int(self._running is not None)
+        return self._held
 
     def waiting_count(self) -> int:
         return len(self.queue)
@@ -123,22 +173,29 @@ class Scheduler:
             self.queue.close()
             for job in self.queue.clear():
                 job.cancelled.set()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for running in self._running:
+                running.job.cancelled.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> int:
-        """Queue ``job``; returns how many requests are ahead of it."""
-        if not self.alive:
-            raise ShuttingDown
-        try:
-            return self.queue.put(job) + self.running_count()
-        except Closed:
-            raise ShuttingDown from None
+        """Queue ``job``; returns how many requests are ahead of it (beyond the free rows)."""
+        with self._condition:
+            if not self.alive:
+                raise ShuttingDown
+            # Room for ``max_batch`` running generations plus ``max_queue`` waiting ones.
+            free = max(0, self.max_batch - self._held)
+            if len(self.queue) - free >= self.max_queue:
+                raise QueueFull
+            try:
+                ahead = self.queue.put(job)
+            except Closed:
+                raise ShuttingDown from None
+            return max(0, ahead - free)
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: forget the job if it waits, stop it after this step if it runs."""
+        """The client is gone: forget the job if it waits, free its row before the next step if
+        it runs."""
         with self._condition:
             if job.done or job.cancelled.is_set():
                 return
@@ -147,84 +204,178 @@ class Scheduler:
                 job.done = True
                 self.metrics.requests.labels("cancelled").inc()
 
+    # ------------------------------------------------------------------ the worker thread
     def _loop(self) -> None:
         while True:
-            taken = self.queue.take(1)
-            with self._condition:
-                if not taken or self._stopping:  # closed and empty, or stopped
-                    for job in taken:
-                        job.cancelled.set()
-                    return
-                job = taken[0]
-                self._running = job
-            try:
-                self._run(job)
-            finally:
-                with self._condition:
-                    self._running = None
-
-    def _run(self, job: Job) -> None:
-        metrics = self.metrics
-        started = time.perf_counter()
-        metrics.queue_time.observe(started - job.arrival)
-        outcome, first, last = "error", None, started
-        try:
-            if job.cancelled.is_set():  # the client left between leaving the queue and now
-                outcome = "cancelled"
+            if self._stopping:
+                for running in list(self._running):
+                    self._end(running, "cancelled")
                 return
+            free = self.max_batch - self._held
+            admitted: list[Job] = []
+            if free > 0:
+                # idle: wait for a request; else take what waits and step on
+                idle = not self._running
+                with self._condition:
+                    if not idle:
+                        admitted = self.queue.take(free, timeout=0)
+                        self._held += len(admitted)
+                if idle:
+                    admitted = self.queue.take(free)
+                    with self._condition:
+                        self._held += len(admitted)
+                    if not admitted:  # closed and empty (a drain or a stop): done
+                        return
+            for job in admitted:
+                self._admit(job)
+            self._drop_cancelled()
+            for key in list(self._engines):
+                self._step(key)
+
+    def _key(self, spec: SpecConfig) -> EngineKey:
+        """The engine a request runs in: one of its own for one-row trees, any engine with a
+        proposer over rows for a request without speculation, else by draft settings."""
+        if one_row_spec(spec):
+            return ("one-row", next(self._one_row_keys))
+        if not spec.speculative:
+            shared = [key for key in self._engines if key[0] != "one-row"]
+            return shared[0] if shared else PLAIN
+        return engine_key(spec)
+
+    def _engine(self, key: EngineKey, spec: SpecConfig) -> BatchEngine:
+        if key not in self._engines:
+            if key[0] == "one-row":
+                # a batch of one; beside other engines, on caches of its own (weights shared)
+                pair = self.pair
+                if self.max_batch > 1:
+                    draft = pair.draft
+                    pair = replace(
+                        pair,
+                        target=pair.target.with_rows(1),  # type: ignore[attr-defined]
+                        draft=None if draft is None else draft.with_rows(1),  # type: ignore[attr-defined]
+                    )
+                self._engines[key] = pair.batch_engine(spec, 1)
+            else:
+                adaptive = self.adaptive and spec.speculative
+                self._engines[key] = self.pair.batch_engine(spec, self.max_batch, adaptive=adaptive)
+        return self._engines[key]
+
+    def _admit(self, job: Job) -> None:
+        """Tokenise ``job`` and start it in a row (a 400 when its prompt is refused)."""
+        started = time.perf_counter()
+        self.metrics.queue_time.observe(started - job.arrival)
+        if job.cancelled.is_set():  # the client left between leaving the queue and now
+            self._finish_job(job, "cancelled")
+            return
+        key: EngineKey | None = None
+        try:
             prompt_ids = encode_prompt(self.pair.tokenizer, job.prompt, chat=job.chat)
             job.prompt_tokens = len(prompt_ids)
             _check_prompt_tokens(job.prompt_tokens, self.max_prompt_tokens)
-            generation = stream(self.pair, prompt_ids, job.spec)
-            try:
-                for chunk, stats in generation:
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now
-                        metrics.ttft.observe(now - job.arrival)
-                        metrics.prompt_tokens.inc(job.prompt_tokens)
-                    else:
-                        metrics.itl.observe(now - last)
-                    last = now
-                    metrics.observe_batch(1)
-                    metrics.observe_step(stats.records[-1], len(chunk.token_ids))
-                    job.completion_tokens += len(chunk.token_ids)
-                    if chunk.finish_reason is not None:
-                        outcome = chunk.finish_reason
-                        metrics.observe_row(stats)
-                        job.done = True
-                        job.post(chunk)
-                        job.post(Finished(chunk.finish_reason, stats))
-                        break
-                    job.post(chunk)
-                    if job.cancelled.is_set():
-                        outcome = "cancelled"
-                        break
-            finally:
-                generation.close()  # a cancelled job stops here, between two steps
+            key = self._key(job.spec)
+            engine = self._engine(key, job.spec)
+            row = engine.add(prompt_ids, job.spec, stop_token_ids=self.pair.stop_ids(job.spec))
         except ValueError as error:
             # Before the first token a ValueError is the request's fault (prompt beyond the
             # context, empty prompt, a tree wider than the vocabulary): a 400.
-            if first is None:
-                outcome = "invalid"
-                job.done = True
-                message = str(error)
-                param = job.prompt_param if "prompt" in message else None
-                if param is not None and not message.startswith(param):
-                    message = f"{param}: {message}"  # e.g. "messages: prompt has 9000 tokens..."
-                job.post(Failed(APIError(400, message, param=param), True))
-            else:
-                self._fail(job, error, first is None)
+            message = str(error)
+            param = job.prompt_param if "prompt" in message else None
+            if param is not None and not message.startswith(param):
+                message = f"{param}: {message}"  # e.g. "messages: prompt has 9000 tokens..."
+            job.post(Failed(APIError(400, message, param=param), True))
+            self._forget_one_row(key)
+            self._finish_job(job, "invalid")
+            return
         except Exception as error:
-            self._fail(job, error, first is None)
-        finally:
-            end = time.perf_counter()
-            if job.completion_tokens > 1 and first is not None:
-                metrics.tpot.observe((last - first) / (job.completion_tokens - 1))
-            if outcome not in ("invalid", "error"):
-                metrics.e2e.observe(end - job.arrival)
-            metrics.requests.labels(outcome).inc()
+            self._fail(job, error, True)
+            self._forget_one_row(key)
+            self._finish_job(job, "error")
+            return
+        text = TextRow(0, self.pair.tokenizer, job.spec.stop_strings)
+        with self._condition:
+            self._running.append(_Running(job, key, row, text, started, last=started))
+
+    def _drop_cancelled(self) -> None:
+        for running in list(self._running):
+            if running.job.cancelled.is_set():
+                self._end(running, "cancelled")
+
+    def _step(self, key: EngineKey) -> None:
+        """One step of the engine ``key``; every row's chunk to its job."""
+        engine = self._engines.get(key)
+        if engine is None:  # freed with its one request earlier in this loop
+            return
+        rows = {r.row: r for r in self._running if r.key == key}
+        if not rows:
+            if len(self._engines) > 1:  # keep one idle engine, free the others' caches
+                del self._engines[key]
+            return
+        try:
+            steps = engine.step()
+            self.metrics.observe_batch(len(steps))
+        except Exception as error:
+            del self._engines[key]  # its caches are mid-step: rebuild it for the next request
+            for running in rows.values():
+                self._fail(running.job, error, running.first is None)
+                self._end(running, "error", remove=False)
+            return
+        for row, step in steps.items():
+            running = rows[row]
+            try:
+                self._post_step(running, step)
+            except Exception as error:  # e.g. detokenising: this row fails, the others go on
+                self._fail(running.job, error, running.first is None)
+                self._end(running, "error")
+
+    def _post_step(self, running: _Running, step: Step) -> None:
+        """Send one step of ``running``'s row to its client; end the row when it finished."""
+        metrics, job = self.metrics, running.job
+        chunk = running.text.feed(step)
+        now = time.perf_counter()
+        if running.first is None:
+            running.first = now
+            metrics.ttft.observe(now - job.arrival)
+            metrics.prompt_tokens.inc(job.prompt_tokens)
+        else:
+            metrics.itl.observe(now - running.last)
+        running.last = now
+        metrics.observe_step(step.record, len(chunk.token_ids))
+        job.completion_tokens += len(chunk.token_ids)
+        job.post(chunk)
+        if chunk.finish_reason is not None:
+            metrics.observe_row(running.text.stats)
             job.done = True
+            job.post(Finished(chunk.finish_reason, running.text.stats))
+            self._end(running, chunk.finish_reason)
+
+    def _end(self, running: _Running, outcome: str, *, remove: bool = True) -> None:
+        """Free ``running``'s row and record its outcome."""
+        engine = self._engines.get(running.key)
+        if remove and engine is not None:
+            engine.remove(running.row)
+        self._forget_one_row(running.key)
+        with self._condition:
+            self._running.remove(running)
+        job, metrics = running.job, self.metrics
+        if job.completion_tokens > 1 and running.first is not None:
+            metrics.tpot.observe((running.last - running.first) / (job.completion_tokens - 1))
+        if outcome != "error":
+            metrics.e2e.observe(time.perf_counter() - job.arrival)
+        self._finish_job(job, outcome, observed=True)
+
+    def _forget_one_row(self, key: EngineKey | None) -> None:
+        """A one-row engine serves one request: free it with its request."""
+        if key is not None and key[0] == "one-row":
+            self._engines.pop(key, None)
+
+    def _finish_job(self, job: Job, outcome: str, *, observed: bool = False) -> None:
+        """Record a taken request's outcome; its row (if any) is free again."""
+        if not observed and outcome not in ("invalid", "error"):
+            self.metrics.e2e.observe(time.perf_counter() - job.arrival)
+        self.metrics.requests.labels(outcome).inc()
+        job.done = True
+        with self._condition:
+            self._held -= 1
 
     @staticmethod
     def _fail(job: Job, error: Exception, before_output: bool) -> None:

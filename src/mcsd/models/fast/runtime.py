@@ -111,6 +111,12 @@ class FastModel(SlotCacheRuntime):
         hidden = out[:, n - 1 : n] if rows == "last" else out[:, :n]  # [B, n | 1, D]
         return torch.nn.functional.linear(hidden, self._head).float()  # [B, n | 1, V']
 
+    def with_rows(self, batch_size: int) -> FastModel:
+        """The same model and settings with a cache of ``batch_size`` rows (weights shared)."""
+        copy = FastModel(self.lm, **(self.options | {"batch_size": batch_size}))
+        copy._head = self._head  # a reduced vocabulary's rows, if any
+        return copy
+
     @torch.inference_mode()
     def warmup(self, token_counts: tuple[int, ...]) -> list[int]:
         """Run every bucket the counts fall into at two attention lengths (compiling with

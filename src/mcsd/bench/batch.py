@@ -1,0 +1,115 @@
+"""Throughput at batch > 1 (``mcsd bench --batch-size B``): every prompt's first turn through
+one batch engine of ``B`` rows per method, rows joining as others finish (continuous batching),
+``ar`` (plain decoding rows) and mcsd's trees side by side on the same runtime.
+
+A method's throughput is the tokens it generated for all prompts over the wall time of the whole
+batch run (tokens/s summed over the rows). Greedy runs also check every speculative answer
+against ``ar``'s (the target's own greedy output). Only mcsd's own methods run here: the
+baselines of other libraries decode one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from mcsd.api import ModelPair
+from mcsd.bench.methods import Method
+from mcsd.bench.runner import method_pairs, turn_seed
+from mcsd.config import SpecConfig
+from mcsd.stats import Stats
+
+BATCH_KINDS = ("ar", "sps", "tree")  # methods that run as rows of the batch engine
+
+
+@dataclass
+class BatchResult:
+    """One method's batch run."""
+
+    method: str
+    batch_size: int
+    answers: list[list[int]]  # generated tokens per prompt, in prompt order
+    seconds: float  # wall time of the whole run (prefills included)
+    stats: Stats  # every row's steps
+    matches_ar: bool | None = None  # greedy: every answer equals ar's
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.answers))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_batch_methods(methods: Sequence[Method]) -> None:
+    """Refuse methods that cannot run as rows of the batch engine, naming them."""
+    other = [m.name for m in methods if m.kind not in BATCH_KINDS]
+    if other:
+        raise ValueError(
+            f"--batch-size runs {', '.join(BATCH_KINDS)} methods only (rows of mcsd's batch "
+            f"engine); drop {', '.join(other)}"
+        )
+
+
+def run_batch(
+    pair: ModelPair, prompts: Sequence[list[int]], method: Method, base: SpecConfig, batch: int
+) -> BatchResult:
+    """``prompts`` through one batch engine of ``batch`` rows with ``method``."""
+    spec = method.spec(base)
+    if method.kind == "ar":  # plain decoding rows
+        spec = replace(spec, tree="none", rule=None)
+    engine = pair.batch_engine(spec, batch)
+    stop = pair.stop_ids(spec)
+    answers: list[list[int]] = [[] for _ in prompts]
+    stats = Stats()
+    waiting = list(enumerate(prompts))
+    index_of: dict[int, int] = {}
+    started = time.perf_counter()
+    while waiting or engine.rows:
+        while waiting and engine.free_rows():
+            index, prompt_ids = waiting.pop(0)
+            row_spec = replace(spec, seed=turn_seed(base.seed, index, 0))
+            index_of[engine.add(prompt_ids, row_spec, stop_token_ids=stop)] = index
+        for row, step in engine.step().items():
+            answers[index_of[row]] += step.tokens
+            stats.add(step.record)
+    return BatchResult(method.name, batch, answers, time.perf_counter() - started, stats)
+
+
+def run_batch_bench(
+    pair: ModelPair,
+    prompts: Sequence[list[int]],
+    methods: Sequence[Method],
+    base: SpecConfig,
+    batch: int,
+) -> list[BatchResult]:
+    """Every method over ``prompts`` at ``batch`` rows (after a warm-up run of each on the
+    first prompt); greedy answers are compared with ``ar``'s when it ran."""
+    check_batch_methods(methods)
+    pairs = method_pairs(pair, methods)
+    warm = replace(base, max_new_tokens=min(base.max_new_tokens, 8))
+    for method in methods:
+        run_batch(pairs[method.name], list(prompts[:1]), method, warm, 1)
+    results = [run_batch(pairs[m.name], prompts, m, base, batch) for m in methods]
+    reference = next((r for r in results if r.method == "ar"), None)
+    if base.target.greedy and reference is not None:
+        for result in results:
+            result.matches_ar = result.answers == reference.answers
+    return results
+
+
+def batch_table(results: Sequence[BatchResult]) -> str:
+    """A plain-text table of the runs, one line each."""
+    lines = [
+        f"{'method':<24} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
+        f"{'AL':>5} {'= ar':>5}"
+    ]
+    for r in results:
+        same = "-" if r.matches_ar is None else "yes" if r.matches_ar else "NO"
+        lines.append(
+            f"{r.method:<24} {r.batch_size:>5} {r.tokens:>7} {r.seconds:>8.2f} "
+            f"{r.tokens_per_second:>8.1f} {r.stats.mean_accepted_length:>5.2f} {same:>5}"
+        )
+    return "\n".join(lines)
