@@ -235,3 +235,31 @@ def test_a_row_drafted_otherwise_is_refused() -> None:
     with pytest.raises(ValueError, match="needs candidates drawn otherwise"):
         engine.add([1, 2], replace(case.spec(0), rule="mcss"))
     assert engine.free_rows() == [0, 1]
+
+
+def test_one_row_proposers_run_at_batch_one() -> None:
+    """Dynamic trees and the context proposer grow their trees one row at a time (``OneRow``):
+    a list of prompts runs them one after the other, each as it runs alone (greedy: the
+    target's own output; sampled: its seeded single run); a larger batch is refused, naming
+    ``batch_size``, and so is the adaptive budget."""
+    from mcsd.api import ModelPair, generate
+
+    target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
+    pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
+    prompts = [[5, 9, 11, 5, 9], [3], [40, 41, 42, 43]]
+    greedy = SamplingConfig(0.0)
+    for spec in (
+        SpecConfig(tree="dynamic:8:4:2", target=greedy, max_new_tokens=8),
+        SpecConfig(proposer="context", target=greedy, max_new_tokens=8),
+    ):
+        results = generate(pair, prompts, spec)
+        assert [r.token_ids for r in results] == [
+            greedy_reference(target_lm, p, 8) for p in prompts
+        ]
+        with pytest.raises(ValueError, match=r"batch_size: tree .* runs one row at a time"):
+            generate(pair, prompts, spec, batch_size=2)
+        with pytest.raises(ValueError, match="adaptive"):
+            generate(pair, prompts, spec, adaptive=True)
+    sampled = SpecConfig(tree="dynamic:8:4:2", max_new_tokens=8, seed=3)
+    alone = [generate(pair, p, sampled).token_ids for p in prompts]
+    assert [r.token_ids for r in generate(pair, prompts, sampled)] == alone

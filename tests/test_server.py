@@ -708,10 +708,11 @@ def test_concurrent_requests_equal_single_answers(
 ) -> None:
     """9 concurrent clients (4 rows, the others waiting, joining as rows free) with prompts of
     different lengths and lengths of answer, chat and completion, one with its own tree, one
-    without speculation: every answer at temperature 0 equals the single-request one."""
+    without speculation, one with a dynamic tree (an engine of one row of its own): every
+    answer at temperature 0 equals the single-request one."""
     prompts = [PROMPT, "Once upon a time", "x", "def add(a, b):\n    return"] * 2
     lengths = [24, 9, 17, 5, 12, 30, 3, 20]
-    trees = [None, None, "2,1", None, "none", None, None, None]
+    trees = [None, None, "2,1", None, "none", None, "dynamic:8:4:2", None]
     expected = [
         generate(
             reference,

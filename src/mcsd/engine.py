@@ -68,7 +68,8 @@ class BatchEngine:
     its own positions, cache length and accepted path (ragged acceptance), and one host
     synchronisation for every row's verification where the rule has a device verifier; a row
     asking for its own tree gets forwards of its own, and rows with ``tree="none"`` share a
-    plain decoding forward (the proposer never sees them). A one-row proposer (dynamic trees,
+    plain decoding forward (a proposer over rows follows their tokens, a one-row one never sees
+    them). A one-row proposer (dynamic trees,
     the context's or mixed ones: ``mcsd.draft.base.OneRow``) grows the tree of each step
     itself, with per-step shapes. ``budget`` (``mcsd.budget.TreeBudget``): the rows growing the
     budget's tree grow the tree it picks for the rows a forward runs (``max_batch``: free rows
