@@ -4,7 +4,8 @@ One group of 2 and one of 4 processes (this process is rank 0, ``launch`` spawns
 each running every check in one go: for tiny random Llama (vocabulary 98: padded for 4 ranks)
 and Qwen2 (QKV bias, tied embeddings) configs with 8 heads and 4 KV heads, the logits of a
 prefill, one-token steps and a tree forward equal TP = 1 to 1e-5; greedy speculative output
-equals TP = 1; seeded sampled output is the same on every rank and equals TP = 1; and with
+equals TP = 1, also as rows of a batch engine (``with_rows`` keeps the shard); seeded sampled
+output is the same on every rank and equals TP = 1; and with
 ``check_ranks`` a rank fed a different token is caught, on every rank, naming the step. The
 bad ``tp`` values are refused with one clear error each.
 """
@@ -23,7 +24,9 @@ from test_bench_e2e import tiny_tokenizer
 from mcsd.api import load_pair
 from mcsd.cli import main
 from mcsd.config import GREEDY, ParallelConfig, SamplingConfig, SpecConfig
-from mcsd.models.base import chain_mask
+from mcsd.draft.model import ModelProposer
+from mcsd.engine import BatchEngine
+from mcsd.models.base import chain_mask, with_rows
 from mcsd.models.fast import FastModel, build, read_architecture
 from mcsd.models.fast.parallel import (
     ParallelFastModel,
@@ -91,11 +94,26 @@ def logits_run(runtime: FastModel, vocab: int) -> list[torch.Tensor]:
     return outs
 
 
+def rows_run(target: FastModel, draft: FastModel, vocab: int) -> list[list[int]]:
+    """Two prompts as rows of one batch engine (copies of two rows: ``with_rows``), greedy."""
+    engine = BatchEngine(
+        with_rows(target, 2),
+        ModelProposer.for_spec(with_rows(draft, 2), GREEDY_SPEC, vocab),
+        vocab_size=vocab,
+    )
+    outputs = {engine.add(prompt, GREEDY_SPEC): [] for prompt in (PROMPT, PROMPT[:3])}
+    while engine.rows:
+        for row, step in engine.step().items():
+            outputs[row] += step.tokens
+    return list(outputs.values())
+
+
 def runs(target: FastModel, draft_dir: Path, vocab: int) -> dict[str, object]:
     out: dict[str, object] = {"logits": logits_run(target, vocab)}
     for key, spec in (("greedy", GREEDY_SPEC), ("sampled", SAMPLED_SPEC)):
         target.reset()
         out[key] = spec_tokens(target, replicated(draft_dir), PROMPT, spec, vocab)
+    out["rows"] = rows_run(target, replicated(draft_dir), vocab)
     return out
 
 
@@ -156,6 +174,7 @@ def test_tensor_parallel_equals_one_process(reference, world: int) -> None:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
             assert got["greedy"] == one["greedy"], (family, rank)
             assert got["sampled"] == one["sampled"], (family, rank)
+            assert got["rows"] == one["rows"] and got["rows"][0] == one["greedy"], (family, rank)
             assert len(got["sampled"]) == SAMPLED_SPEC.max_new_tokens
             assert got["mismatch"] == (
                 "tensor-parallel ranks disagree at step N on the tokens: rank 0 vs rank(s) 1"

@@ -261,6 +261,16 @@ class ParallelFastModel(FastModel):
     def restricted(self, head_rows: Tensor) -> FastModel:
         raise ValueError("a reduced-vocabulary head is for the draft, which tp replicates")
 
+    def with_rows(self, batch_size: int) -> ParallelFastModel:
+        """The same shard and settings with a cache of ``batch_size`` rows (weights shared)."""
+        return ParallelFastModel(
+            self.lm,
+            self.shard,
+            vocab_size=self._vocab,
+            check_ranks=self.check_ranks,
+            **(self.options | {"batch_size": batch_size}),
+        )
+
     @property
     def name(self) -> str:
         return f"{self.kind}:{self.label}:tp{self.shard.world}"
