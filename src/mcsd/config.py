@@ -17,7 +17,7 @@ DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's 
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
 DEFAULT_MAX_NEW_TOKENS = 128
-VERIFIER_CACHE = 64  # verifiers the engine keeps per generation (one per distinct tree shape)
+VERIFIER_CACHE = 64  # verifiers an engine keeps (per tree shape, node flags, rule, sampling)
 DYNAMIC_PREFIX = "dynamic"  # --tree dynamic:BUDGET[:WIDTH[:DEPTH]]
 NO_SPECULATION = "none"  # --tree none: the target alone (what mcsd tune saves when no tree pays)
 # Dynamic trees whose rule the proposer can draft for losslessly (mcsd.draft.dynamic)
