@@ -40,6 +40,8 @@ def test_wrong_engine_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
         self.replacement = False
 
     monkeypatch.setattr(ModelProposer, "__init__", without_replacement)
+    # the engine would refuse the mismatch up front (check_spec): let it through to be caught
+    monkeypatch.setattr(ModelProposer, "check_spec", lambda self, spec: None)
     result = run_engine_case(EngineCase("mcss", "4,2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 
@@ -53,6 +55,7 @@ def test_greedy_draft_with_sampled_verification_is_caught(monkeypatch: pytest.Mo
         self.deterministic = True
 
     monkeypatch.setattr(ModelProposer, "__init__", deterministic)
+    monkeypatch.setattr(ModelProposer, "check_spec", lambda self, spec: None)
     result = run_engine_case(EngineCase("mcss", "2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 
@@ -80,8 +83,8 @@ def test_check_command_engine_mode(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", "--engine", "--rule", "sps", "--engine-trials", "300"]) == 0
     out = capsys.readouterr().out
     assert "sps tree=1,1,1" in out and "sps tree=1,1,1 device-verify" in out
-    assert "sps tree=1,1,1 runtime=fast" in out
-    assert "passed 3 engine checks" in out  # host walk, device verifier, fast runtime
+    assert "sps tree=1,1,1 runtime=fast" in out and "sps tree=1,1,1 proposer=mixed" in out
+    assert "passed 4 engine checks" in out  # host walk, device verifier, fast runtime, mixed
 
 
 def test_wrong_one_hot_device_verifier_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
