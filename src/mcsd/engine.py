@@ -27,7 +27,7 @@ from torch import Tensor
 from mcsd.budget import TreeBudget
 from mcsd.config import VERIFIER_CACHE, SamplingConfig, SpecConfig
 from mcsd.draft.base import BatchProposer, OneRow, Proposer, as_batch_proposer
-from mcsd.models.base import Runtime, chain_mask, keep_rows, rows_forward, to_device
+from mcsd.models.base import Runtime, chain_mask, keep_rows, reset_row, rows_forward, to_device
 from mcsd.sampling import draw_children, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
@@ -178,7 +178,7 @@ class BatchEngine:
         """Free ``row`` (between steps): its caches are emptied for the next sequence."""
         removed = self.rows.pop(row, None)
         if removed is not None:
-            self.target.reset(row)
+            reset_row(self.target, row)
             if self.proposer is not None and removed.drafted:
                 self.proposer.remove_row(row)
 
@@ -478,7 +478,7 @@ def autoregressive_decode(
 
 def _prefill(model: Runtime, row: int, tokens: list[int]) -> None:
     """Empty ``row`` and read ``tokens`` into it, in a forward of its own."""
-    model.reset(row)
+    reset_row(model, row)
     if not tokens:
         return
     device = model.device

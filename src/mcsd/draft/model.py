@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.base import Proposal, RowStep
-from mcsd.models.base import Runtime, chain_mask, keep_rows, rows_forward, to_device
+from mcsd.models.base import Runtime, chain_mask, keep_rows, reset_row, rows_forward, to_device
 from mcsd.sampling import draw_children, warp
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import Rule, get_rule
@@ -98,7 +98,7 @@ class DraftModelProposer:
     def start_row(self, row: int, prompt_ids: Sequence[int]) -> None:
         """A new sequence in ``row``: its prompt (but the pending last token) read in a forward
         of its own."""
-        self.draft.reset(row)
+        reset_row(self.draft, row)
         prefix = list(prompt_ids[:-1])
         if prefix:
             device = self.draft.device
@@ -114,7 +114,7 @@ class DraftModelProposer:
         self._uncached[row] += list(tokens)
 
     def remove_row(self, row: int) -> None:
-        self.draft.reset(row)
+        reset_row(self.draft, row)
         self._uncached.pop(row, None)
 
     def run_uncached(self, committed: Sequence[int]) -> tuple[Tensor, int, int]:

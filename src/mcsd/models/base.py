@@ -229,6 +229,12 @@ def rows_forward(
     return runtime.forward(all_tokens, all_positions, mask, logits=logits)
 
 
+def reset_row(runtime: Runtime, row: int) -> None:
+    """Empty ``row``; a runtime of one row is emptied whole (so a pending block that an
+    interrupted step or an uncommitted proposal left goes too)."""
+    runtime.reset(None if runtime.batch_size == 1 else row)
+
+
 def keep_rows(batch_size: int, keep: dict[int, list[int]]) -> list[list[int]]:
     """``commit`` argument keeping ``keep[row]`` for the rows listed and nothing for the others
     (their padding entries of ``rows_forward``)."""
