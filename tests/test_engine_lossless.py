@@ -80,8 +80,8 @@ def test_check_command_engine_mode(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", "--engine", "--rule", "sps", "--engine-trials", "300"]) == 0
     out = capsys.readouterr().out
     assert "sps tree=1,1,1" in out and "sps tree=1,1,1 device-verify" in out
-    assert "sps tree=1,1,1 runtime=fast" in out
-    assert "passed 3 engine checks" in out  # host walk, device verifier, fast runtime
+    assert "sps tree=1,1,1 runtime=fast" in out and "sps tree=1,1,1 proposer=mixed" in out
+    assert "passed 4 engine checks" in out  # host walk, device verifier, fast runtime, mixed
 
 
 def test_wrong_one_hot_device_verifier_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
