@@ -146,3 +146,21 @@ def test_spec_normalises_fields() -> None:
 def test_spec_validation_names_the_parameter(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SpecConfig(**kwargs)
+
+
+def test_cli_default_tree_follows_the_runtime(tmp_path, monkeypatch):
+    """Without a tuned tree: llama.cpp's own default (a 3-token chain: wide trees cost ~0.6 of a
+    target step per node there), DEFAULT_TREE on the transformers runtimes."""
+    import argparse
+
+    from mcsd.commands.options import tree_default
+    from mcsd.config import DEFAULT_TREE, RUNTIME_DEFAULT_TREES
+
+    monkeypatch.setenv("MCSD_CACHE", str(tmp_path))
+    base = dict(target=None, draft=None, device="cpu", dtype="auto", compile="none")
+    tree, line = tree_default(argparse.Namespace(runtime="hf", **base))
+    assert tree == DEFAULT_TREE and "the default;" in line
+    pytest.importorskip("llama_cpp")
+    tree, line = tree_default(argparse.Namespace(runtime="llama.cpp", **base))
+    assert tree == RUNTIME_DEFAULT_TREES["llama.cpp"] == "1,1,1"
+    assert "the default on llama.cpp" in line

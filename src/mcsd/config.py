@@ -15,6 +15,10 @@ from mcsd.verify.rules import Rule, get_rule
 
 DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's default)
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
+# The CLI's default per runtime where 4,2,2 does not fit it: on llama.cpp's CPU kernels a decode of
+# N tokens costs ~0.6 N single-token decodes (docs/benchmarks.md, 2026-12-02), so a 28-node tree
+# costs ~10 target steps; a 3-token chain (llama.cpp's own default draft length) is its best tree.
+RUNTIME_DEFAULT_TREES = {"llama.cpp": "1,1,1"}
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
 DEFAULT_MAX_NEW_TOKENS = 128
 VERIFIER_CACHE = 64  # verifiers an engine keeps (per tree shape, node flags, rule, sampling)

@@ -29,6 +29,7 @@ from mcsd.config import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TREE,
     PROPOSERS,
+    RUNTIME_DEFAULT_TREES,
     BenchDefaults,
     ContextConfig,
     ParallelConfig,
@@ -266,15 +267,22 @@ def spec_from_args(args: argparse.Namespace, tree: Any = None) -> SpecConfig:
 
 def tree_default(args: argparse.Namespace) -> tuple[str, str]:
     """The tree to use when ``--tree`` is not given, and the log line that says where it came
-    from: the tree ``mcsd tune`` saved for these models, device, dtype and runtime, else
-    ``DEFAULT_TREE``. Read before the models load, so the command's first line can say it."""
+    from: the tree ``mcsd tune`` saved for these models, device, dtype and runtime, else the
+    runtime's ``RUNTIME_DEFAULT_TREES`` entry, else ``DEFAULT_TREE``. Read before the models
+    load, so the command's first line can say it."""
     from mcsd.bench.tuned import tuned_entry, tuned_key_for
+    from mcsd.models.factory import parse_device, runtime_kind
 
     check_model_arguments(args)
     key = tuned_key_for(args.target, args.draft, args.device, args.dtype, args.runtime)
     entry = tuned_entry(key)
     if entry is None:
-        return DEFAULT_TREE, f"tree {DEFAULT_TREE} (the default; mcsd tune finds a faster one)"
+        kind = runtime_kind(
+            args.runtime, parse_device(args.device), args.target or DEFAULT_TARGET, args.dtype
+        )
+        tree = RUNTIME_DEFAULT_TREES.get(kind.name, DEFAULT_TREE)
+        where = "the default" + (f" on {kind.name}" if kind.name in RUNTIME_DEFAULT_TREES else "")
+        return tree, f"tree {tree} ({where}; mcsd tune finds a faster one)"
     return entry["tree"], (
         f"tree {entry['tree']} saved by mcsd tune for {key} on {entry.get('saved', '?')} "
         "(--tree overrides it)"
