@@ -219,8 +219,9 @@ def _best_for_price(
             m = np.arange(1, budget + 1)
             inner = np.where(m > 1, price, 0.0)
             for r in range(width - 1, -1, -1):
-                subtree = row[r] * (1.0 + below[m - 1]) - inner  # [budget] for m = 1..budget
-                subtree = np.where(np.isfinite(below[m - 1]), subtree, -np.inf)
+                fits = np.isfinite(below[m - 1])  # [budget]: a forest of m - 1 nodes exists
+                value_below = np.where(fits, below[m - 1], 0.0)  # no 0 x -inf for a = 0
+                subtree = np.where(fits, row[r] * (1.0 + value_below) - inner, -np.inf)
                 rest = value[d, r + 1]
                 out = np.full(budget + 1, -np.inf)
                 out[0] = 0.0
