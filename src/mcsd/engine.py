@@ -375,12 +375,7 @@ def speculative_decode(
         device_verify=device_verify,
         verify_dtype=verify_dtype,
     )
-    row = engine.add(prompt_ids, spec, stop_token_ids=stop_token_ids)
-    try:
-        while row in engine.rows:
-            yield engine.step()[row]
-    finally:
-        engine.remove(row)
+    yield from _one_row(engine, prompt_ids, spec, stop_token_ids)
 
 
 def _fetch(launched: list) -> list:
@@ -468,6 +463,14 @@ def autoregressive_decode(
     ``speculative_decode``."""
     spec = SpecConfig(tree="none", target=sampling, max_new_tokens=max_new_tokens, seed=seed)
     engine = BatchEngine(target, None, vocab_size=vocab_size)
+    yield from _one_row(engine, prompt_ids, spec, stop_token_ids)
+
+
+def _one_row(
+    engine: BatchEngine, prompt_ids: list[int], spec: SpecConfig, stop_token_ids: frozenset[int]
+) -> Iterator[Step]:
+    """One row's steps through ``engine`` until it finishes; the row is removed even when the
+    caller stops early."""
     row = engine.add(prompt_ids, spec, stop_token_ids=stop_token_ids)
     try:
         while row in engine.rows:
