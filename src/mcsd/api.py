@@ -18,7 +18,7 @@ from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mcsd.budget import probe_budget
+from mcsd.budget import TreeBudget, probe_budget
 from mcsd.config import (
     COMPILE_CHOICES,
     DEFAULT_ATTENTION,
@@ -35,6 +35,7 @@ from mcsd.engine import BatchEngine, Step
 from mcsd.models.base import Runtime, with_rows
 from mcsd.models.factory import load_runtime as load_model
 from mcsd.stats import Stats
+from mcsd.tree import TokenTree
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids or chat messages
 
@@ -50,6 +51,10 @@ class ModelPair:
     target_name: str = "target"
     draft_name: str = "draft"
     eos_token_ids: tuple[int, ...] = ()
+    # (tree, batch size) -> the budget measured for it, once per pair (``tree_budget``)
+    _budgets: dict[tuple[TokenTree, int], TreeBudget] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def names(self) -> str:
@@ -83,8 +88,10 @@ class ModelPair:
         """A ``BatchEngine`` of ``batch_size`` rows on this pair (copies of both runtimes with
         caches of that many rows, weights shared; the pair's own runtimes at batch 1), its
         proposer drafting as ``config`` asks (``mcsd.draft.select.make_proposer``; none for
-        ``tree="none"``: plain decoding). ``adaptive``: measure the step cost of both models now
-        and let ``config``'s tree shrink with the batch (``mcsd.budget``). ``store``: earlier
+        ``tree="none"``: plain decoding). ``adaptive``: each step grows ``config``'s tree, a smaller
+        prefix of it or none (plain decoding), whichever the step cost of both models (measured
+        once per pair: ``tree_budget``) and the acceptance seen so far say is fastest
+        (``mcsd.budget``). ``store``: earlier
         requests the context proposer may copy from. Dynamic trees and the context / mixed
         proposers grow their trees one row at a time: batch size 1 only."""
         if batch_size != 1 and one_row_spec(config):
@@ -102,12 +109,32 @@ class ModelPair:
         if not config.speculative:
             return BatchEngine(target, None, vocab_size=self.vocab_size)
         draft = None if self.draft is None else with_rows(self.draft, batch_size)
-        proposer = make_proposer(config, draft, self.vocab_size, target.device, store)
         budget = None
         if adaptive:
             assert draft is not None  # proposer 'model' has one
-            budget = probe_budget(config.token_tree(), target, draft)
+            budget = self.tree_budget(config.token_tree(), batch_size, runtimes=(target, draft))
+        proposer = make_proposer(config, draft, self.vocab_size, target.device, store)
         return BatchEngine(target, proposer, vocab_size=self.vocab_size, budget=budget)
+
+    def tree_budget(
+        self,
+        tree: TokenTree,
+        batch_size: int = 1,
+        *,
+        runtimes: tuple[Runtime, Runtime] | None = None,
+    ) -> TreeBudget:
+        """The adaptive budget of ``tree`` at ``batch_size`` rows (``mcsd.budget``): both
+        models' step costs measured the first time it is asked for (a few forwards of
+        ``runtimes``, default copies of this pair's runtimes with that many rows; they are
+        emptied), then the same for every engine of this pair, so seeded generations repeat."""
+        key = (tree, batch_size)
+        if key not in self._budgets:
+            if self.draft is None:
+                raise ValueError("adaptive: the tree budget needs a draft model (load_draft=True)")
+            if runtimes is None:
+                runtimes = (with_rows(self.target, batch_size), with_rows(self.draft, batch_size))
+            self._budgets[key] = probe_budget(tree, *runtimes)
+        return self._budgets[key]
 
     def with_cheap_draft(
         self, *, vocab: int | None = None, int8: bool = False, texts: Iterable[str] | None = None
@@ -318,9 +345,11 @@ def stream(
     the prompts decoded as rows of one batch (``batch_size`` rows, default
     ``min(len(prompts), DEFAULT_MAX_BATCH)``; a prompt joins as soon as a row is free), each
     row exactly as it would run alone (its own seeded generator: ``config.seed`` for every
-    prompt). ``adaptive``: the tree shrinks with the batch, from a measured step cost
-    (``ModelPair.batch_engine``). ``store``: earlier requests the context proposer may copy
-    from (``proposer`` "context" or "mixed"); the caller adds finished requests to it."""
+    prompt). ``adaptive``: each step's tree is picked from ``config``'s tree, its smaller
+    prefixes and plain decoding by the measured step cost (once per pair) and the acceptance
+    seen so far, one prompt or several (``ModelPair.batch_engine``, ``mcsd.budget``).
+    ``store``: earlier requests the context proposer may copy from (``proposer`` "context"
+    or "mixed"); the caller adds finished requests to it."""
     if is_prompt_list(prompt):
         return _stream_rows(
             pair,
@@ -331,7 +360,7 @@ def stream(
             adaptive=adaptive,
             store=store,
         )
-    return _one_row(_stream_rows(pair, [prompt], config, chat=chat, store=store))
+    return _one_row(_stream_rows(pair, [prompt], config, chat=chat, adaptive=adaptive, store=store))
 
 
 def _one_row(rows: Iterator[tuple[int, Chunk, Stats]]) -> Iterator[tuple[Chunk, Stats]]:

@@ -16,12 +16,35 @@ tried in order, each accepted with probability ``a`` once the earlier ones were 
 ``r_l`` the nodes of level l that have children (the draft runs them). Plain decoding is AL = 1
 at ``target(B)``. The choice changes which tree is verified, never how: every tree is verified
 losslessly, so the output distribution is the target's whatever the budget picks.
+
+``AdaptiveTree`` (one per engine, the only mutable piece) learns ``a`` online. Under the
+sibling model every candidate the verification visits is one Bernoulli(``a``) trial: on the
+accepted path each depth tried the accepted node's earlier siblings (rejected) and the node
+itself (accepted), and where the path ends at a node with children all of them were rejected
+(a correction; at a leaf nothing was tried: a bonus). ``acceptance_events`` counts these exactly
+from a step's sibling ranks, and the estimate is accepted / tried over exponentially weighted
+counts (``BudgetDefaults.weight``) that start from the prior as ``prior_trials`` pseudo-trials:
+the maximum-likelihood ``a`` of the recent steps. When the best choice is plain decoding, every
+``reprobe`` plain steps one step grows the ladder's smallest tree, so the estimate still sees
+the acceptance change; that is skipped when no tree pays even at ``a = 1`` (acceptance cannot
+change the answer: the measured costs alone rule speculation out).
+
+Why the choice stays lossless: the tree of a step is chosen (``AdaptiveTree.choose``) before the
+step draws anything, from the measured costs (fixed after the probe) and the ranks of earlier
+steps only; ``choose`` is given a row count and nothing else, so it cannot see this step's draft
+candidates, target logits or random numbers. Given everything before the step, each emitted
+token is the target's conditional whatever fixed tree verifies it, so a choice that is a
+function of the past leaves the sequence distribution the target's (a controller that peeked at
+this step's draft, e.g. speculating only when the first candidate is the target's argmax, would
+not be: tests/test_budget.py shows the difference). Seeded output is reproducible for a given
+cost model: the same costs and the same past give the same choices.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -88,6 +111,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def computed_rows(runtime: Runtime, rows: int) -> int:
+    """The rows a forward of ``rows`` of ``runtime``'s rows computes, what the budget is asked
+    for: just those on a runtime with a native subset forward (an optional ``forward_rows``
+    method, which ``mcsd.models.base.rows_forward`` uses), else every row of the runtime (hf,
+    hf-static, fast, tables: the free rows run as padding and cost what real ones cost)."""
+    return rows if hasattr(runtime, "forward_rows") else runtime.batch_size
+
+
 @cache
 def expected_length(tree: TokenTree, acceptance: float) -> float:
     """Expected tokens a step of ``tree`` commits (accepted nodes + the correction / bonus) when
@@ -125,16 +156,27 @@ def draft_widths(tree: TokenTree) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class TreeBudget:
     """The tree for a batch of ``B`` speculating rows (``tree_for``), from the step-cost models
-    of the target and the draft (see the module docstring). ``None`` is plain decoding."""
+    of the target and the draft (see the module docstring). ``None`` is plain decoding.
+    ``acceptance`` is the prior; ``prior_trials``, ``weight`` and ``reprobe`` configure the
+    online estimate of an ``AdaptiveTree`` (``BudgetDefaults``)."""
 
     tree: TokenTree  # the configured tree: the largest one a row grows
     target: StepCost
     draft: StepCost
     acceptance: float = BudgetDefaults.acceptance
+    prior_trials: float = BudgetDefaults.prior_trials
+    weight: float = BudgetDefaults.weight
+    reprobe: int = BudgetDefaults.reprobe
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.acceptance <= 1.0:
             raise ValueError(f"acceptance must be in [0, 1], got {self.acceptance!r}")
+        if isinstance(self.prior_trials, bool) or not self.prior_trials > 0:
+            raise ValueError(f"prior_trials must be a number > 0, got {self.prior_trials!r}")
+        if isinstance(self.weight, bool) or not 0.0 < self.weight <= 1.0:
+            raise ValueError(f"weight must be in (0, 1], got {self.weight!r}")
+        if isinstance(self.reprobe, bool) or not isinstance(self.reprobe, int) or self.reprobe < 1:
+            raise ValueError(f"reprobe must be an integer >= 1, got {self.reprobe!r}")
 
     def step_time(self, tree: TokenTree | None, rows: int) -> float:
         if tree is None:
@@ -142,15 +184,100 @@ class TreeBudget:
         drafting = sum(self.draft(rows * w) for w in draft_widths(tree))
         return self.target(rows * (tree.num_nodes + 1)) + drafting
 
-    def rate(self, tree: TokenTree | None, rows: int) -> float:
-        """Expected tokens per second of a batch of ``rows`` growing ``tree``."""
-        length = 1.0 if tree is None else expected_length(tree, self.acceptance)
+    def rate(self, tree: TokenTree | None, rows: int, acceptance: float | None = None) -> float:
+        """Expected tokens per second of a batch of ``rows`` growing ``tree`` when a candidate
+        is accepted with probability ``acceptance`` (default: the prior)."""
+        a = self.acceptance if acceptance is None else acceptance
+        length = 1.0 if tree is None else expected_length(tree, a)
         return rows * length / self.step_time(tree, rows)
 
-    def tree_for(self, rows: int) -> TokenTree | None:
+    def tree_for(self, rows: int, acceptance: float | None = None) -> TokenTree | None:
         """The ladder's tree with the highest ``rate`` at ``rows`` rows (None: plain)."""
         options: list[TokenTree | None] = [*ladder(self.tree), None]
-        return max(options, key=lambda tree: self.rate(tree, rows))
+        return max(options, key=lambda tree: self.rate(tree, rows, acceptance))
+
+    def describe(self, rows: int) -> str:
+        """One log line: the measured costs and what they imply at ``rows`` rows."""
+
+        def costs(cost: StepCost) -> str:
+            return ", ".join(
+                f"{t} tok {1e3 * s:.1f} ms" for t, s in zip(cost.tokens, cost.seconds, strict=True)
+            )
+
+        def name(tree: TokenTree | None) -> str:
+            return "plain decoding" if tree is None else f"tree {tree.describe()}"
+
+        pays = self.tree_for(rows, 1.0) is not None
+        return (
+            f"measured step cost: target {costs(self.target)}; draft {costs(self.draft)}; at the "
+            f"prior acceptance {self.acceptance:.2f}: {name(self.tree_for(rows))}, at acceptance "
+            f"1: {name(self.tree_for(rows, 1.0))}"
+            + (f"; re-probes every {self.reprobe} plain steps" if pays else "; never speculates")
+        )
+
+
+def acceptance_events(tree: TokenTree, ranks: Sequence[int]) -> tuple[int, int]:
+    """``(accepted, tried)`` candidates of one verification of ``tree`` whose accepted path has
+    sibling ``ranks`` (see the module docstring): each depth tried ``rank + 1`` candidates and
+    accepted one; below the path's last node all its children were tried and rejected."""
+    node, tried = ROOT, 0
+    for rank in ranks:
+        tried += rank + 1
+        node = tree.children(node)[rank]
+    return len(ranks), tried + len(tree.children(node))
+
+
+class AcceptanceEstimate:
+    """The per-candidate acceptance rate from exponentially weighted accept / trial counts,
+    starting from a prior worth ``prior_trials`` trials (see the module docstring)."""
+
+    def __init__(self, prior: float, prior_trials: float, weight: float) -> None:
+        self.accepted, self.tried = prior * prior_trials, prior_trials
+        self.weight = weight
+
+    @property
+    def value(self) -> float:
+        return self.accepted / self.tried
+
+    def add(self, accepted: int, tried: int) -> None:
+        """One step's events (every row of it): the past decays by ``1 - weight`` first."""
+        keep = 1.0 - self.weight
+        self.accepted = keep * self.accepted + accepted
+        self.tried = keep * self.tried + tried
+
+
+class AdaptiveTree:
+    """An engine's tree choice under ``budget``: the acceptance estimate it learns from the
+    steps it ran, and the count of plain steps since the last speculative one (re-probes; see
+    the module docstring). ``choose`` before a step, ``observe`` after it."""
+
+    def __init__(self, budget: TreeBudget) -> None:
+        self.budget = budget
+        self.estimate = AcceptanceEstimate(budget.acceptance, budget.prior_trials, budget.weight)
+        self.plain_run = 0  # plain steps since the last speculative one
+        self.reprobes = 0  # speculative steps run only to re-measure the acceptance
+
+    def choose(self, rows: int) -> TokenTree | None:
+        """This step's tree for ``rows`` computed rows (None: plain decoding)."""
+        budget = self.budget
+        best = budget.tree_for(rows, self.estimate.value)
+        if best is not None:
+            self.plain_run = 0
+            return best
+        if self.plain_run >= budget.reprobe and budget.tree_for(rows, 1.0) is not None:
+            self.plain_run = 0
+            self.reprobes += 1
+            return ladder(budget.tree)[-1]
+        self.plain_run += 1
+        return None
+
+    def observe(self, tree: TokenTree, ranks: Iterable[Sequence[int]]) -> None:
+        """A speculative step of ``tree``: the accepted paths' sibling ranks, one per row."""
+        accepted = tried = 0
+        for row_ranks in ranks:
+            a, t = acceptance_events(tree, row_ranks)
+            accepted, tried = accepted + a, tried + t
+        self.estimate.add(accepted, tried)
 
 
 def probe_budget(

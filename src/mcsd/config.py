@@ -19,6 +19,11 @@ DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for
 # N tokens costs ~0.6 N single-token decodes (docs/benchmarks.md, 2026-12-02), so a 28-node tree
 # costs ~10 target steps; a 3-token chain (llama.cpp's own default draft length) is its best tree.
 RUNTIME_DEFAULT_TREES = {"llama.cpp": "1,1,1"}
+# The CLI's default of --adaptive-tree (mcsd generate: the tree picked per step from measured step
+# costs and the acceptance seen so far, mcsd.budget), per runtime: on llama.cpp's CPU kernels the
+# draft costs ~0.65 of the target per token, so speculation rarely pays and must switch itself off.
+DEFAULT_ADAPTIVE_TREE = False
+RUNTIME_ADAPTIVE_TREE = {"llama.cpp": True}
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
 DEFAULT_MAX_NEW_TOKENS = 128
 VERIFIER_CACHE = 64  # verifiers an engine keeps (per tree shape, node flags, rule, sampling)
@@ -450,6 +455,15 @@ class BudgetDefaults:
     """The adaptive tree budget (``mcsd.budget``)."""
 
     acceptance: float = 0.6  # prior acceptance rate of one candidate (a 2-4x size-gap pair)
+    # the prior counts as this many candidate trials, so the first steps move it but little
+    prior_trials: float = 4.0
+    # per speculative step, the weight of the past evidence decays by this factor: the estimate
+    # remembers the last ~1 / weight steps (~20-60 candidate trials on 1,1,1)
+    weight: float = 0.1
+    # plain steps between two re-probes (one speculative step with the ladder's smallest tree)
+    # while plain decoding is the best choice; each re-probe also catches the draft up on the
+    # tokens it skipped (a forward of ~reprobe tokens), so few re-probes cost little
+    reprobe: int = 32
     repeats: int = 3  # timed forwards per probed size (the median counts)
     probe_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # in all
 

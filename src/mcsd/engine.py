@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from mcsd.budget import TreeBudget
+from mcsd.budget import AdaptiveTree, TreeBudget, computed_rows
 from mcsd.config import VERIFIER_CACHE, SamplingConfig, SpecConfig
 from mcsd.draft.base import BatchProposer, OneRow, Proposer, as_batch_proposer
 from mcsd.models.base import Runtime, chain_mask, keep_rows, reset_row, rows_forward, to_device
@@ -72,10 +72,12 @@ class BatchEngine:
     them). A one-row proposer (dynamic trees,
     the context's or mixed ones: ``mcsd.draft.base.OneRow``) grows the tree of each step
     itself, with per-step shapes. ``budget`` (``mcsd.budget.TreeBudget``): the rows growing the
-    budget's tree grow the tree it picks for the rows a forward runs (``max_batch``: free rows
-    run as padding) instead, down to plain decoding. Each row draws from its own seeded
-    generator in the order a batch of one would, so a row's output does not depend on the rows
-    beside it.
+    budget's tree grow, each step, the tree an ``AdaptiveTree`` picks for the rows the forward
+    computes (``mcsd.budget.computed_rows``) and the acceptance seen so far, down to plain
+    decoding with a re-probe now and then; the choice is made before the step draws anything,
+    so it stays lossless. Each row draws from its own seeded generator in the order a batch of
+    one would, so a row's output does not depend on the rows beside it (under a budget: but
+    through the tree it is given, which follows every row's past acceptance).
     ``proposer=None``: plain decoding only. ``speculative_decode`` is this engine with one row."""
 
     def __init__(
@@ -90,6 +92,7 @@ class BatchEngine:
     ) -> None:
         self.target = target
         self.budget = budget
+        self.adaptive = None if budget is None else AdaptiveTree(budget)  # learns the acceptance
         self.proposer = None if proposer is None else as_batch_proposer(proposer)
         if self.proposer is not None and self.proposer.batch_size != target.batch_size:
             raise ValueError(
@@ -188,14 +191,17 @@ class BatchEngine:
         rows = sorted(self.rows)
         speculative = [row for row in rows if self._plan(self.rows[row])[0] is not None]
         plain = [row for row in rows if self.rows[row].rule is None]
-        # Every forward runs all the runtime's rows (the free ones as padding), so a step costs
-        # what ``max_batch`` rows cost, however many speculate.
-        chosen = self.budget.tree_for(self.max_batch) if self.budget and speculative else None
+        budgeted = set()  # the rows growing the budget's tree: the load and acceptance decide
+        if self.budget is not None:
+            budgeted = {row for row in speculative if self.rows[row].tree == self.budget.tree}
+        chosen = None
+        if self.adaptive is not None and budgeted:  # before this step draws anything
+            chosen = self.adaptive.choose(computed_rows(self.target, len(budgeted)))
         # rows growing the same tree: one forward each (None: the proposer's own trees)
         groups: dict[TokenTree | None, list[int]] = {}
         for row in speculative:
             tree = self.rows[row].tree
-            if self.budget is not None and tree == self.budget.tree:  # the load decides
+            if row in budgeted:
                 if chosen is None:
                     plain.append(row)
                     continue
@@ -203,7 +209,11 @@ class BatchEngine:
             groups.setdefault(tree, []).append(row)
         steps = {}
         for tree, group in groups.items():
-            steps |= self._speculative_step(group, tree)
+            done = self._speculative_step(group, tree)
+            if self.adaptive is not None and tree is not None and tree == chosen:
+                ranks = [done[row].record.ranks for row in group if row in budgeted]
+                self.adaptive.observe(tree, ranks)
+            steps |= done
         if plain:
             plain.sort()
             steps |= self._plain_step(plain)
@@ -357,9 +367,12 @@ def speculative_decode(
     stop_token_ids: frozenset[int] = frozenset(),
     device_verify: bool | None = None,
     verify_dtype: torch.dtype | None = None,
+    budget: TreeBudget | None = None,
 ) -> Iterator[Step]:
     """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``: the
-    ``BatchEngine`` with one row (``tree="none"``: run ``autoregressive_decode``).
+    ``BatchEngine`` with one row (``tree="none"``: run ``autoregressive_decode``). ``budget``:
+    ``spec``'s tree is picked per step from the ladder and plain decoding (``mcsd.budget``;
+    the acceptance estimate starts from its prior).
 
     ``vocab_size`` is the common vocabulary: logits are cut to it, so padding ids beyond the
     tokenizer are never sampled. ``device_verify``: verify every node at once on the device
@@ -374,6 +387,7 @@ def speculative_decode(
         vocab_size=vocab_size,
         device_verify=device_verify,
         verify_dtype=verify_dtype,
+        budget=budget,
     )
     yield from _one_row(engine, prompt_ids, spec, stop_token_ids)
 

@@ -21,7 +21,7 @@ class StepRecord:
     emitted: int  # tokens committed this step (m + 1, fewer when a stop cut it short)
     attempted: int  # depths at which verification ran: m, or m + 1 when a depth rejected
     ranks: tuple[int, ...]  # sibling rank of the accepted node at each depth
-    tree_size: int  # draft nodes verified this step
+    tree_size: int  # draft nodes verified this step (0: a plain step, the target alone)
     draft_time: float  # seconds spent drafting
     target_time: float  # seconds in the target forward and verification
     prefill_time: float = 0.0  # seconds reading the prompt (models' prefill), on the first step
@@ -79,6 +79,12 @@ class Stats:
         return sum(r.tree_size for r in self.records) / self.steps if self.steps else 0.0
 
     @property
+    def plain_steps(self) -> int:
+        """Steps of the target alone (``tree_size`` 0: ``tree="none"``, or an adaptive budget
+        that switched speculation off)."""
+        return sum(1 for r in self.records if r.tree_size == 0)
+
+    @property
     def context_share(self) -> float | None:
         """Share of the accepted draft tokens that were copied from the context; None when
         nothing was accepted."""
@@ -107,6 +113,7 @@ class Stats:
             "accept_lengths": self.accept_lengths,
             "tree_size": self.records[0].tree_size if self.records else 0,
             "mean_tree_size": self.mean_tree_size,
+            "plain_steps": self.plain_steps,
             "context_share": self.context_share,
             "draft_time": self.draft_time,
             "target_time": self.target_time,
@@ -115,8 +122,10 @@ class Stats:
 
     def summary(self) -> str:
         per_depth = ", ".join(f"{rate:.2f}" for rate in self.acceptance_per_depth())
+        plain = self.plain_steps
+        some = f" ({plain} plain)" if 0 < plain < self.steps else ""
         return (
-            f"{self.new_tokens} tokens in {self.steps} steps, mean accepted length "
+            f"{self.new_tokens} tokens in {self.steps} steps{some}, mean accepted length "
             f"{self.mean_accepted_length:.2f}, acceptance per depth [{per_depth}], "
             f"prefill {self.prefill_time:.2f}s, draft {self.draft_time:.2f}s / target "
             f"{self.target_time:.2f}s"
