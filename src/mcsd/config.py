@@ -423,6 +423,7 @@ class BenchDefaults:
         "ar",
         "sps:4",
         "tree:{tree}",
+        "tree:{tree}+adaptive",  # what mcsd generate runs here by default (RUNTIME_ADAPTIVE_TREE)
     )
     n: int = 10  # prompts per dataset (seeded sample)
     turns: int = 1

@@ -60,7 +60,7 @@ def run_batch(
     spec = method.spec(base)
     if method.kind == "ar":  # plain decoding rows
         spec = replace(spec, tree="none", rule=None)
-    engine = pair.batch_engine(spec, batch)
+    engine = pair.batch_engine(spec, batch, adaptive=method.adaptive)
     stop = pair.stop_ids(spec)
     answers: list[list[int]] = [[] for _ in prompts]
     stats = Stats()
@@ -104,12 +104,14 @@ def batch_table(results: Sequence[BatchResult]) -> str:
     """A plain-text table of the runs, one line each."""
     lines = [
         f"{'method':<24} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
-        f"{'AL':>5} {'= ar':>5}"
+        f"{'AL':>5} {'plain':>5} {'= ar':>5}"
     ]
     for r in results:
         same = "-" if r.matches_ar is None else "yes" if r.matches_ar else "NO"
+        plain = f"{100 * r.stats.plain_steps / r.stats.steps:.0f}%" if r.stats.steps else "-"
         lines.append(
             f"{r.method:<24} {r.batch_size:>5} {r.tokens:>7} {r.seconds:>8.2f} "
-            f"{r.tokens_per_second:>8.1f} {r.stats.mean_accepted_length:>5.2f} {same:>5}"
+            f"{r.tokens_per_second:>8.1f} {r.stats.mean_accepted_length:>5.2f} {plain:>5} "
+            f"{same:>5}"
         )
     return "\n".join(lines)

@@ -30,6 +30,8 @@ Method names (``parse_method``):
 An mcsd method may end in modifiers that make its draft cheaper (``mcsd.models.cheap``;
 still lossless): ``+int8`` (int8 weights, CPU) and ``+fr=K`` (the draft scores only the K most
 frequent tokens, FR-Spec; ``K`` also as ``32k``), e.g. ``sps:5+int8`` or ``tree:2,1,1+int8+fr=32k``.
+A static ``sps`` / ``tree`` method may end in ``+adaptive``: each step grows its tree, a smaller
+prefix of it or none, from the measured step cost and the acceptance seen so far (``mcsd.budget``).
 
 Every method turns prompt token ids into a ``Generation``: the new tokens, the wall time and one
 ``StepRecord`` per target forward, so one set of metrics (``mcsd.stats.Stats``) covers them all.
@@ -71,6 +73,7 @@ class Method:
     draft_p_min: float | None = None  # llama-spec: draft confidence cut; None = llama.cpp's
     context_nodes: int | None = None  # ctx: the context tree's node budget; None = the default
     lookup_tokens: int | None = None  # hf-pld: prompt_lookup_num_tokens; None = the default
+    adaptive: bool = False  # sps / tree: the tree budget picks each step's tree (mcsd.budget)
 
     @property
     def is_mcsd(self) -> bool:
@@ -119,10 +122,22 @@ def parse_method(text: str) -> Method:
         method = replace(parse_method(body), name=name)
         for modifier in modifiers:
             key, _, value = modifier.partition("=")
+            if key == "adaptive":
+                static = method.kind in ("sps", "tree") and not str(method.tree).startswith(
+                    DYNAMIC_PREFIX
+                )
+                if value or not static:
+                    raise ValueError(
+                        f"method {name!r}: +adaptive goes on sps:G and tree:K-CONFIG methods "
+                        "(a static tree the budget can shrink)"
+                    )
+                method = replace(method, adaptive=True)
+                continue
             bad = key not in ("fr", "int8") or (key == "int8" and bool(value))
             if not method.is_mcsd or not method.uses_draft or bad:
                 raise ValueError(
-                    f"method {name!r}: modifiers are +int8 and +fr=K, on sps/tree/mixed methods"
+                    f"method {name!r}: modifiers are +int8 and +fr=K, on sps/tree/mixed methods, "
+                    "and +adaptive on sps/tree methods"
                 )
             if key == "int8":
                 method = replace(method, draft_int8=True)
@@ -296,6 +311,7 @@ def run_method(
             spec,
             vocab_size=pair.vocab_size,
             stop_token_ids=stop,
+            budget=pair.tree_budget(spec.token_tree()) if method.adaptive else None,
         )
     for step in steps:
         tokens += step.tokens

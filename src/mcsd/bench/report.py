@@ -66,6 +66,7 @@ def metrics(answers: Sequence[Answer]) -> dict[str, Any]:
         "rank_histogram": stats.rank_histogram(),
         "tree_size": max((r.tree_size for r in stats.records), default=0),
         "mean_tree_size": stats.mean_tree_size,
+        "plain_steps": stats.plain_steps,
         "context_share": stats.context_share,
         "draft_time": stats.draft_time,
         "target_time": stats.target_time,
@@ -125,6 +126,9 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
     copying = any(m.proposer in ("context", "mixed") for m in methods)
     if copying:
         columns.append("ctx %")  # share of the accepted tokens copied from the context
+    adaptive = any(m.adaptive for m in methods)
+    if adaptive:
+        columns.append("plain %")  # steps an adaptive budget decoded plainly
     greedy = any(
         row["equal_rate"] is not None for rows in summary.values() for row in rows.values()
     )
@@ -151,6 +155,9 @@ def render_table(summary: dict[str, Any], methods: Sequence[Method], title: str 
             if copying:
                 share = row["context_share"]
                 cells.append("-" if share is None else f"{100 * share:.0f}")
+            if adaptive:
+                steps = row["steps"]
+                cells.append(f"{100 * row['plain_steps'] / steps:.0f}" if steps else "-")
             if greedy:
                 rate = row["equal_rate"]
                 cells.append("-" if rate is None else f"{100 * rate:.0f}%")

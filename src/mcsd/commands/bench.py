@@ -29,7 +29,9 @@ EXAMPLES = """examples:
   mcsd bench --temperature 1 --methods hf-ar hf-assisted:5 sps:4 tree:4,2,2:mcss-wor
   mcsd bench --dataset questions.jsonl --turns 2 --methods ar tree:2,2,2,2:mcss
   mcsd bench --sweep --n 4 --temperature 0                    pick tree shapes (see mcsd tune)
+  mcsd bench --runtime llama.cpp --methods ar tree:1,1,1 tree:1,1,1+adaptive
 methods: hf-ar, hf-static, hf-assisted, hf-assisted:N, ar, sps:G, tree:K-CONFIG[:RULE];
+  +adaptive on sps/tree: the tree budget picks each step's tree (or none);
   on --runtime llama.cpp: llama-ar, llama-spec[:N[:P]] (llama.cpp's own loops)
 datasets: humaneval, mt-bench, sharegpt, or a JSON/JSONL file (turns / conversations /
   instruction+input / src / prompt)"""
@@ -53,6 +55,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "best --verify of them (mcsd tune also saves the fastest)",
     )
     add_sweep_arguments(parser)
+    parser.add_argument(
+        "--adaptive-tree",
+        action="store_true",
+        help="the same as adding +adaptive to every sps/tree method with a static tree: each "
+        "step's tree picked from the measured step cost and the acceptance seen so far, down "
+        "to plain decoding",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -91,6 +100,13 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
         methods = [
             parse_method(m.name + suffix)
             if m.is_mcsd and m.uses_draft and m.draft_vocab is None and not m.draft_int8
+            else m
+            for m in methods
+        ]
+    if args.adaptive_tree:
+        methods = [
+            parse_method(m.name + "+adaptive")
+            if m.kind in ("sps", "tree") and not m.adaptive and not m.name.startswith("dynamic")
             else m
             for m in methods
         ]
@@ -219,6 +235,8 @@ def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> 
             "seconds": r.seconds,
             "tokens_per_second": r.tokens_per_second,
             "mean_accepted_length": r.stats.mean_accepted_length,
+            "plain_steps": r.stats.plain_steps,
+            "steps": r.stats.steps,
             "matches_ar": r.matches_ar,
         }
         for r in results

@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 from mcsd.commands.options import (
+    adaptive_from_args,
+    add_adaptive_argument,
     add_decoding_arguments,
     add_model_arguments,
     load_pair_from_args,
@@ -30,6 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="prompt text ('-' reads it from standard input)")
     add_model_arguments(parser)
     add_decoding_arguments(parser)
+    add_adaptive_argument(parser)
     parser.add_argument("--chat", action="store_true", help="apply the chat template")
     parser.add_argument("--stream", action="store_true", help="print text as it is produced")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -46,21 +49,26 @@ def run(args: argparse.Namespace) -> int:
 
     tree, origin = tree_default(args)
     spec = spec_from_args(args, tree)  # validate before the slow model load
+    adaptive, adaptive_origin = adaptive_from_args(args, spec)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise ValueError("prompt must not be empty")
     started = time.perf_counter()
-    if args.tree is None:
-        print(f"mcsd: {origin}", file=sys.stderr)
+    said = ([origin] if args.tree is None else []) + ([adaptive_origin] if adaptive else [])
+    if said:
+        print(f"mcsd: {', '.join(said)}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
         f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
+    if adaptive:  # measured once, here, so that the generation's time leaves it out
+        budget = pair.tree_budget(spec.token_tree())
+        print(f"mcsd: adaptive tree: {budget.describe(1)}", file=sys.stderr)
     started = time.perf_counter()
     text, tokens, finish, stats = "", [], "length", None
-    for chunk, running in stream(pair, prompt, spec, chat=args.chat):
+    for chunk, running in stream(pair, prompt, spec, chat=args.chat, adaptive=adaptive):
         stats = running
         text += chunk.text
         tokens += chunk.token_ids
@@ -78,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     rate = stats.new_tokens / elapsed if elapsed > 0 else 0.0
     print(
-        f"[{_drafting(spec)} {spec.resolved_rule()}] {stats.summary()}, "
+        f"[{_drafting(spec)}{' adaptive' if adaptive else ''} {spec.resolved_rule()}] "
+        f"{stats.summary()}, "
         f"{rate:.2f} tokens/s, finish: {finish}",
         file=sys.stderr,
     )

@@ -7,7 +7,9 @@
   ``tune`` share;
 - ``tree_default``: when ``--tree`` is not given, the tree ``mcsd tune`` saved for this pair,
   device, dtype and runtime (``mcsd.bench.tuned``), else ``DEFAULT_TREE``, with the one line the
-  command prints about it.
+  command prints about it;
+- ``add_adaptive_argument`` / ``adaptive_from_args``: ``--adaptive-tree`` (``mcsd.budget``), on
+  by default where ``RUNTIME_ADAPTIVE_TREE`` says so.
 Every default comes from ``mcsd.config``.
 """
 
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mcsd.config import (
     COMPILE_CHOICES,
+    DEFAULT_ADAPTIVE_TREE,
     DEFAULT_DTYPE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PROPOSER,
@@ -29,6 +32,7 @@ from mcsd.config import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TREE,
     PROPOSERS,
+    RUNTIME_ADAPTIVE_TREE,
     RUNTIME_DEFAULT_TREES,
     BenchDefaults,
     ContextConfig,
@@ -287,6 +291,54 @@ def tree_default(args: argparse.Namespace) -> tuple[str, str]:
         f"tree {entry['tree']} saved by mcsd tune for {key} on {entry.get('saved', '?')} "
         "(--tree overrides it)"
     )
+
+
+def add_adaptive_argument(parser: argparse.ArgumentParser) -> None:
+    """``--adaptive-tree`` / ``--no-adaptive-tree`` (None when neither is given)."""
+    on = ", ".join(name for name, value in RUNTIME_ADAPTIVE_TREE.items() if value)
+    parser.add_argument(
+        "--adaptive-tree",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pick each step's tree among --tree, its smaller prefixes and plain decoding from "
+        "the models' measured step cost and the acceptance seen so far, so that speculation "
+        "that does not pay switches itself off (still lossless); default: on with the "
+        f"{on} runtime, else off",
+    )
+
+
+def adaptive_from_args(args: argparse.Namespace, spec: SpecConfig) -> tuple[bool, str | None]:
+    """Whether ``--adaptive-tree`` is on for ``spec`` (asked for, else the runtime's
+    ``RUNTIME_ADAPTIVE_TREE`` entry, else ``DEFAULT_ADAPTIVE_TREE``) and the words the first log
+    line says about it (None when off). Asked for with a tree it cannot shrink (``none``, a
+    dynamic tree, the context or mixed proposer) or with ``--tp`` > 1 (every rank would measure
+    its own costs and pick its own trees): ``ValueError``."""
+    asked = args.adaptive_tree
+    static = spec.speculative and spec.dynamic is None and spec.proposer == "model"
+    parallel = getattr(args, "tp", 1) > 1
+    if asked:
+        if not static:
+            raise ValueError(
+                f"--adaptive-tree picks among the prefixes of a static draft tree; --tree "
+                f"{spec.describe_tree()} with --proposer {spec.proposer} has none"
+            )
+        if parallel:
+            raise ValueError("--adaptive-tree with --tp > 1: each rank would pick its own trees")
+        return True, "adaptive tree (--adaptive-tree)"
+    if asked is False or not static or parallel:
+        return False, None
+    name = _runtime_name(args)
+    if not RUNTIME_ADAPTIVE_TREE.get(name, DEFAULT_ADAPTIVE_TREE):
+        return False, None
+    return True, f"adaptive tree (the default on {name}; --no-adaptive-tree turns it off)"
+
+
+def _runtime_name(args: argparse.Namespace) -> str:
+    """The runtime ``--runtime`` resolves to (``auto`` decided as ``load_pair`` will)."""
+    from mcsd.models.factory import parse_device, runtime_kind
+
+    device = parse_device(args.device)
+    return runtime_kind(args.runtime, device, args.target or DEFAULT_TARGET, args.dtype).name
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
