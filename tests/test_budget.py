@@ -4,22 +4,31 @@ still the target's distribution)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
+from typing import ClassVar
 
 import pytest
+import torch
 
 from mcsd.budget import (
+    AcceptanceEstimate,
+    AdaptiveTree,
     StepCost,
     TreeBudget,
+    acceptance_events,
     draft_widths,
     expected_length,
     ladder,
     probe_budget,
 )
 from mcsd.checks.engine import BATCH_PROMPTS, EngineCase, batch_generations, run_batch_engine_case
+from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
-from mcsd.engine import BatchEngine, speculative_decode
+from mcsd.engine import BatchEngine, Step, autoregressive_decode, speculative_decode
 from mcsd.models.toy import TableLM
+from mcsd.sampling import draw_children, warp
+from mcsd.stats import Stats
 from mcsd.tree import TokenTree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,3 +123,221 @@ def test_rows_with_their_own_trees_share_an_engine() -> None:
         proposer = ModelProposer.for_spec(one_draft, spec, 4)
         alone = speculative_decode(one_target, proposer, list(prompt), spec, vocab_size=4)
         assert outputs[row] == [t for step in alone for t in step.tokens], tree
+
+
+# ------------------------------------------------------------------ online acceptance
+CHAIN = TokenTree.parse("1,1,1")
+# A 1-node step costs 1.3 plain steps (free target, a draft forward of 0.3): the 1-node tree
+# pays above acceptance 0.3 and beats the chain at the prior 0.6.
+PRICEY_DRAFT = (FLAT, StepCost((1, 100), (0.3, 0.3)))
+
+
+def constant(p: list[float]) -> TableLM:
+    """A table LM whose next-token distribution ignores the context."""
+    probs = torch.tensor(p, dtype=torch.float64)
+    return TableLM(lambda context: probs, len(p))
+
+
+def decode(target, draft, spec: SpecConfig, budget: TreeBudget, prompt=(1, 2)) -> list[Step]:
+    proposer = ModelProposer.for_spec(draft, spec, target.vocab_size)
+    steps = speculative_decode(
+        target, proposer, list(prompt), spec, vocab_size=target.vocab_size, budget=budget
+    )
+    return list(steps)
+
+
+def tokens_of(steps: list[Step]) -> list[int]:
+    return [t for step in steps for t in step.tokens]
+
+
+def test_acceptance_events_count_every_visited_candidate() -> None:
+    assert acceptance_events(TREE, ()) == (0, 4)  # the root's 4 children all rejected
+    assert acceptance_events(TREE, (2,)) == (1, 3 + 2)  # 2 rejected, 1 accepted, its 2 rejected
+    assert acceptance_events(TREE, (3, 1, 0)) == (3, 4 + 2 + 1)  # a leaf: nothing below it
+    assert acceptance_events(CHAIN, (0, 0, 0)) == (3, 3)
+    assert acceptance_events(CHAIN, (0,)) == (1, 2)
+
+
+def test_estimate_starts_at_the_prior_and_forgets_it() -> None:
+    estimate = AcceptanceEstimate(0.6, 4.0, 0.5)
+    assert estimate.value == pytest.approx(0.6)
+    for _ in range(40):
+        estimate.add(1, 4)
+    assert estimate.value == pytest.approx(0.25)
+
+
+def test_bad_adaptive_settings() -> None:
+    for field, value, message in (
+        ("weight", 0.0, "weight must be in"),
+        ("reprobe", 0, "reprobe must be an integer"),
+        ("prior_trials", -1.0, "prior_trials must be a number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TreeBudget(TREE, FLAT, FLAT, **{field: value})
+
+
+def test_estimate_converges_to_the_known_acceptance() -> None:
+    """Context-free tables: SpS accepts each candidate with probability sum min(p, q) = 0.4,
+    independently of the rest; the estimate moves from the prior 0.6 to it."""
+    target = constant([0.7, 0.1, 0.1, 0.1])
+    draft = constant([0.1, 0.1, 0.1, 0.7])
+    spec = SpecConfig(tree="1,1,1", rule="sps", max_new_tokens=600, seed=5)
+    budget = TreeBudget(CHAIN, FLAT, StepCost((1, 100), (0.01, 0.01)), weight=0.005)
+    engine = BatchEngine(
+        target, ModelProposer.for_spec(draft, spec, 4), vocab_size=4, budget=budget
+    )
+    steps = list(_rows_of(engine, spec))
+    assert all(step.record.tree_size == 3 for step in steps)  # the chain pays all along
+    assert engine.adaptive is not None
+    assert engine.adaptive.estimate.value == pytest.approx(0.4, abs=0.07)
+
+
+def _rows_of(engine: BatchEngine, spec: SpecConfig, prompt=(1, 2)):
+    row = engine.add(list(prompt), spec)
+    while row in engine.rows:
+        yield engine.step()[row]
+
+
+def test_a_draft_that_never_matches_switches_to_plain_and_reprobes() -> None:
+    """Greedy, the draft's argmax never the target's: within a few steps the budget decodes
+    plainly, then grows the smallest tree once every ``reprobe`` plain steps; the output is the
+    target's own greedy output."""
+    target = constant([0.7, 0.1, 0.1, 0.1])
+    draft = constant([0.1, 0.1, 0.1, 0.7])
+    spec = SpecConfig(tree="1,1,1", target=SamplingConfig(0.0), max_new_tokens=40)
+    budget = TreeBudget(CHAIN, *PRICEY_DRAFT, reprobe=5)
+    steps = decode(target, draft, spec, budget)
+    sizes = [step.record.tree_size for step in steps]
+    first_plain = sizes.index(0)
+    assert first_plain <= 5 and set(sizes[:first_plain]) == {1}
+    after = sizes[first_plain:]
+    assert after == [0 if (i + 1) % 6 else 1 for i in range(len(after))]  # 5 plain, 1 probe
+    assert tokens_of(steps) == [0] * 40
+    stats = Stats()
+    for step in steps:
+        stats.add(step.record)
+    assert stats.plain_steps == sizes.count(0) and "plain" in stats.summary()
+
+
+def test_costs_alone_rule_speculation_out_no_reprobe() -> None:
+    """Where no tree pays even when every candidate is accepted, nothing is ever drafted."""
+    target, draft = constant([0.7, 0.1, 0.1, 0.1]), constant([0.7, 0.1, 0.1, 0.1])
+    spec = SpecConfig(tree="1,1,1", target=SamplingConfig(0.0), max_new_tokens=80)
+    steps = decode(target, draft, spec, TreeBudget(CHAIN, STEEP, STEEP, reprobe=3))
+    assert [step.record.tree_size for step in steps] == [0] * 80
+
+
+def test_a_draft_equal_to_the_target_keeps_the_full_tree() -> None:
+    target = TableLM.random(4, seed=11)
+    spec = SpecConfig(tree="4,2,2", target=SamplingConfig(0.0), max_new_tokens=30)
+    budget = TreeBudget(TREE, target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02)))
+    engine = BatchEngine(
+        target,
+        ModelProposer.for_spec(TableLM.random(4, seed=11), spec, 4),
+        vocab_size=4,
+        budget=budget,
+    )
+    steps = list(_rows_of(engine, spec))
+    assert all(step.record.tree_size == TREE.num_nodes for step in steps)
+    assert all(step.record.accepted == 3 for step in steps[:-1])
+    assert engine.adaptive is not None and engine.adaptive.estimate.value > 0.95
+
+
+def mid_budget(tree: TokenTree, reprobe: int = 2, draft_cost: float = 0.8) -> TreeBudget:
+    """A draft forward costing ``draft_cost`` target steps (0.8: plain decoding pays below an
+    acceptance of ~0.45, the 3-node tree up to ~0.75, the full tree above): break-even points
+    near the toy pairs' own acceptance (~0.6 sampled, ~0.75 greedy: use 0.95 there), and with
+    a short memory (``weight``) the engine switches trees, and to plain decoding, often."""
+    draft = StepCost((1, 100), (draft_cost, draft_cost))
+    return TreeBudget(tree, FLAT, draft, weight=0.3, reprobe=reprobe)
+
+
+def adaptive_engine(budget: TreeBudget) -> type[BatchEngine]:
+    """A ``BatchEngine`` under ``budget`` that counts its plain and speculative forwards."""
+
+    class Adaptive(BatchEngine):
+        forwards: ClassVar[Counter[str]] = Counter()
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, budget=budget, **kwargs)
+
+        def _plain_step(self, rows):
+            Adaptive.forwards["plain"] += 1
+            return super()._plain_step(rows)
+
+        def _speculative_step(self, rows, tree):
+            Adaptive.forwards["speculative"] += 1
+            return super()._speculative_step(rows, tree)
+
+    return Adaptive
+
+
+@pytest.mark.parametrize("prompt", BATCH_PROMPTS)
+def test_adaptive_greedy_equals_the_target_greedy(prompt: tuple[int, ...]) -> None:
+    case = EngineCase("greedy", "4,2,2", length=40)
+    target, draft = case.models()
+    steps = decode(target, draft, case.spec(0), mid_budget(TREE, draft_cost=0.95), prompt)
+    sizes = {step.record.tree_size for step in steps}
+    assert 0 in sizes and len(sizes) > 1  # plain and speculative steps both ran
+    alone = autoregressive_decode(
+        case.models()[0], list(prompt), SamplingConfig(0.0), 40, vocab_size=4
+    )
+    assert tokens_of(steps) == tokens_of(list(alone))
+
+
+def test_adaptive_seeded_sampling_is_reproducible() -> None:
+    case = EngineCase("mcss-wor", "4,2,2", length=60)
+    runs = [decode(*case.models(), case.spec(9), mid_budget(TREE)) for _ in range(2)]
+    sizes = [step.record.tree_size for step in runs[0]]
+    assert 0 in sizes and set(sizes) != {0}
+    assert tokens_of(runs[0]) == tokens_of(runs[1])
+    assert sizes == [step.record.tree_size for step in runs[1]]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_adaptive_sampling_is_lossless(batch: int) -> None:
+    """Through the whole engine, the estimate carried from generation to generation and from
+    row to row, plain and speculative steps mixed: still the target's distribution."""
+    case = EngineCase("mcss-wor", "4,2,2", length=3)
+    engine_class = adaptive_engine(mid_budget(TREE, reprobe=1))
+    fits = run_batch_engine_case(case, 500, batch=batch, seed=4, engine_class=engine_class)
+    assert all(fit.passed for fit in fits), fits
+    assert min(engine_class.forwards.values()) > 100, engine_class.forwards  # both kinds ran
+
+
+class Peeking(AdaptiveTree):
+    """Deliberately wrong: speculates only when the draft's first candidate (drawn from a copy
+    of the row's generator, so the step draws it again) is the target's argmax."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        super().__init__(mid_budget(TREE))
+        self.engine = engine
+
+    def choose(self, rows: int) -> TokenTree | None:
+        (row,) = self.engine.rows.values()
+        proposer = self.engine.proposer
+        context = tuple(row.committed)
+        q = warp(torch.log(proposer.draft.table(context)).float()[None], proposer.sampling)
+        copy = torch.Generator().manual_seed(0)
+        copy.set_state(row.generator.get_state())
+        first = draw_children(q, 1, replacement=proposer.replacement, generator=copy)[0, 0]
+        best = int(self.engine.target.table(context).argmax())
+        return self.budget.tree if int(first) == best else None
+
+
+def test_a_controller_that_peeks_at_the_step_is_caught() -> None:
+    """The check that passes the real controller fails one that decides from this step's
+    draws (``mcsd.budget``'s docstring: ``choose`` sees a row count, nothing drawn)."""
+
+    class PeekingEngine(BatchEngine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, budget=mid_budget(TREE), **kwargs)
+            self.adaptive = Peeking(self)
+
+    case = EngineCase("mcss-wor", "4,2,2", length=1)
+    honest = run_batch_engine_case(
+        case, 1500, batch=1, seed=5, engine_class=adaptive_engine(mid_budget(TREE, reprobe=1))
+    )
+    assert all(fit.passed for fit in honest), honest
+    peeking = run_batch_engine_case(case, 1500, batch=1, seed=5, engine_class=PeekingEngine)
+    assert not all(fit.passed for fit in peeking), peeking
