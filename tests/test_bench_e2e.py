@@ -249,3 +249,78 @@ def test_bench_batch_size_refuses_bad_options(tmp_path: Path, capsys, argv, mess
     code = main(["bench", "--target", "no-such-model", "--out", str(tmp_path), *argv])
     assert code != 0
     assert message in capsys.readouterr().err
+
+
+def test_generate_adaptive_tree(tiny_pair, capsys) -> None:
+    """``--adaptive-tree``: said on the first line, the probe logged once, the target's own
+    greedy output, the plain steps counted."""
+    target, draft, _ = tiny_pair
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["def f(x):", *models, "--max-new-tokens", "12", "--temperature", "0", "--json"]
+    assert main(["generate", *run, "--tree", "2,1", "--adaptive-tree"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == "mcsd: adaptive tree (--adaptive-tree)"
+    assert sum("adaptive tree: measured step cost: target" in line for line in err) == 1
+    adaptive = json.loads(captured.out)
+    assert adaptive["stats"]["plain_steps"] >= 0
+    assert main(["generate", *run, "--tree", "none"]) == 0
+    assert adaptive["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+    assert main(["generate", *run, "--tree", "2,1", "--no-adaptive-tree"]) == 0
+    assert "adaptive" not in capsys.readouterr().err
+
+
+def test_bench_adaptive_methods(tiny_pair, tmp_path: Path, capsys) -> None:
+    """``+adaptive`` on a method, ``--adaptive-tree`` on every static sps / tree method: greedy
+    output still the target's, the plain-step share in the table."""
+    target, draft, prompts = tiny_pair
+    out = tmp_path / "out"
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--max-new-tokens", "8", "--temperature", "0"]
+    quiet = ["--warmup-tokens", "2", "--no-progress", "--no-plots", "--out", str(out)]
+    methods = ["--methods", "ar", "sps:2", "tree:2,1+adaptive"]
+    assert main(["bench", *models, *run, *quiet, *methods, "--adaptive-tree"]) == 0
+    assert "plain %" in capsys.readouterr().out
+    pooled = json.loads((out / "summary.json").read_text())["results"]["all"]
+    assert set(pooled) == {"ar", "sps:2+adaptive", "tree:2,1+adaptive"}
+    for row in pooled.values():
+        assert row["equal_rate"] == 1.0 and 0 <= row["plain_steps"] <= row["steps"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "x", "--tree", "none", "--adaptive-tree"], "--adaptive-tree picks among"),
+        (["generate", "x", "--proposer", "context", "--adaptive-tree"], "--proposer context"),
+        (["generate", "x", "--tree", "dynamic:8", "--adaptive-tree"], "static draft tree"),
+        (["bench", "--methods", "ar", "dynamic:8+adaptive"], "+adaptive goes on sps:G"),
+        (["bench", "--methods", "ctx+adaptive"], "+adaptive goes on sps:G"),
+        (["bench", "--methods", "sps:2+adaptive=1"], "+adaptive goes on sps:G"),
+    ],
+)
+def test_adaptive_tree_refuses_what_it_cannot_shrink(capsys, argv, message) -> None:
+    """Before any model loads (the target does not exist)."""
+    code = main([*argv, "--target", "no-such-model"])
+    assert code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_adaptive_tree_default_per_runtime(monkeypatch) -> None:
+    """On by default where ``RUNTIME_ADAPTIVE_TREE`` says so (llama.cpp), for static trees
+    drafted by the model; off elsewhere, and whenever --no-adaptive-tree says so."""
+    import argparse
+
+    from mcsd.commands import options
+    from mcsd.config import SpecConfig
+
+    def args(asked: bool | None) -> argparse.Namespace:
+        return argparse.Namespace(adaptive_tree=asked, tp=1)
+
+    monkeypatch.setattr(options, "_runtime_name", lambda _: "llama.cpp")
+    on, said = options.adaptive_from_args(args(None), SpecConfig(tree="1,1,1"))
+    assert on and said is not None and "the default on llama.cpp" in said
+    assert options.adaptive_from_args(args(False), SpecConfig(tree="1,1,1")) == (False, None)
+    assert options.adaptive_from_args(args(None), SpecConfig(tree="none")) == (False, None)
+    assert options.adaptive_from_args(args(None), SpecConfig(tree="dynamic:8"))[0] is False
+    monkeypatch.setattr(options, "_runtime_name", lambda _: "hf")
+    assert options.adaptive_from_args(args(None), SpecConfig(tree="1,1,1")) == (False, None)
