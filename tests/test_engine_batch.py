@@ -263,3 +263,25 @@ def test_one_row_proposers_run_at_batch_one() -> None:
     sampled = SpecConfig(tree="dynamic:8:4:2", max_new_tokens=8, seed=3)
     alone = [generate(pair, p, sampled).token_ids for p in prompts]
     assert [r.token_ids for r in generate(pair, prompts, sampled)] == alone
+
+
+def test_one_prompt_with_adaptive_tree() -> None:
+    """``generate`` / ``stream`` of one prompt with ``adaptive=True``: the step cost is measured
+    once per pair (every later engine reuses it, so seeded runs repeat), greedy output is the
+    target's own."""
+    from mcsd.api import ModelPair, generate, stream
+
+    target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
+    pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
+    prompt = [5, 9, 11]
+    greedy = SpecConfig(tree="3,2", target=SamplingConfig(0.0), max_new_tokens=10)
+    result = generate(pair, prompt, greedy, adaptive=True)
+    assert result.token_ids == greedy_reference(target_lm, prompt, 10)
+    budget = pair.tree_budget(greedy.token_tree())
+    assert list(pair._budgets) == [(greedy.token_tree(), 1)]
+    sampled = replace(greedy, target=SamplingConfig(1.0), seed=4)
+    chunks = stream(pair, prompt, sampled, adaptive=True)
+    runs = [[t for chunk, _ in chunks for t in chunk.token_ids]]
+    runs.append(generate(pair, prompt, sampled, adaptive=True).token_ids)
+    assert runs[0] == runs[1] and pair.tree_budget(greedy.token_tree()) is budget
+    assert pair.with_cheap_draft(int8=True)._budgets == {}  # another draft: measured anew
