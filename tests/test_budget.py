@@ -227,6 +227,22 @@ def test_costs_alone_rule_speculation_out_no_reprobe() -> None:
     assert [step.record.tree_size for step in steps] == [0] * 80
 
 
+def test_llama_cpp_costs_decode_plainly_and_never_run_the_draft() -> None:
+    """The costs measured on llama.cpp's CPU kernels (a decode of N tokens ~0.6 N single-token
+    decodes, the draft 0.65 of the target): plain from the first step, and a re-probe would
+    cost the draft's catch-up on 33 skipped tokens, which no acceptance repays: the draft
+    never runs after reading the prompt."""
+    llama = (StepCost((1, 2, 4), (1.0, 1.2, 2.4)), StepCost((1, 2), (0.65, 0.78)))
+    budget = TreeBudget(CHAIN, *llama)
+    assert not budget.reprobe_pays(1) and replace(budget, reprobe=1).reprobe_pays(1)
+    assert "stays plain" in budget.describe(1)
+    target, draft = constant([0.7, 0.1, 0.1, 0.1]), constant([0.7, 0.1, 0.1, 0.1])
+    spec = SpecConfig(tree="1,1,1", max_new_tokens=100, seed=1)
+    steps = decode(target, draft, spec, budget)
+    assert [step.record.tree_size for step in steps] == [0] * 100
+    assert draft.forward_calls == 1  # the prompt
+
+
 def test_a_draft_equal_to_the_target_keeps_the_full_tree() -> None:
     target = TableLM.random(4, seed=11)
     spec = SpecConfig(tree="4,2,2", target=SamplingConfig(0.0), max_new_tokens=30)

@@ -26,8 +26,11 @@ from a step's sibling ranks, and the estimate is accepted / tried over exponenti
 counts (``BudgetDefaults.weight``) that start from the prior as ``prior_trials`` pseudo-trials:
 the maximum-likelihood ``a`` of the recent steps. When the best choice is plain decoding, every
 ``reprobe`` plain steps one step grows the ladder's smallest tree, so the estimate still sees
-the acceptance change; that is skipped when no tree pays even at ``a = 1`` (acceptance cannot
-change the answer: the measured costs alone rule speculation out).
+the acceptance change. A re-probe also runs the draft over the ``reprobe`` tokens it skipped
+(the draft must see every token to draft after them): on llama.cpp's CPU kernels that forward
+costs several target steps, so re-probes are skipped when even ``a = 1`` would not make the
+re-probe step beat a plain one (``TreeBudget.reprobe_pays``): the measured costs alone then rule
+speculation out, and the draft is never run again.
 
 Why the choice stays lossless: the tree of a step is chosen (``AdaptiveTree.choose``) before the
 step draws anything, from the measured costs (fixed after the probe) and the ranks of earlier
@@ -178,11 +181,24 @@ class TreeBudget:
         if isinstance(self.reprobe, bool) or not isinstance(self.reprobe, int) or self.reprobe < 1:
             raise ValueError(f"reprobe must be an integer >= 1, got {self.reprobe!r}")
 
-    def step_time(self, tree: TokenTree | None, rows: int) -> float:
+    def step_time(self, tree: TokenTree | None, rows: int, uncached: int = 1) -> float:
+        """Seconds of one step; ``uncached``: tokens per row the draft runs first (the pending
+        one, and those of the plain steps it skipped)."""
         if tree is None:
             return self.target(rows)
-        drafting = sum(self.draft(rows * w) for w in draft_widths(tree))
+        _, *levels = draft_widths(tree)
+        drafting = sum(self.draft(rows * w) for w in (uncached, *levels))
         return self.target(rows * (tree.num_nodes + 1)) + drafting
+
+    def reprobe_pays(self, rows: int) -> bool:
+        """Whether a re-probe after ``reprobe`` plain steps (the smallest tree, the draft
+        catching up on the tokens it skipped) would beat a plain step if every candidate were
+        accepted: if not, no acceptance can make re-probing worth it."""
+        smallest = ladder(self.tree)[-1]
+        catch_up = (
+            rows * expected_length(smallest, 1.0) / self.step_time(smallest, rows, self.reprobe + 1)
+        )
+        return catch_up > self.rate(None, rows)
 
     def rate(self, tree: TokenTree | None, rows: int, acceptance: float | None = None) -> float:
         """Expected tokens per second of a batch of ``rows`` growing ``tree`` when a candidate
@@ -207,12 +223,14 @@ class TreeBudget:
         def name(tree: TokenTree | None) -> str:
             return "plain decoding" if tree is None else f"tree {tree.describe()}"
 
-        pays = self.tree_for(rows, 1.0) is not None
+        if self.reprobe_pays(rows):
+            plain = f"re-probes every {self.reprobe} plain steps"
+        else:
+            plain = "once plain, stays plain (a re-probe never pays)"
         return (
             f"measured step cost: target {costs(self.target)}; draft {costs(self.draft)}; at the "
             f"prior acceptance {self.acceptance:.2f}: {name(self.tree_for(rows))}, at acceptance "
-            f"1: {name(self.tree_for(rows, 1.0))}"
-            + (f"; re-probes every {self.reprobe} plain steps" if pays else "; never speculates")
+            f"1: {name(self.tree_for(rows, 1.0))}; {plain}"
         )
 
 
@@ -264,7 +282,7 @@ class AdaptiveTree:
         if best is not None:
             self.plain_run = 0
             return best
-        if self.plain_run >= budget.reprobe and budget.tree_for(rows, 1.0) is not None:
+        if self.plain_run >= budget.reprobe and budget.reprobe_pays(rows):
             self.plain_run = 0
             self.reprobes += 1
             return ladder(budget.tree)[-1]

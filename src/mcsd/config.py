@@ -463,7 +463,7 @@ class BudgetDefaults:
     weight: float = 0.1
     # plain steps between two re-probes (one speculative step with the ladder's smallest tree)
     # while plain decoding is the best choice; each re-probe also catches the draft up on the
-    # tokens it skipped (a forward of ~reprobe tokens), so few re-probes cost little
+    # tokens it skipped (a forward of reprobe + 1 tokens), and is skipped where that never pays
     reprobe: int = 32
     repeats: int = 3  # timed forwards per probed size (the median counts)
     probe_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # in all
