@@ -17,6 +17,7 @@ from mcsd.budget import (
     StepCost,
     TreeBudget,
     acceptance_events,
+    computed_rows,
     draft_widths,
     expected_length,
     ladder,
@@ -148,6 +149,18 @@ def decode(target, draft, spec: SpecConfig, budget: TreeBudget, prompt=(1, 2)) -
 
 def tokens_of(steps: list[Step]) -> list[int]:
     return [t for step in steps for t in step.tokens]
+
+
+def test_the_budget_is_asked_for_the_rows_a_forward_computes() -> None:
+    """Every row of a runtime that runs free rows as padding; only the rows asked for on one
+    with a native subset forward (``forward_rows``)."""
+
+    class Subset(TableLM):
+        def forward_rows(self, *args, **kwargs):  # the optional runtime method, never called
+            raise NotImplementedError
+
+    assert computed_rows(TableLM.random(4, batch_size=8), 3) == 8
+    assert computed_rows(Subset(TableLM.random(4).table, 4, batch_size=8), 3) == 3
 
 
 def test_acceptance_events_count_every_visited_candidate() -> None:
