@@ -49,11 +49,11 @@ import bisect
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 
-from mcsd.config import BudgetDefaults
+from mcsd.config import EXPECTED_LENGTH_CACHE, BudgetDefaults
 from mcsd.models.base import Runtime, chain_mask
 from mcsd.tree import ROOT, TokenTree
 
@@ -122,7 +122,7 @@ def computed_rows(runtime: Runtime, rows: int) -> int:
     return rows if hasattr(runtime, "forward_rows") else runtime.batch_size
 
 
-@cache
+@lru_cache(maxsize=EXPECTED_LENGTH_CACHE)  # bounded: an online estimate is a new key per step
 def expected_length(tree: TokenTree, acceptance: float) -> float:
     """Expected tokens a step of ``tree`` commits (accepted nodes + the correction / bonus) when
     each candidate is accepted with probability ``acceptance`` once its earlier siblings were
@@ -273,7 +273,6 @@ class AdaptiveTree:
         self.budget = budget
         self.estimate = AcceptanceEstimate(budget.acceptance, budget.prior_trials, budget.weight)
         self.plain_run = 0  # plain steps since the last speculative one
-        self.reprobes = 0  # speculative steps run only to re-measure the acceptance
 
     def choose(self, rows: int) -> TokenTree | None:
         """This step's tree for ``rows`` computed rows (None: plain decoding)."""
@@ -284,7 +283,6 @@ class AdaptiveTree:
             return best
         if self.plain_run >= budget.reprobe and budget.reprobe_pays(rows):
             self.plain_run = 0
-            self.reprobes += 1
             return ladder(budget.tree)[-1]
         self.plain_run += 1
         return None

@@ -27,6 +27,7 @@ RUNTIME_ADAPTIVE_TREE = {"llama.cpp": True}
 DEFAULT_MAX_TREE_NODES = 1024  # a target forward over more nodes is never worth it
 DEFAULT_MAX_NEW_TOKENS = 128
 VERIFIER_CACHE = 64  # verifiers an engine keeps (per tree shape, node flags, rule, sampling)
+EXPECTED_LENGTH_CACHE = 4096  # (tree, acceptance) pairs mcsd.budget.expected_length remembers
 DYNAMIC_PREFIX = "dynamic"  # --tree dynamic:BUDGET[:WIDTH[:DEPTH]]
 NO_SPECULATION = "none"  # --tree none: the target alone (what mcsd tune saves when no tree pays)
 # Dynamic trees whose rule the proposer can draft for losslessly (mcsd.draft.dynamic)
