@@ -370,3 +370,27 @@ def test_a_controller_that_peeks_at_the_step_is_caught() -> None:
     assert all(fit.passed for fit in honest), honest
     peeking = run_batch_engine_case(case, 1500, batch=1, seed=5, engine_class=PeekingEngine)
     assert not all(fit.passed for fit in peeking), peeking
+
+
+def test_adaptive_on_llama_cpp(tmp_path) -> None:
+    """The CLI's default on llama.cpp, through the real runtime (two tiny GGUF models): the probe
+    runs there, greedy output is the target's own (``ar``'s), seeded sampling repeats."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from mcsd.api import load_pair
+    from mcsd.bench.methods import parse_method, run_method
+    from mcsd.checks.tiny_gguf import TinyGGUF
+    from mcsd.config import LlamaCppConfig
+
+    target = TinyGGUF(seed=1).write(tmp_path / "target.gguf")
+    draft = TinyGGUF(seed=1, head_scale=1.3).write(tmp_path / "draft.gguf")
+    tiny = LlamaCppConfig(context=64, pending_cells=64, batch=32, sequences=32, threads=1)
+    pair = load_pair(str(target), str(draft), runtime="llama.cpp", llamacpp=tiny)
+    base = SpecConfig(tree="1", target=SamplingConfig(0.0), max_new_tokens=12, stop_token_ids=())
+    adaptive, ar = (parse_method(name) for name in ("tree:1,1,1+adaptive", "ar"))
+    prompt = [1, 2, 0]
+    plain = run_method(ar, pair, prompt, base).tokens
+    assert run_method(adaptive, pair, prompt, base).tokens == plain
+    assert pair.tree_budget(TokenTree.parse("1,1,1")).target.tokens == (1, 2, 4)
+    sampled = replace(base, target=SamplingConfig(1.0), seed=3)
+    runs = [run_method(adaptive, pair, prompt, sampled).tokens for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 12
