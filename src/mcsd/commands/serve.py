@@ -18,6 +18,8 @@ import time
 from typing import Any
 
 from mcsd.commands.options import (
+    adaptive_from_args,
+    add_adaptive_argument,
     add_decoding_arguments,
     add_model_arguments,
     load_pair_from_args,
@@ -101,12 +103,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="generations decoded side by side, as rows of one batch; a new request joins at "
         "the next step (default %(default)s; > 1 needs the hf, hf-static or fast runtime)",
     )
-    parser.add_argument(
-        "--adaptive-tree",
-        action="store_true",
-        help="measure the models' step cost and shrink the tree as --max-batch grows, down to "
-        "plain decoding where speculation no longer pays (still lossless)",
-    )
+    add_adaptive_argument(parser)  # the tree also shrinks as --max-batch grows
     parser.add_argument(
         "--served-model-name", default=None, help="model id clients use (default: the target)"
     )
@@ -131,10 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if isinstance(args.max_batch, bool) or args.max_batch < 1:
         raise ValueError(f"--max-batch must be an integer >= 1, got {args.max_batch}")
-    if args.adaptive_tree and (not spec.speculative or spec.dynamic is not None):
-        raise ValueError(
-            f"--adaptive-tree shrinks a static tree; --tree {spec.describe_tree()} has none"
-        )
+    adaptive, adaptive_origin = adaptive_from_args(args, spec)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.drain_timeout < 0:
@@ -152,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     started = time.perf_counter()
-    if args.tree is None:
-        print(f"mcsd: {origin}", file=sys.stderr)
+    said = ([origin] if args.tree is None else []) + ([adaptive_origin] if adaptive else [])
+    if said:
+        print(f"mcsd: {', '.join(said)}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
@@ -162,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_batch > 1:  # refuse a runtime that holds one row before serving
         with_rows(pair.target, args.max_batch)
+    if adaptive:  # measured once, before serving; the engines of the default tree reuse it
+        budget = pair.tree_budget(spec.token_tree(), args.max_batch)
+        print(f"mcsd: adaptive tree: {budget.describe(args.max_batch)}", file=sys.stderr)
     app = create_app(
         pair,
         spec,
@@ -170,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         limits=limits,
         api_key=api_key,
         max_batch=args.max_batch,
-        adaptive_tree=args.adaptive_tree,
+        adaptive_tree=adaptive,
     )
     # After the drain, responses still on the wire get a moment to finish before uvicorn stops.
     config = uvicorn.Config(
