@@ -123,7 +123,7 @@ class Stats:
     def summary(self) -> str:
         per_depth = ", ".join(f"{rate:.2f}" for rate in self.acceptance_per_depth())
         plain = self.plain_steps
-        some = f" ({plain} plain)" if 0 < plain < self.steps else ""
+        some = f" ({plain} plain)" if plain else ""
         return (
             f"{self.new_tokens} tokens in {self.steps} steps{some}, mean accepted length "
             f"{self.mean_accepted_length:.2f}, acceptance per depth [{per_depth}], "
