@@ -287,6 +287,16 @@ def test_bench_adaptive_methods(tiny_pair, tmp_path: Path, capsys) -> None:
         assert row["equal_rate"] == 1.0 and 0 <= row["plain_steps"] <= row["steps"]
 
 
+def test_bench_adaptive_tree_flag_merges_listed_twins() -> None:
+    from mcsd.cli import build_parser
+    from mcsd.commands.bench import parse_methods
+
+    methods = ["ar", "tree:2,1", "tree:2,1+adaptive", "sps:2", "dynamic:8", "ctx"]
+    argv = ["bench", "--target", "no-such-model", "--methods", *methods, "--adaptive-tree"]
+    names = [m.name for m in parse_methods(build_parser().parse_args(argv))]
+    assert names == ["ar", "tree:2,1+adaptive", "sps:2+adaptive", "dynamic:8", "ctx"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

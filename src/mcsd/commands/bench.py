@@ -103,13 +103,16 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
             else m
             for m in methods
         ]
-    if args.adaptive_tree:
-        methods = [
-            parse_method(m.name + "+adaptive")
-            if m.kind in ("sps", "tree") and not m.adaptive and not m.name.startswith("dynamic")
-            else m
-            for m in methods
-        ]
+    if args.adaptive_tree:  # a method whose adaptive twin is listed already is that twin
+        listed = {m.name for m in methods}
+        adapted = []
+        for m in methods:
+            if m.kind in ("sps", "tree") and not m.adaptive and not m.name.startswith("dynamic"):
+                m = parse_method(m.name + "+adaptive")
+                if m.name in listed:
+                    continue
+            adapted.append(m)
+        methods = adapted
     seen = [m.name for m in methods]
     duplicates = sorted({n for n in seen if seen.count(n) > 1})
     if duplicates:
