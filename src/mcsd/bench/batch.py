@@ -60,7 +60,7 @@ def run_batch(
     spec = method.spec(base)
     if method.kind == "ar":  # plain decoding rows
         spec = replace(spec, tree="none", rule=None)
-    engine = pair.batch_engine(spec, batch, adaptive=method.adaptive)
+    engine = pair.batch_engine(spec, batch, adaptive=method.adaptive and spec.speculative)
     stop = pair.stop_ids(spec)
     answers: list[list[int]] = [[] for _ in prompts]
     stats = Stats()
