@@ -280,11 +280,18 @@ def test_bench_adaptive_methods(tiny_pair, tmp_path: Path, capsys) -> None:
     quiet = ["--warmup-tokens", "2", "--no-progress", "--no-plots", "--out", str(out)]
     methods = ["--methods", "ar", "sps:2", "tree:2,1+adaptive"]
     assert main(["bench", *models, *run, *quiet, *methods, "--adaptive-tree"]) == 0
-    assert "plain %" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "plain %" in captured.out
+    assert "mcsd: tree:2,1+adaptive: measured step cost" in captured.err
     pooled = json.loads((out / "summary.json").read_text())["results"]["all"]
     assert set(pooled) == {"ar", "sps:2+adaptive", "tree:2,1+adaptive"}
     for row in pooled.values():
         assert row["equal_rate"] == 1.0 and 0 <= row["plain_steps"] <= row["steps"]
+    batch = ["--out", str(out), "--batch-size", "2", *methods]
+    assert main(["bench", *models, *run, *batch]) == 0
+    rows = json.loads((out / "batch-2.json").read_text())
+    assert [r["matches_ar"] for r in rows] == [True] * 3 and rows[2]["steps"] > 0
+    assert "plain" in capsys.readouterr().out
 
 
 def test_bench_adaptive_tree_flag_merges_listed_twins() -> None:

@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
 
+    _log_budgets(pair, methods, base, 1)
     answers = run_bench(
         pair,
         questions,
@@ -223,6 +224,7 @@ def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> 
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     with_rows(pair.target, batch)  # a runtime that holds one row refuses before any work
+    _log_budgets(pair, methods, base, batch)
     chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
     prompts = [build_prompt(pair.tokenizer, q, [], 0, chat) for q in questions]
     results = run_batch_bench(pair, prompts, methods, base, batch)
@@ -248,3 +250,14 @@ def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> 
     (out / f"batch-{batch}.txt").write_text(table + "\n")
     print(f"results in {out}/", file=sys.stderr)
     return 0
+
+
+def _log_budgets(pair: Any, methods: list[Any], base: Any, batch: int) -> None:
+    """Measure the step cost of every ``+adaptive`` method's tree now (once per tree; the runs
+    reuse it: ``ModelPair.tree_budget``) and log what it implies, one line each."""
+    for method in methods:
+        spec = method.spec(base)
+        cheaper = method.draft_vocab is not None or method.draft_int8  # its own pair, later
+        if method.adaptive and spec.speculative and not cheaper:
+            budget = pair.tree_budget(spec.token_tree(), batch)
+            print(f"mcsd: {method.name}: {budget.describe(batch)}", file=sys.stderr)
