@@ -108,18 +108,53 @@ baseline)  # issue 12: transformers' static-cache generate and mcsd's ar / best 
   mcsd bench "${COMMON[@]}" --temperature 1 --out "$OUT_DIR/baseline-t1" \
     --methods hf-static ar tree:4,2,2:mcss-wor
   ;;
+fast-compiled)  # issue 12: the fast runtime compiled (--compile all: ~2 min per model on the
+  # first run; the temperature-1 run reuses inductor's on-disk cache), greedy then temperature 1
+  mcsd bench "${FAST[@]}" --compile all --temperature 0 --out "$OUT_DIR/fast-compiled" \
+    --methods ar sps:4 tree:2,2,2
+  mcsd bench "${COMMON[@]}" --temperature 0 --out "$OUT_DIR/fast-compiled/hf-static" \
+    --methods hf-static ar
+  ;;
+fast-compiled-t1)
+  mcsd bench "${FAST[@]}" --compile all --temperature 1 --out "$OUT_DIR/fast-compiled-t1" \
+    --methods ar sps:4 tree:2,2,2:mcss-wor tree:4,2,2:mcss-wor
+  ;;
+batch)  # issue 14: throughput at batch 1 / 4 / 16 on the fast runtime (graphs), 8 + 8 prompts
+  for b in 1 4 16; do
+    mcsd bench "${FAST[@]}" --n 8 --temperature 0 --batch-size "$b" --out "$OUT_DIR/batch/t0" \
+      --methods ar sps:3 tree:2,2,2
+  done
+  for b in 4 16; do
+    mcsd bench "${FAST[@]}" --n 8 --temperature 1 --batch-size "$b" --out "$OUT_DIR/batch/t1" \
+      --methods ar tree:2,2,2:mcss-wor
+  done
+  ;;
+serve)  # issue 14: mcsd serve on the fast runtime, 16 rows, adaptive tree; 1 / 4 / 16 clients,
+  # the server's tree and plain decoding (per-request tree "none") against the same server
+  mkdir -p "$OUT_DIR/serve"
+  mcsd serve --target "$WORK/t" --draft "$WORK/d" --device cuda --dtype bfloat16 --runtime fast \
+    --max-batch 16 --adaptive-tree --port 8777 --log-level warning >"$OUT_DIR/serve/server.log" 2>&1 &
+  for _ in $(seq 400); do python3 -c 'import httpx; httpx.get("http://127.0.0.1:8777/health").raise_for_status()' 2>/dev/null && break; sleep 1; done
+  for tree in default none; do
+    extra=()
+    [ "$tree" = none ] && extra=(--tree none)
+    python3 bench/serve_load.py --url http://127.0.0.1:8777 --concurrency 1,4,16 --requests 32 \
+      --max-tokens 128 "${extra[@]}" --json "$OUT_DIR/serve/load-$tree.json"
+  done
+  kill %1 || true
+  ;;
 compiled)  # the draft under torch.compile too (~30 s per captured shape)
   mcsd bench "${COMMON[@]}" --temperature 0 --compile draft --out "$OUT_DIR/compiled" \
     --methods hf-static sps:4 sps:6 tree:2,2,1,1
   ;;
 esac
 case "$1" in
-greedy | sampling | compiled | fast-greedy | fast-sampling | baseline)  # one archive comes back from the device ($OUT), not 20 files
+greedy | sampling | compiled | fast-greedy | fast-sampling | baseline | fast-compiled | fast-compiled-t1 | batch | serve)  # one archive comes back from the device ($OUT), not 20 files
   if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$1.tgz" -C "$OUT_DIR" "$1"; fi
   ;;
 pieces | append | prepare) ;;
 *)
-  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling" >&2
+  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling | fast-compiled | fast-compiled-t1 | batch | serve" >&2
   exit 2
   ;;
 esac
