@@ -89,6 +89,12 @@ class Method:
         """The method runs the draft model (cheap-draft modifiers apply to it)."""
         return self.kind not in ("ctx", "hf-pld", "hf-ar", "hf-static", "ar", "llama-ar")
 
+    @property
+    def static_tree(self) -> bool:
+        """An ``sps`` / ``tree`` method with a fixed tree (not dynamic): what ``+adaptive``
+        can shrink."""
+        return self.kind in ("sps", "tree") and not str(self.tree).startswith(DYNAMIC_PREFIX)
+
     def spec(self, base: SpecConfig) -> SpecConfig:
         """``base`` (sampling, lengths, seed) with this method's tree, rule and proposer."""
         if not self.is_mcsd:
@@ -123,10 +129,7 @@ def parse_method(text: str) -> Method:
         for modifier in modifiers:
             key, _, value = modifier.partition("=")
             if key == "adaptive":
-                static = method.kind in ("sps", "tree") and not str(method.tree).startswith(
-                    DYNAMIC_PREFIX
-                )
-                if value or not static:
+                if value or not method.static_tree:
                     raise ValueError(
                         f"method {name!r}: +adaptive goes on sps:G and tree:K-CONFIG methods "
                         "(a static tree the budget can shrink)"

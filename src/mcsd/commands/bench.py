@@ -107,7 +107,7 @@ def parse_methods(args: argparse.Namespace) -> list[Any]:
         listed = {m.name for m in methods}
         adapted = []
         for m in methods:
-            if m.kind in ("sps", "tree") and not m.adaptive and not m.name.startswith("dynamic"):
+            if m.static_tree and not m.adaptive:
                 m = parse_method(m.name + "+adaptive")
                 if m.name in listed:
                     continue

@@ -16,7 +16,9 @@ from mcsd.commands.options import (
     add_adaptive_argument,
     add_decoding_arguments,
     add_model_arguments,
+    announce_tree,
     load_pair_from_args,
+    log_tree_budget,
     run_parallel,
     spec_from_args,
     tree_default,
@@ -54,18 +56,15 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("prompt must not be empty")
     started = time.perf_counter()
-    said = ([origin] if args.tree is None else []) + ([adaptive_origin] if adaptive else [])
-    if said:
-        print(f"mcsd: {', '.join(said)}", file=sys.stderr)
+    announce_tree(args, origin, adaptive_origin)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
         f"loaded {pair.names} in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
-    if adaptive:  # measured once, here, so that the generation's time leaves it out
-        budget = pair.tree_budget(spec.token_tree())
-        print(f"mcsd: adaptive tree: {budget.describe(1)}", file=sys.stderr)
+    if adaptive:
+        log_tree_budget(pair, spec, 1)
     started = time.perf_counter()
     text, tokens, finish, stats = "", [], "length", None
     for chunk, running in stream(pair, prompt, spec, chat=args.chat, adaptive=adaptive):

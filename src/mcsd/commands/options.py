@@ -313,8 +313,10 @@ def adaptive_from_args(args: argparse.Namespace, spec: SpecConfig) -> tuple[bool
     line says about it (None when off). Asked for with a tree it cannot shrink (``none``, a
     dynamic tree, the context or mixed proposer) or with ``--tp`` > 1 (every rank would measure
     its own costs and pick its own trees): ``ValueError``."""
+    from mcsd.api import one_row_spec
+
     asked = args.adaptive_tree
-    static = spec.speculative and spec.dynamic is None and spec.proposer == "model"
+    static = spec.speculative and not one_row_spec(spec)
     parallel = getattr(args, "tp", 1) > 1
     if asked:
         if not static:
@@ -331,6 +333,21 @@ def adaptive_from_args(args: argparse.Namespace, spec: SpecConfig) -> tuple[bool
     if not RUNTIME_ADAPTIVE_TREE.get(name, DEFAULT_ADAPTIVE_TREE):
         return False, None
     return True, f"adaptive tree (the default on {name}; --no-adaptive-tree turns it off)"
+
+
+def announce_tree(args: argparse.Namespace, origin: str, adaptive_origin: str | None) -> None:
+    """The command's first log line: where its tree (no ``--tree`` given) and its
+    ``--adaptive-tree`` (``adaptive_from_args``) come from; nothing when neither needs saying."""
+    said = ([origin] if args.tree is None else []) + ([adaptive_origin] if adaptive_origin else [])
+    if said:
+        print(f"mcsd: {', '.join(said)}", file=sys.stderr)
+
+
+def log_tree_budget(pair: ModelPair, spec: SpecConfig, rows: int) -> None:
+    """Measure ``spec``'s adaptive budget at ``rows`` rows now (``ModelPair.tree_budget``: the
+    engines reuse it, so the generation's time leaves it out) and log what it implies."""
+    budget = pair.tree_budget(spec.token_tree(), rows)
+    print(f"mcsd: adaptive tree: {budget.describe(rows)}", file=sys.stderr)
 
 
 def _runtime_name(args: argparse.Namespace) -> str:

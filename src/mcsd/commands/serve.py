@@ -22,7 +22,9 @@ from mcsd.commands.options import (
     add_adaptive_argument,
     add_decoding_arguments,
     add_model_arguments,
+    announce_tree,
     load_pair_from_args,
+    log_tree_budget,
     spec_from_args,
     tree_default,
 )
@@ -146,9 +148,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     started = time.perf_counter()
-    said = ([origin] if args.tree is None else []) + ([adaptive_origin] if adaptive else [])
-    if said:
-        print(f"mcsd: {', '.join(said)}", file=sys.stderr)
+    announce_tree(args, origin, adaptive_origin)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
     print(
@@ -157,9 +157,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_batch > 1:  # refuse a runtime that holds one row before serving
         with_rows(pair.target, args.max_batch)
-    if adaptive:  # measured once, before serving; the engines of the default tree reuse it
-        budget = pair.tree_budget(spec.token_tree(), args.max_batch)
-        print(f"mcsd: adaptive tree: {budget.describe(args.max_batch)}", file=sys.stderr)
+    if adaptive:  # before serving; the engines of the default tree reuse it
+        log_tree_budget(pair, spec, args.max_batch)
     app = create_app(
         pair,
         spec,
