@@ -115,9 +115,12 @@ fast-compiled)  # issue 12: the fast runtime compiled (--compile all: ~2 min per
   mcsd bench "${COMMON[@]}" --temperature 0 --out "$OUT_DIR/fast-compiled/hf-static" \
     --methods hf-static ar
   ;;
-fast-compiled-t1)
-  mcsd bench "${FAST[@]}" --compile all --temperature 1 --out "$OUT_DIR/fast-compiled-t1" \
-    --methods ar sps:4 tree:2,2,2:mcss-wor tree:4,2,2:mcss-wor
+fast-compiled-t1)  # issue 12 at temperature 1: compiled fast runtime, then hf-static in the same
+  # call; the files land in $OUT as they are written
+  mcsd bench "${FAST[@]}" --compile all --temperature 1 --out "${OUT:-$OUT_DIR}/fast-compiled-t1" \
+    --methods ar sps:4 tree:2,2,2:mcss-wor
+  mcsd bench "${COMMON[@]}" --temperature 1 --out "${OUT:-$OUT_DIR}/fast-compiled-t1/hf-static" \
+    --methods hf-static ar
   ;;
 batch)  # issue 14: throughput at batch 1 / 4 / 16 on the fast runtime (graphs), 8 + 8 prompts
   for b in 1 4 16; do
@@ -129,19 +132,39 @@ batch)  # issue 14: throughput at batch 1 / 4 / 16 on the fast runtime (graphs),
       --methods ar tree:2,2,2:mcss-wor
   done
   ;;
-serve)  # issue 14: mcsd serve on the fast runtime, 16 rows, adaptive tree; 1 / 4 / 16 clients,
-  # the server's tree and plain decoding (per-request tree "none") against the same server
-  mkdir -p "$OUT_DIR/serve"
+serve)  # issue 14: mcsd serve on the fast runtime, 16 rows, adaptive tree; 1 / 4 / 16 / 64
+  # clients, the server's tree and plain decoding (per-request tree "none") against the same
+  # server. The log and each level's JSON go to $OUT as they are written, so a call that runs
+  # out of time still brings back where the time went.
+  dest=${OUT:-$OUT_DIR}/serve-live
+  mkdir -p "$dest"
+  started=$(date +%s)
   mcsd serve --target "$WORK/t" --draft "$WORK/d" --device cuda --dtype bfloat16 --runtime fast \
-    --max-batch 16 --adaptive-tree --port 8777 --log-level warning >"$OUT_DIR/serve/server.log" 2>&1 &
-  for _ in $(seq 400); do python3 -c 'import httpx; httpx.get("http://127.0.0.1:8777/health").raise_for_status()' 2>/dev/null && break; sleep 1; done
+    --max-batch 16 --adaptive-tree --port 8777 --log-level warning >"$dest/server.log" 2>&1 &
+  server=$!
+  up=0
+  for _ in $(seq 300); do
+    if ! kill -0 "$server" 2>/dev/null; then echo "server exited:"; tail -40 "$dest/server.log"; exit 1; fi
+    python3 -c 'import httpx; httpx.get("http://127.0.0.1:8777/health").raise_for_status()' 2>/dev/null && up=1 && break
+    sleep 1
+  done
+  echo "server up=$up after $(($(date +%s) - started)) s"
+  [ "$up" = 1 ] || { tail -40 "$dest/server.log"; kill "$server"; exit 1; }
   for tree in default none; do
     extra=()
     [ "$tree" = none ] && extra=(--tree none)
-    python3 bench/serve_load.py --url http://127.0.0.1:8777 --concurrency 1,4,16 --requests 32 \
-      --max-tokens 128 "${extra[@]}" --json "$OUT_DIR/serve/load-$tree.json"
+    python3 bench/serve_load.py --url http://127.0.0.1:8777 --concurrency 1,4,16,64 --requests 64 \
+      --max-tokens 128 "${extra[@]}" --json "$dest/load-$tree.json" | tee "$dest/load-$tree.txt"
   done
-  kill %1 || true
+  kill "$server" || true
+  ;;
+batch-adaptive)  # issue 14: the adaptive budget against ar and a fixed tree at batch 1 / 4 /
+  # 16 / 32 (graphs; 16 + 16 prompts, so 32 rows fill), greedy, then temperature 1; one load
+  # each; the files land in $OUT as they are written
+  mcsd bench "${FAST[@]}" --n 16 --temperature 0 --batch-size 1,4,16,32 \
+    --out "${OUT:-$OUT_DIR}/batch-adaptive/t0" --methods ar tree:2,2,2 tree:2,2,2+adaptive
+  mcsd bench "${FAST[@]}" --n 16 --temperature 1 --batch-size 4,16,32 \
+    --out "${OUT:-$OUT_DIR}/batch-adaptive/t1" --methods ar tree:2,2,2:mcss-wor+adaptive
   ;;
 compiled)  # the draft under torch.compile too (~30 s per captured shape)
   mcsd bench "${COMMON[@]}" --temperature 0 --compile draft --out "$OUT_DIR/compiled" \
@@ -149,12 +172,12 @@ compiled)  # the draft under torch.compile too (~30 s per captured shape)
   ;;
 esac
 case "$1" in
-greedy | sampling | compiled | fast-greedy | fast-sampling | baseline | fast-compiled | fast-compiled-t1 | batch | serve)  # one archive comes back from the device ($OUT), not 20 files
+greedy | sampling | compiled | fast-greedy | fast-sampling | baseline | fast-compiled | batch)  # one archive comes back from the device ($OUT), not 20 files
   if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$1.tgz" -C "$OUT_DIR" "$1"; fi
   ;;
-pieces | append | prepare) ;;
+pieces | append | prepare | serve | batch-adaptive | fast-compiled-t1) ;;
 *)
-  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling | fast-compiled | fast-compiled-t1 | batch | serve" >&2
+  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling | fast-compiled | fast-compiled-t1 | batch | batch-adaptive | serve" >&2
   exit 2
   ;;
 esac

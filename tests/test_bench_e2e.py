@@ -238,10 +238,28 @@ def test_bench_batch_size(tiny_pair, tmp_path: Path, capsys) -> None:
     assert "tree:2,2" in capsys.readouterr().out
 
 
+def test_bench_several_batch_sizes(tiny_pair, tmp_path: Path, capsys) -> None:
+    """``--batch-size 1,2``: both sizes on one model load, a file and a table per size, and the
+    same greedy answers at every size."""
+    target, draft, prompts = tiny_pair
+    out = tmp_path / "out"
+    models = ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+    run = ["--dataset", str(prompts), "--max-new-tokens", "6", "--temperature", "0"]
+    argv = ["bench", *models, *run, "--out", str(out), "--batch-size", "1,2"]
+    assert main([*argv, "--methods", "ar", "tree:2,1"]) == 0
+    one, two = (json.loads((out / f"batch-{b}.json").read_text()) for b in (1, 2))
+    assert [r["batch_size"] for r in one + two] == [1, 1, 2, 2]
+    assert all(r["matches_ar"] is True for r in one + two)
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    assert capsys.readouterr().out.count("tree:2,1") == 2
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--batch-size", "1,x"], "--batch-size must be an integer >= 1 or a comma-separated"),
+        (["--batch-size", "2,2"], "--batch-size names a size twice"),
         (["--batch-size", "2", "--methods", "hf-ar", "ar"], "drop hf-ar"),
     ],
 )

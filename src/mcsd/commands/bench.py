@@ -64,12 +64,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=str,
         default=None,
-        metavar="B",
+        metavar="B[,B...]",
         help="instead of one answer at a time: throughput of ar / sps / tree methods with B rows "
         "decoded side by side (first turns only, rows joining as others finish); tokens/s "
-        "summed over the batch",
+        "summed over the batch; several sizes (1,4,16) run one after another on one model load",
     )
     parser.add_argument(
         "--replot",
@@ -204,17 +204,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch-size``: one size or a comma-separated list of them, each an integer >= 1."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            size = int(part)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ValueError(
+                f"--batch-size must be an integer >= 1 or a comma-separated list of them "
+                f"(e.g. 1,4,16), got {text!r}"
+            )
+        sizes.append(size)
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"--batch-size names a size twice: {text!r}")
+    return tuple(sizes)
+
+
 def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> int:
-    """``--batch-size B``: every method's throughput at B rows (``mcsd.bench.batch``)."""
+    """``--batch-size B[,B...]``: every method's throughput at B rows, for each B in turn on one
+    model load (``mcsd.bench.batch``)."""
     import json
 
     from mcsd.bench.batch import batch_table, check_batch_methods, run_batch_bench
     from mcsd.bench.runner import build_prompt
     from mcsd.models.base import with_rows
 
-    batch = args.batch_size
-    if isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"--batch-size must be an integer >= 1, got {batch}")
+    sizes = parse_batch_sizes(args.batch_size)
     if args.methods is None:  # the defaults' transformers baselines decode one row at a time
         from mcsd.bench.methods import parse_method
 
@@ -223,31 +241,34 @@ def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> 
     questions = load_questions(args)
     print("loading models...", file=sys.stderr)
     pair = load_pair_from_args(args)
-    with_rows(pair.target, batch)  # a runtime that holds one row refuses before any work
-    _log_budgets(pair, methods, base, batch)
+    with_rows(pair.target, max(sizes))  # a runtime that holds one row refuses before any work
     chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
     prompts = [build_prompt(pair.tokenizer, q, [], 0, chat) for q in questions]
-    results = run_batch_bench(pair, prompts, methods, base, batch)
-    table = batch_table(results)
-    print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {
-            "method": r.method,
-            "batch_size": r.batch_size,
-            "tokens": r.tokens,
-            "seconds": r.seconds,
-            "tokens_per_second": r.tokens_per_second,
-            "mean_accepted_length": r.stats.mean_accepted_length,
-            "plain_steps": r.stats.plain_steps,
-            "steps": r.stats.steps,
-            "matches_ar": r.matches_ar,
-        }
-        for r in results
-    ]
-    (out / f"batch-{batch}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / f"batch-{batch}.txt").write_text(table + "\n")
+    tables = []
+    for batch in sizes:
+        _log_budgets(pair, methods, base, batch)
+        results = run_batch_bench(pair, prompts, methods, base, batch)
+        table = batch_table(results)
+        print(table, flush=True)
+        tables.append(table)
+        rows = [
+            {
+                "method": r.method,
+                "batch_size": r.batch_size,
+                "tokens": r.tokens,
+                "seconds": r.seconds,
+                "tokens_per_second": r.tokens_per_second,
+                "mean_accepted_length": r.stats.mean_accepted_length,
+                "plain_steps": r.stats.plain_steps,
+                "steps": r.stats.steps,
+                "matches_ar": r.matches_ar,
+            }
+            for r in results
+        ]
+        (out / f"batch-{batch}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / f"batch-{batch}.txt").write_text(table + "\n")
     print(f"results in {out}/", file=sys.stderr)
     return 0
 
