@@ -196,6 +196,40 @@ def test_forward_rows_runs_the_rows_given(single, rows) -> None:
         rows.forward_rows([3], tokens[:1], positions[:1], chain_mask(2))
 
 
+def test_a_forward_of_every_row_is_one_decode(single) -> None:
+    """Three rows' trees (3 x 22 tokens) in one llama_decode when ``batch`` holds them."""
+    rows = single.with_rows(3)
+    calls = []
+    decode = rows._decode
+    rows._decode = lambda m: (calls.append(m), decode(m))[1]  # type: ignore[method-assign]
+    prompts = [[1], [2], [3]]
+    rows.forward(*tree_block(prompts, [node_tokens(seed) for seed in range(3)]))
+    assert calls == [3 * (TREE.num_nodes + 1)]
+
+
+def test_draft_rows_with_uncached_tokens_of_different_lengths(tiny_paths, single) -> None:
+    """The draft over 2 rows, one with 6 uncached tokens and one with 1 (left-padded: the
+    padding tokens are roots with ids of their own): each row's proposal and q equal its
+    proposal alone."""
+    from mcsd.draft.model import ModelProposer
+
+    draft = LlamaCppModel(tiny_paths["draft"], ROWS)
+    spec = SpecConfig(tree="2,2", rule="mcss", target=SamplingConfig(1.0), max_new_tokens=4)
+    committed = [[1, 2, 0, 3, 1, 2, 0, 1], [2]]
+    together = ModelProposer.for_spec(draft.with_rows(2), spec, 4)
+    together.start_row(0, committed[0][:3])
+    together.extend_row(0, committed[0][3:])
+    together.start_row(1, committed[1])
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    proposals = together.propose_rows([0, 1], committed, generators)
+    for row, proposal in enumerate(proposals):
+        alone = ModelProposer.for_spec(draft, spec, 4)
+        alone.start(committed[row])
+        expected = alone.propose(committed[row], torch.Generator().manual_seed(row + 1))
+        assert proposal.tokens.tolist() == expected.tokens.tolist(), row
+        assert max_diff(proposal.q, expected.q) < EXACT, row
+
+
 def test_bad_input_names_the_parameter(tiny_paths, single) -> None:
     path = tiny_paths["target"]
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
@@ -252,6 +286,16 @@ def test_engine_rows_equal_batch_one(pair, case: EngineCase) -> None:
     alone = batch_generations(case, jobs, 1, models=models)
     assert batched == alone
     assert all(len(tokens) == 6 for tokens in batched)
+
+
+def test_generate_a_list_with_adaptive_tree_equals_target_greedy(pair) -> None:
+    """The measured tree budget at 3 rows (whatever tree, or plain steps, it picks): greedy
+    output is the target's own."""
+    config = SpecConfig(tree="2,2", target=GREEDY, max_new_tokens=10, stop_token_ids=())
+    prompts = ["abca", "d", "bcdab"]
+    together = generate(pair, prompts, config, batch_size=3, adaptive=True)
+    plain = replace(config, tree="none")
+    assert [r.token_ids for r in together] == [generate(pair, p, plain).token_ids for p in prompts]
 
 
 def test_generate_a_list_of_prompts_equals_each_alone(pair) -> None:
