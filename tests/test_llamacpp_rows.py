@@ -7,9 +7,12 @@ On the tiny GGUF models (``mcsd.checks.tiny_gguf``, float32, vocabulary 4), exac
 - a forward of every row (prompts of different lengths, a token tree) gives each row the logits
   it gets alone in a context of its own, also after commits of different paths per row, after
   one row is reset and refilled, and through ``forward_rows`` (a subset of the rows, the others
-  untouched and unable to keep or see its padding);
+  untouched and unable to keep or see its padding); every row's tree is one ``llama_decode``;
+  a commit that used ``seq_keep`` (which drops the other rows' ids) is caught by the same check;
+- the draft over rows whose uncached tokens differ in length (left padding) proposes what each
+  row proposes alone;
 - the batch engine at 3 rows, greedy and seeded sampling, gives every prompt its batch-1 output
-  (``mcsd.generate`` over a list of prompts included);
+  (``mcsd.generate`` over a list of prompts included, and with the adaptive tree budget);
 - whole-engine losslessness at batch 4 through llama.cpp, and a broken engine (each row verified
   with its neighbour's logits) failing the same test;
 - the server at 4 rows and ``mcsd bench --runtime llama.cpp --batch-size 4``;
@@ -141,6 +144,34 @@ def test_rows_forward_equals_each_row_alone(single, rows) -> None:
         for row, text in enumerate(committed):
             text.append(token)
             assert max_diff(step[row, 0], score(single, text)[-1]) < EXACT, (row, token)
+
+
+class KeepOneRow:
+    """Broken llama.cpp bindings: a row's commit drops its branch ids with ``seq_keep`` of its
+    committed id, which drops every other row's ids too."""
+
+    def __init__(self, lib, per_row: int) -> None:
+        self._lib, self._per_row = lib, per_row
+
+    def __getattr__(self, name: str):
+        return getattr(self._lib, name)
+
+    def llama_memory_seq_rm(self, memory, seq: int, start: int, end: int) -> bool:
+        return self._lib.llama_memory_seq_keep(memory, seq - seq % self._per_row)
+
+
+def test_seq_keep_in_a_row_commit_is_caught(single, rows) -> None:
+    """Prefills of three rows, then a step of every row, with the broken commit: the rows
+    committed before the last lost their cells, so their logits are wrong."""
+    prompts = [[1, 2, 0], [3, 1], [0, 1, 2, 3, 1]]
+    rows._lib = KeepOneRow(rows._lib, SPLIT.row_sequences)
+    for row, prompt in enumerate(prompts):
+        prefill(rows, row, prompt)
+    tokens = torch.tensor([[p[-1]] for p in prompts])  # [3, 1]
+    positions = torch.tensor([[len(p) - 1] for p in prompts])  # [3, 1]
+    step = rows.forward(tokens, positions, chain_mask(1))
+    diffs = [max_diff(step[row, 0], score(single, p)[-1]) for row, p in enumerate(prompts)]
+    assert min(diffs[:2]) > 100 * EXACT and diffs[2] < EXACT, diffs
 
 
 def test_reset_of_one_row_leaves_the_others(single, rows) -> None:

@@ -4,8 +4,9 @@
 - One llama.cpp context per model (``LlamaCppConfig``: threads, KV cells, batch size), with a
   unified KV cache. The tree structure of the pending block becomes sequence ids
   (``mcsd.models.sequences``), so a whole token tree is scored in ONE ``llama_decode``, a draft's
-  tree level in one more, and committing the accepted path costs two metadata calls
-  (``llama_memory_seq_cp`` + ``llama_memory_seq_keep``): the prefix is never decoded again.
+  tree level in one more, and committing the accepted path costs a few metadata calls
+  (``llama_memory_seq_cp``, then ``llama_memory_seq_keep`` for one row, ``llama_memory_seq_rm``
+  of each branch id for several): the prefix is never decoded again.
 - The logits of every new token come back as float32 (``llama_get_logits``, in batch order).
 - Rows (``batch_size = B``: the server's ``--max-batch``, a list of prompts, ``mcsd bench
   --batch-size``) share the context and its cell pool: row ``r`` owns a block of sequence ids
@@ -13,7 +14,9 @@
   ``LlamaCppConfig.row_sequences``), so rows never see each other's cells, every row's tokens go
   into the same ``llama_batch`` (one ``llama_decode`` for the whole batch's trees), a commit
   drops a row's own branch ids (``llama_memory_seq_rm``: ``seq_keep`` would drop every other
-  row's too) and ``forward_rows`` runs a subset of the rows without padding the others.
+  row's too) and ``forward_rows`` runs a subset of the rows without padding the others. A
+  draft's left-padded tokens (rows with uncached tokens of different lengths) are roots, so
+  each takes an id of its row's block. ``raw_*`` (the baselines) use row 0.
 
 ``GGUFTokenizer`` is the tokenizer of a GGUF file through llama.cpp's own (``llama_tokenize``,
 ``llama_detokenize``) with the GGUF's chat template rendered by jinja2 the way transformers
@@ -129,7 +132,7 @@ class LlamaCppModel:
             raise ValueError(f"config must be a LlamaCppConfig, got {type(config).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        per_row, setting = row_sequences(config, batch_size)
+        per_row, setting = _row_sequences(config, batch_size)
         path = check_gguf_file(path) if weights is None else weights.path
         self.config = config
         if weights is None:
@@ -429,7 +432,7 @@ class LlamaCppModel:
         return np.ctypeslib.as_array(pointer, shape=(m, self._vocab))  # [m, V] float32 view
 
 
-def row_sequences(config: LlamaCppConfig, batch_size: int) -> tuple[int, str]:
+def _row_sequences(config: LlamaCppConfig, batch_size: int) -> tuple[int, str]:
     """The sequence ids each of ``batch_size`` rows owns, and what to change for more;
     ``ValueError`` naming the parameter when llama.cpp cannot hold that many."""
     per_row = config.row_sequences
