@@ -234,9 +234,9 @@ def test_one_row_runtime_refuses_more_rows() -> None:
     from mcsd.models.base import with_rows
 
     class OneRowRuntime:
-        name, batch_size = "llama.cpp:tiny", 1
+        name, batch_size = "one-row:tiny", 1
 
-    with pytest.raises(ValueError, match=r"batch_size: runtime llama\.cpp:tiny holds one row"):
+    with pytest.raises(ValueError, match=r"batch_size: runtime one-row:tiny holds one row"):
         with_rows(OneRowRuntime(), 4)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         with_rows(OneRowRuntime(), 0)  # type: ignore[arg-type]

@@ -252,8 +252,8 @@ def test_engine_with_a_tree_in_one_sequence_is_caught(tiny, monkeypatch) -> None
     from conftest import one_sequence
 
     target, _ = tiny
-    plan = target._sequences.plan
-    monkeypatch.setattr(target._sequences, "plan", lambda *a: one_sequence(plan(*a)))
+    plan = target._rows[0].plan
+    monkeypatch.setattr(target._rows[0], "plan", lambda *a: one_sequence(plan(*a)))
     result = run_engine_case(EngineCase("mcss-wor", "4,2,2"), TRIALS, seed=1, models=tiny)
     assert not result.fit.passed, result.fit
 
@@ -295,8 +295,8 @@ def test_bad_input_is_one_clear_line(tiny, tiny_paths, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model context of 64") as error:
         generate(pair, [1] * 70, SpecConfig(tree="2", target=GREEDY, max_new_tokens=4))
     errors.append(error)
-    with pytest.raises(ValueError, match="batch_size") as error:
-        LlamaCppModel(tiny_paths["target"], TINY, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1") as error:
+        LlamaCppModel(tiny_paths["target"], TINY, batch_size=0)
     errors.append(error)
     with pytest.raises(ValueError, match="dtype") as error:
         load_pair(

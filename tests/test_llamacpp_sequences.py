@@ -45,6 +45,12 @@ class FakeCache:
     def seq_keep(self, seq: int) -> None:
         self.cells = [Cell(c.label, c.pos, {seq}) for c in self.cells if seq in c.seqs]
 
+    def seq_rm(self, seq: int) -> None:
+        """``llama_memory_seq_rm(seq, -1, -1)``: a cell left without ids is freed."""
+        for cell in self.cells:
+            cell.seqs.discard(seq)
+        self.cells = [c for c in self.cells if c.seqs]
+
     def extent(self, seq: int) -> tuple[int, int]:
         positions = [c.pos for c in self.cells if seq in c.seqs]
         return (min(positions), max(positions)) if positions else (-1, -1)
@@ -71,19 +77,28 @@ class FakeCache:
 
 
 class Scenario:
-    """A SequenceMap, the fake cache, and what every pending entry should see."""
+    """A SequenceMap (one row: ids ``base ..``), the fake cache (shared by the rows of one
+    context: ``shared``), and what every pending entry should see."""
 
-    def __init__(self, sequences: int = 64) -> None:
-        self.map = SequenceMap(sequences)
-        self.cache = FakeCache()
+    def __init__(
+        self, sequences: int = 64, *, base: int = 0, cache: FakeCache | None = None
+    ) -> None:
+        self.map = SequenceMap(sequences, base=base)
+        self.shared = cache is not None
+        self.cache = FakeCache() if cache is None else cache
         self.committed: list[int] = []  # labels of the committed tokens, in order
         self.pending: list[int] = []  # labels of the pending entries, in block order
         self.ancestry: list[set[int]] = []  # per pending entry: itself and its ancestors' labels
-        self.next_label = 0
+        self.next_label = base * 1000  # labels unique across the rows of one cache
 
     def forward(self, parents: list[int]) -> None:
         """New tokens below ``parents`` (pending indices, ROOT, or pending + i for earlier new
         tokens); checks the mask route (rows) and what llama.cpp would let each token see."""
+        batch = self.prepare(parents)
+        self.finish(self.cache.decode(batch))
+
+    def prepare(self, parents: list[int]) -> list[tuple[int, int, tuple[int, ...]]]:
+        """The plan of ``forward`` and its copies; returns the tokens for the batch."""
         first = len(self.pending)
         labels = list(range(self.next_label, self.next_label + len(parents)))
         self.next_label += len(parents)
@@ -99,31 +114,49 @@ class Scenario:
         plan = self.map.plan(parents, positions)
         for copy in plan.copies:
             self.cache.seq_cp(copy.source, copy.target, copy.end)
-        seen = self.cache.decode(list(zip(labels, plan.positions, plan.seqs, strict=True)))
+        self._planned = (plan, labels, ancestry, first)
+        return list(zip(labels, plan.positions, plan.seqs, strict=True))
+
+    def finish(self, seen: list[set[int]]) -> None:
+        """Adopt the prepared plan once decoded; each token saw what ``seen`` says."""
+        plan, labels, ancestry, first = self._planned
         self.map.apply(plan)
         for i, visible in enumerate(seen):
-            assert visible == set(self.committed) | ancestry[first + i], (i, parents)
+            assert visible == set(self.committed) | ancestry[first + i], i
         self.pending += labels
         self.ancestry = ancestry
 
+    def skip(self, n: int) -> None:
+        """A forward of the other rows: ``n`` padding entries here."""
+        self.map.skip(n)
+        self.pending += [-1] * n
+        self.ancestry += [set() for _ in range(n)]
+
     def commit(self, keep: list[int]) -> None:
+        branches = self.map.branches
         copy = self.map.commit(keep)
         if copy is not None:
             self.cache.seq_cp(copy.source, copy.target, copy.end)
-        self.cache.seq_keep(COMMITTED)
+        if self.shared:  # seq_keep would drop the other rows' ids
+            for seq in branches:
+                self.cache.seq_rm(seq)
+        else:
+            self.cache.seq_keep(COMMITTED)
         self.committed += [self.pending[i] for i in keep]
-        assert [c.label for c in sorted(self.cache.cells, key=lambda c: c.pos)] == self.committed
-        assert [c.pos for c in sorted(self.cache.cells, key=lambda c: c.pos)] == list(
-            range(len(self.committed))
-        )
+        base = self.map.base
+        mine = sorted((c for c in self.cache.cells if base in c.seqs), key=lambda c: c.pos)
+        assert [c.label for c in mine] == self.committed
+        assert [c.pos for c in mine] == list(range(len(self.committed)))
+        assert all(c.seqs == {base} for c in mine)  # no branch id survives the commit
         self.pending, self.ancestry = [], []
 
 
 def _random_path(scenario: Scenario, rng: random.Random) -> list[int]:
     """A random root-to-entry path of the pending block (possibly empty)."""
-    if not scenario.pending or rng.random() < 0.15:
+    real = [i for i, label in enumerate(scenario.pending) if label != -1]  # not padding
+    if not real or rng.random() < 0.15:
         return []
-    node = rng.randrange(len(scenario.pending))
+    node = rng.choice(real)
     path = []
     while node != ROOT:
         path.append(node)
@@ -148,6 +181,68 @@ def test_random_forests_see_exactly_their_ancestors(seed: int) -> None:
                 )
             scenario.forward(parents)
         scenario.commit(_random_path(scenario, rng))
+
+
+def _random_parents(scenario: Scenario, rng: random.Random) -> list[int]:
+    """New tokens below random real (not padding) entries, mostly recent ones."""
+    pending = len(scenario.pending)
+    real = [i for i in range(pending) if scenario.pending[i] != -1]
+    parents: list[int] = []
+    for i in range(rng.randrange(1, 5)):
+        choices = [ROOT, *real, *range(pending, pending + i)]
+        parents.append(rng.choice(choices[-4:]) if rng.random() < 0.7 else rng.choice(choices))
+    return parents
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_rows_of_one_cache_see_exactly_their_own_ancestors(seed: int) -> None:
+    """Three rows on one cache (ids 0.., 8.., 16..): each forward puts the tokens of a random
+    subset of the rows in ONE batch (the others get padding entries), commits drop each row's
+    own branch ids; every token sees its row's committed tokens and its ancestors only, and no
+    row's commit disturbs another's cells."""
+    rng = random.Random(seed)
+    cache = FakeCache()
+    rows = [Scenario(8, base=8 * r, cache=cache) for r in range(3)]
+    for row in rows:
+        row.forward([ROOT, *range(rng.randrange(0, 4))])  # prefills of different lengths
+        row.commit(list(range(len(row.pending))))
+    for _ in range(rng.randrange(2, 5)):
+        for _ in range(rng.randrange(1, 4)):
+            running = [row for row in rows if rng.random() < 0.7] or rows[:1]
+            n = rng.randrange(1, 4)
+            parents = {id(row): _random_parents(row, rng)[:n] for row in running}
+            n = min(len(p) for p in parents.values())
+            batch, spans = [], []
+            for row in running:
+                tokens = row.prepare(parents[id(row)][:n])
+                spans.append((row, len(batch), len(batch) + len(tokens)))
+                batch += tokens
+            seen = cache.decode(batch)
+            for row, start, stop in spans:
+                row.finish(seen[start:stop])
+            for row in rows:
+                if row not in running:
+                    row.skip(n)
+        for row in rows:
+            row.commit(_random_path(row, rng))
+
+
+def test_padding_entries_are_neither_seen_nor_kept() -> None:
+    sequences = SequenceMap(8, base=8)
+    sequences.apply(sequences.plan([ROOT], [0]))
+    sequences.skip(2)
+    assert sequences.pending == 3 and sequences.branches == (9,)
+    assert sequences.chain_parents(1) is None  # a block with padding is no chain
+    with pytest.raises(ValueError, match=r"sees pending entries \[1\], padding"):
+        sequences.parents_from_mask([[True, True, False, True]])
+    assert sequences.parents_from_mask([[True, False, False, True]]) == [0]
+    with pytest.raises(ValueError, match="keep: entry 2 is padding"):
+        sequences.commit([2])
+    with pytest.raises(ValueError, match="without padding"):
+        sequences.whole_block()
+    copy = sequences.commit([0])
+    assert copy is not None and (copy.source, copy.target, copy.end) == (9, 8, 1)
+    assert sequences.committed == 1 and sequences.branches == ()
 
 
 def test_draft_levels_attach_to_earlier_forwards() -> None:

@@ -61,10 +61,13 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
 class LlamaCppConfig:
     """One llama.cpp context (``mcsd.models.llamacpp``); the target and the draft get one each.
 
-    KV cells = ``context + pending_cells``: the committed tokens of a row use at most
+    KV cells = ``context + pending_cells`` per row: the committed tokens of a row use at most
     ``context`` positions, and a step's pending block (a token tree) needs its own cells on top.
-    A tree is scored in one ``llama_decode`` with one sequence id per root-to-leaf path, so
-    ``sequences`` bounds the leaves of a tree (plus one id for the committed tokens).
+    A tree is scored in one ``llama_decode`` with one sequence id per root-to-leaf path, so the
+    ids a row owns (``row_sequences``) bound the leaves of its tree plus one id for the
+    committed tokens. A context of B rows (``LlamaCppModel(batch_size=B)``: the server's
+    ``--max-batch``, a list of prompts) asks llama.cpp for ``B x row_sequences`` ids, which must
+    be at most 256 (llama.cpp's limit) and at most ``batch``.
     """
 
     context: int = STATIC_MAX_LENGTH  # positions per row (capped at the model's training length)
@@ -74,7 +77,11 @@ class LlamaCppConfig:
     # Tokens per llama_decode (longer forwards are split); every token's logits are kept, so the
     # output buffer is batch x vocabulary floats (512 x 151,936 x 4 B = 311 MB for Qwen).
     batch: int = 512
-    sequences: int = 128  # sequence ids: 127 tree leaves at most (llama.cpp allows 256)
+    sequences: int = 128  # the most sequence ids a row owns: 127 tree leaves at most
+    # Sequence ids per row (a draft's padding roots count as leaves too: rows whose uncached
+    # tokens differ in length). None: llama.cpp's 256 ids shared evenly by the rows, at most
+    # ``sequences`` and ``batch`` / rows each (1 row: 128, 4 rows: 64, 16 rows: 16 ids).
+    row_sequences: int | None = None
     # llama.cpp's repacked CPU weight layouts ("extra buffer types"); False is the documented way
     # around kernels that crash on some CPUs (AMX, see .ci/prepare)
     repack: bool = True
@@ -101,6 +108,8 @@ class LlamaCppConfig:
                 _check_int(name, getattr(self, name), 1)
         _check_int("batch", self.batch, 1)
         _check_int("sequences", self.sequences, 2, LLAMA_MAX_SEQUENCES)
+        if self.row_sequences is not None:
+            _check_int("row_sequences", self.row_sequences, 2, LLAMA_MAX_SEQUENCES)
         if self.batch < self.sequences:  # llama.cpp asserts it (llama_context::output_reserve)
             raise ValueError(
                 f"batch ({self.batch}) must be >= sequences ({self.sequences}): llama.cpp keeps "

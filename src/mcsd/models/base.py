@@ -161,7 +161,7 @@ class CommittedRows:
         return False
 
 
-ROW_RUNTIMES = "table, hf, hf-static and fast"  # the runtimes that hold more than one row
+ROW_RUNTIMES = "table, hf, hf-static, fast and llama.cpp"  # the runtimes that hold several rows
 
 
 def with_rows(runtime: Runtime, batch_size: int) -> Runtime:
@@ -210,10 +210,15 @@ def rows_forward(
     ``n`` padding tokens (token 0 at its committed length), each seeing only itself, so nothing
     of that row is read or changed; the caller drops the padding entries at the commit (keeps
     none of them). Returns ``[B, n, V]`` over every runtime row, as ``forward`` (padding rows'
-    logits are meaningless)."""
+    logits are meaningless). A runtime with a native subset forward (an optional
+    ``forward_rows`` method of this signature: llama.cpp) computes ``rows`` alone; the other
+    rows' pending blocks still grow by ``n`` padding entries, so the commit is the same."""
     batch = runtime.batch_size
     if len(rows) == batch:
         return runtime.forward(tokens, positions, tree_mask, logits=logits)
+    native = getattr(runtime, "forward_rows", None)
+    if native is not None:
+        return native(rows, tokens, positions, tree_mask, logits=logits)
     device = runtime.device
     n, pending = tokens.shape[1], runtime.pending_length
     index = to_device(list(rows), device)  # [R]
@@ -242,18 +247,37 @@ def keep_rows(batch_size: int, keep: dict[int, list[int]]) -> list[list[int]]:
 
 
 def check_forward(
-    runtime: Runtime, tokens: Tensor, positions: Tensor, tree_mask: Tensor, logits: str = "all"
+    runtime: Runtime,
+    tokens: Tensor,
+    positions: Tensor,
+    tree_mask: Tensor,
+    logits: str = "all",
+    *,
+    rows: Sequence[int] | None = None,
 ) -> tuple[int, int]:
-    """Validate a ``forward`` call's shapes; returns ``(B, n)``. Shared by every runtime so
-    that a wrong call fails the same clear way everywhere."""
+    """Validate a ``forward`` call's shapes (of ``forward_rows`` for ``rows``: increasing row
+    indices, one per row of ``tokens``); returns ``(B, n)``, ``B`` the rows of ``tokens``.
+    Shared by every runtime so that a wrong call fails the same clear way everywhere."""
     if tokens.dim() != 2 or positions.shape != tokens.shape:
         raise ValueError(
             f"tokens and positions must both be [B, n], got {list(tokens.shape)} and "
             f"{list(positions.shape)}"
         )
     batch, n = tokens.shape
-    if batch != runtime.batch_size:
+    if rows is None and batch != runtime.batch_size:
         raise ValueError(f"this runtime holds {runtime.batch_size} rows, got a batch of {batch}")
+    if rows is not None:
+        listed = list(rows)
+        if (
+            len(listed) != batch
+            or any(isinstance(r, bool) or not isinstance(r, int) for r in listed)
+            or any(not 0 <= r < runtime.batch_size for r in listed)
+            or any(j <= i for i, j in itertools.pairwise(listed))
+        ):
+            raise ValueError(
+                f"rows must be {batch} increasing row indices in [0, {runtime.batch_size}) (one "
+                f"per row of tokens), got {listed}"
+            )
     width = runtime.pending_length + n
     if tuple(tree_mask.shape) not in ((n, width), (batch, n, width)):
         raise ValueError(

@@ -4,10 +4,19 @@
 - One llama.cpp context per model (``LlamaCppConfig``: threads, KV cells, batch size), with a
   unified KV cache. The tree structure of the pending block becomes sequence ids
   (``mcsd.models.sequences``), so a whole token tree is scored in ONE ``llama_decode``, a draft's
-  tree level in one more, and committing the accepted path costs two metadata calls
-  (``llama_memory_seq_cp`` + ``llama_memory_seq_keep``): the prefix is never decoded again.
+  tree level in one more, and committing the accepted path costs a few metadata calls
+  (``llama_memory_seq_cp``, then ``llama_memory_seq_keep`` for one row, ``llama_memory_seq_rm``
+  of each branch id for several): the prefix is never decoded again.
 - The logits of every new token come back as float32 (``llama_get_logits``, in batch order).
-- One row (``batch_size = 1``); rows for the server's batching are future work.
+- Rows (``batch_size = B``: the server's ``--max-batch``, a list of prompts, ``mcsd bench
+  --batch-size``) share the context and its cell pool: row ``r`` owns a block of sequence ids
+  (``r * S`` for its committed tokens, the next ``S - 1`` for its tree's paths;
+  ``LlamaCppConfig.row_sequences``), so rows never see each other's cells, every row's tokens go
+  into the same ``llama_batch`` (one ``llama_decode`` for the whole batch's trees), a commit
+  drops a row's own branch ids (``llama_memory_seq_rm``: ``seq_keep`` would drop every other
+  row's too) and ``forward_rows`` runs a subset of the rows without padding the others. A
+  draft's left-padded tokens (rows with uncached tokens of different lengths) are roots, so
+  each takes an id of its row's block. ``raw_*`` (the baselines) use row 0.
 
 ``GGUFTokenizer`` is the tokenizer of a GGUF file through llama.cpp's own (``llama_tokenize``,
 ``llama_detokenize``) with the GGUF's chat template rendered by jinja2 the way transformers
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mcsd.config import LlamaCppConfig
+from mcsd.config import LLAMA_MAX_SEQUENCES, LlamaCppConfig
 from mcsd.models.base import Keep, Rows, chain_mask, check_forward, check_keep
 from mcsd.models.sequences import COMMITTED, SequenceMap
 
@@ -102,24 +111,33 @@ class _Model:
 
 class LlamaCppModel:
     """A GGUF causal LM on one llama.cpp context, behind the runtime protocol
-    (``mcsd.models.base``); see the module docstring."""
+    (``mcsd.models.base``); see the module docstring. ``batch_size`` rows share the context:
+    row ``r`` owns the sequence ids ``r * S .. (r + 1) * S - 1`` (``S``: ``row_sequences``,
+    by default what llama.cpp's 256 ids allow per row) and ``context + pending_cells`` of the
+    KV cells.
+    ``weights``: a loaded model to share (``with_rows``) instead of loading ``path``."""
 
     kind = "llama.cpp"
 
     def __init__(
-        self, path: str | Path, config: LlamaCppConfig | None = None, *, batch_size: int = 1
+        self,
+        path: str | Path,
+        config: LlamaCppConfig | None = None,
+        *,
+        batch_size: int = 1,
+        weights: _Model | None = None,
     ) -> None:
         config = LlamaCppConfig() if config is None else config
         if not isinstance(config, LlamaCppConfig):
             raise ValueError(f"config must be a LlamaCppConfig, got {type(config).__name__}")
-        if batch_size != 1:
-            raise ValueError(
-                "batch_size: the llama.cpp runtime holds one row (batch_size=1; rows are future "
-                f"work), got {batch_size!r}"
-            )
-        path = check_gguf_file(path)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        per_row, setting = _row_sequences(config, batch_size)
+        path = check_gguf_file(path) if weights is None else weights.path
         self.config = config
-        self.model = _Model(path, vocab_only=False, repack=config.repack, verbose=config.verbose)
+        if weights is None:
+            weights = _Model(path, vocab_only=False, repack=config.repack, verbose=config.verbose)
+        self.model = weights
         lib = self.model.lib
         pointer = self.model.pointer
         if lib.llama_model_is_recurrent(pointer) or lib.llama_model_n_swa(pointer) > 0:
@@ -131,11 +149,14 @@ class LlamaCppModel:
             raise ValueError(f"{path.name}: the llama.cpp runtime runs decoder-only causal LMs")
         trained = int(lib.llama_model_n_ctx_train(pointer))
         self._max_context = min(config.context, trained) if trained > 0 else config.context
+        # the KV cells one row may use: its committed positions and its pending block
+        self._row_cells = self._max_context + config.pending_cells
+        sequences = batch_size * per_row
         threads, batch_threads = config.thread_counts()
         params = lib.llama_context_default_params()
-        params.n_ctx = self._max_context + config.pending_cells
+        params.n_ctx = batch_size * self._row_cells  # one pool, rows' cells interleaved in it
         params.n_batch = params.n_ubatch = config.batch
-        params.n_seq_max = config.sequences
+        params.n_seq_max = sequences
         params.n_threads, params.n_threads_batch = threads, batch_threads
         params.kv_unified = True  # one cell pool: sequences share the prefix's cells
         params.no_perf = True
@@ -144,21 +165,26 @@ class LlamaCppModel:
         context = lib.llama_init_from_model(pointer, params)
         if not context:
             raise ValueError(
-                f"llama.cpp could not create a context of {params.n_ctx} cells for {path.name} "
-                "(out of memory?); lower LlamaCppConfig.context or pending_cells"
+                f"llama.cpp could not create a context of {params.n_ctx} cells "
+                f"({batch_size} rows x {self._row_cells}) for {path.name} (out of memory?); "
+                "lower batch_size, LlamaCppConfig.context or pending_cells"
             )
-        batch = lib.llama_batch_init(config.batch, 0, config.sequences)
+        batch = lib.llama_batch_init(config.batch, 0, per_row)
         self._finalizer = weakref.finalize(self, _free_context, lib, context, batch)
         self._lib, self._ctx, self._batch = lib, context, batch
         self._memory = lib.llama_get_memory(context)
-        # llama.cpp may round its cell count up; the configured count is the limit either way
-        self._cells = min(int(lib.llama_n_ctx(context)), self._max_context + config.pending_cells)
         self._vocab = int(lib.llama_vocab_n_tokens(self.model.vocab))
         self._tokens = np.ctypeslib.as_array(batch.token, shape=(config.batch,))
         self._positions = np.ctypeslib.as_array(batch.pos, shape=(config.batch,))
         self._n_seq = np.ctypeslib.as_array(batch.n_seq_id, shape=(config.batch,))
         self._outputs = np.ctypeslib.as_array(batch.logits, shape=(config.batch,))
-        self._sequences = SequenceMap(config.sequences)
+        self._rows = [
+            SequenceMap(per_row, base=row * per_row, setting=setting) for row in range(batch_size)
+        ]
+
+    def with_rows(self, batch_size: int) -> LlamaCppModel:
+        """The same loaded weights with a new context of ``batch_size`` rows."""
+        return LlamaCppModel(self.path, self.config, batch_size=batch_size, weights=self.model)
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -188,69 +214,73 @@ class LlamaCppModel:
 
     @property
     def batch_size(self) -> int:
-        return 1
+        return len(self._rows)
 
     def cache_lengths(self) -> tuple[int, ...]:
-        return (self._sequences.committed,)
+        return tuple(row.committed for row in self._rows)
 
     @property
     def pending_length(self) -> int:
-        return self._sequences.pending
+        return self._rows[0].pending  # the same for every row (skipped rows hold padding)
 
     @torch.inference_mode()
     def forward(
         self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
     ) -> Tensor | None:
-        _, n = check_forward(self, tokens, positions, tree_mask, logits)
-        sequences = self._sequences
-        pending, committed = sequences.pending, sequences.committed
-        if committed + pending + n > self._cells:
-            raise ValueError(
-                f"context overflow: {committed} committed + {pending} pending + {n} new tokens "
-                f"exceed the {self._cells} KV cells of this llama.cpp context ({self._max_context}"
-                f" positions + LlamaCppConfig.pending_cells={self.config.pending_cells})"
-            )
-        if n == 0:
-            return None if logits == "none" else torch.empty(1, 0, self._vocab)
-        mask = tree_mask[0] if tree_mask.dim() == 3 else tree_mask  # [n, P + n]
-        parents = None
-        if torch.equal(mask.cpu(), chain_mask(n, pending)):
-            parents = sequences.chain_parents(n)
-        if parents is None:
-            parents = sequences.parents_from_mask(mask.tolist())
-        plan = sequences.plan(parents, positions[0].tolist())
-        for copy in plan.copies:
-            self._lib.llama_memory_seq_cp(self._memory, copy.source, copy.target, -1, copy.end)
-        ids = tokens[0].tolist()
-        rows = n if logits == "all" else 1
-        out = None if logits == "none" else torch.empty(1, rows, self._vocab)  # [1, n | 1, V]
-        for start in range(0, n, self.config.batch):
-            stop = min(start + self.config.batch, n)
-            outputs = logits if logits != "last" or stop == n else "none"  # "last": last chunk
-            self._fill(ids[start:stop], plan.positions[start:stop], plan.seqs[start:stop], outputs)
-            self._decode(stop - start)
-            if out is not None and outputs == "all":
-                out[0, start:stop] = torch.from_numpy(self._logits(stop - start))
-            elif out is not None and outputs == "last":
-                out[0, 0] = torch.from_numpy(self._logits(1)[0])
-        sequences.apply(plan)
-        return out
+        check_forward(self, tokens, positions, tree_mask, logits)
+        return self._run(list(range(self.batch_size)), tokens, positions, tree_mask, logits)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """``mcsd.models.base.rows_forward`` natively: the tokens of ``rows`` alone in the
+        llama_batch; every other row's pending block gets ``n`` padding entries (no cell, no
+        compute). Returns ``[B, n | 1, V]`` over every row (zeros for the skipped ones)."""
+        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
+        return self._run(list(rows), tokens, positions, tree_mask, logits)
 
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)
-        kept = self._sequences.whole_block() if keep is None else rows[0]
-        if not self._sequences.pending:
+        if not self.pending_length:
             return
-        copy = self._sequences.commit(kept)
-        if copy is not None:
-            self._lib.llama_memory_seq_cp(self._memory, copy.source, copy.target, -1, copy.end)
-        self._lib.llama_memory_seq_keep(self._memory, COMMITTED)  # frees the rejected cells
+        kept = [s.whole_block() for s in self._rows] if keep is None else rows
+        for sequences, path in zip(self._rows, kept, strict=True):
+            sequences.check_path(path)  # every row's first: a refused commit changes nothing
+        lib, memory = self._lib, self._memory
+        for sequences, path in zip(self._rows, kept, strict=True):
+            branches = sequences.branches
+            copy = sequences.commit(path)
+            if copy is not None:
+                lib.llama_memory_seq_cp(memory, copy.source, copy.target, -1, copy.end)
+            if self.batch_size == 1:  # one pass frees the rejected cells
+                lib.llama_memory_seq_keep(memory, sequences.base)
+                continue
+            for seq in branches:  # seq_keep would drop the other rows' ids too
+                lib.llama_memory_seq_rm(memory, seq, -1, -1)
 
     def reset(self, row: int | None = None) -> None:
-        if row is not None and row != 0:
-            raise ValueError(f"row must be 0 (the llama.cpp runtime holds one row), got {row}")
-        self._lib.llama_memory_clear(self._memory, False)
-        self._sequences.reset()
+        if row is None or self.batch_size == 1:
+            if row not in (None, 0):
+                raise ValueError(f"row must be in [0, 1), got {row!r}")
+            self._lib.llama_memory_clear(self._memory, False)
+            for sequences in self._rows:
+                sequences.reset()
+            return
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.batch_size:
+            raise ValueError(f"row must be in [0, {self.batch_size}), got {row!r}")
+        if self.pending_length:
+            raise ValueError("reset(row) needs an empty pending block: commit the step first")
+        sequences = self._rows[row]
+        for seq in (sequences.base, *sequences.branches):
+            self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        sequences.reset()
 
     # ------------------------------------------------------------------ tokenizer and stops
     def tokenizer(self) -> GGUFTokenizer:
@@ -259,17 +289,19 @@ class LlamaCppModel:
 
     # ------------------------------------------------------------------ llama.cpp's own loops
     def raw_decode(self, ids: Sequence[int], start: int, *, all_logits: bool) -> np.ndarray:
-        """Decode ``ids`` at positions ``start, start + 1, ...`` in sequence 0, bypassing the
-        protocol's bookkeeping (``mcsd.models.llamacpp_baselines``; ``reset()`` before and
-        after). Returns a view of the logits, ``[len(ids), V]`` or ``[1, V]`` for the last."""
-        if start + len(ids) > self._cells:
-            raise ValueError(f"context overflow: {start + len(ids)} > {self._cells} KV cells")
+        """Decode ``ids`` at positions ``start, start + 1, ...`` in sequence 0 (row 0),
+        bypassing the protocol's bookkeeping (``mcsd.models.llamacpp_baselines``; ``reset()``
+        before and after). Returns a view of the logits, ``[len(ids), V]`` or ``[1, V]`` for
+        the last."""
+        if start + len(ids) > self._row_cells:
+            raise ValueError(f"context overflow: {start + len(ids)} > {self._row_cells} KV cells")
         rows = None
         for first in range(0, len(ids), self.config.batch):
             chunk = list(ids[first : first + self.config.batch])
             positions = range(start + first, start + first + len(chunk))
             last = first + len(chunk) == len(ids)
-            outputs = "all" if all_logits else "last" if last else "none"
+            outputs = np.full(len(chunk), 1 if all_logits else 0, dtype=np.int8)
+            outputs[-1] = 1 if all_logits or last else 0
             self._fill(chunk, positions, [(COMMITTED,)] * len(chunk), outputs)
             self._decode(len(chunk))
             if all_logits or last:
@@ -287,23 +319,94 @@ class LlamaCppModel:
         return self._ctx
 
     # ------------------------------------------------------------------ internals
+    def _run(
+        self,
+        rows: list[int],
+        tokens: Tensor,  # [R, n] long
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        logits: Rows,
+    ) -> Tensor | None:
+        """One forward of ``rows`` (validated): every row's sequence-id plan first (a refused
+        forward changes nothing), their copies, then every row's tokens, row after row, in one
+        llama_batch (split over decodes of ``LlamaCppConfig.batch`` tokens); the other rows
+        get padding entries."""
+        n = tokens.shape[1]
+        pending = self.pending_length
+        for row in rows:
+            committed = self._rows[row].committed
+            if committed + pending + n > self._row_cells:
+                raise ValueError(
+                    f"context overflow: row {row}: {committed} committed + {pending} pending + "
+                    f"{n} new tokens exceed its {self._row_cells} KV cells in this llama.cpp "
+                    f"context ({self._max_context} positions + LlamaCppConfig.pending_cells="
+                    f"{self.config.pending_cells})"
+                )
+        width = n if logits == "all" else 1
+        if n == 0:
+            return None if logits == "none" else torch.zeros(self.batch_size, 0, self._vocab)
+        masks = tree_mask.cpu()
+        chain = chain_mask(n, pending)  # [n, P + n]
+        plans = []
+        for i, row in enumerate(rows):
+            sequences = self._rows[row]
+            mask = masks if masks.dim() == 2 else masks[i]  # [n, P + n]
+            parents = sequences.chain_parents(n) if torch.equal(mask, chain) else None
+            if parents is None:
+                parents = sequences.parents_from_mask(mask.tolist())
+            plans.append(sequences.plan(parents, positions[i].tolist()))
+        for plan in plans:
+            for copy in plan.copies:
+                self._lib.llama_memory_seq_cp(self._memory, copy.source, copy.target, -1, copy.end)
+        ids = tokens.reshape(-1).tolist()  # [R * n], row after row
+        places = [p for plan in plans for p in plan.positions]
+        seqs = [s for plan in plans for s in plan.seqs]
+        outputs = np.zeros((len(rows), n), dtype=np.int8)  # [R, n]: which tokens give logits
+        if logits == "all":
+            outputs[:] = 1
+        elif logits == "last":
+            outputs[:, -1] = 1
+        outputs = outputs.reshape(-1)  # [R * n]
+        found = None if logits == "none" else torch.empty(len(rows) * width, self._vocab)
+        done = 0  # logit rows read so far
+        for start in range(0, len(ids), self.config.batch):
+            stop = min(start + self.config.batch, len(ids))
+            chunk = outputs[start:stop]
+            self._fill(ids[start:stop], places[start:stop], seqs[start:stop], chunk)
+            self._decode(stop - start)
+            count = int(chunk.sum())
+            if found is not None and count:
+                found[done : done + count] = torch.from_numpy(self._logits(count))
+                done += count
+        for plan, row in zip(plans, rows, strict=True):
+            self._rows[row].apply(plan)
+        skipped = set(range(self.batch_size)) - set(rows)
+        for row in skipped:
+            self._rows[row].skip(n)
+        if found is None:
+            return None
+        found = found.view(len(rows), width, self._vocab)  # [R, n | 1, V]
+        if not skipped:
+            return found
+        out = torch.zeros(self.batch_size, width, self._vocab)  # [B, n | 1, V]
+        out[rows] = found
+        return out
+
     def _fill(
         self,
         ids: Sequence[int],
         positions: Sequence[int],
         seqs: Sequence[Sequence[int]],
-        outputs: Rows,
+        outputs: np.ndarray,
     ) -> None:
-        """Write one llama_batch: tokens, positions, sequence ids, and which rows output
-        logits (``all``, the ``last`` or ``none``: llama.cpp then skips the head's work)."""
+        """Write one llama_batch: tokens, positions, sequence ids, and which tokens output
+        logits (``outputs`` ``[m]``, 1 or 0: llama.cpp skips the head's work for the rest)."""
         m = len(ids)
         batch = self._batch
         batch.n_tokens = m
         self._tokens[:m] = ids
         self._positions[:m] = positions
-        self._outputs[:m] = 1 if outputs == "all" else 0
-        if outputs == "last":
-            self._outputs[m - 1] = 1
+        self._outputs[:m] = outputs
         for i, token_seqs in enumerate(seqs):
             self._n_seq[i] = len(token_seqs)
             row = batch.seq_id[i]
@@ -327,6 +430,39 @@ class LlamaCppModel:
     def _logits(self, m: int) -> np.ndarray:
         pointer = self._lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(m, self._vocab))  # [m, V] float32 view
+
+
+def _row_sequences(config: LlamaCppConfig, batch_size: int) -> tuple[int, str]:
+    """The sequence ids each of ``batch_size`` rows owns, and what to change for more;
+    ``ValueError`` naming the parameter when llama.cpp cannot hold that many."""
+    per_row = config.row_sequences
+    if per_row is None:
+        per_row = min(
+            config.sequences, LLAMA_MAX_SEQUENCES // batch_size, config.batch // batch_size
+        )
+        if per_row < 2:
+            raise ValueError(
+                f"batch_size: {batch_size} rows leave {per_row} sequence ids per row (llama.cpp "
+                f"holds {LLAMA_MAX_SEQUENCES} in all, LlamaCppConfig.batch={config.batch} covers "
+                f"{config.batch}); a row needs 2 at least: lower batch_size"
+            )
+        if batch_size == 1:
+            return per_row, "LlamaCppConfig.sequences"
+        return per_row, "LlamaCppConfig.row_sequences or lower batch_size"
+    total = batch_size * per_row
+    if total > LLAMA_MAX_SEQUENCES:
+        raise ValueError(
+            f"batch_size: {batch_size} rows x LlamaCppConfig.row_sequences={per_row} = {total} "
+            f"sequence ids, more than llama.cpp's {LLAMA_MAX_SEQUENCES}; lower row_sequences "
+            f"(at most {LLAMA_MAX_SEQUENCES // batch_size} for {batch_size} rows) or batch_size"
+        )
+    if config.batch < total:  # llama.cpp asserts it (llama_context::output_reserve)
+        raise ValueError(
+            f"LlamaCppConfig.batch ({config.batch}) must be >= batch_size x row_sequences "
+            f"({batch_size} x {per_row} = {total}): llama.cpp keeps room for one row of logits "
+            "per sequence id in every decode"
+        )
+    return per_row, "LlamaCppConfig.row_sequences"
 
 
 def _free_context(lib: Any, context: Any, batch: Any) -> None:
