@@ -45,6 +45,10 @@ ATTENTION_BLOCK = 256  # attention length granularity: fewer graphs, little wast
 
 PROPOSERS = ("model", "context", "mixed")  # what builds each step's tree (mcsd.draft)
 DEFAULT_PROPOSER = "model"
+# A draft reads a row's tokens only when it next drafts for it (a prompt, or the tokens of plain
+# steps under an adaptive budget, which may never draft again); more than this many, and they
+# run in a forward of their own before the step's first draft forward (no padding of other rows).
+DRAFT_CATCH_UP_TOKENS = 8
 
 # The llama.cpp runtime (mcsd.models.llamacpp)
 LLAMA_MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids one context can hold

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mcsd.config import SamplingConfig, SpecConfig
+from mcsd.config import DRAFT_CATCH_UP_TOKENS, SamplingConfig, SpecConfig
 from mcsd.draft.base import Proposal, RowStep
 from mcsd.models.base import Runtime, chain_mask, keep_rows, reset_row, rows_forward, to_device
 from mcsd.sampling import draw_children, warp
@@ -96,18 +96,28 @@ class DraftModelProposer:
         self.start_row(0, prompt_ids)
 
     def start_row(self, row: int, prompt_ids: Sequence[int]) -> None:
-        """A new sequence in ``row``: its prompt (but the pending last token) read in a forward
-        of its own."""
+        """A new sequence in ``row``: its prompt is uncached, read when the row is first drafted
+        for (``catch_up``), so a row that never speculates (an adaptive budget decoding
+        plainly) never costs the draft a forward."""
         reset_row(self.draft, row)
-        prefix = list(prompt_ids[:-1])
-        if prefix:
-            device = self.draft.device
+        self._uncached[row] = list(prompt_ids)
+
+    def catch_up(self, rows: Sequence[int]) -> None:
+        """Before a step's draft forward: every row of ``rows`` with more than
+        ``DRAFT_CATCH_UP_TOKENS`` uncached tokens reads all but the pending one in a forward of
+        its own (logits none), so the step's first forward stays a few tokens for every row."""
+        device = self.draft.device
+        for row in rows:
+            prefix = self._uncached[row][:-1]
+            if len(prefix) < DRAFT_CATCH_UP_TOKENS:
+                continue
+            start = self.draft.cache_lengths()[row]
             ids = to_device([prefix], device)  # [1, T]
-            positions = torch.arange(len(prefix), device=device)[None]  # [1, T]
+            positions = torch.arange(start, start + len(prefix), device=device)[None]  # [1, T]
             mask = chain_mask(len(prefix), device=device)
             rows_forward(self.draft, [row], ids, positions, mask, logits="none")
             self.draft.commit(keep_rows(self.draft.batch_size, {row: list(range(len(prefix)))}))
-        self._uncached[row] = list(prompt_ids[-1:])
+            self._uncached[row] = self._uncached[row][-1:]
 
     def extend_row(self, row: int, tokens: Sequence[int]) -> None:
         """Tokens committed without a proposal: uncached, the draft runs them next step."""
@@ -121,6 +131,7 @@ class DraftModelProposer:
         """The step's first draft forward, over row 0's uncached tokens: the logits after the
         pending token ``[V]`` (cut to the common vocabulary), the number of uncached tokens and
         the pending token's position."""
+        self.catch_up([0])
         draft, device = self.draft, self.draft.device
         uncached = self._uncached[0]
         n = len(uncached)
@@ -256,6 +267,7 @@ class ModelProposer(DraftModelProposer):
         this step's tree (default the proposer's own). The rows' uncached tokens are left-padded
         to one length (padding sees only itself)."""
         tree = self.tree if tree is None else tree
+        self.catch_up(rows)
         draft, device, plan = self.draft, self.draft.device, self._plan(tree)
         self._proposed = tree
         b = len(rows)
