@@ -410,3 +410,16 @@ def test_bench_batch_size_four_on_llamacpp(tiny_paths, tmp_path: Path, capsys) -
     results = json.loads((out / "batch-4.json").read_text())
     assert [r["method"] for r in results] == ["ar", "sps:2", "tree:2,2"]
     assert all(r["batch_size"] == 4 and r["matches_ar"] is True for r in results), results
+
+
+def test_budget_probe_times_one_row_below_the_batch(single) -> None:
+    """llama.cpp computes only the rows a forward is given, so the budget's cost model also
+    holds one-row forwards (totals 1 and 2 below 4 rows x 1 token): with one busy row of four,
+    a 4-token tree is priced as 4 tokens of one row, not as the 4-row plain step."""
+    from mcsd.budget import StepCost, computed_rows
+
+    rows = single.with_rows(4)
+    assert computed_rows(rows, 1) == 1
+    cost = StepCost.probe(rows, (1, 2), repeats=1)
+    assert cost.tokens == (1, 2, 4, 8) and all(s > 0 for s in cost.seconds)
+    assert rows.cache_lengths() == (0, 0, 0, 0)

@@ -54,7 +54,7 @@ from functools import cache, lru_cache
 import torch
 
 from mcsd.config import EXPECTED_LENGTH_CACHE, BudgetDefaults
-from mcsd.models.base import Runtime, chain_mask
+from mcsd.models.base import Runtime, chain_mask, rows_forward
 from mcsd.tree import ROOT, TokenTree
 
 
@@ -86,24 +86,32 @@ class StepCost:
         cls, runtime: Runtime, per_row: tuple[int, ...], *, repeats: int = BudgetDefaults.repeats
     ) -> StepCost:
         """Time forwards of ``per_row`` new tokens in every row of ``runtime`` (points at
-        ``rows x n`` tokens in all), median of ``repeats`` after one warm-up each; empties the
+        ``rows x n`` tokens in all), median of ``repeats`` after one warm-up each; on a runtime
+        that computes only the rows it is given (``computed_rows``) also forwards of one row,
+        for the totals below those (fewer busy rows than the batch holds); empties the
         runtime."""
         rows = runtime.batch_size
         device = runtime.device
-        points: dict[int, float] = {}
-        for n in per_row:
-            ids = torch.zeros(rows, n, dtype=torch.long, device=device)
-            positions = torch.arange(n, device=device).expand(rows, n)
+
+        def median_time(forward_rows: list[int], n: int) -> float:
+            ids = torch.zeros(len(forward_rows), n, dtype=torch.long, device=device)
+            positions = torch.arange(n, device=device).expand(len(forward_rows), n)
             mask = chain_mask(n, device=device)
             times = []
             for _ in range(repeats + 1):
                 runtime.reset()
                 _synchronize(device)
                 started = time.perf_counter()
-                runtime.forward(ids, positions, mask, logits="all")
+                rows_forward(runtime, forward_rows, ids, positions, mask, logits="all")
                 _synchronize(device)
                 times.append(time.perf_counter() - started)
-            points[rows * n] = sorted(times[1:])[len(times[1:]) // 2]
+            return sorted(times[1:])[len(times[1:]) // 2]
+
+        points = {rows * n: median_time(list(range(rows)), n) for n in per_row}
+        if rows > 1 and computed_rows(runtime, 1) == 1:
+            for n in per_row:
+                if n < rows * min(per_row):
+                    points[n] = median_time([0], n)
         runtime.reset()
         measured = sorted(points)
         return cls(tuple(measured), tuple(points[t] for t in measured))
