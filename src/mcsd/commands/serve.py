@@ -103,7 +103,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=ServeDefaults.max_batch,
         help="generations decoded side by side, as rows of one batch; a new request joins at "
-        "the next step (default %(default)s; > 1 needs the hf, hf-static or fast runtime)",
+        "the next step (default %(default)s; the llama.cpp, hf, hf-static and fast runtimes "
+        "all hold rows)",
     )
     add_adaptive_argument(parser)  # the tree also shrinks as --max-batch grows
     parser.add_argument(
