@@ -246,13 +246,11 @@ def run_batch_sizes(args: argparse.Namespace, base: Any, methods: list[Any]) -> 
     prompts = [build_prompt(pair.tokenizer, q, [], 0, chat) for q in questions]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tables = []
     for batch in sizes:
         _log_budgets(pair, methods, base, batch)
         results = run_batch_bench(pair, prompts, methods, base, batch)
         table = batch_table(results)
         print(table, flush=True)
-        tables.append(table)
         rows = [
             {
                 "method": r.method,
