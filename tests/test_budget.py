@@ -152,15 +152,16 @@ def tokens_of(steps: list[Step]) -> list[int]:
 
 
 def test_the_budget_is_asked_for_the_rows_a_forward_computes() -> None:
-    """Every row of a runtime that runs free rows as padding; only the rows asked for on one
-    with a native subset forward (``forward_rows``)."""
+    """Every row of a runtime that runs free rows as padding; what a runtime with a native
+    subset forward says it computes (``computed_rows``: the rows given on llama.cpp, a row
+    bucket on the static slot cache)."""
 
     class Subset(TableLM):
-        def forward_rows(self, *args, **kwargs):  # the optional runtime method, never called
-            raise NotImplementedError
+        def computed_rows(self, rows):  # the optional runtime method
+            return len(rows) + 1
 
-    assert computed_rows(TableLM.random(4, batch_size=8), 3) == 8
-    assert computed_rows(Subset(TableLM.random(4).table, 4, batch_size=8), 3) == 3
+    assert computed_rows(TableLM.random(4, batch_size=8), [0, 1, 2]) == 8
+    assert computed_rows(Subset(TableLM.random(4).table, 4, batch_size=8), [0, 1, 2]) == 4
 
 
 def test_acceptance_events_count_every_visited_candidate() -> None:

@@ -419,7 +419,7 @@ def test_budget_probe_times_one_row_below_the_batch(single) -> None:
     from mcsd.budget import StepCost, computed_rows
 
     rows = single.with_rows(4)
-    assert computed_rows(rows, 1) == 1
+    assert computed_rows(rows, [2]) == 1 and computed_rows(rows, [0, 3]) == 2
     cost = StepCost.probe(rows, (1, 2), repeats=1)
     assert cost.tokens == (1, 2, 4, 8) and all(s > 0 for s in cost.seconds)
     assert rows.cache_lengths() == (0, 0, 0, 0)

@@ -108,7 +108,7 @@ class StepCost:
             return sorted(times[1:])[len(times[1:]) // 2]
 
         points = {rows * n: median_time(list(range(rows)), n) for n in per_row}
-        if rows > 1 and computed_rows(runtime, 1) == 1:
+        if rows > 1 and computed_rows(runtime, [0]) == 1:
             for n in per_row:
                 if n < rows * min(per_row):
                     points[n] = median_time([0], n)
@@ -122,12 +122,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def computed_rows(runtime: Runtime, rows: int) -> int:
-    """The rows a forward of ``rows`` of ``runtime``'s rows computes, what the budget is asked
-    for: just those on a runtime with a native subset forward (an optional ``forward_rows``
-    method, which ``mcsd.models.base.rows_forward`` uses), else every row of the runtime (hf,
-    hf-static, fast, tables: the free rows run as padding and cost what real ones cost)."""
-    return rows if hasattr(runtime, "forward_rows") else runtime.batch_size
+def computed_rows(runtime: Runtime, rows: Sequence[int]) -> int:
+    """The rows a forward of ``rows`` (runtime row indices) computes, what the budget is asked
+    for: on a runtime with a native subset forward (the optional ``forward_rows`` and
+    ``computed_rows`` methods, which ``mcsd.models.base.rows_forward`` uses) what it says: just
+    those rows on llama.cpp, the smallest captured batch size holding them on the static slot
+    cache (hf-static, fast); else every row of the runtime (hf, tables: the free rows run as
+    padding and cost what real ones cost)."""
+    native = getattr(runtime, "computed_rows", None)
+    return runtime.batch_size if native is None else native(rows)
 
 
 @lru_cache(maxsize=EXPECTED_LENGTH_CACHE)  # bounded: an online estimate is a new key per step

@@ -196,7 +196,7 @@ class BatchEngine:
             budgeted = {row for row in speculative if self.rows[row].tree == self.budget.tree}
         chosen = None
         if self.adaptive is not None and budgeted:  # before this step draws anything
-            chosen = self.adaptive.choose(computed_rows(self.target, len(budgeted)))
+            chosen = self.adaptive.choose(computed_rows(self.target, sorted(budgeted)))
         # rows growing the same tree: one forward each (None: the proposer's own trees)
         groups: dict[TokenTree | None, list[int]] = {}
         for row in speculative:

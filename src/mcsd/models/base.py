@@ -209,29 +209,48 @@ def rows_forward(
     """A forward of ``rows`` only (in increasing order): every other row of the runtime runs
     ``n`` padding tokens (token 0 at its committed length), each seeing only itself, so nothing
     of that row is read or changed; the caller drops the padding entries at the commit (keeps
-    none of them). Returns ``[B, n, V]`` over every runtime row, as ``forward`` (padding rows'
-    logits are meaningless). A runtime with a native subset forward (an optional
-    ``forward_rows`` method of this signature: llama.cpp) computes ``rows`` alone; the other
-    rows' pending blocks still grow by ``n`` padding entries, so the commit is the same."""
+    none of them). Returns logits indexed by runtime row, ``[B', n, V]`` with ``B' > max(rows)``
+    (the other rows' logits are meaningless). A runtime with a native subset forward (an
+    optional ``forward_rows`` method of this signature) computes fewer rows: llama.cpp ``rows``
+    alone, the static slot cache the smallest captured batch size that holds them
+    (``mcsd.models.slots``); every row's pending block still grows by ``n`` entries, so the
+    commit is the same."""
     batch = runtime.batch_size
     if len(rows) == batch:
         return runtime.forward(tokens, positions, tree_mask, logits=logits)
     native = getattr(runtime, "forward_rows", None)
     if native is not None:
         return native(rows, tokens, positions, tree_mask, logits=logits)
-    device = runtime.device
-    n, pending = tokens.shape[1], runtime.pending_length
+    lengths, pending = runtime.cache_lengths(), runtime.pending_length
+    padded = pad_rows(batch, rows, tokens, positions, tree_mask, lengths, pending, runtime.device)
+    return runtime.forward(*padded, logits=logits)
+
+
+def pad_rows(
+    batch: int,
+    rows: Sequence[int],
+    tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+    positions: Tensor,  # [R, n] long
+    tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+    lengths: Sequence[int],  # committed lengths of the runtime's rows (the first ``batch`` used)
+    pending: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``rows``' inputs spread over the first ``batch`` runtime rows: the others get ``n``
+    padding tokens (token 0 at their committed length) that see only themselves. Returns
+    tokens and positions ``[batch, n]`` and the mask ``[batch, n, P + n]``."""
+    n = tokens.shape[1]
     index = to_device(list(rows), device)  # [R]
-    all_tokens = torch.zeros(batch, n, dtype=torch.long, device=device)  # [B, n]
+    all_tokens = torch.zeros(batch, n, dtype=torch.long, device=device)  # [batch, n]
     all_tokens[index] = tokens
-    lengths = to_device(list(runtime.cache_lengths()), device)  # [B]
-    all_positions = lengths[:, None].repeat(1, n)  # [B, n]
+    committed = to_device(list(lengths[:batch]), device)  # [batch]
+    all_positions = committed[:, None].repeat(1, n)  # [batch, n]
     all_positions[index] = positions
-    mask = torch.zeros(batch, n, pending + n, dtype=torch.bool, device=device)  # [B, n, P + n]
+    mask = torch.zeros(batch, n, pending + n, dtype=torch.bool, device=device)  # [batch, n, P + n]
     new = torch.arange(n, device=device)
     mask[:, new, pending + new] = True
-    mask[index] = tree_mask.expand(len(rows), n, pending + n)
-    return runtime.forward(all_tokens, all_positions, mask, logits=logits)
+    mask[index] = tree_mask.to(device).expand(len(rows), n, pending + n)
+    return all_tokens, all_positions, mask
 
 
 def reset_row(runtime: Runtime, row: int) -> None:

@@ -246,6 +246,10 @@ class LlamaCppModel:
         check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
         return self._run(list(rows), tokens, positions, tree_mask, logits)
 
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        """The rows ``forward_rows`` computes: exactly those given."""
+        return len(rows)
+
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)
         if not self.pending_length:

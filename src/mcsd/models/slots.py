@@ -15,7 +15,12 @@ becomes logits (``_logits``). Everything else is here, once:
   and write slots live in persistent buffers. A padding row attends only to itself; its output
   is dropped and its slot is never visible to a real row. ``max_context`` leaves
   ``tree_reserve`` slots (default ``max_graph_tokens``) for the tree nodes of a step.
-- CUDA graphs: on a CUDA device every (n_pad, A) shape is captured once and replayed
+- Row buckets: ``forward_rows`` (a forward of some rows, ``mcsd.models.base.rows_forward``)
+  runs only the first ``b`` rows of the cache, ``b`` the smallest power of two (or ``B``) that
+  holds the highest row given (``row_bucket``), the others among them as padding; rows beyond
+  ``b`` are neither read nor written. Engines fill the lowest free row first, so one busy row
+  of sixteen costs a one-row forward, not a sixteen-row one.
+- CUDA graphs: on a CUDA device every (b, n_pad, A) shape is captured once and replayed
   (``mcsd.models.graphs.GraphRunner``), through the subclass's compiled function if it has one.
   A forward that returns no logits is a prefill: it runs eagerly (never compiled, never
   captured: prompt lengths are one-offs), as does one beyond ``max_graph_tokens``.
@@ -26,12 +31,33 @@ the write slots are computed on the device, committed lengths live on the host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from mcsd.config import MAX_GRAPH_TOKENS
-from mcsd.models.base import CommittedRows, Keep, Rows, check_forward, check_keep, to_device
+from mcsd.models.base import (
+    CommittedRows,
+    Keep,
+    Rows,
+    check_forward,
+    check_keep,
+    pad_rows,
+    to_device,
+)
 from mcsd.models.graphs import GraphRunner
+
+
+def row_bucket(rows: int, batch_size: int) -> int:
+    """The captured batch size a forward of the first ``rows`` rows runs at: the next power of
+    two, at most ``batch_size`` (so a cache of 16 rows captures 1, 2, 4, 8 and 16)."""
+    return min(1 << (rows - 1).bit_length(), batch_size)
+
+
+def row_buckets(batch_size: int) -> list[int]:
+    """Every batch size ``row_bucket`` gives for a cache of ``batch_size`` rows."""
+    return sorted({row_bucket(rows, batch_size) for rows in range(1, batch_size + 1)})
 
 
 def bucket(n: int, max_tokens: int = MAX_GRAPH_TOKENS) -> int:
@@ -122,7 +148,51 @@ class SlotCacheRuntime(CommittedRows):
     def forward(
         self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
     ) -> Tensor | None:
-        batch, n = check_forward(self, tokens, positions, tree_mask, logits)
+        check_forward(self, tokens, positions, tree_mask, logits)
+        return self._forward(tokens, positions, tree_mask, logits)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """``mcsd.models.base.rows_forward`` over the first ``computed_rows(rows)`` rows only
+        (the smallest captured batch size that holds ``rows``; the others among them run
+        padding): a server with one busy row of sixteen computes one. Rows beyond get ``n``
+        pending entries that nothing writes or reads. Returns ``[B', n | 1, V]``, row ``r`` at
+        index ``r``."""
+        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
+        prefix = self.computed_rows(rows)
+        if len(rows) < prefix:
+            tokens, positions, tree_mask = pad_rows(
+                prefix,
+                rows,
+                tokens,
+                positions,
+                tree_mask,
+                self._committed,
+                self._pending,
+                self._device,
+            )
+        return self._forward(tokens, positions, tree_mask, logits)
+
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        """The rows a forward of ``rows`` computes: the first ``row_bucket`` of them."""
+        return row_bucket(max(rows) + 1, self._batch)
+
+    def _forward(
+        self,
+        tokens: Tensor,  # [b, n] long: the first b rows (b = B, or a row bucket)
+        positions: Tensor,  # [b, n] long
+        tree_mask: Tensor,  # [n, P + n] or [b, n, P + n] bool
+        logits: Rows,
+    ) -> Tensor | None:
+        batch, n = tokens.shape
         width, pending = self._width, self._pending
         start = width + pending  # first write slot
         if start + n > self.max_length:
@@ -138,22 +208,24 @@ class SlotCacheRuntime(CommittedRows):
         capturable = padded <= self.max_graph_tokens and padded == bucket(n, self.max_graph_tokens)
 
         if padded <= self.max_graph_tokens:
-            self._tokens[:, :n].copy_(tokens)
-            self._positions[:, :n].copy_(positions)
+            self._tokens[:batch, :n].copy_(tokens)
+            self._positions[:batch, :n].copy_(positions)
             torch.add(self._slot_base[:padded], start, out=self._slots[:padded])
-            tokens_in, positions_in = self._tokens[:, :padded], self._positions[:, :padded]
+            tokens_in = self._tokens[:batch, :padded]
+            positions_in = self._positions[:batch, :padded]
             slots = self._slots[:padded]
-            mask_view = self._mask[:, :, :padded, :attend]  # [B, 1, padded, A]
+            mask_view = self._mask[:batch, :, :padded, :attend]  # [b, 1, padded, A]
         else:  # long prefill: exact shape, fresh tensors
             tokens_in, positions_in = tokens, positions
             slots = torch.arange(start, start + n, device=self._device)
             mask_view = torch.empty(batch, 1, n, attend, dtype=self._dtype, device=self._device)
         mask_view.fill_(self._blocked)
-        rows = mask_view[:, 0, :n]  # [B, n, A]
-        if self._uniform():  # every row's prefix fills [0, S)
+        rows = mask_view[:, 0, :n]  # [b, n, A]
+        committed = self._committed[:batch]
+        if all(c == width for c in committed):  # every row's prefix fills [0, S)
             rows[:, :, :width].fill_(0.0)
         else:
-            lengths = to_device(self._committed, self._device)  # [B]
+            lengths = to_device(committed, self._device)  # [b]
             prefix = torch.arange(width, device=self._device)[None, :] < lengths[:, None]
             rows[:, :, :width].masked_fill_(prefix[:, None, :], 0.0)
         rows[:, :, width : start + n].masked_fill_(tree_mask.to(self._device), 0.0)
@@ -164,7 +236,7 @@ class SlotCacheRuntime(CommittedRows):
             return self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=True)
 
         if capturable and logits != "none":
-            out = self._graphs.run((padded, attend), graphed)
+            out = self._graphs.run((batch, padded, attend), graphed)
         else:
             out = self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=False)
         self._pending += n

@@ -149,7 +149,8 @@ class _SlotCache(_cache_base()):  # type: ignore[misc]
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         owner = self.owner
         kv = owner._buffers(key_states)
-        keys, values = kv[layer_idx, 0], kv[layer_idx, 1]  # [B, H, L, D]
+        rows = key_states.shape[0]  # the first b rows (a row bucket, or all B)
+        keys, values = kv[layer_idx, 0, :rows], kv[layer_idx, 1, :rows]  # [b, H, L, D]
         keys.index_copy_(2, owner._write, key_states)
         values.index_copy_(2, owner._write, value_states)
         return keys[:, :, : owner._attend], values[:, :, : owner._attend]

@@ -285,14 +285,14 @@ class ParallelFastModel(FastModel):
         dist.all_gather(parts, part, group=self.shard.group)
         return torch.cat(parts, dim=-1)[..., : self._vocab]  # [B, n | 1, V]
 
-    @torch.inference_mode()
-    def forward(
-        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
+    def _forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, logits: Rows
     ) -> Tensor | None:
+        # every forward, of all rows or of a row bucket (``forward_rows``)
         self.steps += 1
         if self.check_ranks:
             self._agree("tokens", torch.cat([tokens.flatten(), positions.flatten()]).tolist())
-        return super().forward(tokens, positions, tree_mask, logits=logits)
+        return super()._forward(tokens, positions, tree_mask, logits)
 
     @torch.inference_mode()
     def commit(self, keep: Keep = None) -> None:

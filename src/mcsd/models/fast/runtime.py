@@ -16,6 +16,7 @@ commit by gather) around ``mcsd.models.fast.model.TransformerLM``. Differences f
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from mcsd.config import ATTENTION_BLOCK, MAX_GRAPH_TOKENS, STATIC_MAX_LENGTH
 from mcsd.models.base import Rows, chain_mask
 from mcsd.models.fast.arch import Architecture, read_architecture
 from mcsd.models.fast.model import TransformerLM, load_state, load_weights, tie
-from mcsd.models.slots import SlotCacheRuntime, bucket
+from mcsd.models.slots import SlotCacheRuntime, bucket, row_buckets
 
 
 class FastModel(SlotCacheRuntime):
@@ -100,7 +101,8 @@ class FastModel(SlotCacheRuntime):
         self, tokens: Tensor, positions: Tensor, mask: Tensor, slots: Tensor, explicit: bool
     ) -> Tensor:
         assert self._kv is not None
-        return self.lm(tokens, positions, mask, slots, self._kv, explicit)  # [B, n_pad, D]
+        kv = self._kv[:, :, : tokens.shape[0]]  # the first b rows (a row bucket, or all B)
+        return self.lm(tokens, positions, mask, slots, kv, explicit)  # [b, n_pad, D]
 
     def _body(self, tokens, positions, mask, slots, attend: int, *, compiled: bool) -> Tensor:
         # The captured shapes (decoding and tree steps) attend explicitly; prefills by SDPA.
@@ -119,7 +121,8 @@ class FastModel(SlotCacheRuntime):
 
     @torch.inference_mode()
     def warmup(self, token_counts: tuple[int, ...]) -> list[int]:
-        """Run every bucket the counts fall into at two attention lengths (compiling with
+        """Run every bucket the counts fall into, at every row bucket, at two attention lengths
+        (compiling with
         ``compile=True``: the second length makes the compiled code generic in it, so a run's
         growing context never compiles again; each (bucket, length) graph is captured when first
         met, which costs milliseconds), then empty the cache. Returns the buckets. Prefills
@@ -135,12 +138,13 @@ class FastModel(SlotCacheRuntime):
                 positions = torch.arange(offset, device=device).expand(rows, offset)
                 self.forward(filler, positions, chain_mask(offset, device=device), logits="none")
                 self.commit()
-            for size in buckets:
+            for size, batch in itertools.product(buckets, row_buckets(rows)):
                 if size > self.max_graph_tokens:
                     continue
-                tokens = torch.zeros(rows, size, dtype=torch.long, device=device)
-                positions = torch.arange(offset, offset + size, device=device).expand(rows, size)
-                self.forward(tokens, positions, chain_mask(size, device=device), logits="last")
+                tokens = torch.zeros(batch, size, dtype=torch.long, device=device)
+                positions = torch.arange(offset, offset + size, device=device).expand(batch, size)
+                mask = chain_mask(size, device=device)
+                self.forward_rows(list(range(batch)), tokens, positions, mask, logits="last")
                 self.commit([[]] * rows)
         self.reset()
         return buckets
