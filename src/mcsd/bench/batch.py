@@ -18,6 +18,7 @@ from mcsd.api import ModelPair
 from mcsd.bench.methods import Method
 from mcsd.bench.runner import method_pairs, turn_seed
 from mcsd.config import SpecConfig
+from mcsd.engine import BatchEngine
 from mcsd.stats import Stats
 
 BATCH_KINDS = ("ar", "sps", "tree")  # methods that run as rows of the batch engine
@@ -53,14 +54,26 @@ def check_batch_methods(methods: Sequence[Method]) -> None:
         )
 
 
-def run_batch(
-    pair: ModelPair, prompts: Sequence[list[int]], method: Method, base: SpecConfig, batch: int
-) -> BatchResult:
-    """``prompts`` through one batch engine of ``batch`` rows with ``method``."""
+def method_engine(pair: ModelPair, method: Method, base: SpecConfig, batch: int) -> BatchEngine:
+    """The batch engine of ``batch`` rows that runs ``method`` (``ar``: plain decoding rows)."""
+    spec = method_spec(method, base)
+    return pair.batch_engine(spec, batch, adaptive=method.adaptive and spec.speculative)
+
+
+def method_spec(method: Method, base: SpecConfig) -> SpecConfig:
     spec = method.spec(base)
-    if method.kind == "ar":  # plain decoding rows
-        spec = replace(spec, tree="none", rule=None)
-    engine = pair.batch_engine(spec, batch, adaptive=method.adaptive and spec.speculative)
+    return replace(spec, tree="none", rule=None) if method.kind == "ar" else spec
+
+
+def run_batch(
+    pair: ModelPair,
+    engine: BatchEngine,
+    prompts: Sequence[list[int]],
+    method: Method,
+    base: SpecConfig,
+) -> BatchResult:
+    """``prompts`` through ``engine`` (``method_engine``), rows joining as others free up."""
+    spec = method_spec(method, base)
     stop = pair.stop_ids(spec)
     answers: list[list[int]] = [[] for _ in prompts]
     stats = Stats()
@@ -75,7 +88,8 @@ def run_batch(
         for row, step in engine.step().items():
             answers[index_of[row]] += step.tokens
             stats.add(step.record)
-    return BatchResult(method.name, batch, answers, time.perf_counter() - started, stats)
+    seconds = time.perf_counter() - started
+    return BatchResult(method.name, engine.max_batch, answers, seconds, stats)
 
 
 def run_batch_bench(
@@ -85,14 +99,16 @@ def run_batch_bench(
     base: SpecConfig,
     batch: int,
 ) -> list[BatchResult]:
-    """Every method over ``prompts`` at ``batch`` rows (after a warm-up run of each on the
-    first prompt); greedy answers are compared with ``ar``'s when it ran."""
+    """Every method over ``prompts`` at ``batch`` rows, twice on the same engine: an untimed
+    pass of every method first (every CUDA-graph shape the run meets is captured, every buffer
+    allocated, the adaptive budget's costs probed), then the timed pass, methods in turn.
+    Greedy answers are compared with ``ar``'s when it ran."""
     check_batch_methods(methods)
     pairs = method_pairs(pair, methods)
-    warm = replace(base, max_new_tokens=min(base.max_new_tokens, 8))
+    engines = {m.name: method_engine(pairs[m.name], m, base, batch) for m in methods}
     for method in methods:
-        run_batch(pairs[method.name], list(prompts[:1]), method, warm, 1)
-    results = [run_batch(pairs[m.name], prompts, m, base, batch) for m in methods]
+        run_batch(pairs[method.name], engines[method.name], prompts, method, base)
+    results = [run_batch(pairs[m.name], engines[m.name], prompts, m, base) for m in methods]
     reference = next((r for r in results if r.method == "ar"), None)
     if base.target.greedy and reference is not None:
         for result in results:
