@@ -9,13 +9,15 @@ configured tree and its breadth-first prefixes, halving in size, down to plain d
 the most expected tokens per second:
 
     tokens per row and step  AL(tree) = 1 + E(root), E(u) = sum_i (1 - a)^(i-1) a (1 + E(c_i))
-    step time                target(B (N + 1)) + draft(B) + sum over levels draft(B r_l)
+    step time                (1 + o) (target(B (N + 1)) + draft(B) + sum over levels draft(B r_l))
 
 with ``a`` the acceptance rate of one candidate (a prior, ``DEFAULT_ACCEPTANCE``; siblings are
 tried in order, each accepted with probability ``a`` once the earlier ones were rejected) and
-``r_l`` the nodes of level l that have children (the draft runs them). Plain decoding is AL = 1
-at ``target(B)``. The choice changes which tree is verified, never how: every tree is verified
-losslessly, so the output distribution is the target's whatever the budget picks.
+``r_l`` the nodes of level l that have children (the draft runs them), and ``o`` the work of a
+speculative step outside its forwards (verification, sampling, commits; ``overhead``). Plain
+decoding is AL = 1 at ``target(B)``. The choice changes which tree is verified, never how:
+every tree is verified losslessly, so the output distribution is the target's whatever the
+budget picks.
 
 ``AdaptiveTree`` (one per engine, the only mutable piece) learns ``a`` online. Under the
 sibling model every candidate the verification visits is one Bernoulli(``a``) trial: on the
@@ -172,7 +174,8 @@ class TreeBudget:
     """The tree for a batch of ``B`` speculating rows (``tree_for``), from the step-cost models
     of the target and the draft (see the module docstring). ``None`` is plain decoding.
     ``acceptance`` is the prior; ``prior_trials``, ``weight`` and ``reprobe`` configure the
-    online estimate of an ``AdaptiveTree`` (``BudgetDefaults``)."""
+    online estimate of an ``AdaptiveTree``; ``overhead`` prices a speculative step's work
+    outside its forwards (``BudgetDefaults``)."""
 
     tree: TokenTree  # the configured tree: the largest one a row grows
     target: StepCost
@@ -181,10 +184,13 @@ class TreeBudget:
     prior_trials: float = BudgetDefaults.prior_trials
     weight: float = BudgetDefaults.weight
     reprobe: int = BudgetDefaults.reprobe
+    overhead: float = BudgetDefaults.overhead
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.acceptance <= 1.0:
             raise ValueError(f"acceptance must be in [0, 1], got {self.acceptance!r}")
+        if isinstance(self.overhead, bool) or not self.overhead >= 0.0:
+            raise ValueError(f"overhead must be a number >= 0, got {self.overhead!r}")
         if isinstance(self.prior_trials, bool) or not self.prior_trials > 0:
             raise ValueError(f"prior_trials must be a number > 0, got {self.prior_trials!r}")
         if isinstance(self.weight, bool) or not 0.0 < self.weight <= 1.0:
@@ -199,7 +205,7 @@ class TreeBudget:
             return self.target(rows)
         _, *levels = draft_widths(tree)
         drafting = sum(self.draft(rows * w) for w in (uncached, *levels))
-        return self.target(rows * (tree.num_nodes + 1)) + drafting
+        return (1.0 + self.overhead) * (self.target(rows * (tree.num_nodes + 1)) + drafting)
 
     def reprobe_pays(self, rows: int) -> bool:
         """Whether a re-probe after ``reprobe`` plain steps (the smallest tree, the draft

@@ -470,6 +470,10 @@ class BudgetDefaults:
     """The adaptive tree budget (``mcsd.budget``)."""
 
     acceptance: float = 0.6  # prior acceptance rate of one candidate (a 2-4x size-gap pair)
+    # time outside the forwards of a speculative step (verification, sampling, commits), as a
+    # fraction of its forwards' time: 6-16% measured on the H200 (docs/benchmarks.md, issue 12);
+    # without it a tree priced a few percent faster than plain decoding runs slower
+    overhead: float = 0.10
     # the prior counts as this many candidate trials, so the first steps move it but little
     prior_trials: float = 4.0
     # per speculative step, the weight of the past evidence decays by this factor: the estimate
