@@ -124,7 +124,7 @@ def test_variable_trees_run_on_captured_shapes(rule: str) -> None:
         original = graphs.run
 
         def run(key, fn, original=original, seen=shapes[name]):
-            seen.append(key[0])
+            seen.append(key[1])  # key: (rows, tokens, arange)
             return original(key, fn)
 
         graphs.run = run

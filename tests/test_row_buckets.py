@@ -1,4 +1,5 @@
-"""Row buckets of the static slot cache (``mcsd.models.slots``: hf-static and fast, float32, CPU).
+"""Row buckets of the torch runtimes (hf, and the static slot cache of hf-static and fast;
+float32, CPU).
 
 A forward of some rows (``rows_forward`` -> ``forward_rows``) computes only the first ``b`` rows
 of the cache, ``b`` the smallest power of two (or the batch) holding the highest row given:
@@ -26,15 +27,15 @@ from mcsd.budget import computed_rows
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.model import ModelProposer
 from mcsd.engine import BatchEngine, speculative_decode
-from mcsd.models.base import chain_mask, rows_forward
+from mcsd.models.base import chain_mask, row_bucket, row_buckets, rows_forward
 from mcsd.models.fast import FastModel, build, read_architecture
-from mcsd.models.slots import row_bucket, row_buckets
+from mcsd.models.hf import HFModel
 from mcsd.models.static import StaticHFModel
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
-KINDS = ("hf-static", "fast")
+KINDS = ("hf", "hf-static", "fast")
 
 
 def test_row_buckets() -> None:
@@ -57,6 +58,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[object, 
 
 def runtime(models, kind: str, name: str, batch_size: int, cls=None):
     model, directory = models[name]
+    if kind == "hf":
+        return (cls or HFModel)(model, batch_size=batch_size)
     if kind == "hf-static":
         cls = cls or StaticHFModel
         return cls(
@@ -74,23 +77,21 @@ def runtime(models, kind: str, name: str, batch_size: int, cls=None):
 
 
 class Recorder:
-    """Wraps a runtime's ``_body`` to record the batch of every forward, and ``_logits`` that of
-    every forward returning logits (``steps``: not the prefills)."""
+    """Wraps a runtime's ``_forward`` to record the batch of every forward it computes, and of
+    those returning logits (``steps``: not the prefills)."""
 
     def __init__(self, runtime) -> None:
         self.batches: list[int] = []
         self.steps: list[int] = []
-        body, logits = runtime._body, runtime._logits
+        forward = runtime._forward
 
-        def recorded(tokens, *args, **kwargs):
+        def recorded(tokens, positions, tree_mask, logits):
             self.batches.append(tokens.shape[0])
-            return body(tokens, *args, **kwargs)
+            if logits != "none":
+                self.steps.append(tokens.shape[0])
+            return forward(tokens, positions, tree_mask, logits)
 
-        def recorded_logits(out, *args):
-            self.steps.append(out.shape[0])
-            return logits(out, *args)
-
-        runtime._body, runtime._logits = recorded, recorded_logits
+        runtime._forward = recorded
 
 
 @pytest.mark.parametrize("kind", KINDS)

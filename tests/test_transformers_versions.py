@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTER_TESTS = ("test_hf_adapter.py", "test_static_cache.py")  # tests touching transformers
+# the tests touching transformers
+ADAPTER_TESTS = ("test_hf_adapter.py", "test_static_cache.py", "test_row_buckets.py")
 
 
 def lowest_transformers() -> str:

@@ -128,9 +128,9 @@ def computed_rows(runtime: Runtime, rows: Sequence[int]) -> int:
     """The rows a forward of ``rows`` (runtime row indices) computes, what the budget is asked
     for: on a runtime with a native subset forward (the optional ``forward_rows`` and
     ``computed_rows`` methods, which ``mcsd.models.base.rows_forward`` uses) what it says: just
-    those rows on llama.cpp, the smallest captured batch size holding them on the static slot
-    cache (hf-static, fast); else every row of the runtime (hf, tables: the free rows run as
-    padding and cost what real ones cost)."""
+    those rows on llama.cpp, the smallest batch size of ``mcsd.models.base.row_bucket`` holding
+    them on hf, hf-static and fast; else every row of the runtime (the toy tables: the free rows
+    run as padding and cost what real ones cost)."""
     native = getattr(runtime, "computed_rows", None)
     return runtime.batch_size if native is None else native(rows)
 

@@ -212,8 +212,8 @@ def rows_forward(
     none of them). Returns logits indexed by runtime row, ``[B', n, V]`` with ``B' > max(rows)``
     (the other rows' logits are meaningless). A runtime with a native subset forward (an
     optional ``forward_rows`` method of this signature) computes fewer rows: llama.cpp ``rows``
-    alone, the static slot cache the smallest captured batch size that holds them
-    (``mcsd.models.slots``); every row's pending block still grows by ``n`` entries, so the
+    alone, hf, hf-static and fast the first ``row_bucket`` rows, the smallest batch size that
+    holds them; every row's pending block still grows by ``n`` entries, so the
     commit is the same."""
     batch = runtime.batch_size
     if len(rows) == batch:
@@ -251,6 +251,17 @@ def pad_rows(
     mask[:, new, pending + new] = True
     mask[index] = tree_mask.to(device).expand(len(rows), n, pending + n)
     return all_tokens, all_positions, mask
+
+
+def row_bucket(rows: int, batch_size: int) -> int:
+    """The captured batch size a forward of the first ``rows`` rows runs at: the next power of
+    two, at most ``batch_size`` (so a cache of 16 rows captures 1, 2, 4, 8 and 16)."""
+    return min(1 << (rows - 1).bit_length(), batch_size)
+
+
+def row_buckets(batch_size: int) -> list[int]:
+    """Every batch size ``row_bucket`` gives for a cache of ``batch_size`` rows."""
+    return sorted({row_bucket(rows, batch_size) for rows in range(1, batch_size + 1)})
 
 
 def reset_row(runtime: Runtime, row: int) -> None:

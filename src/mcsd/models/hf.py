@@ -14,19 +14,30 @@ No modelling file is forked or patched.
 Cache layout (every row the same physical length, rows ragged inside it): columns ``[0, S)``
 hold the committed prefixes, row b using its first ``committed[b]`` (the rest is padding it never
 sees); the pending block follows at ``[S, S + P)``. A commit moves each row's kept entries to
-the end of its prefix.
+the end of its prefix. A forward of some rows (``forward_rows``) runs the first ``b`` of them
+(``mcsd.models.base.row_bucket``) on the cache cut to those rows.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mcsd.models.base import CommittedRows, Keep, Rows, check_forward, check_keep, to_device
+from mcsd.models.base import (
+    CommittedRows,
+    Keep,
+    Rows,
+    check_forward,
+    check_keep,
+    pad_rows,
+    row_bucket,
+    to_device,
+)
 
 # Attention implementations checked against a chain forward (tests/test_hf_adapter.py).
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -98,19 +109,80 @@ class HFModel(CommittedRows):
     def forward(
         self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
     ) -> Tensor | None:
-        batch, n = check_forward(self, tokens, positions, tree_mask, logits)
+        check_forward(self, tokens, positions, tree_mask, logits)
+        return self._forward(tokens, positions, tree_mask, logits)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """``mcsd.models.base.rows_forward`` over the first ``computed_rows(rows)`` rows only
+        (the others among them run padding): every layer's cache is cut to those rows for the
+        forward, and the rows beyond get ``n`` zero entries afterwards (pending padding nothing
+        reads). Returns ``[b, n | 1, V]``, row ``r`` at index ``r``."""
+        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
+        prefix = self.computed_rows(rows)
+        if len(rows) < prefix:
+            tokens, positions, tree_mask = pad_rows(
+                prefix,
+                rows,
+                tokens,
+                positions,
+                tree_mask,
+                self._committed,
+                self._pending,
+                self._device,
+            )
+        if prefix == self._batch:
+            return self._forward(tokens, positions, tree_mask, logits)
+        layers = self._cache.layers
+        full = [(layer.keys, layer.values) for layer in layers]
+        for layer, (keys, values) in zip(layers, full, strict=True):
+            if isinstance(keys, Tensor):
+                layer.keys, layer.values = keys[:prefix], values[:prefix]
+        try:
+            out = self._forward(tokens, positions, tree_mask, logits)
+        except BaseException:
+            for layer, (keys, values) in zip(layers, full, strict=False):
+                layer.keys, layer.values = keys, values
+            raise
+        before = dict(enumerate(full))  # layers built by this forward had no rows before
+        for i, layer in enumerate(self._cache.layers):
+            keys, values = before.get(i, (None, None))
+            layer.keys = _with_rows(keys, layer.keys, self._batch)
+            layer.values = _with_rows(values, layer.values, self._batch)
+        return out
+
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        """The rows a forward of ``rows`` computes: the first ``row_bucket`` of them."""
+        return row_bucket(max(rows) + 1, self._batch)
+
+    def _forward(
+        self,
+        tokens: Tensor,  # [b, n] long: the first b rows (b = B, or a row bucket)
+        positions: Tensor,  # [b, n] long
+        tree_mask: Tensor,  # [n, P + n] or [b, n, P + n] bool
+        logits: Rows,
+    ) -> Tensor | None:
+        batch, n = tokens.shape
         width, pending = self._width, self._pending
         device = tokens.device
-        lengths = to_device(self._committed, device)  # [B]
-        prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, S]
-        block = tree_mask.to(device).expand(batch, n, pending + n)  # [B, n, P + n]
+        lengths = to_device(self._committed[:batch], device)  # [b]
+        prefix = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [b, S]
+        block = tree_mask.to(device).expand(batch, n, pending + n)  # [b, n, P + n]
         allowed = torch.cat([prefix[:, None, :].expand(batch, n, width), block], dim=2)
         additive = torch.zeros(allowed.shape, dtype=self._dtype, device=device)
         additive = additive.masked_fill(~allowed, torch.finfo(self._dtype).min)[:, None]
         out = self.hf_model(
             input_ids=tokens,
             position_ids=positions,
-            attention_mask=additive,  # [B, 1, n, S + P + n]
+            attention_mask=additive,  # [b, 1, n, S + P + n]
             use_cache=True,
             logits_to_keep=n if logits == "all" else 1,  # "none": one row, cheaper than n
             **{self._cache_keyword: self._cache},
@@ -119,7 +191,7 @@ class HFModel(CommittedRows):
         self._pending += n
         if first:
             self._check_layers()
-        return None if logits == "none" else out.logits.float()  # [B, n | 1, V]
+        return None if logits == "none" else out.logits.float()  # [b, n | 1, V]
 
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)
@@ -161,6 +233,18 @@ class HFModel(CommittedRows):
                     f"{type(self.hf_model).__name__} layer {i} uses a {type(layer).__name__} "
                     "cache (sliding-window or non-attention); mcsd needs full-attention KV caches"
                 )
+
+
+def _with_rows(before: Tensor | None, first: Tensor, batch: int) -> Tensor:
+    """A layer's ``[B, H, T + n, D]`` states after a forward of its first ``b`` rows: ``first``
+    ``[b, H, T + n, D]`` for them, ``before`` ``[B, H, T, D]`` (None: empty) and ``n`` zero
+    entries for the rest."""
+    b, h, length, d = first.shape
+    out = first.new_zeros(batch, h, length, d)
+    out[:b] = first
+    if before is not None:
+        out[b:, :, : before.shape[2]] = before[b:]
+    return out
 
 
 def _ragged_commit(

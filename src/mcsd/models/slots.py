@@ -44,20 +44,10 @@ from mcsd.models.base import (
     check_forward,
     check_keep,
     pad_rows,
+    row_bucket,
     to_device,
 )
 from mcsd.models.graphs import GraphRunner
-
-
-def row_bucket(rows: int, batch_size: int) -> int:
-    """The captured batch size a forward of the first ``rows`` rows runs at: the next power of
-    two, at most ``batch_size`` (so a cache of 16 rows captures 1, 2, 4, 8 and 16)."""
-    return min(1 << (rows - 1).bit_length(), batch_size)
-
-
-def row_buckets(batch_size: int) -> list[int]:
-    """Every batch size ``row_bucket`` gives for a cache of ``batch_size`` rows."""
-    return sorted({row_bucket(rows, batch_size) for rows in range(1, batch_size + 1)})
 
 
 def bucket(n: int, max_tokens: int = MAX_GRAPH_TOKENS) -> int:

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from mcsd.config import ATTENTION_BLOCK, MAX_GRAPH_TOKENS, STATIC_MAX_LENGTH
-from mcsd.models.base import Rows, chain_mask
+from mcsd.models.base import Rows, chain_mask, row_buckets
 from mcsd.models.fast.arch import Architecture, read_architecture
 from mcsd.models.fast.model import TransformerLM, load_state, load_weights, tie
-from mcsd.models.slots import SlotCacheRuntime, bucket, row_buckets
+from mcsd.models.slots import SlotCacheRuntime, bucket
 
 
 class FastModel(SlotCacheRuntime):
