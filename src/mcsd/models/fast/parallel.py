@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -405,11 +406,19 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 def _follow(
     rank: int, world: int, port: int, address: str, device: torch.device, run: Callable, args: Any
 ) -> None:
+    """A spawned rank: ``run``, then the group torn down once every rank is done. A rank that
+    finished ends with ``os._exit(0)``: the interpreter's finalization of a gloo process can
+    abort it (SIGABRT, "terminate called without an active exception") after its work is done,
+    which rank 0 would report as a failed rank."""
     init_group(rank, world, rank_device(device, rank), address=address, port=port)
     try:
         run(rank, world, *args)
+        dist.barrier()  # every rank's last collective is done before any group is torn down
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(
@@ -443,6 +452,7 @@ def launch(
     init_group(0, tp, rank_device(device, 0), address=address, port=port)
     try:
         result = run(0, tp, *args)
+        dist.barrier()  # see _follow: a rank torn down mid-collective aborts its peers
     except BaseException:
         for process in followers:  # they may wait on a collective rank 0 never joins
             process.terminate()
