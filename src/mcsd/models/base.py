@@ -106,7 +106,9 @@ class Runtime(Protocol):
 class CommittedRows:
     """The per-row bookkeeping every cache-holding runtime shares: committed lengths (ragged
     rows inside a region of width ``S = max(committed)``), the pending block's size, and the
-    protocol properties that only read them. Subclasses keep the keys/values themselves."""
+    protocol properties that only read them, and the row bucket a forward of some rows runs
+    (their ``forward_rows`` computes the first ``computed_rows`` rows, on ``_bucket_inputs``).
+    Subclasses keep the keys/values themselves."""
 
     def __init__(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -139,6 +141,26 @@ class CommittedRows:
     def _uniform(self) -> bool:
         """Every row's committed prefix fills ``[0, S)`` (always so at batch 1)."""
         return all(c == self._width for c in self._committed)
+
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        """The rows a forward of ``rows`` (``forward_rows``) computes: the first ``row_bucket``
+        of them, the smallest batch size that holds the highest row given."""
+        return row_bucket(max(rows) + 1, self._batch)
+
+    def _bucket_inputs(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``rows``' inputs over the first ``computed_rows(rows)`` rows (``pad_rows``: the
+        others among them run padding); as given when ``rows`` are those rows already."""
+        prefix = self.computed_rows(rows)
+        if len(rows) == prefix:
+            return tokens, positions, tree_mask
+        lengths, pending, device = self._committed, self._pending, self._device
+        return pad_rows(prefix, rows, tokens, positions, tree_mask, lengths, pending, device)
 
     def _committed_after(self, rows: list[list[int]]) -> None:
         """Record a commit of ``rows`` (the runtime moved the entries already)."""

@@ -34,8 +34,6 @@ from mcsd.models.base import (
     Rows,
     check_forward,
     check_keep,
-    pad_rows,
-    row_bucket,
     to_device,
 )
 
@@ -127,18 +125,8 @@ class HFModel(CommittedRows):
         forward, and the rows beyond get ``n`` zero entries afterwards (pending padding nothing
         reads). Returns ``[b, n | 1, V]``, row ``r`` at index ``r``."""
         check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
-        prefix = self.computed_rows(rows)
-        if len(rows) < prefix:
-            tokens, positions, tree_mask = pad_rows(
-                prefix,
-                rows,
-                tokens,
-                positions,
-                tree_mask,
-                self._committed,
-                self._pending,
-                self._device,
-            )
+        tokens, positions, tree_mask = self._bucket_inputs(rows, tokens, positions, tree_mask)
+        prefix = tokens.shape[0]
         if prefix == self._batch:
             return self._forward(tokens, positions, tree_mask, logits)
         layers = self._cache.layers
@@ -158,10 +146,6 @@ class HFModel(CommittedRows):
             layer.keys = _with_rows(keys, layer.keys, self._batch)
             layer.values = _with_rows(values, layer.values, self._batch)
         return out
-
-    def computed_rows(self, rows: Sequence[int]) -> int:
-        """The rows a forward of ``rows`` computes: the first ``row_bucket`` of them."""
-        return row_bucket(max(rows) + 1, self._batch)
 
     def _forward(
         self,

@@ -43,8 +43,6 @@ from mcsd.models.base import (
     Rows,
     check_forward,
     check_keep,
-    pad_rows,
-    row_bucket,
     to_device,
 )
 from mcsd.models.graphs import GraphRunner
@@ -157,23 +155,7 @@ class SlotCacheRuntime(CommittedRows):
         pending entries that nothing writes or reads. Returns ``[B', n | 1, V]``, row ``r`` at
         index ``r``."""
         check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
-        prefix = self.computed_rows(rows)
-        if len(rows) < prefix:
-            tokens, positions, tree_mask = pad_rows(
-                prefix,
-                rows,
-                tokens,
-                positions,
-                tree_mask,
-                self._committed,
-                self._pending,
-                self._device,
-            )
-        return self._forward(tokens, positions, tree_mask, logits)
-
-    def computed_rows(self, rows: Sequence[int]) -> int:
-        """The rows a forward of ``rows`` computes: the first ``row_bucket`` of them."""
-        return row_bucket(max(rows) + 1, self._batch)
+        return self._forward(*self._bucket_inputs(rows, tokens, positions, tree_mask), logits)
 
     def _forward(
         self,
