@@ -93,7 +93,7 @@ def test_malformed_json_array_element_names_line(tmp_path: Path) -> None:
 
 def test_truncated_array_streams_complete_elements(monkeypatch: pytest.MonkeyPatch) -> None:
     """ShareGPT's file ends mid-object: everything before it is read, in small chunks too."""
-    monkeypatch.setattr("mcsd.bench.datasets._READ_CHUNK", 7)  # elements span many chunks
+    monkeypatch.setattr("mcsd.sources.packaged._READ_CHUNK", 7)  # elements span many chunks
     elements = [{"id": i, "text": "x" * i + '"quoted", [brackets]'} for i in range(20)]
     text = json.dumps(elements, indent=2)
     cut = text[: text.index('"id": 19') + 12]  # inside the last element

@@ -1,19 +1,24 @@
-"""Frozen configuration dataclasses: the only home of defaults and of input validation.
+"""The library's frozen configuration records, their defaults and their validation.
 
-Every bad value raises ``ValueError`` naming the parameter and the allowed values, so a mistake
-on the command line, in the server or in Python never surfaces as a stack trace from torch.
+Every bad value raises ``mcsd.errors.ParamError`` (a ``ValueError``) naming the parameter and
+the allowed values, with the parameter's name as data (``error.param``), so a mistake on the
+command line, in the server or in Python never surfaces as a stack trace from torch.
+``SamplingConfig`` lives in ``mcsd.sampling`` (beside the code that reads it) and is exported
+here. The commands keep their own option defaults: ``mcsd.bench.defaults`` (bench, tune),
+``mcsd.server.defaults`` (serve) and ``mcsd.checks.defaults`` (check, capture).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
+from mcsd.errors import ParamError, check_int
+from mcsd.sampling import DEFAULT_TEMPERATURE as DEFAULT_TEMPERATURE
+from mcsd.sampling import SamplingConfig
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import Rule, get_rule
 
-DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's default)
 DEFAULT_TREE = "4,2,2"  # 4 + 8 + 16 = 28 nodes: the paper's favourite shape for 2-4x size gaps
 # The CLI's default per runtime where 4,2,2 does not fit it: on llama.cpp's CPU kernels a decode of
 # N tokens costs ~0.6 N single-token decodes (docs/benchmarks.md, 2026-12-02), so a 28-node tree
@@ -52,13 +57,8 @@ DRAFT_CATCH_UP_TOKENS = 8
 
 # The llama.cpp runtime (mcsd.models.llamacpp)
 LLAMA_MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids one context can hold
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be an integer <= {high}, got {value!r}")
+# torch.Generator.manual_seed takes 64 bits, signed or not (a negative seed s means s + 2**64)
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
 @dataclass(frozen=True)
@@ -105,23 +105,29 @@ class LlamaCppConfig:
         return threads, self.batch_threads or threads
 
     def __post_init__(self) -> None:
-        _check_int("context", self.context, 2)
-        _check_int("pending_cells", self.pending_cells, 1)
+        check_int("context", self.context, 2)
+        check_int("pending_cells", self.pending_cells, 1)
         for name in ("threads", "batch_threads"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_int("batch", self.batch, 1)
-        _check_int("sequences", self.sequences, 2, LLAMA_MAX_SEQUENCES)
+                check_int(name, getattr(self, name), 1)
+        check_int("batch", self.batch, 1)
+        check_int("sequences", self.sequences, 2, LLAMA_MAX_SEQUENCES)
         if self.row_sequences is not None:
-            _check_int("row_sequences", self.row_sequences, 2, LLAMA_MAX_SEQUENCES)
+            check_int("row_sequences", self.row_sequences, 2, LLAMA_MAX_SEQUENCES)
         if self.batch < self.sequences:  # llama.cpp asserts it (llama_context::output_reserve)
-            raise ValueError(
+            raise ParamError(
                 f"batch ({self.batch}) must be >= sequences ({self.sequences}): llama.cpp keeps "
-                "room for one row of logits per sequence id in every decode"
+                "room for one row of logits per sequence id in every decode",
+                param="batch",
+                allowed="an integer >= sequences",
             )
         for name in ("repack", "flash_attention", "verbose"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ParamError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}",
+                    param=name,
+                    allowed="True or False",
+                )
 
 
 @dataclass(frozen=True)
@@ -139,42 +145,17 @@ class ContextConfig:
     max_children: int = 4  # continuations per node where the context branches
 
     def __post_init__(self) -> None:
-        _check_int("context max_nodes", self.max_nodes, 1, DEFAULT_MAX_TREE_NODES)
-        _check_int("context max_depth", self.max_depth, 1, DEFAULT_MAX_TREE_NODES)
-        _check_int("context max_ngram", self.max_ngram, 1, 64)
-        _check_int("context max_occurrences", self.max_occurrences, 1)
-        _check_int("context max_children", self.max_children, 1, DEFAULT_MAX_TREE_NODES)
-
-
-def _check_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How logits become a distribution (see ``mcsd.sampling.warp`` for the order)."""
-
-    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
-    top_k: int = 0  # 0 = disabled
-    top_p: float = 1.0  # 1.0 = disabled
-
-    def __post_init__(self) -> None:
-        temperature = _check_number("temperature", self.temperature)
-        if temperature < 0 or math.isinf(temperature):
-            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        top_p = _check_number("top_p", self.top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-        object.__setattr__(self, "temperature", temperature)
-        object.__setattr__(self, "top_p", top_p)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+        check_int("context max_nodes", self.max_nodes, 1, DEFAULT_MAX_TREE_NODES, param="max_nodes")
+        check_int("context max_depth", self.max_depth, 1, DEFAULT_MAX_TREE_NODES, param="max_depth")
+        check_int("context max_ngram", self.max_ngram, 1, 64, param="max_ngram")
+        check_int("context max_occurrences", self.max_occurrences, 1, param="max_occurrences")
+        check_int(
+            "context max_children",
+            self.max_children,
+            1,
+            DEFAULT_MAX_TREE_NODES,
+            param="max_children",
+        )
 
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -193,14 +174,15 @@ class DynamicTreeConfig:
     max_depth: int = 6  # deepest level grown (a draft forward each)
 
     def __post_init__(self) -> None:
-        _check_int("dynamic tree budget", self.budget, 1, DEFAULT_MAX_TREE_NODES)
-        _check_int("dynamic tree width", self.width, 1)
-        _check_int("dynamic tree max_depth", self.max_depth, 1)
+        check_int("dynamic tree budget", self.budget, 1, DEFAULT_MAX_TREE_NODES, param="budget")
+        check_int("dynamic tree width", self.width, 1, param="width")
+        check_int("dynamic tree max_depth", self.max_depth, 1, param="max_depth")
         if self.width * self.max_depth < self.budget:
-            raise ValueError(
+            raise ParamError(
                 f"dynamic tree budget {self.budget} needs width * max_depth >= {self.budget}, "
                 f"got {self.width} * {self.max_depth}; raise WIDTH or DEPTH "
-                "(dynamic:BUDGET:WIDTH:DEPTH)"
+                "(dynamic:BUDGET:WIDTH:DEPTH)",
+                param="budget",
             )
 
     @classmethod
@@ -209,15 +191,19 @@ class DynamicTreeConfig:
         head, _, rest = text.strip().partition(":")
         parts = rest.split(":") if rest else []
         if head != DYNAMIC_PREFIX or not 1 <= len(parts) <= 3:
-            raise ValueError(
+            raise ParamError(
                 f"dynamic tree must look like dynamic:BUDGET[:WIDTH[:DEPTH]] (e.g. dynamic:16 "
-                f"or dynamic:32:8:6), got {text!r}"
+                f"or dynamic:32:8:6), got {text!r}",
+                param="tree",
+                allowed="dynamic:BUDGET[:WIDTH[:DEPTH]]",
             )
         try:
             values = [int(part) for part in parts]
         except ValueError:
-            raise ValueError(
-                f"dynamic tree {text!r}: BUDGET, WIDTH and DEPTH must be integers"
+            raise ParamError(
+                f"dynamic tree {text!r}: BUDGET, WIDTH and DEPTH must be integers",
+                param="tree",
+                allowed="dynamic:BUDGET[:WIDTH[:DEPTH]]",
             ) from None
         return cls(**dict(zip(("budget", "width", "max_depth"), values, strict=False)))
 
@@ -253,41 +239,69 @@ class SpecConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.proposer, str) or self.proposer not in PROPOSERS:
-            raise ValueError(
-                f"proposer must be one of {', '.join(PROPOSERS)}; got {self.proposer!r}"
+            raise ParamError(
+                f"proposer must be one of {', '.join(PROPOSERS)}; got {self.proposer!r}",
+                param="proposer",
+                allowed=", ".join(PROPOSERS),
             )
         if not isinstance(self.context, ContextConfig):
-            raise ValueError(f"context must be a ContextConfig, got {type(self.context).__name__}")
+            raise ParamError(
+                f"context must be a ContextConfig, got {type(self.context).__name__}",
+                param="context",
+                allowed="a ContextConfig",
+            )
         if not isinstance(self.target, SamplingConfig):
-            raise ValueError(f"target must be a SamplingConfig, got {type(self.target).__name__}")
+            raise ParamError(
+                f"target must be a SamplingConfig, got {type(self.target).__name__}",
+                param="target",
+                allowed="a SamplingConfig",
+            )
         if self.draft is not None and not isinstance(self.draft, SamplingConfig):
-            raise ValueError(f"draft must be a SamplingConfig, got {type(self.draft).__name__}")
+            raise ParamError(
+                f"draft must be a SamplingConfig, got {type(self.draft).__name__}",
+                param="draft",
+                allowed="a SamplingConfig or None",
+            )
         if self.rule is not None:
             get_rule(self.rule)
         m = self.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {m!r}")
-        seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise ParamError(
+                f"max_new_tokens must be an integer >= 1, got {m!r}",
+                param="max_new_tokens",
+                allowed="an integer >= 1",
+            )
+        self._check_seed()
         if isinstance(self.stop_strings, str):
             object.__setattr__(self, "stop_strings", (self.stop_strings,))
         if not isinstance(self.stop_strings, list | tuple):
-            raise ValueError(
-                f"stop_strings must be a string or a list of strings, got {self.stop_strings!r}"
+            raise ParamError(
+                f"stop_strings must be a string or a list of strings, got {self.stop_strings!r}",
+                param="stop_strings",
+                allowed="a string or a list of non-empty strings",
             )
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop_strings must be non-empty strings, got {s!r}")
+                raise ParamError(
+                    f"stop_strings must be non-empty strings, got {s!r}",
+                    param="stop_strings",
+                    allowed="a string or a list of non-empty strings",
+                )
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, list | tuple | set | frozenset):
-                raise ValueError(
-                    f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"
+                raise ParamError(
+                    f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
+                    param="stop_token_ids",
+                    allowed="a list of token ids >= 0",
                 )
             ids = tuple(self.stop_token_ids)
             if not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {ids!r}")
+                raise ParamError(
+                    f"stop_token_ids must be non-negative integers, got {ids!r}",
+                    param="stop_token_ids",
+                    allowed="a list of token ids >= 0",
+                )
             object.__setattr__(self, "stop_token_ids", ids)
         # Build the tree now so a bad shape fails at configuration time, not mid-generation.
         if isinstance(self.tree, str) and self.tree.strip().startswith(DYNAMIC_PREFIX):
@@ -296,13 +310,28 @@ class SpecConfig:
             object.__setattr__(self, "tree", NO_SPECULATION)
         elif isinstance(self.tree, DynamicTreeConfig):
             if self.tree.budget > self.max_tree_nodes:
-                raise ValueError(
+                raise ParamError(
                     f"dynamic tree budget {self.tree.budget} is more than the limit "
-                    f"max_tree_nodes={self.max_tree_nodes}"
+                    f"max_tree_nodes={self.max_tree_nodes}",
+                    param="tree",
+                    allowed=f"a budget <= max_tree_nodes ({self.max_tree_nodes})",
                 )
         else:
             object.__setattr__(self, "tree", self.token_tree())
         self.resolved_rule()
+
+    def _check_seed(self) -> None:
+        """None, or an integer torch.Generator.manual_seed takes (one of 64 bits)."""
+        seed, (low, high) = self.seed, SEED_RANGE
+        if seed is None:
+            return
+        if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+            raise ParamError(
+                f"seed must be an integer or None, an integer in [-2**63, 2**64 - 1] (64 bits: "
+                f"what torch.Generator.manual_seed takes), got {seed!r}",
+                param="seed",
+                allowed="an integer in [-2**63, 2**64 - 1], or None",
+            )
 
     @property
     def draft_sampling(self) -> SamplingConfig:
@@ -321,11 +350,14 @@ class SpecConfig:
     def token_tree(self) -> TokenTree:
         """The static tree; ``ValueError`` for a dynamic one (its shape changes every step)."""
         if isinstance(self.tree, DynamicTreeConfig):
-            raise ValueError(
-                f"tree {self.tree.describe()} is grown per step and has no fixed shape"
+            raise ParamError(
+                f"tree {self.tree.describe()} is grown per step and has no fixed shape",
+                param="tree",
             )
         if not self.speculative:
-            raise ValueError("tree 'none' means no speculation: there is no token tree")
+            raise ParamError(
+                "tree 'none' means no speculation: there is no token tree", param="tree"
+            )
         return TokenTree.parse(self.tree, max_nodes=self.max_tree_nodes)
 
     def describe_tree(self) -> str:
@@ -348,7 +380,11 @@ class SpecConfig:
         without speculation (a rule asked for is then refused)."""
         if not self.speculative:
             if self.rule is not None:
-                raise ValueError(f"rule {self.rule!r} needs a tree; tree 'none' verifies nothing")
+                raise ParamError(
+                    f"rule {self.rule!r} needs a tree; tree 'none' verifies nothing",
+                    param="rule",
+                    allowed="none (tree none verifies nothing)",
+                )
             return NO_SPECULATION
         if self.dynamic is not None:
             return self._dynamic_rule()
@@ -361,9 +397,11 @@ class SpecConfig:
             return "sps" if tree.max_children == 1 else "mcss-wor"
         rule = self._checked_rule()
         if rule.max_children is not None and tree.max_children > rule.max_children:
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} verifies one candidate per node, but tree {tree.describe()} "
-                f"has nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'"
+                f"has nodes with {tree.max_children} children; use 'mcss' or 'mcss-wor'",
+                param="rule",
+                allowed="mcss or mcss-wor",
             )
         return rule.name
 
@@ -376,9 +414,11 @@ class SpecConfig:
             return "topk" if self.draft_sampling.greedy else "mcss-wor"
         rule = self._checked_rule()
         if rule.name not in DYNAMIC_RULES:
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} cannot verify dynamic trees losslessly; use one of "
-                f"{', '.join(DYNAMIC_RULES)} (or leave rule unset)"
+                f"{', '.join(DYNAMIC_RULES)} (or leave rule unset)",
+                param="rule",
+                allowed=", ".join(DYNAMIC_RULES),
             )
         return rule.name
 
@@ -386,30 +426,40 @@ class SpecConfig:
         """The rule asked for, checked against the target and draft samplers."""
         rule = get_rule(self.rule)
         if self.proposer == "context" and rule.reads_q:
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} reads the draft's q, but proposer 'context' copies "
-                "deterministic candidates: use rule 'topk' or 'mcns' (or leave rule unset)"
+                "deterministic candidates: use rule 'topk' or 'mcns' (or leave rule unset)",
+                param="rule",
+                allowed="topk or mcns",
             )
         if self.proposer == "mixed" and rule.mixed_trees is None:
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} cannot verify trees that mix context and draft candidates "
-                "(proposer 'mixed'); leave rule unset or use 'mcss-wor'"
+                "(proposer 'mixed'); leave rule unset or use 'mcss-wor'",
+                param="rule",
+                allowed="mcss-wor",
             )
         if self.target.greedy and rule.target == "sampling":
             # Every lossless rule reduces to greedy when p is one-hot; say so rather than guess.
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} needs a sampling target; with temperature 0 use rule "
-                "'greedy' (or leave rule unset)"
+                "'greedy' (or leave rule unset)",
+                param="rule",
+                allowed="greedy",
             )
         if not self.target.greedy and rule.target == "greedy":
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} emits the target's argmax: it needs temperature 0; for a "
-                "sampling target leave rule unset (or use 'topk' with a greedy draft)"
+                "sampling target leave rule unset (or use 'topk' with a greedy draft)",
+                param="rule",
+                allowed="a rule for sampling targets",
             )
         if self.draft_sampling.greedy and rule.reads_q:
-            raise ValueError(
+            raise ParamError(
                 f"rule {rule.name!r} needs the draft's sampling distribution q, but the draft is "
-                "greedy (draft temperature 0); use rule 'topk' (deterministic candidates) instead"
+                "greedy (draft temperature 0); use rule 'topk' (deterministic candidates) instead",
+                param="rule",
+                allowed="topk",
             )
         return rule
 
@@ -520,7 +570,11 @@ class ServeLimits:
             if value is None and name in optional:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ParamError(
+                    f"{name} must be an integer >= 1, got {value!r}",
+                    param=name,
+                    allowed="an integer >= 1",
+                )
 
 
 @dataclass(frozen=True)
@@ -565,7 +619,11 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ValueError(f"tp must be an integer >= 1, got {self.size!r}")
+            raise ParamError(
+                f"tp must be an integer >= 1, got {self.size!r}",
+                param="size",
+                allowed="an integer >= 1",
+            )
 
 
 HF_STATIC_LENGTH = BenchDefaults.hf_static_length

@@ -19,17 +19,57 @@ any device, no host synchronisation); ``sample`` and ``sample_candidates`` are i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from mcsd.config import SamplingConfig
+from mcsd.errors import ParamError, check_number
+
+DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's default)
 
 # Probability mass below which a distribution is treated as empty (only reachable through
 # float rounding of a residual that is zero in exact arithmetic).
 EMPTY_MASS = 1e-12
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How logits become a distribution (see ``warp`` for the order). It lives here, beside the
+    code that reads it, so ``sampling`` and ``verify`` need nothing above them;
+    ``mcsd.config`` (and ``mcsd``) export it with the other configs."""
+
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0  # 1.0 = disabled
+
+    def __post_init__(self) -> None:
+        temperature = check_number("temperature", self.temperature)
+        if temperature < 0 or math.isinf(temperature):
+            raise ParamError(
+                f"temperature must be >= 0 and finite (0 = greedy), got {temperature}",
+                param="temperature",
+                allowed="a finite number >= 0",
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ParamError(
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}",
+                param="top_k",
+                allowed="an integer >= 0",
+            )
+        top_p = check_number("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ParamError(
+                f"top_p must be in (0, 1] (1 disables it), got {top_p}",
+                param="top_p",
+                allowed="a number in (0, 1]",
+            )
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 def warp(logits: Tensor, config: SamplingConfig) -> Tensor:

