@@ -29,10 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mcsd import cli
 from mcsd.api import ModelPair, load_pair
-from mcsd.config import SamplingConfig, ServeLimits, SpecConfig
+from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.server import create_app
 from mcsd.server.admission import AdmissionQueue, Closed, QueueFull
 from mcsd.server.auth import is_loopback
+from mcsd.server.defaults import ServeLimits
 from mcsd.server.drain import DrainingServer
 
 KEY = "sk-test-key"

@@ -464,39 +464,8 @@ class SpecConfig:
         return rule
 
 
-# ------------------------------------------------------------------ the commands' defaults
-@dataclass(frozen=True)
-class BenchDefaults:
-    """``mcsd bench`` / ``mcsd tune`` (``mcsd.bench``)."""
-
-    datasets: tuple[str, ...] = ("humaneval", "mt-bench")
-    # {tree} is the tree mcsd tune saved for the pair here, else DEFAULT_TREE
-    methods: tuple[str, ...] = (
-        "hf-ar",
-        "hf-assisted",
-        "hf-assisted:5",
-        "ar",
-        "sps:4",
-        "tree:{tree}",
-    )
-    # on the llama.cpp runtime: llama.cpp's own loops instead of transformers'
-    llamacpp_methods: tuple[str, ...] = (
-        "llama-ar",
-        "llama-spec",
-        "llama-spec:16:0.75",  # the best llama-server setting measured in issue 13
-        "ar",
-        "sps:4",
-        "tree:{tree}",
-        "tree:{tree}+adaptive",  # what mcsd generate runs here by default (RUNTIME_ADAPTIVE_TREE)
-    )
-    n: int = 10  # prompts per dataset (seeded sample)
-    turns: int = 1
-    seed: int = 0  # a benchmark is reproducible unless asked otherwise
-    out: str = "bench-out"
-    warmup_tokens: int = 16  # enough to run every tree level and the verification shapes once
-    hf_static_length: int = 4096  # hf-static's cache: one shape, one compilation for all prompts
-
-
+# ``mcsd tune`` / ``mcsd bench --sweep``: the sweep and the tree-shape optimiser; these belong in
+# mcsd.bench.defaults (which exports them) and move there once their modules import them from it
 @dataclass(frozen=True)
 class SweepDefaults:
     """``mcsd tune`` / ``mcsd bench --sweep`` (``mcsd.bench.sweep``)."""
@@ -538,75 +507,6 @@ class BudgetDefaults:
 
 
 @dataclass(frozen=True)
-class ServeDefaults:
-    """``mcsd serve`` (``mcsd.server``)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_queue: int = 64  # requests waiting for a row; more get 429
-    api_key_env: str = "MCSD_API_KEY"  # where --api-key is read from when not given
-    drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
-    graceful_shutdown_s: float = 5.0  # after the drain: responses still being sent may finish
-    max_batch: int = 1  # generations decoded side by side (rows of the batch engine)
-    adaptive_tree: bool = False  # measure the step cost; the default tree shrinks with the batch
-    disconnect_poll_s: float = 0.05  # how often a waiting request checks its client is there
-    unbounded_max_tokens: int = 1 << 20  # max_tokens cap when the models declare no limit
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request to ``mcsd serve`` may ask for (400 / 413 beyond it, naming the field)."""
-
-    max_body_bytes: int = 16 << 20  # far beyond any context, small enough to refuse junk early
-    max_prompt_tokens: int | None = None  # None: the models' context
-    max_tokens: int | None = None  # largest max_tokens; None: the models' context
-    max_stop: int = 16  # stop strings per request (OpenAI allows 4; vLLM clients send more)
-    max_stop_length: int = 256  # characters of one stop string
-
-    def __post_init__(self) -> None:
-        optional = ("max_prompt_tokens", "max_tokens")  # None: the models' context
-        for name in ("max_body_bytes", *optional, "max_stop", "max_stop_length"):
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ParamError(
-                    f"{name} must be an integer >= 1, got {value!r}",
-                    param=name,
-                    allowed="an integer >= 1",
-                )
-
-
-@dataclass(frozen=True)
-class CheckDefaults:
-    """``mcsd check`` (``mcsd.checks``)."""
-
-    seed: int = 0
-    alpha: float = 1e-6  # false-failure probability of each statistical test
-    k: int = 3
-    vocab: int = 8
-    trials: int = 100_000
-    engine_trials: int = 20_000
-    ks: tuple[int, ...] = (2, 3, 4)
-    random_pairs: int = 200
-    random_vocab: int = 50
-    samples: int = 256  # Monte Carlo chains per pair for mcss-wor with k >= 3
-    pairs: str = "tests/data/qwen_pairs.pt"  # captured by python -m mcsd.checks.capture
-
-
-@dataclass(frozen=True)
-class CaptureDefaults:
-    """``python -m mcsd.checks.capture``."""
-
-    prompts: int = 16
-    new_tokens: int = 40
-    per_prompt: int = 19
-    temperature: float = 1.0
-    top: int = 1024  # tokens kept per pair
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class ParallelConfig:
     """Tensor parallelism of the fast runtime (``mcsd.models.fast.parallel``): ``size`` ranks
     on ``torch.distributed`` (NCCL on CUDA, gloo on a CPU). ``check_ranks``: a debug check that
@@ -626,5 +526,5 @@ class ParallelConfig:
             )
 
 
-HF_STATIC_LENGTH = BenchDefaults.hf_static_length
+HF_STATIC_LENGTH = 4096  # hf-static's cache: one shape, one compilation for all prompts
 FREQUENT_CORPUS_CHARS = 8_000_000  # per corpus source: stable counts of the top 32k tokens

@@ -16,8 +16,9 @@ from typing import Any
 
 from mcsd.api import ModelPair, encode_prompt
 from mcsd.bench.datasets import Question
+from mcsd.bench.defaults import BenchDefaults
 from mcsd.bench.methods import Generation, Method, run_method
-from mcsd.config import BenchDefaults, SpecConfig
+from mcsd.config import SpecConfig
 
 WARMUP_TOKENS = BenchDefaults.warmup_tokens
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from mcsd.config import CaptureDefaults, SamplingConfig
+from mcsd.checks.defaults import CaptureDefaults
+from mcsd.config import SamplingConfig
 from mcsd.models.base import score
 from mcsd.sampling import warp
 

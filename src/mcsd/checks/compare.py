@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mcsd.config import CheckDefaults
+from mcsd.checks.defaults import CheckDefaults
 from mcsd.verify.optimal import alpha_star, kseq_rho, transport_plan
 from mcsd.verify.residual import residual, wor_reject
 from mcsd.verify.rules import RULES

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mcsd.config import CheckDefaults
+from mcsd.checks.defaults import CheckDefaults
 from mcsd.sampling import one_hot_argmax, sample_candidates
 from mcsd.verify.node import NONE_ACCEPTED, Mixed, NodeRule
 from mcsd.verify.rules import RULES, get_rule, node_outcome, verify_node

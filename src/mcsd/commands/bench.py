@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcsd.bench.defaults import BenchDefaults
 from mcsd.commands.options import (
     add_bench_arguments,
     add_sweep_arguments,
@@ -21,7 +22,6 @@ from mcsd.commands.options import (
     spec_from_args,
     tree_default,
 )
-from mcsd.config import BenchDefaults
 from mcsd.sources.registry import DEFAULT_TARGET
 
 EXAMPLES = """examples:

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mcsd.checks.compare import WITHIN, Comparison, compare, markdown, random_pairs
+from mcsd.checks.defaults import CheckDefaults
 from mcsd.checks.node import CASES, CheckResult, default_jobs, run_checks
-from mcsd.config import CheckDefaults
 from mcsd.verify.rules import RULE_NAMES
 
 D = CheckDefaults

@@ -10,7 +10,7 @@
   command prints about it;
 - ``add_adaptive_argument`` / ``adaptive_from_args``: ``--adaptive-tree`` (``mcsd.budget``), on
   by default where ``RUNTIME_ADAPTIVE_TREE`` says so.
-Every default comes from ``mcsd.config``.
+Every default comes from ``mcsd.config`` (the library's) or ``mcsd.bench.defaults``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mcsd.bench.defaults import BenchDefaults, SweepDefaults
 from mcsd.config import (
     COMPILE_CHOICES,
     DEFAULT_ADAPTIVE_TREE,
@@ -34,12 +35,10 @@ from mcsd.config import (
     PROPOSERS,
     RUNTIME_ADAPTIVE_TREE,
     RUNTIME_DEFAULT_TREES,
-    BenchDefaults,
     ContextConfig,
     ParallelConfig,
     SamplingConfig,
     SpecConfig,
-    SweepDefaults,
 )
 from mcsd.models.factory import DTYPE_CHOICES, RUNTIME_CHOICES
 from mcsd.sources.registry import DEFAULT_TARGET

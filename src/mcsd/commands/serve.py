@@ -28,7 +28,7 @@ from mcsd.commands.options import (
     spec_from_args,
     tree_default,
 )
-from mcsd.config import ServeDefaults, ServeLimits
+from mcsd.server.defaults import ServeDefaults, ServeLimits
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

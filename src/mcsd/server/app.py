@@ -38,8 +38,9 @@ from starlette.exceptions import HTTPException
 
 from mcsd import __version__
 from mcsd.api import Chunk, ModelPair
-from mcsd.config import ServeDefaults, ServeLimits, SpecConfig
+from mcsd.config import SpecConfig
 from mcsd.server.auth import BearerAuth
+from mcsd.server.defaults import ServeDefaults, ServeLimits
 from mcsd.server.metrics import CONTENT_TYPE, Metrics
 from mcsd.server.schemas import (
     APIError,

@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcsd.config import DYNAMIC_PREFIX, NO_SPECULATION, SamplingConfig, ServeLimits, SpecConfig
+from mcsd.config import DYNAMIC_PREFIX, NO_SPECULATION, SamplingConfig, SpecConfig
+from mcsd.server.defaults import ServeLimits
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import get_rule
 
