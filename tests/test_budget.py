@@ -14,6 +14,7 @@ import torch
 from mcsd.budget import (
     AcceptanceEstimate,
     AdaptiveTree,
+    PairCost,
     StepCost,
     TreeBudget,
     acceptance_events,
@@ -54,12 +55,12 @@ def test_ladder_and_draft_widths() -> None:
 
 
 def test_tree_shrinks_with_the_batch_down_to_plain_decoding() -> None:
-    budget = TreeBudget(TREE, target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02)))
+    budget = TreeBudget(TREE, costs=PairCost(target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02))))
     sizes = [budget.tree_for(rows) for rows in (1, 2, 8, 32)]
     assert sizes[0] == TREE  # free at batch 1
     nodes = [t.num_nodes if t else 0 for t in sizes]
     assert nodes == sorted(nodes, reverse=True) and nodes[-1] < TREE.num_nodes
-    assert TreeBudget(TREE, target=STEEP, draft=STEEP).tree_for(16) is None
+    assert TreeBudget(TREE, costs=PairCost(target=STEEP, draft=STEEP)).tree_for(16) is None
 
 
 def test_overhead_keeps_a_marginal_tree_plain() -> None:
@@ -70,25 +71,27 @@ def test_overhead_keeps_a_marginal_tree_plain() -> None:
     target = StepCost((1, 2, 4), (3.6e-3, 4.0e-3, 4.1e-3))
     draft = StepCost((1, 2, 4), (2.6e-3, 2.9e-3, 3.0e-3))
     fan = TokenTree.from_config((3,))
-    bare = TreeBudget(fan, target, draft, overhead=0.0)
+    costs = PairCost(target=target, draft=draft)
+    bare = TreeBudget(fan, costs=replace(costs, overhead=0.0))
     assert bare.rate(fan, 1) / bare.rate(None, 1) == pytest.approx(1.04, abs=0.01)
     assert bare.tree_for(1) == fan
-    assert TreeBudget(fan, target, draft).tree_for(1) is None
-    assert TreeBudget(CHAIN, target, draft).tree_for(1, acceptance=1.0) == CHAIN  # AL 4 pays
+    assert TreeBudget(fan, costs=costs).tree_for(1) is None
+    assert TreeBudget(CHAIN, costs=costs).tree_for(1, acceptance=1.0) == CHAIN  # AL 4 pays
 
 
 def test_bad_budget_inputs() -> None:
     with pytest.raises(ValueError, match="tokens must be increasing"):
         StepCost((4, 2), (1.0, 1.0))
     with pytest.raises(ValueError, match="acceptance must be in"):
-        TreeBudget(TREE, FLAT, FLAT, acceptance=1.5)
+        TreeBudget(TREE, costs=PairCost(target=FLAT, draft=FLAT), acceptance=1.5)
 
 
 def test_probe_measures_a_runtime() -> None:
     cost = StepCost.probe(TableLM.random(4, batch_size=2), (1, 2, 4), repeats=1)
     assert cost.tokens == (2, 4, 8) and all(s > 0 for s in cost.seconds)
     budget = probe_budget(TREE, TableLM.random(4, batch_size=2), TableLM.random(4), repeats=1)
-    assert budget.target.tokens == (2, 4, 8, 16, 32, 58) and budget.draft.tokens == (1, 2, 4, 8)
+    assert budget.costs.target.tokens == (2, 4, 8, 16, 32, 58)
+    assert budget.costs.draft.tokens == (1, 2, 4, 8)
 
 
 class Budgeted(BatchEngine):
@@ -97,7 +100,8 @@ class Budgeted(BatchEngine):
 
     def __init__(self, *args, **kwargs) -> None:
         target, draft = StepCost((1, 4, 5), (1.0, 1.0, 2.0)), StepCost((1, 100), (0.05, 0.06))
-        super().__init__(*args, budget=TreeBudget(TREE, target, draft, acceptance=0.5), **kwargs)
+        costs = PairCost(target=target, draft=draft)
+        super().__init__(*args, budget=TreeBudget(TREE, costs=costs, acceptance=0.5), **kwargs)
         nodes = [self.budget.tree_for(b) for b in (1, 2, 3)]
         assert [t.num_nodes if t else 0 for t in nodes] == [3, 1, 0]
 
@@ -145,7 +149,7 @@ def test_rows_with_their_own_trees_share_an_engine() -> None:
 CHAIN = TokenTree.parse("1,1,1")
 # A 1-node step costs 1.3 plain steps (free target, a draft forward of 0.3): the 1-node tree
 # pays above acceptance 0.3 and beats the chain at the prior 0.6.
-PRICEY_DRAFT = (FLAT, StepCost((1, 100), (0.3, 0.3)))
+PRICEY_DRAFT = PairCost(target=FLAT, draft=StepCost((1, 100), (0.3, 0.3)))
 
 
 def constant(p: list[float]) -> TableLM:
@@ -196,14 +200,17 @@ def test_estimate_starts_at_the_prior_and_forgets_it() -> None:
 
 
 def test_bad_adaptive_settings() -> None:
+    costs = PairCost(target=FLAT, draft=FLAT)
     for field, value, message in (
         ("weight", 0.0, "weight must be in"),
         ("reprobe", 0, "reprobe must be an integer"),
         ("prior_trials", -1.0, "prior_trials must be a number"),
-        ("overhead", -0.1, "overhead must be a number >= 0"),
     ):
         with pytest.raises(ValueError, match=message):
-            TreeBudget(TREE, FLAT, FLAT, **{field: value})
+            TreeBudget(TREE, costs=costs, **{field: value})
+    for field, value in (("overhead", -0.1), ("fixed", float("nan"))):
+        with pytest.raises(ValueError, match=f"{field} must be a number >= 0"):
+            replace(costs, **{field: value})
 
 
 def test_estimate_converges_to_the_known_acceptance() -> None:
@@ -212,7 +219,8 @@ def test_estimate_converges_to_the_known_acceptance() -> None:
     target = constant([0.7, 0.1, 0.1, 0.1])
     draft = constant([0.1, 0.1, 0.1, 0.7])
     spec = SpecConfig(tree="1,1,1", rule="sps", max_new_tokens=600, seed=5)
-    budget = TreeBudget(CHAIN, FLAT, StepCost((1, 100), (0.01, 0.01)), weight=0.005)
+    costs = PairCost(target=FLAT, draft=StepCost((1, 100), (0.01, 0.01)))
+    budget = TreeBudget(CHAIN, costs=costs, weight=0.005)
     engine = BatchEngine(
         target, ModelProposer.for_spec(draft, spec, 4), vocab_size=4, budget=budget
     )
@@ -235,7 +243,7 @@ def test_a_draft_that_never_matches_switches_to_plain_and_reprobes() -> None:
     target = constant([0.7, 0.1, 0.1, 0.1])
     draft = constant([0.1, 0.1, 0.1, 0.7])
     spec = SpecConfig(tree="1,1,1", target=SamplingConfig(0.0), max_new_tokens=40)
-    budget = TreeBudget(CHAIN, *PRICEY_DRAFT, reprobe=5)
+    budget = TreeBudget(CHAIN, costs=PRICEY_DRAFT, reprobe=5)
     steps = decode(target, draft, spec, budget)
     sizes = [step.record.tree_size for step in steps]
     first_plain = sizes.index(0)
@@ -253,7 +261,8 @@ def test_costs_alone_rule_speculation_out_no_reprobe() -> None:
     """Where no tree pays even when every candidate is accepted, nothing is ever drafted."""
     target, draft = constant([0.7, 0.1, 0.1, 0.1]), constant([0.7, 0.1, 0.1, 0.1])
     spec = SpecConfig(tree="1,1,1", target=SamplingConfig(0.0), max_new_tokens=80)
-    steps = decode(target, draft, spec, TreeBudget(CHAIN, STEEP, STEEP, reprobe=3))
+    budget = TreeBudget(CHAIN, costs=PairCost(target=STEEP, draft=STEEP), reprobe=3)
+    steps = decode(target, draft, spec, budget)
     assert [step.record.tree_size for step in steps] == [0] * 80
 
 
@@ -262,10 +271,12 @@ def test_llama_cpp_costs_decode_plainly_and_never_run_the_draft() -> None:
     decodes, the draft 0.65 of the target): plain from the first step, and a re-probe would
     cost the draft's catch-up on 33 skipped tokens, which no acceptance repays: the draft
     never runs, not even over the prompt (it reads a row's tokens only when it drafts)."""
-    llama = (StepCost((1, 2, 4), (1.0, 1.2, 2.4)), StepCost((1, 2), (0.65, 0.78)))
-    budget = TreeBudget(CHAIN, *llama)
+    llama = PairCost(
+        target=StepCost((1, 2, 4), (1.0, 1.2, 2.4)), draft=StepCost((1, 2), (0.65, 0.78))
+    )
+    budget = TreeBudget(CHAIN, costs=llama)
     assert not budget.reprobe_pays(1)
-    assert replace(budget, reprobe=1, overhead=0.0).reprobe_pays(1)
+    assert replace(budget, reprobe=1, costs=replace(llama, overhead=0.0)).reprobe_pays(1)
     assert "stays plain" in budget.describe(1)
     target, draft = constant([0.7, 0.1, 0.1, 0.1]), constant([0.7, 0.1, 0.1, 0.1])
     spec = SpecConfig(tree="1,1,1", max_new_tokens=100, seed=1)
@@ -277,7 +288,7 @@ def test_llama_cpp_costs_decode_plainly_and_never_run_the_draft() -> None:
 def test_a_draft_equal_to_the_target_keeps_the_full_tree() -> None:
     target = TableLM.random(4, seed=11)
     spec = SpecConfig(tree="4,2,2", target=SamplingConfig(0.0), max_new_tokens=30)
-    budget = TreeBudget(TREE, target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02)))
+    budget = TreeBudget(TREE, costs=PairCost(target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02))))
     engine = BatchEngine(
         target,
         ModelProposer.for_spec(TableLM.random(4, seed=11), spec, 4),
@@ -297,7 +308,8 @@ def mid_budget(tree: TokenTree, reprobe: int = 2, draft_cost: float = 0.8) -> Tr
     a short memory (``weight``) the engine switches trees, and to plain decoding, often. No
     overhead outside the forwards, so that these points are where the docstring says."""
     draft = StepCost((1, 100), (draft_cost, draft_cost))
-    return TreeBudget(tree, FLAT, draft, weight=0.3, reprobe=reprobe, overhead=0.0)
+    costs = PairCost(target=FLAT, draft=draft, overhead=0.0)
+    return TreeBudget(tree, costs=costs, weight=0.3, reprobe=reprobe)
 
 
 def adaptive_engine(budget: TreeBudget) -> type[BatchEngine]:
@@ -409,7 +421,7 @@ def test_adaptive_on_llama_cpp(tmp_path) -> None:
     prompt = [1, 2, 0]
     plain = run_method(ar, pair, prompt, base).tokens
     assert run_method(adaptive, pair, prompt, base).tokens == plain
-    assert pair.tree_budget(TokenTree.parse("1,1,1")).target.tokens == (1, 2, 4)
+    assert pair.tree_budget(TokenTree.parse("1,1,1")).costs.target.tokens == (1, 2, 4)
     sampled = replace(base, target=SamplingConfig(1.0), seed=3)
     runs = [run_method(adaptive, pair, prompt, sampled).tokens for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 12

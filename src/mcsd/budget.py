@@ -1,23 +1,41 @@
-"""Speculation that adapts to load: the tree a row grows shrinks as the batch grows.
+"""Step costs, expected lengths, and speculation that adapts to load: the tree a row grows
+shrinks as the batch grows.
 
 A tree that is free at batch 1 (a forward of 1 + N tokens costs what a forward of one token
 costs: the weights' bytes dominate) is not free at batch 16 (16 x (1 + N) tokens are compute).
-``StepCost`` holds the measured time of a forward of ``T`` tokens in all (rows x tokens per row)
-at a few ``T`` (``StepCost.probe`` runs them on a runtime) and interpolates between them.
+The one step-cost model of the package (the adaptive budget here, ``mcsd tune``'s sweep and the
+tree optimiser all price a step with it): ``StepCost`` holds the measured time of one runtime's
+forward of ``T`` tokens in all (rows x tokens per row) at a few ``T`` (``StepCost.probe``, the one
+probe, runs them) and interpolates between them; ``PairCost`` prices a step of a pair:
+
+    step time  (1 + o) (target(B (N + 1)) + draft(B u) + sum over levels draft(B r_l)) + f
+
+for ``B`` rows growing an ``N``-node tree, with ``u`` the tokens per row the draft runs first
+(the pending one, and those of plain steps it skipped), ``r_l`` the nodes of level l that have
+children (the draft runs them), ``o`` the work of a speculative step outside its forwards as a
+fraction of them (verification, sampling, commits; ``BudgetDefaults.overhead``) and ``f`` the
+same in seconds (what ``mcsd tune`` measures on its chain runs). Plain decoding is ``target(B)``.
+
+One acceptance model: a node of depth d and sibling rank r is accepted with probability
+``acceptance[d-1][r]`` once its parent was, so
+
+    tokens per row and step  AL(tree) = 1 + sum over nodes of P(path to the node accepted)
+
+(``expected_length``; the 1 is the correction or bonus). It comes with two parameterisations.
+The optimiser and ``mcsd tune`` measure the whole table offline (the draft's rank of thousands
+of answer tokens, or a run's step records): a top-k draft's ranks are far from geometric. The
+budget must learn from the few steps a request has run, and price every prefix of its tree at
+run time, so it uses the one-parameter family ``acceptance[d-1][r] = (1 - a)^r a``: siblings
+are tried in order, each accepted with probability ``a`` once the earlier ones were rejected,
+so ``AL = 1 + E(root)``, ``E(u) = sum_i (1 - a)^(i-1) a (1 + E(c_i))``.
+
 ``TreeBudget`` picks, for a batch of ``B`` speculating rows, the tree of a ladder (the
 configured tree and its breadth-first prefixes, halving in size, down to plain decoding) with
-the most expected tokens per second:
-
-    tokens per row and step  AL(tree) = 1 + E(root), E(u) = sum_i (1 - a)^(i-1) a (1 + E(c_i))
-    step time                (1 + o) (target(B (N + 1)) + draft(B) + sum over levels draft(B r_l))
-
-with ``a`` the acceptance rate of one candidate (a prior, ``DEFAULT_ACCEPTANCE``; siblings are
-tried in order, each accepted with probability ``a`` once the earlier ones were rejected) and
-``r_l`` the nodes of level l that have children (the draft runs them), and ``o`` the work of a
-speculative step outside its forwards (verification, sampling, commits; ``overhead``). Plain
-decoding is AL = 1 at ``target(B)``. The choice changes which tree is verified, never how:
-every tree is verified losslessly, so the output distribution is the target's whatever the
-budget picks.
+the most expected tokens per second, from ``a`` (a prior, ``DEFAULT_ACCEPTANCE``) and the step
+cost. The configured tree is the user's or the tuned one (``mcsd tune`` picks its shape for one
+row); the budget only ever takes a prefix of it. The choice changes which tree is verified,
+never how: every tree is verified losslessly, so the output distribution is the target's
+whatever the budget picks.
 
 ``AdaptiveTree`` (one per engine, the only mutable piece) learns ``a`` online. Under the
 sibling model every candidate the verification visits is one Bernoulli(``a``) trial: on the
@@ -48,6 +66,7 @@ cost model: the same costs and the same past give the same choices.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -59,11 +78,15 @@ from mcsd.config import EXPECTED_LENGTH_CACHE, BudgetDefaults
 from mcsd.models.base import Runtime, chain_mask, rows_forward
 from mcsd.tree import ROOT, TokenTree
 
+# a candidate's acceptance probability (geometric), or one row of rank probabilities per depth
+Acceptance = float | Sequence[Sequence[float]]
+
 
 @dataclass(frozen=True)
 class StepCost:
-    """Seconds per forward of ``tokens[i]`` tokens in all (``seconds[i]``), increasing tokens;
-    linear between the points, and beyond the last one at the last segment's slope."""
+    """Seconds per forward of one runtime of ``tokens[i]`` tokens in all (``seconds[i]``),
+    increasing tokens; linear between the points, and beyond the last one at the last segment's
+    slope."""
 
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
@@ -73,8 +96,8 @@ class StepCost:
             raise ValueError("StepCost needs at least two (tokens, seconds) points of each")
         if list(self.tokens) != sorted(set(self.tokens)) or self.tokens[0] < 1:
             raise ValueError(f"tokens must be increasing counts >= 1, got {self.tokens}")
-        if any(s <= 0 for s in self.seconds):
-            raise ValueError(f"seconds must be positive, got {self.seconds}")
+        if any(not (s >= 0 and math.isfinite(s)) for s in self.seconds):
+            raise ValueError(f"seconds must be finite and >= 0, got {self.seconds}")
 
     def __call__(self, tokens: int) -> float:
         xs, ys = self.tokens, self.seconds
@@ -82,31 +105,56 @@ class StepCost:
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return max(ys[i - 1] + slope * (tokens - xs[i - 1]), min(ys))
 
+    def slope(self, up_to: int) -> float:
+        """Seconds per token of the least-squares line through the measured points of at most
+        ``up_to`` tokens (the first two at least), >= 0."""
+        first = max(2, bisect.bisect_right(self.tokens, up_to))
+        points = list(zip(self.tokens[:first], self.seconds[:first], strict=True))
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_s = sum(s for _, s in points) / len(points)
+        spread = sum((t - mean_t) ** 2 for t, _ in points)
+        return max(0.0, sum((t - mean_t) * (s - mean_s) for t, s in points) / spread)
+
+    def describe(self) -> str:
+        pairs = zip(self.tokens, self.seconds, strict=True)
+        return ", ".join(f"{t} tok {1e3 * s:.1f} ms" for t, s in pairs)
+
     @classmethod
     @torch.inference_mode()
     def probe(
-        cls, runtime: Runtime, per_row: tuple[int, ...], *, repeats: int = BudgetDefaults.repeats
+        cls,
+        runtime: Runtime,
+        per_row: Sequence[int],
+        *,
+        context: Sequence[int] = (),
+        repeats: int = BudgetDefaults.repeats,
     ) -> StepCost:
         """Time forwards of ``per_row`` new tokens in every row of ``runtime`` (points at
-        ``rows x n`` tokens in all), median of ``repeats`` after one warm-up each; on a runtime
+        ``rows x n`` tokens in all) after ``context`` (token ids, committed in every row first;
+        none: an empty cache), the median of ``repeats`` after one warm-up each; on a runtime
         that computes only the rows it is given (``computed_rows``) also forwards of one row,
-        for the totals below those (fewer busy rows than the batch holds); empties the
+        for the totals below those (fewer busy rows than the batch holds). Empties the
         runtime."""
-        rows = runtime.batch_size
-        device = runtime.device
+        rows, device, c = runtime.batch_size, runtime.device, len(context)
+        runtime.reset()
+        if c:
+            ids = torch.tensor([list(context)] * rows, device=device)  # [rows, c]
+            positions = torch.arange(c, device=device).expand(rows, c)  # [rows, c]
+            runtime.forward(ids, positions, chain_mask(c, device=device))
+            runtime.commit()
 
-        def median_time(forward_rows: list[int], n: int) -> float:
-            ids = torch.zeros(len(forward_rows), n, dtype=torch.long, device=device)
-            positions = torch.arange(n, device=device).expand(len(forward_rows), n)
-            mask = chain_mask(n, device=device)
+        def median_time(timed: list[int], n: int) -> float:
+            ids = torch.zeros(len(timed), n, dtype=torch.long, device=device)  # [R, n] any token
+            positions = torch.arange(c, c + n, device=device).expand(len(timed), n)  # [R, n]
+            mask = chain_mask(n, device=device)  # [n, n]: nothing pending
             times = []
             for _ in range(repeats + 1):
-                runtime.reset()
                 _synchronize(device)
                 started = time.perf_counter()
-                rows_forward(runtime, forward_rows, ids, positions, mask, logits="all")
+                rows_forward(runtime, timed, ids, positions, mask, logits="all")
                 _synchronize(device)
                 times.append(time.perf_counter() - started)
+                runtime.commit([[]] * rows)  # drop the timed tokens
             return sorted(times[1:])[len(times[1:]) // 2]
 
         points = {rows * n: median_time(list(range(rows)), n) for n in per_row}
@@ -124,6 +172,33 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class PairCost:
+    """Seconds of one step of a target and a draft (``step_time``; the module docstring)."""
+
+    target: StepCost
+    draft: StepCost
+    # a speculative step's work outside its forwards, as a fraction of them (BudgetDefaults)
+    overhead: float = BudgetDefaults.overhead
+    fixed: float = 0.0  # the same in seconds per speculative step (mcsd tune measures it)
+
+    def __post_init__(self) -> None:
+        for name in ("overhead", "fixed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (value >= 0.0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    def step_time(self, tree: TokenTree | None, rows: int = 1, uncached: int = 1) -> float:
+        """Seconds of one step of ``rows`` rows growing ``tree`` (None: plain decoding);
+        ``uncached``: tokens per row the draft runs first."""
+        if tree is None:
+            return self.target(rows)
+        _, *levels = draft_widths(tree)
+        drafting = sum(self.draft(rows * w) for w in (uncached, *levels))
+        forwards = self.target(rows * (tree.num_nodes + 1)) + drafting
+        return (1.0 + self.overhead) * forwards + self.fixed
+
+
 def computed_rows(runtime: Runtime, rows: Sequence[int]) -> int:
     """The rows a forward of ``rows`` (runtime row indices) computes, what the budget is asked
     for: on a runtime with a native subset forward (the optional ``forward_rows`` and
@@ -135,20 +210,27 @@ def computed_rows(runtime: Runtime, rows: Sequence[int]) -> int:
     return runtime.batch_size if native is None else native(rows)
 
 
-@lru_cache(maxsize=EXPECTED_LENGTH_CACHE)  # bounded: an online estimate is a new key per step
-def expected_length(tree: TokenTree, acceptance: float) -> float:
+def expected_length(tree: TokenTree, acceptance: Acceptance) -> float:
     """Expected tokens a step of ``tree`` commits (accepted nodes + the correction / bonus) when
-    each candidate is accepted with probability ``acceptance`` once its earlier siblings were
-    rejected (see the module docstring)."""
+    a node of depth d and sibling rank r is accepted with probability ``acceptance[d-1][r]``
+    once its parent was (a rank or depth beyond the table: never), or ``(1 - a)^r a`` for a
+    number ``a`` (see the module docstring)."""
+    if not isinstance(acceptance, int | float):
+        acceptance = tuple(tuple(float(a) for a in row) for row in acceptance)
+    return _expected_length(tree, acceptance)
 
-    def below(node: int) -> float:
-        expected, reach = 0.0, 1.0
-        for child in tree.children(node):
-            expected += reach * acceptance * (1.0 + below(child))
-            reach *= 1.0 - acceptance
-        return expected
 
-    return 1.0 + below(ROOT)
+@lru_cache(maxsize=EXPECTED_LENGTH_CACHE)  # bounded: an online estimate is a new key per step
+def _expected_length(tree: TokenTree, acceptance: float | tuple[tuple[float, ...], ...]) -> float:
+    reach = [0.0] * tree.num_nodes  # P(path to node u accepted)
+    for u, parent in enumerate(tree.parents):
+        d, r = tree.depth[u], tree.rank[u]
+        if isinstance(acceptance, tuple):
+            a = acceptance[d - 1][r] if d <= len(acceptance) and r < len(acceptance[d - 1]) else 0.0
+        else:
+            a = (1.0 - acceptance) ** r * acceptance
+        reach[u] = a * (1.0 if parent == ROOT else reach[parent])
+    return 1.0 + sum(reach)
 
 
 @cache
@@ -171,26 +253,21 @@ def draft_widths(tree: TokenTree) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class TreeBudget:
-    """The tree for a batch of ``B`` speculating rows (``tree_for``), from the step-cost models
-    of the target and the draft (see the module docstring). ``None`` is plain decoding.
-    ``acceptance`` is the prior; ``prior_trials``, ``weight`` and ``reprobe`` configure the
-    online estimate of an ``AdaptiveTree``; ``overhead`` prices a speculative step's work
-    outside its forwards (``BudgetDefaults``)."""
+    """The tree for a batch of ``B`` speculating rows (``tree_for``), from the pair's step
+    ``costs`` (see the module docstring). ``None`` is plain decoding. ``acceptance`` is the
+    prior; ``prior_trials``, ``weight`` and ``reprobe`` configure the online estimate of an
+    ``AdaptiveTree`` (``BudgetDefaults``)."""
 
     tree: TokenTree  # the configured tree: the largest one a row grows
-    target: StepCost
-    draft: StepCost
+    costs: PairCost
     acceptance: float = BudgetDefaults.acceptance
     prior_trials: float = BudgetDefaults.prior_trials
     weight: float = BudgetDefaults.weight
     reprobe: int = BudgetDefaults.reprobe
-    overhead: float = BudgetDefaults.overhead
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.acceptance <= 1.0:
             raise ValueError(f"acceptance must be in [0, 1], got {self.acceptance!r}")
-        if isinstance(self.overhead, bool) or not self.overhead >= 0.0:
-            raise ValueError(f"overhead must be a number >= 0, got {self.overhead!r}")
         if isinstance(self.prior_trials, bool) or not self.prior_trials > 0:
             raise ValueError(f"prior_trials must be a number > 0, got {self.prior_trials!r}")
         if isinstance(self.weight, bool) or not 0.0 < self.weight <= 1.0:
@@ -198,31 +275,20 @@ class TreeBudget:
         if isinstance(self.reprobe, bool) or not isinstance(self.reprobe, int) or self.reprobe < 1:
             raise ValueError(f"reprobe must be an integer >= 1, got {self.reprobe!r}")
 
-    def step_time(self, tree: TokenTree | None, rows: int, uncached: int = 1) -> float:
-        """Seconds of one step; ``uncached``: tokens per row the draft runs first (the pending
-        one, and those of the plain steps it skipped)."""
-        if tree is None:
-            return self.target(rows)
-        _, *levels = draft_widths(tree)
-        drafting = sum(self.draft(rows * w) for w in (uncached, *levels))
-        return (1.0 + self.overhead) * (self.target(rows * (tree.num_nodes + 1)) + drafting)
-
     def reprobe_pays(self, rows: int) -> bool:
         """Whether a re-probe after ``reprobe`` plain steps (the smallest tree, the draft
         catching up on the tokens it skipped) would beat a plain step if every candidate were
         accepted: if not, no acceptance can make re-probing worth it."""
         smallest = ladder(self.tree)[-1]
-        catch_up = (
-            rows * expected_length(smallest, 1.0) / self.step_time(smallest, rows, self.reprobe + 1)
-        )
-        return catch_up > self.rate(None, rows)
+        step = self.costs.step_time(smallest, rows, self.reprobe + 1)
+        return rows * expected_length(smallest, 1.0) / step > self.rate(None, rows)
 
     def rate(self, tree: TokenTree | None, rows: int, acceptance: float | None = None) -> float:
         """Expected tokens per second of a batch of ``rows`` growing ``tree`` when a candidate
         is accepted with probability ``acceptance`` (default: the prior)."""
         a = self.acceptance if acceptance is None else acceptance
         length = 1.0 if tree is None else expected_length(tree, a)
-        return rows * length / self.step_time(tree, rows)
+        return rows * length / self.costs.step_time(tree, rows)
 
     def tree_for(self, rows: int, acceptance: float | None = None) -> TokenTree | None:
         """The ladder's tree with the highest ``rate`` at ``rows`` rows (None: plain)."""
@@ -232,11 +298,6 @@ class TreeBudget:
     def describe(self, rows: int) -> str:
         """One log line: the measured costs and what they imply at ``rows`` rows."""
 
-        def costs(cost: StepCost) -> str:
-            return ", ".join(
-                f"{t} tok {1e3 * s:.1f} ms" for t, s in zip(cost.tokens, cost.seconds, strict=True)
-            )
-
         def name(tree: TokenTree | None) -> str:
             return "plain decoding" if tree is None else f"tree {tree.describe()}"
 
@@ -244,10 +305,12 @@ class TreeBudget:
             plain = f"re-probes every {self.reprobe} plain steps"
         else:
             plain = "once plain, stays plain (a re-probe never pays)"
+        costs = self.costs
         return (
-            f"measured step cost: target {costs(self.target)}; draft {costs(self.draft)}; at the "
-            f"prior acceptance {self.acceptance:.2f}: {name(self.tree_for(rows))}, at acceptance "
-            f"1: {name(self.tree_for(rows, 1.0))}; {plain}"
+            f"measured step cost: target {costs.target.describe()}; draft "
+            f"{costs.draft.describe()}; at the prior acceptance {self.acceptance:.2f}: "
+            f"{name(self.tree_for(rows))}, at acceptance 1: {name(self.tree_for(rows, 1.0))}; "
+            f"{plain}"
         )
 
 
@@ -328,9 +391,8 @@ def probe_budget(
     def counts(largest: int) -> tuple[int, ...]:
         return tuple(sorted({*(1 << i for i in range(largest.bit_length())), largest, 2}))
 
-    return TreeBudget(
-        tree,
-        StepCost.probe(target, counts(tree.num_nodes + 1), repeats=repeats),
-        StepCost.probe(draft, counts(max(draft_widths(tree))), repeats=repeats),
-        acceptance,
+    costs = PairCost(
+        target=StepCost.probe(target, counts(tree.num_nodes + 1), repeats=repeats),
+        draft=StepCost.probe(draft, counts(max(draft_widths(tree))), repeats=repeats),
     )
+    return TreeBudget(tree, costs=costs, acceptance=acceptance)
