@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mcsd.config import GREEDY, SamplingConfig, SpecConfig
+from mcsd.config import GREEDY, ContextConfig, SamplingConfig, SpecConfig
+from mcsd.errors import ParamError
 from mcsd.tree import TokenTree
 from mcsd.verify import RULES, get_rule
 
@@ -136,6 +137,8 @@ def test_spec_normalises_fields() -> None:
         ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
         ({"seed": "1"}, "seed must be an integer or None"),
         ({"seed": False}, "seed must be an integer or None"),
+        ({"seed": 2**64}, r"seed must be .* in \[-2\*\*63, 2\*\*64 - 1\]"),
+        ({"seed": -(2**63) - 1}, r"torch.Generator.manual_seed"),
         ({"stop_strings": ("ok", "")}, "stop_strings must be non-empty strings"),
         ({"stop_token_ids": (1, -1)}, "stop_token_ids must be non-negative integers"),
         ({"tree": "4,0"}, "tree k-config entry k_2"),
@@ -144,8 +147,39 @@ def test_spec_normalises_fields() -> None:
     ],
 )
 def test_spec_validation_names_the_parameter(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ParamError, match=message) as caught:
         SpecConfig(**kwargs)
+    # the parameter is data too (the server's 400 ``param``), never parsed from the message
+    assert caught.value.param == (set(kwargs) - {"max_tree_nodes"}).pop()
+
+
+@pytest.mark.parametrize(
+    ("make", "param"),
+    [
+        (lambda: SamplingConfig(temperature=-1), "temperature"),
+        (lambda: SamplingConfig(top_k=-1), "top_k"),
+        (lambda: SamplingConfig(top_p=float("nan")), "top_p"),
+        (lambda: SpecConfig(rule="bogus"), "rule"),
+        (lambda: SpecConfig(tree="1,1", rule="mcss", target=GREEDY), "rule"),
+        (lambda: SpecConfig(tree="dynamic:4:1:1"), "tree"),
+        (lambda: SpecConfig(proposer="oracle"), "proposer"),
+        (lambda: ContextConfig(max_ngram=0), "max_ngram"),
+    ],
+)
+def test_errors_carry_the_parameter_and_allowed_values(make, param: str) -> None:
+    with pytest.raises(ParamError) as caught:
+        make()
+    assert caught.value.param == param
+    assert isinstance(caught.value, ValueError)
+
+
+def test_seeds_in_torchs_range_are_taken() -> None:
+    for seed in (-(2**63), -1, 0, 2**64 - 1):
+        assert SpecConfig(seed=seed).seed == seed
+    with pytest.raises(ParamError) as caught:
+        SpecConfig(seed=2**80)
+    assert caught.value.param == "seed"
+    assert caught.value.allowed == "an integer in [-2**63, 2**64 - 1], or None"
 
 
 def test_cli_default_tree_follows_the_runtime(tmp_path, monkeypatch):

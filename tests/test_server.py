@@ -420,6 +420,8 @@ BAD = [
         "stream_options",
     ),
     ("completions", {"prompt": PROMPT, "seed": "1"}, "seed"),
+    ("completions", {"prompt": PROMPT, "seed": 2**80}, "seed"),  # beyond torch's 64 bits
+    ("completions", {"prompt": PROMPT, "seed": -(2**63) - 1}, "seed"),
     ("completions", {"prompt": PROMPT, "stop": [""]}, "stop"),
     ("completions", {"prompt": PROMPT, "stop": 3}, "stop"),
     ("completions", {"prompt": PROMPT, "n": 2}, "n"),
@@ -477,6 +479,19 @@ def test_bad_input_is_400_naming_the_field(
     assert error["message"] and "Traceback" not in error["message"]
     if param is not None:
         assert param.split("[")[0].split(".")[-1] in error["message"] or param in error["message"]
+
+
+def test_a_seed_beyond_64_bits_is_400_naming_seed_and_its_range(server: str) -> None:
+    response = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "seed": 2**80})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "seed"
+    assert error["message"].startswith("seed must be an integer")
+    assert "[-2**63, 2**64 - 1]" in error["message"]
+    largest = httpx.post(
+        f"{server}/v1/completions", json={"prompt": PROMPT, "seed": 2**64 - 1, "max_tokens": 2}
+    )
+    assert largest.status_code == 200, largest.text
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:

@@ -304,21 +304,31 @@ class SpecConfig:
                 )
             object.__setattr__(self, "stop_token_ids", ids)
         # Build the tree now so a bad shape fails at configuration time, not mid-generation.
-        if isinstance(self.tree, str) and self.tree.strip().startswith(DYNAMIC_PREFIX):
-            object.__setattr__(self, "tree", DynamicTreeConfig.parse(self.tree))
-        if isinstance(self.tree, str) and self.tree.strip() == NO_SPECULATION:
-            object.__setattr__(self, "tree", NO_SPECULATION)
-        elif isinstance(self.tree, DynamicTreeConfig):
-            if self.tree.budget > self.max_tree_nodes:
+        try:
+            object.__setattr__(self, "tree", self._built_tree())
+        except ValueError as error:  # a dynamic tree's budget, a TokenTree's shape: the tree
+            if isinstance(error, ParamError) and error.param == "tree":
+                raise
+            raise ParamError(str(error), param="tree") from error
+        self.resolved_rule()
+
+    def _built_tree(self) -> TokenTree | DynamicTreeConfig | str:
+        """``tree`` parsed: a ``TokenTree``, a ``DynamicTreeConfig`` or ``NO_SPECULATION``."""
+        tree = self.tree
+        if isinstance(tree, str) and tree.strip().startswith(DYNAMIC_PREFIX):
+            tree = DynamicTreeConfig.parse(tree)
+        if isinstance(tree, str) and tree.strip() == NO_SPECULATION:
+            return NO_SPECULATION
+        if isinstance(tree, DynamicTreeConfig):
+            if tree.budget > self.max_tree_nodes:
                 raise ParamError(
-                    f"dynamic tree budget {self.tree.budget} is more than the limit "
+                    f"dynamic tree budget {tree.budget} is more than the limit "
                     f"max_tree_nodes={self.max_tree_nodes}",
                     param="tree",
                     allowed=f"a budget <= max_tree_nodes ({self.max_tree_nodes})",
                 )
-        else:
-            object.__setattr__(self, "tree", self.token_tree())
-        self.resolved_rule()
+            return tree
+        return TokenTree.parse(tree, max_nodes=self.max_tree_nodes)
 
     def _check_seed(self) -> None:
         """None, or an integer torch.Generator.manual_seed takes (one of 64 bits)."""

@@ -4,8 +4,9 @@ Validation has two layers, both answering 400 with an OpenAI-style error naming 
 1. shape and types (pydantic, strict: ``"5"`` is not an integer, unknown fields are refused);
 2. values, with the same rules as the command line: the request's sampling and ``mcsd``
    overrides are merged into the server's default ``SpecConfig`` and built through
-   ``SamplingConfig`` / ``TokenTree`` / ``SpecConfig``, whose ``ValueError`` messages name the
-   parameter.
+   ``SamplingConfig`` / ``TokenTree`` / ``SpecConfig``, whose errors (``mcsd.errors.ParamError``)
+   name the parameter in the message and carry it as data (``error.param``): ``param_error``
+   turns one into a 400 whose ``param`` is the request's field.
 
 The ``mcsd`` extension object overrides the server's speculation settings for one request::
 
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mcsd.config import DYNAMIC_PREFIX, NO_SPECULATION, SamplingConfig, SpecConfig
+from mcsd.errors import ParamError
 from mcsd.server.defaults import ServeLimits
 from mcsd.tree import TokenTree
 from mcsd.verify.rules import get_rule
@@ -61,6 +63,25 @@ class APIError(Exception):
 
 def invalid(message: str, param: str | None) -> APIError:
     return APIError(400, message, param=param)
+
+
+# A SpecConfig / SamplingConfig field -> the request field that sets it (the rest are the same)
+REQUEST_FIELDS = {
+    "stop_strings": "stop",
+    "max_new_tokens": "max_tokens",
+    "rule": "mcsd.rule",
+    "tree": "mcsd.tree",
+    "draft": "mcsd.draft_temperature",
+}
+
+
+def param_error(error: ValueError, *, fields: dict[str, str] | None = None) -> APIError:
+    """A 400 for a configuration error; ``param`` is the request field its ``ParamError`` names
+    (``fields`` first, then ``REQUEST_FIELDS``), ``None`` for a plain ``ValueError``."""
+    param = error.param if isinstance(error, ParamError) else None
+    if param is not None:
+        param = (fields or {}).get(param) or REQUEST_FIELDS.get(param, param)
+    return invalid(str(error), param)
 
 
 class _Strict(BaseModel):
@@ -293,18 +314,20 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
     base = defaults.target
     try:
         target = SamplingConfig(
-            _pick(request.temperature, base.temperature),
-            _pick(request.top_k, base.top_k),
-            _pick(request.top_p, base.top_p),
+            temperature=_pick(request.temperature, base.temperature),
+            top_k=_pick(request.top_k, base.top_k),
+            top_p=_pick(request.top_p, base.top_p),
         )
     except ValueError as error:
-        raise invalid(str(error), _leading_name(str(error), "temperature")) from None
+        raise param_error(error) from None
     options = request.mcsd or McsdOptions()
     draft = defaults.draft
     if options.draft_temperature is not None:
         like = defaults.draft or target
         try:
-            draft = SamplingConfig(options.draft_temperature, like.top_k, like.top_p)
+            draft = SamplingConfig(
+                temperature=options.draft_temperature, top_k=like.top_k, top_p=like.top_p
+            )
         except ValueError as error:
             raise invalid(f"mcsd.draft_{error}", "mcsd.draft_temperature") from None
     tree = defaults.tree
@@ -339,18 +362,8 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
             max_tree_nodes=defaults.max_tree_nodes,
         )
     except ValueError as error:
-        message = str(error)
-        param = {"stop_strings": "stop", "seed": "seed", "max_new_tokens": limit_name}.get(
-            _leading_name(message, ""), "mcsd.rule"
-        )
-        raise invalid(message, param) from None
+        raise param_error(error, fields={"max_new_tokens": limit_name}) from None
 
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _leading_name(message: str, default: str) -> str:
-    """The parameter a ``config`` error message starts with (``"top_p must be ..."``)."""
-    word = message.split(" ", 1)[0]
-    return word if word.isidentifier() else default
