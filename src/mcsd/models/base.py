@@ -6,6 +6,8 @@ appended by the forwards since the last ``commit``. A speculative step appends a
 the pending block (one forward for the target, one per tree level for a draft), then commits
 the accepted path; everything else in the block is dropped.
 
+The step:
+
 - ``forward(tokens [B, n], positions [B, n], tree_mask)``: run ``n`` new tokens per row and
   append them to the pending block. Every new token attends to its row's whole committed prefix
   and to the pending entries ``tree_mask`` allows: ``tree_mask`` is boolean ``[n, P + n]`` (the
@@ -24,16 +26,48 @@ the accepted path; everything else in the block is dropped.
   entries (ragged acceptance).
 - ``reset(row=None)``: empty every row, or one row between steps (its pending block empty).
 
+Rows (every runtime has these members; ``RuntimeBase`` gives the defaults):
+
+- ``forward_rows(rows, tokens [R, n], positions [R, n], tree_mask)``: a forward of ``rows``
+  only (increasing runtime row indices, one per row of ``tokens``); the mask is ``[n, P + n]``
+  or ``[R, n, P + n]``. Every row's pending block still grows by ``n`` entries: the rows not
+  given get padding entries that nothing sees, and their commit keeps none of them
+  (``keep_rows``). Returns logits indexed by runtime row, ``[B', n | 1, V]`` with
+  ``B' > max(rows)``; the other rows' logits are meaningless.
+- ``computed_rows(rows) -> int``: the rows that forward computes, what it costs: every row
+  (``RuntimeBase``: the others run padding tokens; the toy table), the first
+  ``row_bucket(max(rows) + 1)`` (``BucketRows``: hf, hf-static, fast), or exactly ``len(rows)``
+  (llama.cpp).
+- ``with_rows(batch_size) -> Runtime``: the same model (weights shared) with an empty cache of
+  ``batch_size`` rows. Declared by ``resizable``; a runtime that holds one row only refuses
+  with a ``ValueError`` naming ``batch_size`` and the runtimes that can (``ROW_RUNTIMES``).
+
+Hidden states (``returns_hidden``, on hf and fast; the others refuse with a ``ValueError``
+naming the runtime and ``HIDDEN_RUNTIMES``):
+
+- ``forward_hidden(tokens, positions, tree_mask, *, hidden_layers, rows=None, logits="all")``:
+  the forward of ``forward`` (``rows=None``) or of ``forward_rows`` (``rows`` given), which also
+  returns the hidden states of every new token at the layers named: a frozen ``Scored`` with
+  ``logits`` as that forward returns them and ``hidden`` ``[len(hidden_layers), B', n, H]`` in
+  the runtime's dtype (``B'`` as the logits; all ``n`` new tokens whatever ``logits`` says, so
+  a prefill with ``logits="none"`` still gets its tokens' states). Layer indices are those of
+  transformers' ``hidden_states`` tuple: ``0`` the embeddings' output, ``i`` the output of
+  decoder layer ``i`` (1-based) for ``i < L``, and ``L = num_layers`` the final hidden state
+  after the final norm (what the head reads); ``-1`` is ``L``, ``-k`` is ``L + 1 - k``.
+  The cache changes exactly as in the plain forward, and the logits are the plain forward's.
+
 Nothing outside ``mcsd.models`` touches a framework's model or cache object: what callers need
 beyond the step (the dtype, a name, scoring a whole sequence) is on the protocol or built on it
-here (``score``).
+here (``score``). The free functions ``rows_forward`` and ``with_rows`` are the validated entry
+points to ``forward_rows`` and ``with_rows``.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -41,6 +75,16 @@ from torch import Tensor
 Keep = Sequence[Sequence[int]] | None  # per row: indices into the pending block to keep
 Rows = Literal["all", "last", "none"]  # which logits a forward returns
 ROWS = ("all", "last", "none")
+ROW_RUNTIMES = "table, hf, hf-static, fast and llama.cpp"  # the runtimes that hold several rows
+HIDDEN_RUNTIMES = "hf and fast"  # the runtimes that return hidden states (``forward_hidden``)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What ``forward_hidden`` returns: the forward's logits and the hidden states asked for."""
+
+    logits: Tensor | None  # [B', n | 1, V] float32, as forward / forward_rows return them
+    hidden: Tensor  # [len(hidden_layers), B', n, H] in the runtime's dtype, every new token
 
 
 @runtime_checkable
@@ -73,6 +117,21 @@ class Runtime(Protocol):
         """Rows the runtime holds a cache for."""
         ...
 
+    @property
+    def num_layers(self) -> int | None:
+        """Decoder layers (``hidden_layers`` run ``0 .. num_layers``); None without layers."""
+        ...
+
+    @property
+    def resizable(self) -> bool:
+        """Whether ``with_rows`` makes runtimes of other batch sizes."""
+        ...
+
+    @property
+    def returns_hidden(self) -> bool:
+        """Whether ``forward_hidden`` returns hidden states (else it refuses)."""
+        ...
+
     def cache_lengths(self) -> tuple[int, ...]:
         """Committed positions of every row (``[B]``)."""
         ...
@@ -94,6 +153,41 @@ class Runtime(Protocol):
         last row's, or None)."""
         ...
 
+    def forward_rows(
+        self,
+        rows: Sequence[int],  # increasing runtime row indices, one per row of ``tokens``
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """A forward of ``rows`` only (the others get padding entries); logits indexed by
+        runtime row, ``[B', n | 1, V]`` with ``B' > max(rows)``, or None."""
+        ...
+
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        """The rows ``forward_rows(rows, ...)`` computes (what it costs)."""
+        ...
+
+    def with_rows(self, batch_size: int) -> Runtime:
+        """The same model (weights shared) with an empty cache of ``batch_size`` rows."""
+        ...
+
+    def forward_hidden(
+        self,
+        tokens: Tensor,  # [B, n] long, or [R, n] with ``rows``
+        positions: Tensor,  # [B, n] / [R, n] long
+        tree_mask: Tensor,  # [n, P + n], [B, n, P + n] or [R, n, P + n] bool
+        *,
+        hidden_layers: Sequence[int],
+        rows: Sequence[int] | None = None,
+        logits: Rows = "all",
+    ) -> Scored:
+        """``forward`` (or ``forward_rows`` of ``rows``) that also returns the hidden states at
+        ``hidden_layers``: ``Scored.hidden`` ``[len(hidden_layers), B', n, H]``."""
+        ...
+
     def commit(self, keep: Keep = None) -> None:
         """Keep, per row, the pending entries ``keep[b]`` (all of them for ``None``)."""
         ...
@@ -103,16 +197,77 @@ class Runtime(Protocol):
         ...
 
 
-class CommittedRows:
+class RuntimeBase:
+    """The members every runtime shares on top of its own ``forward``: a forward of some rows
+    that runs the others as padding (``forward_rows`` over every row, so ``computed_rows`` is
+    ``batch_size``), and the declared capabilities with their refusals (``resizable`` and
+    ``returns_hidden`` False here: ``with_rows`` and ``forward_hidden`` raise a ``ValueError``
+    naming the runtimes that can). Runtimes override what they do better."""
+
+    resizable: ClassVar[bool] = False
+    returns_hidden: ClassVar[bool] = False
+
+    @property
+    def num_layers(self) -> int | None:
+        return None
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """A forward of every row, the rows not given running ``n`` padding tokens (token 0 at
+        its committed length, each seeing only itself: nothing of that row is read or
+        changed). Returns ``[B, n | 1, V]``."""
+        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
+        lengths, pending = self.cache_lengths(), self.pending_length
+        batch, device = self.batch_size, self.device
+        padded = pad_rows(batch, rows, tokens, positions, tree_mask, lengths, pending, device)
+        return self.forward(*padded, logits=logits)
+
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        """Every row: ``forward_rows`` runs the others as padding, which costs what rows do."""
+        return self.batch_size
+
+    def with_rows(self, batch_size: int) -> Runtime:
+        """This runtime when it holds ``batch_size`` rows; a runtime that holds one row only
+        (``resizable`` False) refuses any other size."""
+        check_batch_size(batch_size)
+        if batch_size == self.batch_size:
+            return self
+        raise ValueError(
+            f"batch_size: runtime {self.name} holds one row; batch_size > 1 runs on the "
+            f"{ROW_RUNTIMES} runtimes, got batch_size={batch_size}"
+        )
+
+    def forward_hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        tree_mask: Tensor,
+        *,
+        hidden_layers: Sequence[int],
+        rows: Sequence[int] | None = None,
+        logits: Rows = "all",
+    ) -> Scored:
+        """Refused here: ``check_hidden`` names the runtimes that return hidden states."""
+        check_hidden(self, hidden_layers)
+        raise NotImplementedError(f"{type(self).__name__} declares returns_hidden")
+
+
+class CommittedRows(RuntimeBase):
     """The per-row bookkeeping every cache-holding runtime shares: committed lengths (ragged
     rows inside a region of width ``S = max(committed)``), the pending block's size, and the
-    protocol properties that only read them, and the row bucket a forward of some rows runs
-    (their ``forward_rows`` computes the first ``computed_rows`` rows, on ``_bucket_inputs``).
-    Subclasses keep the keys/values themselves."""
+    protocol properties that only read them. Subclasses keep the keys/values (or tokens, or
+    llama.cpp sequence ids) themselves and call ``_committed_after`` / ``_reset_rows``."""
 
     def __init__(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         self._batch = batch_size
         self._device, self._dtype = device, dtype
         self._committed = [0] * batch_size
@@ -142,10 +297,99 @@ class CommittedRows:
         """Every row's committed prefix fills ``[0, S)`` (always so at batch 1)."""
         return all(c == self._width for c in self._committed)
 
+    def _committed_after(self, rows: list[list[int]]) -> None:
+        """Record a commit of ``rows`` (the runtime moved the entries already)."""
+        self._committed = [c + len(k) for c, k in zip(self._committed, rows, strict=True)]
+        self._width = max(self._committed)
+        self._pending = 0
+
+    def _reset_rows(self, row: int | None) -> bool:
+        """Empty ``row`` (every row for ``None`` or at batch 1); True when everything was."""
+        if row is not None and (
+            isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self._batch
+        ):
+            raise ValueError(f"row must be in [0, {self._batch}), got {row!r}")
+        if row is None or self._batch == 1:
+            self._committed = [0] * self._batch
+            self._width = self._pending = 0
+            return True
+        if self._pending:
+            raise ValueError("reset(row) needs an empty pending block: commit the step first")
+        self._committed[row] = 0  # its entries become padding it never sees
+        self._width = max(self._committed)
+        return False
+
+
+class BucketRows(CommittedRows):
+    """``CommittedRows`` whose forwards run the first ``b`` rows of the cache (hf, and the slot
+    cache of hf-static and fast): a forward of some rows computes the first ``row_bucket`` of
+    them, the smallest batch size that holds the highest row given, the others among them as
+    padding (``pad_rows``); rows beyond ``b`` are neither read nor written (their pending
+    entries are padding). ``forward``, ``forward_rows`` and ``forward_hidden`` are here, once;
+    a subclass implements ``_compute`` over the first ``b`` rows."""
+
+    def _compute(
+        self,
+        tokens: Tensor,  # [b, n] long: the first b rows (b = B, or a row bucket)
+        positions: Tensor,  # [b, n] long
+        tree_mask: Tensor,  # [n, P + n] or [b, n, P + n] bool
+        logits: Rows,
+        layers: tuple[int, ...],  # hidden states to return (resolved, in [0, L]); () for none
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """One forward of the first ``b`` rows: logits ``[b, n | 1, V]`` float32 (None for
+        ``"none"``) and, for ``layers``, hidden states ``[len(layers), b, n, H]`` (else None)."""
+        raise NotImplementedError
+
+    def _forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, logits: Rows
+    ) -> Tensor | None:
+        """The logits of ``_compute`` (every plain forward goes through here)."""
+        return self._compute(tokens, positions, tree_mask, logits, ())[0]
+
     def computed_rows(self, rows: Sequence[int]) -> int:
-        """The rows a forward of ``rows`` (``forward_rows``) computes: the first ``row_bucket``
-        of them, the smallest batch size that holds the highest row given."""
+        """The first ``row_bucket`` rows: the smallest batch size holding the highest row."""
         return row_bucket(max(rows) + 1, self._batch)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
+    ) -> Tensor | None:
+        check_forward(self, tokens, positions, tree_mask, logits)
+        return self._forward(tokens, positions, tree_mask, logits)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
+        positions: Tensor,  # [R, n] long
+        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        """A forward of the first ``computed_rows(rows)`` rows only: a server with one busy row
+        of sixteen computes one. Returns ``[b, n | 1, V]``, row ``r`` at index ``r``."""
+        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
+        return self._forward(*self._bucket_inputs(rows, tokens, positions, tree_mask), logits)
+
+    @torch.inference_mode()
+    def forward_hidden(
+        self,
+        tokens: Tensor,  # [B, n] long, or [R, n] with ``rows``
+        positions: Tensor,  # [B, n] / [R, n] long
+        tree_mask: Tensor,  # [n, P + n], [B, n, P + n] or [R, n, P + n] bool
+        *,
+        hidden_layers: Sequence[int],
+        rows: Sequence[int] | None = None,
+        logits: Rows = "all",
+    ) -> Scored:
+        layers = check_hidden(self, hidden_layers)
+        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
+        if rows is not None:
+            tokens, positions, tree_mask = self._bucket_inputs(rows, tokens, positions, tree_mask)
+        out, hidden = self._compute(tokens, positions, tree_mask, logits, layers)
+        assert hidden is not None
+        return Scored(logits=out, hidden=hidden)
 
     def _bucket_inputs(
         self,
@@ -162,44 +406,43 @@ class CommittedRows:
         lengths, pending, device = self._committed, self._pending, self._device
         return pad_rows(prefix, rows, tokens, positions, tree_mask, lengths, pending, device)
 
-    def _committed_after(self, rows: list[list[int]]) -> None:
-        """Record a commit of ``rows`` (the runtime moved the entries already)."""
-        self._committed = [c + len(k) for c, k in zip(self._committed, rows, strict=True)]
-        self._width = max(self._committed)
-        self._pending = 0
 
-    def _reset_rows(self, row: int | None) -> bool:
-        """Empty ``row`` (every row for ``None`` or at batch 1); True when everything was."""
-        if row is None or self._batch == 1:
-            self._committed = [0] * self._batch
-            self._width = self._pending = 0
-            return True
-        if self._pending:
-            raise ValueError("reset(row) needs an empty pending block: commit the step first")
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self._batch:
-            raise ValueError(f"row must be in [0, {self._batch}), got {row!r}")
-        self._committed[row] = 0  # its entries become padding it never sees
-        self._width = max(self._committed)
-        return False
-
-
-ROW_RUNTIMES = "table, hf, hf-static, fast and llama.cpp"  # the runtimes that hold several rows
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def with_rows(runtime: Runtime, batch_size: int) -> Runtime:
     """``runtime`` itself when it holds ``batch_size`` rows, else the same model (weights
-    shared) with a cache of ``batch_size`` rows; a runtime that holds one row refuses."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    shared) with a cache of ``batch_size`` rows (``runtime.with_rows``); a runtime that holds
+    one row refuses."""
+    check_batch_size(batch_size)
     if runtime.batch_size == batch_size:
         return runtime
-    resize = getattr(runtime, "with_rows", None)
-    if resize is None:
+    return runtime.with_rows(batch_size)
+
+
+def check_hidden(runtime: Runtime, hidden_layers: Sequence[int]) -> tuple[int, ...]:
+    """``hidden_layers`` resolved into ``[0, L]`` (``L = num_layers``; ``-1`` is ``L``); a
+    ``ValueError`` when the runtime returns no hidden states or an index is out of range."""
+    if not runtime.returns_hidden:
         raise ValueError(
-            f"batch_size: runtime {runtime.name} holds one row; batch_size > 1 runs on the "
-            f"{ROW_RUNTIMES} runtimes, got batch_size={batch_size}"
+            f"hidden_layers: runtime {runtime.name} does not return hidden states; the "
+            f"{HIDDEN_RUNTIMES} runtimes do"
         )
-    return resize(batch_size)
+    count = runtime.num_layers
+    assert count is not None, f"{runtime.name} returns hidden states without num_layers"
+    listed = list(hidden_layers)
+    if not listed or any(
+        isinstance(i, bool) or not isinstance(i, int) or not -count - 1 <= i <= count
+        for i in listed
+    ):
+        raise ValueError(
+            f"hidden_layers must be a non-empty sequence of integers in [{-count - 1}, {count}] "
+            f"(0: the embeddings, i: after decoder layer i, {count}: the final norm's output; "
+            f"-1 is {count}), got {listed}"
+        )
+    return tuple(i % (count + 1) for i in listed)
 
 
 def to_device(values: list, device: torch.device | str) -> Tensor:
@@ -228,24 +471,14 @@ def rows_forward(
     *,
     logits: Rows = "all",
 ) -> Tensor | None:
-    """A forward of ``rows`` only (in increasing order): every other row of the runtime runs
-    ``n`` padding tokens (token 0 at its committed length), each seeing only itself, so nothing
-    of that row is read or changed; the caller drops the padding entries at the commit (keeps
-    none of them). Returns logits indexed by runtime row, ``[B', n, V]`` with ``B' > max(rows)``
-    (the other rows' logits are meaningless). A runtime with a native subset forward (an
-    optional ``forward_rows`` method of this signature) computes fewer rows: llama.cpp ``rows``
-    alone, hf, hf-static and fast the first ``row_bucket`` rows, the smallest batch size that
-    holds them; every row's pending block still grows by ``n`` entries, so the
-    commit is the same."""
-    batch = runtime.batch_size
-    if len(rows) == batch:
+    """A forward of ``rows`` only (in increasing order): ``runtime.forward`` when they are
+    every row, else ``runtime.forward_rows`` (the module docstring: the other rows get padding
+    entries the caller's commit keeps none of). Returns logits indexed by runtime row,
+    ``[B', n | 1, V]`` with ``B' > max(rows)`` (the other rows' logits are meaningless); the
+    runtime computes ``runtime.computed_rows(rows)`` rows."""
+    if len(rows) == runtime.batch_size:
         return runtime.forward(tokens, positions, tree_mask, logits=logits)
-    native = getattr(runtime, "forward_rows", None)
-    if native is not None:
-        return native(rows, tokens, positions, tree_mask, logits=logits)
-    lengths, pending = runtime.cache_lengths(), runtime.pending_length
-    padded = pad_rows(batch, rows, tokens, positions, tree_mask, lengths, pending, runtime.device)
-    return runtime.forward(*padded, logits=logits)
+    return runtime.forward_rows(rows, tokens, positions, tree_mask, logits=logits)
 
 
 def pad_rows(

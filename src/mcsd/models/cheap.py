@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mcsd.models.base import Keep, Rows, Runtime, with_rows
+from mcsd.models.base import Keep, Rows, Runtime, Scored, with_rows
 from mcsd.models.frequent import frequent_tokens
 
 
@@ -75,7 +75,8 @@ def quantize_int8(hf: Any) -> Any:
 
 class RestrictedVocabModel:
     """A runtime around one whose LM head scores only ``keep``: logits come back full width,
-    every other token at -inf."""
+    every other token at -inf. Everything else (rows, capabilities, hidden states) is the inner
+    runtime's."""
 
     def __init__(self, inner: Runtime, keep: Tensor, full_vocab: int) -> None:
         self.inner = inner
@@ -109,6 +110,18 @@ class RestrictedVocabModel:
     def batch_size(self) -> int:
         return self.inner.batch_size
 
+    @property
+    def num_layers(self) -> int | None:
+        return self.inner.num_layers
+
+    @property
+    def resizable(self) -> bool:
+        return self.inner.resizable
+
+    @property
+    def returns_hidden(self) -> bool:
+        return self.inner.returns_hidden
+
     def cache_lengths(self) -> tuple[int, ...]:
         return self.inner.cache_lengths()
 
@@ -116,10 +129,43 @@ class RestrictedVocabModel:
     def pending_length(self) -> int:
         return self.inner.pending_length
 
+    def computed_rows(self, rows: Sequence[int]) -> int:
+        return self.inner.computed_rows(rows)
+
     def forward(
         self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
     ) -> Tensor | None:
-        small = self.inner.forward(tokens, positions, tree_mask, logits=logits)  # [B, n, K]
+        return self._widen(self.inner.forward(tokens, positions, tree_mask, logits=logits))
+
+    def forward_rows(
+        self,
+        rows: Sequence[int],
+        tokens: Tensor,
+        positions: Tensor,
+        tree_mask: Tensor,
+        *,
+        logits: Rows = "all",
+    ) -> Tensor | None:
+        out = self.inner.forward_rows(rows, tokens, positions, tree_mask, logits=logits)
+        return self._widen(out)
+
+    def forward_hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        tree_mask: Tensor,
+        *,
+        hidden_layers: Sequence[int],
+        rows: Sequence[int] | None = None,
+        logits: Rows = "all",
+    ) -> Scored:
+        scored = self.inner.forward_hidden(
+            tokens, positions, tree_mask, hidden_layers=hidden_layers, rows=rows, logits=logits
+        )
+        return Scored(logits=self._widen(scored.logits), hidden=scored.hidden)
+
+    def _widen(self, small: Tensor | None) -> Tensor | None:
+        """``[B, n, K]`` logits of the kept ids -> ``[B, n, V]``, -inf elsewhere."""
         if small is None:
             return None
         full = small.new_full((*small.shape[:-1], self.full_vocab), float("-inf"))  # [B, n, V]

@@ -15,27 +15,20 @@ Cache layout (every row the same physical length, rows ragged inside it): column
 hold the committed prefixes, row b using its first ``committed[b]`` (the rest is padding it never
 sees); the pending block follows at ``[S, S + P)``. A commit moves each row's kept entries to
 the end of its prefix. A forward of some rows (``forward_rows``) runs the first ``b`` of them
-(``mcsd.models.base.row_bucket``) on the cache cut to those rows.
+(``mcsd.models.base.BucketRows``) on the cache cut to those rows. Hidden states
+(``forward_hidden``) are transformers' ``output_hidden_states`` tuple, indexed as it is.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mcsd.models.base import (
-    CommittedRows,
-    Keep,
-    Rows,
-    check_forward,
-    check_keep,
-    to_device,
-)
+from mcsd.models.base import BucketRows, Keep, Rows, check_keep, to_device
 
 # Attention implementations checked against a chain forward (tests/test_hf_adapter.py).
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -57,17 +50,25 @@ def check_attention(model: Any) -> None:
         )
 
 
+def text_config(model: Any) -> Any:
+    """The language model's config (a multimodal model's text part)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def model_label(kind: str, model: Any) -> str:
     """``kind:checkpoint`` for logs and tables, e.g. ``hf:qwen2.5-coder-1.5b-instruct``."""
     source = getattr(model.config, "_name_or_path", "") or type(model).__name__
     return f"{kind}:{Path(str(source)).name}"
 
 
-class HFModel(CommittedRows):
+class HFModel(BucketRows):
     """A ``transformers`` ``PreTrainedModel`` (causal LM) behind the runtime protocol
     (``mcsd.models.base``), on a ``DynamicCache`` of ``batch_size`` rows."""
 
     kind = "hf"
+    resizable = True
+    returns_hidden = True
 
     def __init__(self, model: Any, *, batch_size: int = 1, vocab_size: int | None = None) -> None:
         from transformers import DynamicCache
@@ -103,41 +104,33 @@ class HFModel(CommittedRows):
     def max_context(self) -> int | None:
         return getattr(self.hf_model.config, "max_position_embeddings", None)
 
-    @torch.inference_mode()
-    def forward(
-        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
-    ) -> Tensor | None:
-        check_forward(self, tokens, positions, tree_mask, logits)
-        return self._forward(tokens, positions, tree_mask, logits)
+    @property
+    def num_layers(self) -> int:
+        return text_config(self.hf_model).num_hidden_layers
 
-    @torch.inference_mode()
-    def forward_rows(
+    def _compute(
         self,
-        rows: Sequence[int],
-        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
-        positions: Tensor,  # [R, n] long
-        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
-        *,
-        logits: Rows = "all",
-    ) -> Tensor | None:
-        """``mcsd.models.base.rows_forward`` over the first ``computed_rows(rows)`` rows only
-        (the others among them run padding): every layer's cache is cut to those rows for the
-        forward, and the rows beyond get ``n`` zero entries afterwards (pending padding nothing
-        reads). Returns ``[b, n | 1, V]``, row ``r`` at index ``r``."""
-        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
-        tokens, positions, tree_mask = self._bucket_inputs(rows, tokens, positions, tree_mask)
+        tokens: Tensor,  # [b, n] long: the first b rows (b = B, or a row bucket)
+        positions: Tensor,  # [b, n] long
+        tree_mask: Tensor,  # [n, P + n] or [b, n, P + n] bool
+        logits: Rows,
+        layers: tuple[int, ...],
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """A forward of the first ``b`` rows; below ``B``, every layer's cache is cut to those
+        rows for the forward, and the rows beyond get ``n`` zero entries afterwards (pending
+        padding nothing reads)."""
         prefix = tokens.shape[0]
         if prefix == self._batch:
-            return self._forward(tokens, positions, tree_mask, logits)
-        layers = self._cache.layers
-        full = [(layer.keys, layer.values) for layer in layers]
-        for layer, (keys, values) in zip(layers, full, strict=True):
+            return self._model_forward(tokens, positions, tree_mask, logits, layers)
+        layers_cache = self._cache.layers
+        full = [(layer.keys, layer.values) for layer in layers_cache]
+        for layer, (keys, values) in zip(layers_cache, full, strict=True):
             if isinstance(keys, Tensor):
                 layer.keys, layer.values = keys[:prefix], values[:prefix]
         try:
-            out = self._forward(tokens, positions, tree_mask, logits)
+            out = self._model_forward(tokens, positions, tree_mask, logits, layers)
         except BaseException:
-            for layer, (keys, values) in zip(layers, full, strict=False):
+            for layer, (keys, values) in zip(layers_cache, full, strict=False):
                 layer.keys, layer.values = keys, values
             raise
         before = dict(enumerate(full))  # layers built by this forward had no rows before
@@ -147,13 +140,15 @@ class HFModel(CommittedRows):
             layer.values = _with_rows(values, layer.values, self._batch)
         return out
 
-    def _forward(
+    def _model_forward(
         self,
-        tokens: Tensor,  # [b, n] long: the first b rows (b = B, or a row bucket)
+        tokens: Tensor,  # [b, n] long
         positions: Tensor,  # [b, n] long
         tree_mask: Tensor,  # [n, P + n] or [b, n, P + n] bool
         logits: Rows,
-    ) -> Tensor | None:
+        layers: tuple[int, ...],
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The transformers forward on the cache as it is (its batch the tokens' ``b``)."""
         batch, n = tokens.shape
         width, pending = self._width, self._pending
         device = tokens.device
@@ -163,6 +158,7 @@ class HFModel(CommittedRows):
         allowed = torch.cat([prefix[:, None, :].expand(batch, n, width), block], dim=2)
         additive = torch.zeros(allowed.shape, dtype=self._dtype, device=device)
         additive = additive.masked_fill(~allowed, torch.finfo(self._dtype).min)[:, None]
+        extra = {"output_hidden_states": True} if layers else {}
         out = self.hf_model(
             input_ids=tokens,
             position_ids=positions,
@@ -170,12 +166,15 @@ class HFModel(CommittedRows):
             use_cache=True,
             logits_to_keep=n if logits == "all" else 1,  # "none": one row, cheaper than n
             **{self._cache_keyword: self._cache},
+            **extra,
         )
         first = width + pending == 0
         self._pending += n
         if first:
             self._check_layers()
-        return None if logits == "none" else out.logits.float()  # [b, n | 1, V]
+        # hidden_states: L + 1 tensors [b, n, H], the last after the final norm
+        hidden = torch.stack([out.hidden_states[i] for i in layers]) if layers else None
+        return None if logits == "none" else out.logits.float(), hidden  # [b, n | 1, V]
 
     def commit(self, keep: Keep = None) -> None:
         rows = check_keep(self, keep)

@@ -14,7 +14,9 @@
   ``LlamaCppConfig.row_sequences``), so rows never see each other's cells, every row's tokens go
   into the same ``llama_batch`` (one ``llama_decode`` for the whole batch's trees), a commit
   drops a row's own branch ids (``llama_memory_seq_rm``: ``seq_keep`` would drop every other
-  row's too) and ``forward_rows`` runs a subset of the rows without padding the others. A
+  row's too) and ``forward_rows`` runs a subset of the rows without padding the others
+  (``computed_rows``: exactly those given). ``CommittedRows`` keeps each row's committed length
+  and the pending block's size; each row's ``SequenceMap`` keeps its sequence ids. A
   draft's left-padded tokens (rows with uncached tokens of different lengths) are roots, so
   each takes an id of its row's block. ``raw_*`` (the baselines) use row 0.
 
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import LLAMA_MAX_SEQUENCES, LlamaCppConfig
-from mcsd.models.base import Keep, Rows, chain_mask, check_forward, check_keep
+from mcsd.models.base import CommittedRows, Keep, Rows, chain_mask, check_forward, check_keep
 from mcsd.models.sequences import COMMITTED, SequenceMap
 
 GGUF_MAGIC = b"GGUF"
@@ -109,7 +111,7 @@ class _Model:
         self._finalizer = weakref.finalize(self, lib.llama_model_free, pointer)
 
 
-class LlamaCppModel:
+class LlamaCppModel(CommittedRows):
     """A GGUF causal LM on one llama.cpp context, behind the runtime protocol
     (``mcsd.models.base``); see the module docstring. ``batch_size`` rows share the context:
     row ``r`` owns the sequence ids ``r * S .. (r + 1) * S - 1`` (``S``: ``row_sequences``,
@@ -118,6 +120,7 @@ class LlamaCppModel:
     ``weights``: a loaded model to share (``with_rows``) instead of loading ``path``."""
 
     kind = "llama.cpp"
+    resizable = True  # hidden states: not returned (returns_hidden False, forward_hidden refuses)
 
     def __init__(
         self,
@@ -130,8 +133,8 @@ class LlamaCppModel:
         config = LlamaCppConfig() if config is None else config
         if not isinstance(config, LlamaCppConfig):
             raise ValueError(f"config must be a LlamaCppConfig, got {type(config).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        # activations and logits are float32 (the weights keep the GGUF's own types)
+        super().__init__(batch_size, torch.device("cpu"), torch.float32)
         per_row, setting = _row_sequences(config, batch_size)
         path = check_gguf_file(path) if weights is None else weights.path
         self.config = config
@@ -171,7 +174,7 @@ class LlamaCppModel:
             )
         batch = lib.llama_batch_init(config.batch, 0, per_row)
         self._finalizer = weakref.finalize(self, _free_context, lib, context, batch)
-        self._lib, self._ctx, self._batch = lib, context, batch
+        self._lib, self._ctx, self._llama_batch = lib, context, batch
         self._memory = lib.llama_get_memory(context)
         self._vocab = int(lib.llama_vocab_n_tokens(self.model.vocab))
         self._tokens = np.ctypeslib.as_array(batch.token, shape=(config.batch,))
@@ -204,24 +207,8 @@ class LlamaCppModel:
         return self._max_context
 
     @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Activations and logits are float32 (the weights keep the GGUF's own types)."""
-        return torch.float32
-
-    @property
-    def batch_size(self) -> int:
-        return len(self._rows)
-
-    def cache_lengths(self) -> tuple[int, ...]:
-        return tuple(row.committed for row in self._rows)
-
-    @property
-    def pending_length(self) -> int:
-        return self._rows[0].pending  # the same for every row (skipped rows hold padding)
+    def num_layers(self) -> int:
+        return int(self._lib.llama_model_n_layer(self.model.pointer))
 
     @torch.inference_mode()
     def forward(
@@ -240,7 +227,7 @@ class LlamaCppModel:
         *,
         logits: Rows = "all",
     ) -> Tensor | None:
-        """``mcsd.models.base.rows_forward`` natively: the tokens of ``rows`` alone in the
+        """A forward of ``rows`` natively: the tokens of ``rows`` alone in the
         llama_batch; every other row's pending block gets ``n`` padding entries (no cell, no
         compute). Returns ``[B, n | 1, V]`` over every row (zeros for the skipped ones)."""
         check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
@@ -268,19 +255,14 @@ class LlamaCppModel:
                 continue
             for seq in branches:  # seq_keep would drop the other rows' ids too
                 lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        self._committed_after([list(path) for path in kept])
 
     def reset(self, row: int | None = None) -> None:
-        if row is None or self.batch_size == 1:
-            if row not in (None, 0):
-                raise ValueError(f"row must be in [0, 1), got {row!r}")
+        if self._reset_rows(row):
             self._lib.llama_memory_clear(self._memory, False)
             for sequences in self._rows:
                 sequences.reset()
             return
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.batch_size:
-            raise ValueError(f"row must be in [0, {self.batch_size}), got {row!r}")
-        if self.pending_length:
-            raise ValueError("reset(row) needs an empty pending block: commit the step first")
         sequences = self._rows[row]
         for seq in (sequences.base, *sequences.branches):
             self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
@@ -387,6 +369,7 @@ class LlamaCppModel:
         skipped = set(range(self.batch_size)) - set(rows)
         for row in skipped:
             self._rows[row].skip(n)
+        self._pending += n
         if found is None:
             return None
         found = found.view(len(rows), width, self._vocab)  # [R, n | 1, V]
@@ -406,7 +389,7 @@ class LlamaCppModel:
         """Write one llama_batch: tokens, positions, sequence ids, and which tokens output
         logits (``outputs`` ``[m]``, 1 or 0: llama.cpp skips the head's work for the rest)."""
         m = len(ids)
-        batch = self._batch
+        batch = self._llama_batch
         batch.n_tokens = m
         self._tokens[:m] = ids
         self._positions[:m] = positions
@@ -418,7 +401,7 @@ class LlamaCppModel:
                 row[k] = seq
 
     def _decode(self, m: int) -> None:
-        status = self._lib.llama_decode(self._ctx, self._batch)
+        status = self._lib.llama_decode(self._ctx, self._llama_batch)
         if status == 1:
             raise ValueError(
                 f"context overflow: llama.cpp found no KV cells for {m} more tokens; raise "

@@ -15,7 +15,7 @@ becomes logits (``_logits``). Everything else is here, once:
   and write slots live in persistent buffers. A padding row attends only to itself; its output
   is dropped and its slot is never visible to a real row. ``max_context`` leaves
   ``tree_reserve`` slots (default ``max_graph_tokens``) for the tree nodes of a step.
-- Row buckets: ``forward_rows`` (a forward of some rows, ``mcsd.models.base.rows_forward``)
+- Row buckets (``mcsd.models.base.BucketRows``): ``forward_rows`` (a forward of some rows)
   runs only the first ``b`` rows of the cache, ``b`` the smallest power of two (or ``B``) that
   holds the highest row given (``row_bucket``), the others among them as padding; rows beyond
   ``b`` are neither read nor written. Engines fill the lowest free row first, so one busy row
@@ -23,7 +23,9 @@ becomes logits (``_logits``). Everything else is here, once:
 - CUDA graphs: on a CUDA device every (b, n_pad, A) shape is captured once and replayed
   (``mcsd.models.graphs.GraphRunner``), through the subclass's compiled function if it has one.
   A forward that returns no logits is a prefill: it runs eagerly (never compiled, never
-  captured: prompt lengths are one-offs), as does one beyond ``max_graph_tokens``.
+  captured: prompt lengths are one-offs), as does one beyond ``max_graph_tokens``, and one
+  that returns hidden states (``forward_hidden``, through the subclass's ``_body_hidden``;
+  the same attention as a captured forward of its shape, so the same numbers).
 
 A forward issues no host synchronisation: tokens, positions and masks arrive as device tensors,
 the write slots are computed on the device, committed lengths live on the host.
@@ -31,20 +33,11 @@ the write slots are computed on the device, committed lengths live on the host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from mcsd.config import MAX_GRAPH_TOKENS
-from mcsd.models.base import (
-    CommittedRows,
-    Keep,
-    Rows,
-    check_forward,
-    check_keep,
-    to_device,
-)
+from mcsd.models.base import BucketRows, Keep, Rows, check_keep, to_device
 from mcsd.models.graphs import GraphRunner
 
 
@@ -56,7 +49,7 @@ def bucket(n: int, max_tokens: int = MAX_GRAPH_TOKENS) -> int:
     return 1 << (n - 1).bit_length()
 
 
-class SlotCacheRuntime(CommittedRows):
+class SlotCacheRuntime(BucketRows):
     """The runtime protocol over a static slot cache (see the module docstring). Subclasses
     implement ``_body`` and ``_logits`` and call ``_allocate`` once the KV shape is known."""
 
@@ -111,6 +104,22 @@ class SlotCacheRuntime(CommittedRows):
         ``compiled``: through the compiled function, if the subclass has one."""
         raise NotImplementedError
 
+    def _body_hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        slots: Tensor,
+        attend: int,
+        *,
+        explicit: bool,
+        layers: tuple[int, ...],
+    ) -> tuple[Tensor, Tensor]:
+        """``_body``, eagerly, and the hidden states at ``layers`` ``[len(layers), b, n_pad,
+        H]`` (only on a runtime that ``returns_hidden``); ``explicit``: the attention that a
+        captured forward of this shape runs."""
+        raise NotImplementedError
+
     def _logits(self, out: Tensor, n: int, rows: Rows) -> Tensor:
         """float32 logits ``[B, n | 1, V]`` of the first ``n`` rows of ``_body``'s output."""
         raise NotImplementedError
@@ -132,38 +141,14 @@ class SlotCacheRuntime(CommittedRows):
         # The engine bounds positions; the cache also holds one step's tree nodes beyond them.
         return self.max_length - self.tree_reserve
 
-    @torch.inference_mode()
-    def forward(
-        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
-    ) -> Tensor | None:
-        check_forward(self, tokens, positions, tree_mask, logits)
-        return self._forward(tokens, positions, tree_mask, logits)
-
-    @torch.inference_mode()
-    def forward_rows(
-        self,
-        rows: Sequence[int],
-        tokens: Tensor,  # [R, n] long, the new tokens of ``rows``
-        positions: Tensor,  # [R, n] long
-        tree_mask: Tensor,  # [n, P + n] or [R, n, P + n] bool
-        *,
-        logits: Rows = "all",
-    ) -> Tensor | None:
-        """``mcsd.models.base.rows_forward`` over the first ``computed_rows(rows)`` rows only
-        (the smallest captured batch size that holds ``rows``; the others among them run
-        padding): a server with one busy row of sixteen computes one. Rows beyond get ``n``
-        pending entries that nothing writes or reads. Returns ``[B', n | 1, V]``, row ``r`` at
-        index ``r``."""
-        check_forward(self, tokens, positions, tree_mask, logits, rows=rows)
-        return self._forward(*self._bucket_inputs(rows, tokens, positions, tree_mask), logits)
-
-    def _forward(
+    def _compute(
         self,
         tokens: Tensor,  # [b, n] long: the first b rows (b = B, or a row bucket)
         positions: Tensor,  # [b, n] long
         tree_mask: Tensor,  # [n, P + n] or [b, n, P + n] bool
         logits: Rows,
-    ) -> Tensor | None:
+        layers: tuple[int, ...],
+    ) -> tuple[Tensor | None, Tensor | None]:
         batch, n = tokens.shape
         width, pending = self._width, self._pending
         start = width + pending  # first write slot
@@ -207,12 +192,19 @@ class SlotCacheRuntime(CommittedRows):
         def graphed() -> Tensor:
             return self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=True)
 
-        if capturable and logits != "none":
+        captured = capturable and logits != "none"
+        hidden = None
+        if layers:
+            out, hidden = self._body_hidden(
+                tokens_in, positions_in, mask_view, slots, attend, explicit=captured, layers=layers
+            )
+            hidden = hidden[:, :, :n]  # [len(layers), b, n, H]
+        elif captured:
             out = self._graphs.run((batch, padded, attend), graphed)
         else:
             out = self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=False)
         self._pending += n
-        return None if logits == "none" else self._logits(out, n, logits)
+        return None if logits == "none" else self._logits(out, n, logits), hidden
 
     @torch.inference_mode()
     def commit(self, keep: Keep = None) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mcsd.config import ATTENTION_BLOCK, MAX_GRAPH_TOKENS, STATIC_MAX_LENGTH
-from mcsd.models.hf import cache_keyword, check_attention, model_label
+from mcsd.models.hf import cache_keyword, check_attention, model_label, text_config
 from mcsd.models.slots import Rows, SlotCacheRuntime, bucket
 
 __all__ = ["StaticHFModel", "bucket"]
@@ -27,6 +27,7 @@ class StaticHFModel(SlotCacheRuntime):
     static KV cache of ``max_length`` positions per row and CUDA-graph replay on GPUs."""
 
     kind = "hf-static"
+    resizable = True  # hidden states: not yet (returns_hidden False, forward_hidden refuses)
 
     def __init__(
         self,
@@ -43,15 +44,14 @@ class StaticHFModel(SlotCacheRuntime):
     ) -> None:
         check_attention(model)
         self.hf_model = model.eval()  # for mcsd.models only (baselines, cheap drafts)
-        config = model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
+        config = text_config(model)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         if any(kind != "full_attention" for kind in layer_types):
             raise ValueError(
                 f"{type(model).__name__} has {sorted(set(layer_types))} layers; the static cache "
                 "supports full-attention layers only (use runtime 'hf')"
             )
-        limit = getattr(text_config, "max_position_embeddings", None)
+        limit = getattr(config, "max_position_embeddings", None)
         max_length = max_length or min(limit or STATIC_MAX_LENGTH, STATIC_MAX_LENGTH)
         if limit is not None and max_length > limit:
             max_length = limit
@@ -76,7 +76,7 @@ class StaticHFModel(SlotCacheRuntime):
             attention_block=attention_block,
             tree_reserve=tree_reserve,
         )  # what ``variant`` copies
-        self._num_layers = int(text_config.num_hidden_layers)
+        self._num_layers = int(config.num_hidden_layers)
         self._cache_keyword = cache_keyword(model)
         self._vocab = vocab_size or int(model.get_output_embeddings().weight.shape[0])
         self._cache = _SlotCache(self)
@@ -108,6 +108,10 @@ class StaticHFModel(SlotCacheRuntime):
     @property
     def vocab_size(self) -> int:
         return self._vocab
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
 
     # ------------------------------------------------------------------ SlotCacheRuntime
     def _body(self, tokens, positions, mask, slots, attend: int, *, compiled: bool) -> Tensor:

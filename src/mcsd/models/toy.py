@@ -2,10 +2,10 @@
 
 A ``TableLM`` maps a context (the tuple of tokens a position can see) to a next-token
 distribution. It keeps its "KV cache" as the list of committed tokens of each row plus the
-pending block, and rebuilds every new token's context from the tree mask it is given, so a wrong
-tree mask, position or commit in the engine or a proposer changes what the model sees, and the
-whole-engine losslessness tests catch it. The exact distribution over output sequences is known
-by enumeration (``sequence_distribution``).
+pending block (``CommittedRows`` keeps their lengths), and rebuilds every new token's context
+from the tree mask it is given, so a wrong tree mask, position or commit in the engine or a
+proposer changes what the model sees, and the whole-engine losslessness tests catch it. The exact
+distribution over output sequences is known by enumeration (``sequence_distribution``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ import torch
 from torch import Tensor
 
 from mcsd.config import SamplingConfig
-from mcsd.models.base import Keep, Rows, check_forward, check_keep
+from mcsd.models.base import CommittedRows, Keep, Rows, check_forward, check_keep
 from mcsd.sampling import warp
 
 NextTokenFn = Callable[[tuple[int, ...]], Tensor]  # context -> [V] probabilities
 
 
-class TableLM:
-    """A toy LM: next-token distribution ``table(context)``; its logits are log-probabilities."""
+class TableLM(CommittedRows):
+    """A toy LM: next-token distribution ``table(context)``; its logits are log-probabilities.
+    A forward of some rows runs the others as padding (``RuntimeBase.forward_rows``)."""
+
+    resizable = True
 
     def __init__(
         self,
@@ -34,12 +37,12 @@ class TableLM:
         *,
         batch_size: int = 1,
     ) -> None:
+        super().__init__(batch_size, torch.device("cpu"), torch.float32)
         self.table = table
         self._vocab_size = vocab_size
         self._max_context = max_context
-        self._batch = batch_size
-        self._committed: list[list[int]] = [[] for _ in range(batch_size)]  # per row
-        self._pending: list[list[int]] = [[] for _ in range(batch_size)]  # per row, same length
+        self._tokens: list[list[int]] = [[] for _ in range(batch_size)]  # committed, per row
+        self._block: list[list[int]] = [[] for _ in range(batch_size)]  # pending, per row
         self._memo: dict[tuple[int, ...], Tensor] = {}  # context -> logits [V]
         self.forward_calls = 0  # forwards run (the engine's step counts are checked against it)
 
@@ -87,34 +90,16 @@ class TableLM:
     def max_context(self) -> int | None:
         return self._max_context
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch
-
-    def cache_lengths(self) -> tuple[int, ...]:
-        return tuple(len(row) for row in self._committed)
-
-    @property
-    def pending_length(self) -> int:
-        return len(self._pending[0])
-
     def forward(
         self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, *, logits: Rows = "all"
     ) -> Tensor | None:
         batch, n = check_forward(self, tokens, positions, tree_mask, logits)
         masks = tree_mask.expand(batch, *tree_mask.shape[-2:]).tolist()  # [B, n, P + n]
         out = torch.empty(batch, n, self._vocab_size)
+        blocks = []  # every row's pending tokens after this forward (kept once all are valid)
         for b in range(batch):
-            committed, block = self._committed[b], self._pending[b] + tokens[b].tolist()
-            pending = len(self._pending[b])
+            committed, block = self._tokens[b], self._block[b] + tokens[b].tolist()
+            pending = len(self._block[b])
             for j, (row, position) in enumerate(zip(masks[b], positions[b].tolist(), strict=True)):
                 seen = [i for i, see in enumerate(row) if see]
                 if not seen or seen[-1] != pending + j:
@@ -125,7 +110,9 @@ class TableLM:
                         f"new token {j} sees {len(context)} tokens but has position {position}"
                     )
                 out[b, j] = self._logits(context)
-            self._pending[b] = block
+            blocks.append(block)
+        self._block = blocks
+        self._pending += n
         self.forward_calls += 1
         return None if logits == "none" else out[:, -1:] if logits == "last" else out
 
@@ -135,18 +122,18 @@ class TableLM:
         return self._memo[context]
 
     def commit(self, keep: Keep = None) -> None:
-        for b, kept in enumerate(check_keep(self, keep)):
-            self._committed[b] = self._committed[b] + [self._pending[b][i] for i in kept]
-        self._pending = [[] for _ in range(self._batch)]
+        rows = check_keep(self, keep)
+        for b, kept in enumerate(rows):
+            self._tokens[b] = self._tokens[b] + [self._block[b][i] for i in kept]
+        self._block = [[] for _ in range(self._batch)]
+        self._committed_after(rows)
 
     def reset(self, row: int | None = None) -> None:
-        if row is None:
-            self._committed = [[] for _ in range(self._batch)]
-            self._pending = [[] for _ in range(self._batch)]
-            return
-        if self.pending_length:
-            raise ValueError("reset(row) needs an empty pending block: commit the step first")
-        self._committed[row] = []
+        if self._reset_rows(row):
+            self._tokens = [[] for _ in range(self._batch)]
+            self._block = [[] for _ in range(self._batch)]
+        else:
+            self._tokens[row] = []
 
 
 def sequence_distribution(

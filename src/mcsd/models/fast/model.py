@@ -205,7 +205,23 @@ class TransformerLM(nn.Module):
         one of these kernels spreads over the whole GPU, where SDPA's fused kernels give each
         key/value head one thread block (measured on an H200: docs/benchmarks.md). A prefill
         (many rows, whose scores would be large) uses SDPA."""
+        return self.states(tokens, positions, mask, slots, kv, explicit)[0]
+
+    def states(
+        self,
+        tokens: Tensor,  # [B, n] long
+        positions: Tensor,  # [B, n] long
+        mask: Tensor,  # [B, 1, n, A] additive, in the model dtype
+        slots: Tensor,  # [n] long
+        kv: Tensor,  # [layers, 2, B, KV, L, hd] the cache
+        explicit: bool = False,
+        layers: tuple[int, ...] = (),  # hidden states to keep, indices in [0, num_layers]
+    ) -> tuple[Tensor, Tensor | None]:
+        """``forward``'s final hidden states ``[B, n, D]`` and, for ``layers``, the hidden
+        states ``[len(layers), B, n, D]`` at those indices, numbered as transformers'
+        ``hidden_states``: 0 the embeddings, i < L after block i, L after the final norm."""
         x = self.embed(tokens)
+        kept = {0: x} if 0 in layers else {}
         cos = self.cos_table[positions].to(x.dtype)[:, None]  # [B, 1, n, hd]
         sin = self.sin_table[positions].to(x.dtype)[:, None]
         b, _, n, length = mask.shape
@@ -213,7 +229,13 @@ class TransformerLM(nn.Module):
         grouped = mask[:, :, None].expand(b, 1, groups, n, length).reshape(b, 1, groups * n, length)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, grouped, slots, kv[i, 0], kv[i, 1], explicit)
-        return self.norm(x)
+            if i + 1 in layers:
+                kept[i + 1] = x
+        x = self.norm(x)
+        if not layers:
+            return x, None
+        kept[len(self.layers)] = x
+        return x, torch.stack([kept[i] for i in layers])  # [len(layers), B, n, D]
 
 
 # ---------------------------------------------------------------- weights

@@ -286,14 +286,19 @@ class ParallelFastModel(FastModel):
         dist.all_gather(parts, part, group=self.shard.group)
         return torch.cat(parts, dim=-1)[..., : self._vocab]  # [B, n | 1, V]
 
-    def _forward(
-        self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, logits: Rows
-    ) -> Tensor | None:
-        # every forward, of all rows or of a row bucket (``forward_rows``)
+    def _compute(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        tree_mask: Tensor,
+        logits: Rows,
+        layers: tuple[int, ...],
+    ) -> tuple[Tensor | None, Tensor | None]:
+        # every forward, of all rows or of a row bucket (``forward_rows``), hidden states or not
         self.steps += 1
         if self.check_ranks:
             self._agree("tokens", torch.cat([tokens.flatten(), positions.flatten()]).tolist())
-        return super()._forward(tokens, positions, tree_mask, logits)
+        return super()._compute(tokens, positions, tree_mask, logits, layers)
 
     @torch.inference_mode()
     def commit(self, keep: Keep = None) -> None:

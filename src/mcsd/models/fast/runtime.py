@@ -11,7 +11,8 @@ commit by gather) around ``mcsd.models.fast.model.TransformerLM``. Differences f
   by its own rows of the head only;
 - attention spans the whole cache (one attention length), so the only shapes are the token
   buckets: ``warmup`` runs each of them once (capture, and compilation when asked), after which a
-  run never compiles again.
+  run never compiles again;
+- it returns hidden states (``forward_hidden``, ``TransformerLM.states``), eagerly.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from mcsd.models.slots import SlotCacheRuntime, bucket
 
 class FastModel(SlotCacheRuntime):
     kind = "fast"
+    resizable = True
+    returns_hidden = True
 
     def __init__(
         self,
@@ -96,6 +99,10 @@ class FastModel(SlotCacheRuntime):
     def vocab_size(self) -> int:
         return int(self._head.shape[0])
 
+    @property
+    def num_layers(self) -> int:
+        return self.lm.arch.num_layers
+
     # ------------------------------------------------------------------ SlotCacheRuntime
     def _hidden(
         self, tokens: Tensor, positions: Tensor, mask: Tensor, slots: Tensor, explicit: bool
@@ -108,6 +115,15 @@ class FastModel(SlotCacheRuntime):
         # The captured shapes (decoding and tree steps) attend explicitly; prefills by SDPA.
         run = self._run if compiled else self._hidden
         return run(tokens, positions, mask, slots, compiled)
+
+    def _body_hidden(
+        self, tokens, positions, mask, slots, attend: int, *, explicit: bool, layers
+    ) -> tuple[Tensor, Tensor]:
+        assert self._kv is not None
+        kv = self._kv[:, :, : tokens.shape[0]]  # the first b rows
+        out, hidden = self.lm.states(tokens, positions, mask, slots, kv, explicit, layers)
+        assert hidden is not None
+        return out, hidden  # [b, n_pad, D], [len(layers), b, n_pad, D]
 
     def _logits(self, out: Tensor, n: int, rows: Rows) -> Tensor:
         hidden = out[:, n - 1 : n] if rows == "last" else out[:, :n]  # [B, n | 1, D]
