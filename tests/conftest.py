@@ -6,11 +6,19 @@
 - ``save_tiny_lm``: the same, saved with a tokenizer into a directory ``load_pair`` can load;
 - ``greedy_reference``: transformers' own greedy ``generate()``, the reference mcsd must match;
 - ``spec_decode``: the tokens of one speculative generation through the engine, with the
-  draft-model proposer.
+  draft-model proposer;
+- ``cpu_dtype``: ``"bfloat16"`` where this CPU computes it natively, else ``"float32"`` (for
+  tests that do not need bf16 itself: emulated bf16 is several times slower than float32).
+
+Under pytest-xdist (``-n 2``, README command 2 and ``.ci/run``) each worker runs torch on one
+thread, so that N workers fill N cores without oversubscribing them; tests that must share a
+worker (one module fixture that is expensive to build, a process group) carry an
+``xdist_group`` mark, which ``--dist loadgroup`` (pyproject.toml) honours.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +27,27 @@ import pytest
 import torch
 
 ARCHITECTURES = ("qwen2", "llama")
+DTYPE_ENV = "MCSD_TEST_DTYPE"  # "float32": run as on a CPU without native bf16 (Zen 1, ...)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # processes the tests start: servers, TP ranks
+
+if os.environ.get(DTYPE_ENV) == "float32":
+    # mcsd's own "auto" dtype (models.factory.default_dtype) asks torch; say no there too
+    torch.cpu._is_avx512_bf16_supported = lambda: False
+elif os.environ.get(DTYPE_ENV, "") not in ("", "auto"):
+    raise pytest.UsageError(f"{DTYPE_ENV} must be float32 or auto, got {os.environ[DTYPE_ENV]!r}")
+
+
+def cpu_dtype() -> str:
+    """``"bfloat16"`` where this CPU computes it natively (AVX-512 BF16 or AMX: mcsd's own
+    ``auto`` rule), else ``"float32"``: on a CPU without it (a first-generation EPYC) bf16
+    matmuls are emulated and several times slower. ``MCSD_TEST_DTYPE=float32`` forces float32
+    (and mcsd's ``auto``), to run the float32 path on a machine that has bf16."""
+    from mcsd.models.factory import default_dtype
+
+    return str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
 
 
 @pytest.fixture

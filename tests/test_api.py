@@ -7,7 +7,8 @@ inputs a user can give: each must be one clear error, never a stack trace from t
 from __future__ import annotations
 
 import pytest
-from conftest import greedy_reference
+import torch
+from conftest import cpu_dtype, greedy_reference
 
 from mcsd import cli
 from mcsd.api import (
@@ -28,7 +29,15 @@ SMOL = "smollm2-135m-instruct"
 def pair():
     # float32 target, bfloat16 draft: the same weights at two precisions make a real draft.
     target, tokenizer, eos = load_model(SMOL, dtype="float32", device="cpu", progress=False)
-    draft, _, _ = load_model(SMOL, dtype="bfloat16", device="cpu", progress=False)
+    draft, _, _ = load_model(SMOL, dtype=cpu_dtype(), device="cpu", progress=False)
+    if cpu_dtype() == "float32":
+        # No native bf16 here (emulated, several times slower): a float32 draft whose weights
+        # are off by bf16's relative step (2^-8) in a seeded direction, a close, imperfect draft
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for weight in draft.hf_model.parameters():
+                noise = torch.randn(weight.shape, generator=generator)
+                weight.mul_(1 + 2**-8 * noise)
     return ModelPair(target, draft, tokenizer, SMOL, SMOL, eos)
 
 
