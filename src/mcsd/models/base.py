@@ -211,7 +211,6 @@ class RuntimeBase:
     def num_layers(self) -> int | None:
         return None
 
-    @torch.inference_mode()
     def forward_rows(
         self,
         rows: Sequence[int],
