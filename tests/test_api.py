@@ -69,7 +69,7 @@ def test_dynamic_tree_and_no_speculation_match_target_generate(pair, tree: str) 
 
 
 def test_stream_chunks_add_up_to_generate(pair) -> None:
-    spec = SpecConfig(tree="3,1", target=SamplingConfig(0.8), max_new_tokens=20, seed=5)
+    spec = SpecConfig(tree="3,1", target=SamplingConfig(temperature=0.8), max_new_tokens=20, seed=5)
     chunks = [chunk for chunk, _ in stream(pair, "Once upon a time", spec)]
     whole = generate(pair, "Once upon a time", spec)
     assert "".join(c.text for c in chunks) == whole.text

@@ -86,7 +86,9 @@ def test_cheap_drafts_are_lossless_in_greedy_and_run_sampling(vocab) -> None:
     spec = SpecConfig(tree="2,1,1", target=GREEDY, max_new_tokens=24)
     steps = list(spec_decode(target, draft, prompt, spec, 26))
     assert [t for s in steps for t in s.tokens] == expected
-    sampled = SpecConfig(tree="2,2", target=SamplingConfig(1.0), max_new_tokens=12, seed=0)
+    sampled = SpecConfig(
+        tree="2,2", target=SamplingConfig(temperature=1.0), max_new_tokens=12, seed=0
+    )
     steps = list(spec_decode(target, draft, prompt, sampled, 26))
     assert sum(len(s.tokens) for s in steps) == 12
 

@@ -223,5 +223,11 @@ def test_runner_answers_only_the_turns_after_given_answers() -> None:
         def __call__(self, text, add_special_tokens=True):
             return {"input_ids": [len(word) for word in text.split()]}
 
-    question = Question(1, ("a bb", "ccc"), "math", "mt-bench-2nd", ("dddd",))
+    question = Question(
+        question_id=1,
+        turns=("a bb", "ccc"),
+        category="math",
+        dataset="mt-bench-2nd",
+        answers=("dddd",),
+    )
     assert build_prompt(Words(), question, list(question.answers), 1, chat=False) == [1, 2, 4, 3]

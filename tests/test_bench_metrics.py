@@ -30,14 +30,33 @@ from mcsd.stats import StepRecord
 
 
 def record(accepted: int, attempted: int, ranks=(), size=0, draft=0.0, target=0.0) -> StepRecord:
-    return StepRecord(accepted, accepted + 1, attempted, tuple(ranks), size, draft, target)
+    return StepRecord(
+        accepted=accepted,
+        emitted=accepted + 1,
+        attempted=attempted,
+        ranks=tuple(ranks),
+        tree_size=size,
+        draft_time=draft,
+        target_time=target,
+    )
 
 
 def answer(method: str, dataset: str, qid, records, wall: float, turn: int = 0, equal=None):
     tokens = list(range(sum(r.emitted for r in records)))
-    question = Question(qid, ("q0", "q1"), "cat", dataset)
-    generation = Generation(tokens, wall, list(records), "length")
-    return Answer(method, question, turn, 0, [1, 2, 3], generation, f"text {qid}", equal)
+    question = Question(question_id=qid, turns=("q0", "q1"), category="cat", dataset=dataset)
+    generation = Generation(
+        tokens=tokens, wall_time=wall, records=list(records), finish_reason="length"
+    )
+    return Answer(
+        method=method,
+        question=question,
+        turn=turn,
+        position=0,
+        prompt_ids=[1, 2, 3],
+        generation=generation,
+        text=f"text {qid}",
+        matches_reference=equal,
+    )
 
 
 def test_metrics_from_step_records() -> None:
@@ -101,7 +120,7 @@ def test_method_names() -> None:
 def test_context_method_names() -> None:
     from mcsd.config import GREEDY, SamplingConfig, SpecConfig
 
-    base = SpecConfig(target=SamplingConfig(1.0))
+    base = SpecConfig(target=SamplingConfig(temperature=1.0))
     ctx = parse_method("ctx")
     assert (ctx.kind, ctx.proposer, ctx.context_nodes, ctx.uses_draft) == (
         "ctx",

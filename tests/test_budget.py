@@ -242,7 +242,7 @@ def test_a_draft_that_never_matches_switches_to_plain_and_reprobes() -> None:
     target's own greedy output."""
     target = constant([0.7, 0.1, 0.1, 0.1])
     draft = constant([0.1, 0.1, 0.1, 0.7])
-    spec = SpecConfig(tree="1,1,1", target=SamplingConfig(0.0), max_new_tokens=40)
+    spec = SpecConfig(tree="1,1,1", target=SamplingConfig(temperature=0.0), max_new_tokens=40)
     budget = TreeBudget(CHAIN, costs=PRICEY_DRAFT, reprobe=5)
     steps = decode(target, draft, spec, budget)
     sizes = [step.record.tree_size for step in steps]
@@ -260,7 +260,7 @@ def test_a_draft_that_never_matches_switches_to_plain_and_reprobes() -> None:
 def test_costs_alone_rule_speculation_out_no_reprobe() -> None:
     """Where no tree pays even when every candidate is accepted, nothing is ever drafted."""
     target, draft = constant([0.7, 0.1, 0.1, 0.1]), constant([0.7, 0.1, 0.1, 0.1])
-    spec = SpecConfig(tree="1,1,1", target=SamplingConfig(0.0), max_new_tokens=80)
+    spec = SpecConfig(tree="1,1,1", target=SamplingConfig(temperature=0.0), max_new_tokens=80)
     budget = TreeBudget(CHAIN, costs=PairCost(target=STEEP, draft=STEEP), reprobe=3)
     steps = decode(target, draft, spec, budget)
     assert [step.record.tree_size for step in steps] == [0] * 80
@@ -287,7 +287,7 @@ def test_llama_cpp_costs_decode_plainly_and_never_run_the_draft() -> None:
 
 def test_a_draft_equal_to_the_target_keeps_the_full_tree() -> None:
     target = TableLM.random(4, seed=11)
-    spec = SpecConfig(tree="4,2,2", target=SamplingConfig(0.0), max_new_tokens=30)
+    spec = SpecConfig(tree="4,2,2", target=SamplingConfig(temperature=0.0), max_new_tokens=30)
     budget = TreeBudget(TREE, costs=PairCost(target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02))))
     engine = BatchEngine(
         target,
@@ -340,7 +340,7 @@ def test_adaptive_greedy_equals_the_target_greedy(prompt: tuple[int, ...]) -> No
     sizes = {step.record.tree_size for step in steps}
     assert 0 in sizes and len(sizes) > 1  # plain and speculative steps both ran
     alone = autoregressive_decode(
-        case.models()[0], list(prompt), SamplingConfig(0.0), 40, vocab_size=4
+        case.models()[0], list(prompt), SamplingConfig(temperature=0.0), 40, vocab_size=4
     )
     assert tokens_of(steps) == tokens_of(list(alone))
 
@@ -416,12 +416,14 @@ def test_adaptive_on_llama_cpp(tmp_path) -> None:
     draft = TinyGGUF(seed=1, head_scale=1.3).write(tmp_path / "draft.gguf")
     tiny = LlamaCppConfig(context=64, pending_cells=64, batch=32, sequences=32, threads=1)
     pair = load_pair(str(target), str(draft), runtime="llama.cpp", llamacpp=tiny)
-    base = SpecConfig(tree="1", target=SamplingConfig(0.0), max_new_tokens=12, stop_token_ids=())
+    base = SpecConfig(
+        tree="1", target=SamplingConfig(temperature=0.0), max_new_tokens=12, stop_token_ids=()
+    )
     adaptive, ar = (parse_method(name) for name in ("tree:1,1,1+adaptive", "ar"))
     prompt = [1, 2, 0]
     plain = run_method(ar, pair, prompt, base).tokens
     assert run_method(adaptive, pair, prompt, base).tokens == plain
     assert pair.tree_budget(TokenTree.parse("1,1,1")).costs.target.tokens == (1, 2, 4)
-    sampled = replace(base, target=SamplingConfig(1.0), seed=3)
+    sampled = replace(base, target=SamplingConfig(temperature=1.0), seed=3)
     runs = [run_method(adaptive, pair, prompt, sampled).tokens for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 12

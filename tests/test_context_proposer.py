@@ -16,7 +16,7 @@ from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.models.toy import TableLM
 from mcsd.tree import ROOT
 
-GREEDY = SamplingConfig(0.0)
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 def brute_occurrences(tokens: list[int], suffix: list[int]) -> list[int]:

@@ -104,7 +104,9 @@ def test_greedy_dynamic_output_equals_target_greedy(runtime: str) -> None:
     else:
         target, draft = TableLM.random(8, seed=11), TableLM.random(8, seed=23)
         vocab, prompt = 8, [1, 2]
-    spec = SpecConfig(tree="dynamic:6:2:4", target=SamplingConfig(0.0), max_new_tokens=24)
+    spec = SpecConfig(
+        tree="dynamic:6:2:4", target=SamplingConfig(temperature=0.0), max_new_tokens=24
+    )
     plain = autoregressive_decode(target, prompt, spec.target, 24, vocab_size=vocab)
     expected = [t for step in plain for t in step.tokens]
     steps = _steps(spec, target, draft, vocab, prompt)
@@ -129,7 +131,11 @@ def test_variable_trees_run_on_captured_shapes(rule: str) -> None:
 
         graphs.run = run
     spec = SpecConfig(
-        tree="dynamic:8:3:3", rule=rule, draft=SamplingConfig(0.8), max_new_tokens=24, seed=1
+        tree="dynamic:8:3:3",
+        rule=rule,
+        draft=SamplingConfig(temperature=0.8),
+        max_new_tokens=24,
+        seed=1,
     )
     steps = _steps(spec, target, draft, 8, [1, 5, 3])
     assert shapes["target"].count(16) == len(steps)  # every verify forward, one shape
@@ -146,7 +152,7 @@ def test_tree_sizes(rule: str, draft_temperature: float) -> None:
     spec = SpecConfig(
         tree="dynamic:8:3:3",
         rule=rule,
-        draft=SamplingConfig(draft_temperature),
+        draft=SamplingConfig(temperature=draft_temperature),
         max_new_tokens=40,
         seed=5,
     )
@@ -159,10 +165,10 @@ def test_proposal_is_a_bfs_tree_with_the_draft_q() -> None:
     """The sampled tree's q rows are the draft's warped distributions after each node's path,
     exactly what its children were drawn from; leaves' rows are zero."""
     draft = TableLM.random(6, seed=23)
-    sampling = SamplingConfig(0.8)
+    sampling = SamplingConfig(temperature=0.8)
     proposer = DynamicProposer(
         draft,
-        DynamicTreeConfig(8, 3, 3),
+        DynamicTreeConfig(budget=8, width=3, max_depth=3),
         sampling,
         vocab_size=6,
         deterministic=False,
@@ -187,7 +193,9 @@ def test_proposal_is_a_bfs_tree_with_the_draft_q() -> None:
 def test_verifier_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new tree shape most steps: the engine keeps at most VERIFIER_CACHE verifiers alive,
     and evicting them changes no output."""
-    spec = SpecConfig(tree="dynamic:8:3:3", max_new_tokens=60, seed=2, draft=SamplingConfig(0.8))
+    spec = SpecConfig(
+        tree="dynamic:8:3:3", max_new_tokens=60, seed=2, draft=SamplingConfig(temperature=0.8)
+    )
     models = TableLM.random(6, seed=11), TableLM.random(6, seed=23)
     reference = [step.tokens for step in _steps(spec, *models, 6)]
     alive: weakref.WeakSet = weakref.WeakSet()
@@ -224,7 +232,7 @@ def test_verifier_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         (dict(tree="dynamic:32"), r"needs width \* max_depth >= 32, got 4 \* 6"),
         (dict(tree="dynamic:8", rule="mcss"), "cannot verify dynamic trees"),
         (dict(tree="dynamic:8", rule="sps"), "cannot verify dynamic trees"),
-        (dict(tree="dynamic:8", rule="mcss-wor", draft=SamplingConfig(0.0)), "greedy"),
+        (dict(tree="dynamic:8", rule="mcss-wor", draft=SamplingConfig(temperature=0.0)), "greedy"),
     ],
 )
 def test_bad_dynamic_configs(kwargs: dict, message: str) -> None:
@@ -246,8 +254,14 @@ def test_no_speculation_spec() -> None:
 
 
 def test_dynamic_spec_rules_and_names() -> None:
-    assert SpecConfig(tree="dynamic:8", target=SamplingConfig(0.0)).resolved_rule() == "greedy"
-    assert SpecConfig(tree="dynamic:8", draft=SamplingConfig(0.0)).resolved_rule() == "topk"
+    assert (
+        SpecConfig(tree="dynamic:8", target=SamplingConfig(temperature=0.0)).resolved_rule()
+        == "greedy"
+    )
+    assert (
+        SpecConfig(tree="dynamic:8", draft=SamplingConfig(temperature=0.0)).resolved_rule()
+        == "topk"
+    )
     spec = SpecConfig(tree=DynamicTreeConfig(budget=12))
     assert spec.resolved_rule() == "mcss-wor"
     assert spec.describe_tree() == "dynamic:12:4:6"

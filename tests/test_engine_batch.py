@@ -131,7 +131,9 @@ def test_hf_rows_equal_batch_one(temperature: float) -> None:
     3 rows (late joins), each equal to its batch-1 generation; greedy equals transformers'."""
     target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
     vocab = 96
-    spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature), max_new_tokens=12, seed=7)
+    spec = SpecConfig(
+        tree="3,2", target=SamplingConfig(temperature=temperature), max_new_tokens=12, seed=7
+    )
     prompts = [[5, 9, 11], [3], [40, 41, 42, 43, 44, 45, 46], [7, 7], [90, 1, 2, 3]]
     one = (HFModel(target_lm), HFModel(draft_lm))
     alone = []
@@ -221,7 +223,7 @@ def test_generate_list_with_adaptive_tree_equals_target_greedy() -> None:
     target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
     pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
     prompts = [[5, 9, 11], [3], [40, 41, 42, 43]]
-    spec = SpecConfig(tree="3,2", target=SamplingConfig(0.0), max_new_tokens=10)
+    spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature=0.0), max_new_tokens=10)
     engine = pair.batch_engine(spec, 2, adaptive=True)
     assert engine.budget is not None and engine.budget.tree == spec.token_tree()
     results = generate(pair, prompts, spec, batch_size=2, adaptive=True)
@@ -247,7 +249,7 @@ def test_one_row_proposers_run_at_batch_one() -> None:
     target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
     pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
     prompts = [[5, 9, 11, 5, 9], [3], [40, 41, 42, 43]]
-    greedy = SamplingConfig(0.0)
+    greedy = SamplingConfig(temperature=0.0)
     for spec in (
         SpecConfig(tree="dynamic:8:4:2", target=greedy, max_new_tokens=8),
         SpecConfig(proposer="context", target=greedy, max_new_tokens=8),
@@ -274,12 +276,12 @@ def test_one_prompt_with_adaptive_tree() -> None:
     target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
     pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
     prompt = [5, 9, 11]
-    greedy = SpecConfig(tree="3,2", target=SamplingConfig(0.0), max_new_tokens=10)
+    greedy = SpecConfig(tree="3,2", target=SamplingConfig(temperature=0.0), max_new_tokens=10)
     result = generate(pair, prompt, greedy, adaptive=True)
     assert result.token_ids == greedy_reference(target_lm, prompt, 10)
     budget = pair.tree_budget(greedy.token_tree())
     assert list(pair._budgets) == [(greedy.token_tree(), 1)]
-    sampled = replace(greedy, target=SamplingConfig(1.0), seed=4)
+    sampled = replace(greedy, target=SamplingConfig(temperature=1.0), seed=4)
     chunks = stream(pair, prompt, sampled, adaptive=True)
     runs = [[t for chunk, _ in chunks for t in chunk.token_ids]]
     runs.append(generate(pair, prompt, sampled, adaptive=True).token_ids)

@@ -174,7 +174,9 @@ def test_seeded_sampling_equals_the_hf_runtime(checkpoints) -> None:
     draft = family_model("qwen2", seed=1, layers=1)
     draft_dir = directory.parent / "qwen2-sampling-draft"
     draft.save_pretrained(draft_dir)
-    spec = SpecConfig(tree=(2, 2, 1), target=SamplingConfig(1.0), max_new_tokens=30, seed=3)
+    spec = SpecConfig(
+        tree=(2, 2, 1), target=SamplingConfig(temperature=1.0), max_new_tokens=30, seed=3
+    )
     prompt = [5, 17, 33, 2, 9]
     on_fast = spec_tokens(fast(directory), fast(draft_dir), prompt, spec, VOCAB)
     on_hf = spec_tokens(HFModel(model), HFModel(draft), prompt, spec, VOCAB)

@@ -125,7 +125,9 @@ def test_caches_hold_the_committed_sequence(arch: str, tree, rule: str) -> None:
     target = RecordingModel(target_model)
     draft = HFModel(tiny_model(arch, 1, layers=1))
     prompt = [5, 17, 33, 2, 9]
-    spec = SpecConfig(tree=tree, rule=rule, target=SamplingConfig(1.0), max_new_tokens=24, seed=3)
+    spec = SpecConfig(
+        tree=tree, rule=rule, target=SamplingConfig(temperature=1.0), max_new_tokens=24, seed=3
+    )
     committed = list(prompt)
     for steps, step in enumerate(spec_decode(target, draft, prompt, spec, VOCAB)):
         # Forward 0 is the prefill; forward s + 1 verifies step s, whose root is committed[-1].

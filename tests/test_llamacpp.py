@@ -193,7 +193,9 @@ def test_draft_levels_match_per_path_scoring(tiny) -> None:
     """The draft role: one forward per tree level, each attending to earlier forwards; every
     node's q equals the draft's distribution after the node's own path, scored on its own."""
     _, draft = tiny
-    spec = SpecConfig(tree="3,2,2", rule="mcss", target=SamplingConfig(1.0), max_new_tokens=4)
+    spec = SpecConfig(
+        tree="3,2,2", rule="mcss", target=SamplingConfig(temperature=1.0), max_new_tokens=4
+    )
     proposer = ModelProposer.for_spec(draft, spec, 4)
     prompt = [1, 2, 0, 3]
     proposer.start(prompt)
@@ -386,7 +388,7 @@ def test_llamacpp_baselines_run_and_agree_with_mcsd_greedy(tiny_paths) -> None:
     }
     assert len(set(map(tuple, answers.values()))) == 1, answers
     assert len(answers["llama-ar"]) == 12
-    sampled = SpecConfig(tree="1", target=SamplingConfig(1.0), max_new_tokens=8, seed=3)
+    sampled = SpecConfig(tree="1", target=SamplingConfig(temperature=1.0), max_new_tokens=8, seed=3)
     for name in ("llama-ar", "llama-spec:4"):
         first = run_method(parse_method(name), pair, prompt, sampled)
         again = run_method(parse_method(name), pair, prompt, sampled)
@@ -510,7 +512,9 @@ def test_greedy_emits_the_verify_argmax_and_matches_llamacpp_greedy(prompt: str,
     target, tokenizer, eos = load_llamacpp(path, REAL)
     draft = LlamaCppModel(path, REAL)
     recorder = _Recorder(target)
-    spec = SpecConfig(tree="2,2", target=GREEDY, draft=SamplingConfig(0.0), max_new_tokens=40)
+    spec = SpecConfig(
+        tree="2,2", target=GREEDY, draft=SamplingConfig(temperature=0.0), max_new_tokens=40
+    )
     ids = tokenizer(prompt)["input_ids"]
     proposer = ModelProposer.for_spec(draft, spec, len(tokenizer))
     steps = list(

@@ -245,7 +245,9 @@ def test_draft_rows_with_uncached_tokens_of_different_lengths(tiny_paths, single
     from mcsd.draft.model import ModelProposer
 
     draft = LlamaCppModel(tiny_paths["draft"], ROWS)
-    spec = SpecConfig(tree="2,2", rule="mcss", target=SamplingConfig(1.0), max_new_tokens=4)
+    spec = SpecConfig(
+        tree="2,2", rule="mcss", target=SamplingConfig(temperature=1.0), max_new_tokens=4
+    )
     committed = [[1, 2, 0, 3, 1, 2, 0, 1], [2]]
     together = ModelProposer.for_spec(draft.with_rows(2), spec, 4)
     together.start_row(0, committed[0][:3])
@@ -334,7 +336,7 @@ def test_generate_a_list_of_prompts_equals_each_alone(pair) -> None:
     prompts = ["abca", "d", "bcdab"]
     together = generate(pair, prompts, config, batch_size=3)
     assert [r.token_ids for r in together] == [generate(pair, p, config).token_ids for p in prompts]
-    sampled = replace(config, target=SamplingConfig(1.0), seed=4)
+    sampled = replace(config, target=SamplingConfig(temperature=1.0), seed=4)
     together = generate(pair, prompts, sampled)
     assert [r.token_ids for r in together] == [
         generate(pair, p, sampled).token_ids for p in prompts

@@ -108,7 +108,7 @@ def test_mixed_counts_and_bad_orders() -> None:
 def rule_target():
     from mcsd.config import SamplingConfig
 
-    return SamplingConfig(1.0)
+    return SamplingConfig(temperature=1.0)
 
 
 MIXED = EngineCase("mcss-wor", "2,2", prompt=REPEATING_PROMPT, proposer="mixed")

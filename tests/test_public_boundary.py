@@ -81,7 +81,7 @@ def pair() -> ModelPair:
 @given(temperature=numbers, top_k=numbers, top_p=numbers)
 def test_sampling_config(temperature, top_k, top_p) -> None:
     with contextlib.suppress(ValueError):
-        SamplingConfig(temperature, top_k, top_p)
+        SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 @SETTINGS
@@ -93,8 +93,10 @@ def test_sampling_config(temperature, top_k, top_p) -> None:
     stop_strings=st.one_of(st.lists(st.text(max_size=3), max_size=3), anything),
     stop_token_ids=st.one_of(st.none(), st.lists(st.integers(-2, 9), max_size=3), anything),
     max_tree_nodes=numbers,
-    target=st.one_of(st.just(SamplingConfig(0.0)), st.just(SamplingConfig(1.0)), anything),
-    draft=st.one_of(st.none(), st.just(SamplingConfig(0.0)), anything),
+    target=st.one_of(
+        st.just(SamplingConfig(temperature=0.0)), st.just(SamplingConfig(temperature=1.0)), anything
+    ),
+    draft=st.one_of(st.none(), st.just(SamplingConfig(temperature=0.0)), anything),
 )
 def test_spec_config(
     tree, rule, max_new_tokens, seed, stop_strings, stop_token_ids, max_tree_nodes, target, draft
@@ -133,7 +135,7 @@ specs = st.one_of(
     st.builds(
         SpecConfig,
         tree=st.sampled_from(["2,2", "1,1", "3"]),
-        target=st.sampled_from([SamplingConfig(0.0), SamplingConfig(1.0)]),
+        target=st.sampled_from([SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0)]),
         max_new_tokens=st.integers(1, 5),
         seed=st.integers(0, 100),
     ),

@@ -40,7 +40,11 @@ def test_greedy_speculative_equals_target_greedy(pair, prompt: str) -> None:
 
 def test_sampling_runs_and_is_seeded(pair) -> None:
     spec = SpecConfig(
-        tree="2,2", rule="mcss-wor", target=SamplingConfig(1.0), max_new_tokens=8, seed=7
+        tree="2,2",
+        rule="mcss-wor",
+        target=SamplingConfig(temperature=1.0),
+        max_new_tokens=8,
+        seed=7,
     )
     first = generate(pair, PROMPTS[0], spec)
     second = generate(pair, PROMPTS[0], spec)

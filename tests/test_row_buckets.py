@@ -150,7 +150,7 @@ LENGTHS = [30, 5, 9, 3, 14, 7]  # rows finish at different steps: the busy subse
 
 
 def engine_outputs(models, kind: str, temperature: float, cls=None) -> list[list[int]]:
-    spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature))
+    spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature=temperature))
     target = runtime(models, kind, "target", 4, cls)
     draft = runtime(models, kind, "draft", 4, cls)
     engine = BatchEngine(target, ModelProposer.for_spec(draft, spec, VOCAB), vocab_size=VOCAB)
@@ -161,7 +161,7 @@ def engine_outputs(models, kind: str, temperature: float, cls=None) -> list[list
 
 
 def alone_outputs(models, kind: str, temperature: float) -> list[list[int]]:
-    spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature))
+    spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature=temperature))
     out = []
     for i, prompt in enumerate(PROMPTS):
         row_spec = replace(spec, seed=i, max_new_tokens=LENGTHS[i])

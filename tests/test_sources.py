@@ -150,7 +150,16 @@ def test_known_model_validates_its_fields() -> None:
     with pytest.raises(ValueError, match="sha256"):
         _fake_model(sha256="abc")
     with pytest.raises(ValueError, match="members"):
-        KnownModel("x", "", "test", (("a", "1"),), (), 1, "0" * 64, "x.gguf")
+        KnownModel(
+            name="x",
+            description="",
+            role="test",
+            packages=(("a", "1"),),
+            members=(),
+            size=1,
+            sha256="0" * 64,
+            gguf_filename="x.gguf",
+        )
 
 
 def test_member_paths_exist_in_downloaded_wheels() -> None:

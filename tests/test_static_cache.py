@@ -129,7 +129,9 @@ def test_greedy_engine_matches_generate(arch: str, tree) -> None:
 def test_seeded_sampling_matches_dynamic_cache(arch: str, tree, rule: str) -> None:
     target_model, draft_model = tiny_model(arch, 0), tiny_model(arch, 1, layers=1)
     prompt = [5, 17, 33, 2, 9]
-    spec = SpecConfig(tree=tree, rule=rule, target=SamplingConfig(1.0), max_new_tokens=40, seed=3)
+    spec = SpecConfig(
+        tree=tree, rule=rule, target=SamplingConfig(temperature=1.0), max_new_tokens=40, seed=3
+    )
     fixed = decode(static(target_model), static(draft_model), prompt, spec)
     dynamic = decode(HFModel(target_model), HFModel(draft_model), prompt, spec)
     assert fixed == dynamic and len(fixed) == 40

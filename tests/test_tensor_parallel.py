@@ -45,7 +45,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCABS = {"llama": 98, "qwen2": 96}
 HEADS = {"num_attention_heads": 8, "num_key_value_heads": 4}
 GREEDY_SPEC = SpecConfig(tree=(2, 2, 1), target=GREEDY, max_new_tokens=24)
-SAMPLED_SPEC = SpecConfig(tree=(2, 2, 1), target=SamplingConfig(1.0), max_new_tokens=24, seed=3)
+SAMPLED_SPEC = SpecConfig(
+    tree=(2, 2, 1), target=SamplingConfig(temperature=1.0), max_new_tokens=24, seed=3
+)
 PROMPT = [3, 14, 15, 92, 65, 35]
 
 

@@ -70,7 +70,7 @@ def test_sampled_verifier_rejects_other_rules() -> None:
     from mcsd.verify.rules import device_verifier
 
     with pytest.raises(ValueError, match="rule must be one of sps, mcss, mcss-wor"):
-        device_verifier(TokenTree.parse("2,2"), "kseq", "cpu", SamplingConfig(1.0))
+        device_verifier(TokenTree.parse("2,2"), "kseq", "cpu", SamplingConfig(temperature=1.0))
 
 
 def test_sampled_verifier_accepts_everything_when_p_equals_one_hot_q() -> None:
@@ -85,6 +85,8 @@ def test_sampled_verifier_accepts_everything_when_p_equals_one_hot_q() -> None:
     p = torch.zeros(n + 1, vocab)
     p[0, 1] = p[1, 3] = p[2, 4] = p[3, 0] = p[4, 0] = 1.0  # root -> 1, node 0 -> 3, then 0
     q = p.clone()
-    verifier = SampledTreeVerifier(tree, "cpu", SamplingConfig(1.0), without_replacement=True)
+    verifier = SampledTreeVerifier(
+        tree, "cpu", SamplingConfig(temperature=1.0), without_replacement=True
+    )
     result = verifier(tokens, p, q, torch.Generator())
     assert result.accepted == (0, 2) and result.token == 0 and result.bonus

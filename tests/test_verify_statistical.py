@@ -128,7 +128,7 @@ class ToyPair:
 
     @property
     def target_sampling(self) -> SamplingConfig:
-        return GREEDY if self.greedy else SamplingConfig(1.0)
+        return GREEDY if self.greedy else SamplingConfig(temperature=1.0)
 
     def next_token(self, context: tuple[int, ...], generator: torch.Generator) -> int:
         p = self.p[context]
@@ -156,7 +156,7 @@ def run_tree(
     proposer = ModelProposer(
         toy.draft,
         tree,
-        GREEDY if record.deterministic else SamplingConfig(1.0),
+        GREEDY if record.deterministic else SamplingConfig(temperature=1.0),
         vocab_size=toy.vocab,
         replacement=record.replacement,
         deterministic=record.deterministic,
@@ -326,7 +326,7 @@ def test_check_command_fails_on_a_wrong_rule(
     """A broken verify_node (never accepts, always emits argmax p) makes the command fail."""
 
     def wrong(rule: str, p: Tensor, q: Tensor | None, candidates: Tensor, generator=None):
-        return NodeResult(-1, int(p.argmax()))
+        return NodeResult(accepted=-1, token=int(p.argmax()))
 
     monkeypatch.setattr(check_module, "verify_node", wrong)
     assert check_command.run(check_args(rule="mcss", cases="dirichlet")) == 1

@@ -61,7 +61,7 @@ LLAMA_MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids one context
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LlamaCppConfig:
     """One llama.cpp context (``mcsd.models.llamacpp``); the target and the draft get one each.
 
@@ -130,7 +130,7 @@ class LlamaCppConfig:
                 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ContextConfig:
     """The context proposer (``mcsd.draft.context``): candidates copied from the prompt, the
     tokens generated so far and, opt-in, recent requests, found by matching the longest suffix
@@ -161,7 +161,7 @@ class ContextConfig:
 GREEDY = SamplingConfig(temperature=0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DynamicTreeConfig:
     """A tree grown per step by the draft's path probability under a node budget (EAGLE-2
     style, ``mcsd.draft.dynamic``): level by level, the ``width`` most probable nodes of the
@@ -211,7 +211,7 @@ class DynamicTreeConfig:
         return f"{DYNAMIC_PREFIX}:{self.budget}:{self.width}:{self.max_depth}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpecConfig:
     """One speculative generation: tree, verification rule, both samplers, stopping.
 
@@ -476,7 +476,7 @@ class SpecConfig:
 
 # ``mcsd tune`` / ``mcsd bench --sweep``: the sweep and the tree-shape optimiser; these belong in
 # mcsd.bench.defaults (which exports them) and move there once their modules import them from it
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SweepDefaults:
     """``mcsd tune`` / ``mcsd bench --sweep`` (``mcsd.bench.sweep``)."""
 
@@ -494,7 +494,7 @@ OPTIMISER_ITERATIONS = 20  # it converges in 3-6 on measured tables
 OPTIMISER_TOLERANCE = 1e-9  # relative: stop when no tree beats the current ratio by more
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BudgetDefaults:
     """The adaptive tree budget (``mcsd.budget``)."""
 
@@ -516,7 +516,7 @@ class BudgetDefaults:
     probe_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # in all
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """Tensor parallelism of the fast runtime (``mcsd.models.fast.parallel``): ``size`` ranks
     on ``torch.distributed`` (NCCL on CUDA, gloo on a CPU). ``check_ranks``: a debug check that

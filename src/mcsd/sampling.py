@@ -33,7 +33,7 @@ DEFAULT_TEMPERATURE = 1.0  # CLI, Python API and server alike (the OpenAI API's 
 EMPTY_MASS = 1e-12
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     """How logits become a distribution (see ``warp`` for the order). It lives here, beside the
     code that reads it, so ``sampling`` and ``verify`` need nothing above them;

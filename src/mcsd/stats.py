@@ -28,7 +28,7 @@ class StepRecord:
     accepted_context: int = 0  # accepted nodes copied from the context (mcsd.draft.context)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stats:
     """Accumulates ``StepRecord``s; every metric is derived, nothing is stored twice."""
 

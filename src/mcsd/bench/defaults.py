@@ -14,7 +14,7 @@ from mcsd.config import OPTIMISER_TOLERANCE as OPTIMISER_TOLERANCE
 from mcsd.config import SweepDefaults as SweepDefaults
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchDefaults:
     """``mcsd bench`` / ``mcsd tune`` (``mcsd.bench``)."""
 

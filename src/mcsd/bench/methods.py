@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 from mcsd.api import ModelPair
 from mcsd.config import DEFAULT_MAX_TREE_NODES, DYNAMIC_PREFIX, DynamicTreeConfig, SpecConfig
@@ -64,6 +64,7 @@ class Method:
 
     name: str  # as written on the command line, e.g. "tree:4,2,2:mcss-wor"
     kind: str  # one of BASELINES, "sps" or "tree"
+    _: KW_ONLY  # the fields below are passed by name
     tree: str | None = None  # k-config ("1,1,1,1") or JSON rank paths ("[[0],[1],[0,0]]")
     rule: str | None = None  # verification rule; None = SpecConfig's natural choice
     assistant_tokens: int | None = None  # hf-assisted's num_assistant_tokens; None = its default
@@ -236,7 +237,7 @@ def parse_tree(shape: str) -> str | list:
     return paths
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Generation:
     """One answer produced by one method."""
 
@@ -268,7 +269,7 @@ def run_method(
             lookup_tokens=method.lookup_tokens,
         )
         finish = "stop" if tokens and tokens[-1] in stop else "length"
-        return Generation(tokens, wall, records, finish)
+        return Generation(tokens=tokens, wall_time=wall, records=records, finish_reason=finish)
     if method.kind in LLAMA_KINDS:
         from mcsd.models import llamacpp_baselines as llama
 
@@ -290,7 +291,7 @@ def run_method(
                 **options,
             )
         finish = "stop" if tokens and tokens[-1] in stop else "length"
-        return Generation(tokens, wall, records, finish)
+        return Generation(tokens=tokens, wall_time=wall, records=records, finish_reason=finish)
     tokens: list[int] = []
     records: list[StepRecord] = []
     finish = "length"
@@ -320,4 +321,9 @@ def run_method(
         tokens += step.tokens
         records.append(step.record)
         finish = step.finish_reason or finish
-    return Generation(tokens, time.perf_counter() - started, records, finish)
+    return Generation(
+        tokens=tokens,
+        wall_time=time.perf_counter() - started,
+        records=records,
+        finish_reason=finish,
+    )

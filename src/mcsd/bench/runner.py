@@ -23,7 +23,7 @@ from mcsd.config import SpecConfig
 WARMUP_TOKENS = BenchDefaults.warmup_tokens
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Answer:
     """One method's answer to one turn of one question."""
 
@@ -136,7 +136,13 @@ def run_bench(
                     text = tokenizer.decode(generation.tokens, skip_special_tokens=True)
                     texts[method.name].append(text)
                     done[method.name] = Answer(
-                        method.name, question, turn, index, prompt_ids, generation, text
+                        method=method.name,
+                        question=question,
+                        turn=turn,
+                        position=index,
+                        prompt_ids=prompt_ids,
+                        generation=generation,
+                        text=text,
                     )
                     done[method.name].load = _load_average()
                     bar.advance(_line(done[method.name]))

@@ -36,7 +36,7 @@ DEFAULT_SAMPLES = CheckDefaults.samples  # Monte Carlo chains per pair for mcss-
 WITHIN = 0.02  # "within 2% of alpha*": acceptance >= (1 - WITHIN) * alpha*
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Comparison:
     """One rule on one source of pairs, for one k and candidate scheme (averages over pairs)."""
 

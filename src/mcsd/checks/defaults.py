@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckDefaults:
     """``mcsd check`` (``mcsd.checks``)."""
 
@@ -22,7 +22,7 @@ class CheckDefaults:
     pairs: str = "tests/data/qwen_pairs.pt"  # captured by python -m mcsd.checks.capture
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CaptureDefaults:
     """``python -m mcsd.checks.capture``."""
 

@@ -15,7 +15,7 @@ own (``scored_table``), and the engine's tree batches, commits and caches must r
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from functools import cached_property
 
 import torch
@@ -69,6 +69,7 @@ RULE_TREES: dict[str, tuple[str, ...]] = {
 class EngineCase:
     rule: str
     tree: str  # a key of TREES or DYNAMIC_TREES
+    _: KW_ONLY  # the fields below are passed by name
     vocab: int = 4
     length: int = 3  # generated tokens per sample
     prompt: tuple[int, ...] = (1, 2)
@@ -84,17 +85,17 @@ class EngineCase:
     @property
     def target_sampling(self) -> SamplingConfig:
         greedy = get_rule(self.rule).target == "greedy"
-        return SamplingConfig(0.0) if greedy else SamplingConfig(1.0)
+        return SamplingConfig(temperature=0.0) if greedy else SamplingConfig(temperature=1.0)
 
     @property
     def draft_sampling(self) -> SamplingConfig:
         # Deterministic rules take a greedy draft's top-k; the others sample the draft at
         # T = 0.8 (at the target's own temperature when draft and target are the same model).
         if get_rule(self.rule).deterministic:
-            return SamplingConfig(0.0)
+            return SamplingConfig(temperature=0.0)
         if self.draft_top_k:
-            return SamplingConfig(0.8, top_k=self.draft_top_k)
-        return self.target_sampling if self.same_models else SamplingConfig(0.8)
+            return SamplingConfig(temperature=0.8, top_k=self.draft_top_k)
+        return self.target_sampling if self.same_models else SamplingConfig(temperature=0.8)
 
     def spec(self, seed: int) -> SpecConfig:
         dynamic = DYNAMIC_TREES.get(self.tree)
@@ -191,7 +192,7 @@ def engine_cases() -> list[EngineCase]:
     return cases
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineResult:
     case: EngineCase
     trials: int
@@ -270,7 +271,13 @@ def run_engine_case(
         tokens += len(generated)
         counts[tuple(generated)] += 1
     fit = sequence_fit(exact, counts, alpha)
-    return EngineResult(case, trials, fit, tokens / max(steps, 1), accepted == attempted)
+    return EngineResult(
+        case=case,
+        trials=trials,
+        fit=fit,
+        mean_accepted_length=tokens / max(steps, 1),
+        full_acceptance=accepted == attempted,
+    )
 
 
 def sequence_fit(

@@ -114,7 +114,7 @@ def target_distribution(rule: str, p: Tensor) -> Tensor:
     return one_hot_argmax(p).double() if get_rule(rule).target == "greedy" else p.double()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Exact:
     """The exact outcome distribution of one node."""
 
@@ -153,7 +153,7 @@ def exact_outcome(
             emitted[c] += weight * a
         emitted += weight * correction
         acceptance += weight * float(accept.sum())
-    return Exact(emitted, acceptance, target_distribution(rule, p))
+    return Exact(emitted=emitted, acceptance=acceptance, target=target_distribution(rule, p))
 
 
 def exact_mixed_outcome(
@@ -181,11 +181,11 @@ def exact_mixed_outcome(
             emitted[c] += weight * a
         emitted += weight * correction
         acceptance += weight * float(accept.sum())
-    return Exact(emitted, acceptance, target_distribution(rule, p))
+    return Exact(emitted=emitted, acceptance=acceptance, target=target_distribution(rule, p))
 
 
 # ---------------------------------------------------------------- goodness of fit
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fit:
     """Observed counts against an exact distribution; ``passed`` when consistent with it."""
 
@@ -261,7 +261,14 @@ def goodness_of_fit(counts: Tensor, expected: Tensor, *, alpha: float = DEFAULT_
     if impossible:
         p_value = 0.0
     return Fit(
-        trials, tv, tv_bound(expected, trials, alpha), statistic, dof, p_value, impossible, alpha
+        trials=trials,
+        tv=tv,
+        tv_bound=tv_bound(expected, trials, alpha),
+        chi2=statistic,
+        dof=dof,
+        p_value=p_value,
+        impossible=impossible,
+        alpha=alpha,
     )
 
 
@@ -271,7 +278,7 @@ def acceptance_bound(trials: int, alpha: float = DEFAULT_ALPHA) -> float:
 
 
 # ---------------------------------------------------------------- Monte Carlo
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Counts:
     """Monte Carlo outcome of one node."""
 
@@ -305,11 +312,11 @@ def monte_carlo(
         result = verify_node(rule, p, q, cands, generator)
         emitted[result.token] += 1
         accepted += result.accepted != NONE_ACCEPTED
-    return Counts(torch.tensor(emitted, dtype=torch.long), accepted)
+    return Counts(emitted=torch.tensor(emitted, dtype=torch.long), accepted=accepted)
 
 
 # ---------------------------------------------------------------- random cases
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Case:
     """One (p, q) pair to check a rule on."""
 
@@ -360,7 +367,7 @@ def make_case(name: str, vocab: int, k: int, generator: torch.Generator) -> Case
         q = 0.99 * q + 0.01 * _random_distribution(vocab, generator)
     else:
         raise ValueError(f"case must be one of {', '.join(CASES)}; got {name!r}")
-    return Case(name, p, q)
+    return Case(name=name, p=p, q=q)
 
 
 def make_cases(vocab: int, k: int, seed: int, names: Sequence[str] = CASES) -> list[Case]:
@@ -375,7 +382,7 @@ def _generator(seed: int, *keys: str) -> torch.Generator:
 
 
 # ---------------------------------------------------------------- one rule on one case
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckResult:
     """A rule checked on one case: Monte Carlo fit, acceptance and exact enumeration."""
 
@@ -416,7 +423,7 @@ class CheckResult:
         return not self.failures
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckTask:
     """Everything one worker needs (picklable)."""
 
@@ -482,7 +489,11 @@ def run_checks(
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     case_list = make_cases(vocab, k, seed, cases)
-    tasks = [CheckTask(r, c, k, trials, seed, alpha) for r in rules for c in case_list]
+    tasks = [
+        CheckTask(rule=r, case=c, k=k, trials=trials, seed=seed, alpha=alpha)
+        for r in rules
+        for c in case_list
+    ]
     results = []
     for result in _map(tasks, jobs):
         if on_result is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TinyGGUF:
     """Shape and seed of one tiny model."""
 

@@ -243,14 +243,16 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace, tree: Any = None) -> SpecConfig:
     """The ``SpecConfig`` of the decoding options; ``tree`` when ``--tree`` is not given."""
-    target = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    target = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     overrides = (args.draft_temperature, args.draft_top_k, args.draft_top_p)
     draft = None
     if any(value is not None for value in overrides):
         draft = SamplingConfig(
-            target.temperature if args.draft_temperature is None else args.draft_temperature,
-            target.top_k if args.draft_top_k is None else args.draft_top_k,
-            target.top_p if args.draft_top_p is None else args.draft_top_p,
+            temperature=target.temperature
+            if args.draft_temperature is None
+            else args.draft_temperature,
+            top_k=target.top_k if args.draft_top_k is None else args.draft_top_k,
+            top_p=target.top_p if args.draft_top_p is None else args.draft_top_p,
         )
     from mcsd.bench.methods import parse_tree
 

@@ -98,8 +98,8 @@ def create_app(
     contexts = [m.max_context for m in (pair.target, pair.draft) if m is not None and m.max_context]
     context = min(contexts) if contexts else UNBOUNDED_MAX_TOKENS
     request_limits = Limits(
-        pair.vocab_size,
-        min(context, serve_limits.max_tokens or context),
+        vocab_size=pair.vocab_size,
+        max_tokens=min(context, serve_limits.max_tokens or context),
         max_stop=serve_limits.max_stop,
         max_stop_length=serve_limits.max_stop_length,
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mcsd.errors import ParamError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeDefaults:
     """``mcsd serve`` (``mcsd.server``)."""
 
@@ -26,7 +26,7 @@ class ServeDefaults:
     unbounded_max_tokens: int = 1 << 20  # max_tokens cap when the models declare no limit
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeLimits:
     """What one request to ``mcsd serve`` may ask for (400 / 413 beyond it, naming the field)."""
 

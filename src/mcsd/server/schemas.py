@@ -241,7 +241,7 @@ def _param_name(loc: tuple[Any, ...]) -> str | None:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     """What the server knows before it sees a prompt (``ServeLimits`` met with the models)."""
 

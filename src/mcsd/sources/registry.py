@@ -21,7 +21,7 @@ class FetchError(ValueError):
     """A known model could not be downloaded, assembled, verified or converted."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KnownModel:
     """A model packaged on PyPI as a GGUF file split over one or more wheels."""
 

@@ -95,7 +95,9 @@ class GreedyTreeVerifier:
         leaf = accepted[-1] if accepted else ROOT
         bonus = not self.tree.children(leaf)
         ranks = tuple(self.rank[a] for a in accepted)
-        return TreeResult(tuple(accepted), ranks, token, bonus), accepted_tokens
+        return TreeResult(
+            accepted=tuple(accepted), ranks=ranks, token=token, bonus=bonus
+        ), accepted_tokens
 
     def __call__(self, tokens: Tensor, target_argmax: Tensor) -> TreeResult:
         return self.result(self.device_result(tokens, target_argmax).tolist())[0]
@@ -217,10 +219,14 @@ class SampledTreeVerifier:
             row = 0 if node == ROOT else node + 1
             children = self.tree.children(node)
             if not children:
-                return TreeResult(tuple(accepted), tuple(ranks), draw[row], True)
+                return TreeResult(
+                    accepted=tuple(accepted), ranks=tuple(ranks), token=draw[row], bonus=True
+                )
             j = chosen[row]
             if j == NO_NODE:
-                return TreeResult(tuple(accepted), tuple(ranks), draw[row], False)
+                return TreeResult(
+                    accepted=tuple(accepted), ranks=tuple(ranks), token=draw[row], bonus=False
+                )
             node = children[j]
             accepted.append(node)
             ranks.append(self.tree.rank[node])

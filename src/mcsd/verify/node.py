@@ -54,7 +54,7 @@ from mcsd.verify.residual import accept_ratio, one_hot_reject, residual, wor_rej
 NONE_ACCEPTED = -1  # NodeResult.accepted when every candidate was rejected
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NodeResult:
     accepted: int  # index into candidates, or NONE_ACCEPTED
     token: int  # the accepted candidate, or the correction token
@@ -152,9 +152,9 @@ class _Sequential(NodeRule):
         for i, c in enumerate(candidates):
             a = self.accept_fn(state, c)
             if _coin(a, generator, p.device):
-                return NodeResult(i, c)
+                return NodeResult(accepted=i, token=c)
             self.reject_fn(state, c)
-        return NodeResult(NONE_ACCEPTED, self.emitted(state.p, generator))
+        return NodeResult(accepted=NONE_ACCEPTED, token=self.emitted(state.p, generator))
 
     def outcome(self, p, q, candidates):
         state = self._state(p, q)
@@ -256,8 +256,8 @@ class _KSeq(NodeRule):
         for i, c in enumerate(candidates):
             a = float(accept[c])
             if _coin(a, generator, p.device):
-                return NodeResult(i, c)
-        return NodeResult(NONE_ACCEPTED, sample(residual, generator))
+                return NodeResult(accepted=i, token=c)
+        return NodeResult(accepted=NONE_ACCEPTED, token=sample(residual, generator))
 
     def outcome(self, p, q, candidates):
         assert q is not None
@@ -300,13 +300,13 @@ class _Optimal(NodeRule):
         p64 = p.double().cpu()
         p64 = p64 / p64.sum()
         if chosen is None:  # no candidate could have been drawn from q: emit from p itself
-            return NodeResult(NONE_ACCEPTED, sample(p, generator))
+            return NodeResult(accepted=NONE_ACCEPTED, token=sample(p, generator))
         token = candidates[chosen]
         a = _ratio_of(float(p64[token]), float(plan.selection[token]))
         if _coin(a, generator, p.device):
-            return NodeResult(chosen, token)
+            return NodeResult(accepted=chosen, token=token)
         left = residual(p64, plan.selection).to(p.device)  # the generator's device
-        return NodeResult(NONE_ACCEPTED, sample(left, generator))
+        return NodeResult(accepted=NONE_ACCEPTED, token=sample(left, generator))
 
     def outcome(self, p, q, candidates):
         assert q is not None
@@ -349,15 +349,15 @@ class Mixed(NodeRule):
         state = _State(p.double(), None)
         for i, c in enumerate(candidates[: self.fixed]):
             if _coin(_p_of_candidate(state, c), generator, p.device):
-                return NodeResult(i, c)
+                return NodeResult(accepted=i, token=c)
             _remove_from_p(state, c)
         rest = candidates[self.fixed :]
         if not rest:
-            return NodeResult(NONE_ACCEPTED, self.drawn.emitted(state.p, generator))
+            return NodeResult(accepted=NONE_ACCEPTED, token=self.drawn.emitted(state.p, generator))
         result = self.drawn.verify(state.p, q, rest, generator)
         if result.accepted == NONE_ACCEPTED:
             return result
-        return NodeResult(result.accepted + self.fixed, result.token)
+        return NodeResult(accepted=result.accepted + self.fixed, token=result.token)
 
     def outcome(self, p, q, candidates):
         state = _State(p.double(), None)

@@ -225,7 +225,7 @@ def kseq_rho(p: Tensor, q: Tensor, k: int) -> float:
 
 
 # ---------------------------------------------------------------- the optimal plan
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TransportPlan:
     """The ``optimal`` rule's selection at one node (iid candidates). Candidate token z belongs
     to atom ``atom_of[z]``; atom a owns the intervals ``sets[a]`` of [0, 1]; a candidate draws a
@@ -336,7 +336,7 @@ def transport_plan(p: Tensor, q: Tensor, k: int, max_atoms: int = MAX_ATOMS) -> 
     ).to(p64.device)  # [A + 1] G(A_a): the exact selection probability of each atom
     share = q64 / torch.cat([atom_q, torch.ones(1, dtype=torch.float64, device=q64.device)])[index]
     selection = realised[index] * share  # [V] r_z = G(A_atom) q_z / q_atom; 0 off the support
-    return TransportPlan(k, atom_of.cpu(), selection.cpu(), tuple(sets))
+    return TransportPlan(k=k, atom_of=atom_of.cpu(), selection=selection.cpu(), sets=tuple(sets))
 
 
 def _atoms(p: Tensor, q: Tensor, max_atoms: int) -> tuple[Tensor, int]:

@@ -37,7 +37,7 @@ DeviceVerifier = Literal["greedy", "sampled", "sampled-wor", "one-hot"]
 DISTRIBUTION_TOLERANCE = 1e-3  # |sum - 1| allowed for float32 softmax over large vocabularies
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Rule:
     """Everything mcsd knows about one verification rule."""
 
@@ -70,9 +70,12 @@ RULES: dict[str, Rule] = {
     rule.name: rule
     for rule in (
         Rule(
-            "sps",
-            "one candidate per node: accept with min(1, p/q), else correct from norm(max(0, p-q))",
-            "iid",
+            name="sps",
+            summary=(
+                "one candidate per node: accept with min(1, p/q), else correct from "
+                "norm(max(0, p-q))"
+            ),
+            candidates="iid",
             reads_q=True,
             target="sampling",
             node=node.SPECULATIVE,
@@ -80,45 +83,52 @@ RULES: dict[str, Rule] = {
             device="sampled",
         ),
         Rule(
-            "mcss",
-            "k iid candidates: SpecInfer's rule, p <- norm(max(0, p - q)) after each rejection",
-            "iid",
+            name="mcss",
+            summary=(
+                "k iid candidates: SpecInfer's rule, p <- norm(max(0, p - q)) after each rejection"
+            ),
+            candidates="iid",
             reads_q=True,
             target="sampling",
             node=node.SPECULATIVE,
             device="sampled",
         ),
         Rule(
-            "mcss-wor",
-            "k candidates without replacement: the paper's rule, q renormalised after each draw",
-            "wor",
+            name="mcss-wor",
+            summary=(
+                "k candidates without replacement: the paper's rule, q renormalised after each draw"
+            ),
+            candidates="wor",
             reads_q=True,
             target="sampling",
             node=node.WITHOUT_REPLACEMENT,
             device="sampled-wor",
         ),
         Rule(
-            "topk",
-            "the draft's top-k (deterministic): accept c with p(c), else zero it and renormalise",
-            "top",
+            name="topk",
+            summary=(
+                "the draft's top-k (deterministic): accept c with p(c), else zero it and "
+                "renormalise"
+            ),
+            candidates="top",
             reads_q=False,
             target="any",
             node=node.ONE_HOT,
             device="one-hot",
         ),
         Rule(
-            "mcns",
-            "naive: y ~ p, accept the first candidate equal to y, else emit y",
-            "iid",
+            name="mcns",
+            summary="naive: y ~ p, accept the first candidate equal to y, else emit y",
+            candidates="iid",
             reads_q=False,
             target="any",
             node=node.ONE_HOT,
             device="one-hot",
         ),
         Rule(
-            "greedy",
-            "accept the child equal to argmax p, else emit argmax p",
-            "top",
+            name="greedy",
+            summary="accept the child equal to argmax p, else emit argmax p",
+            candidates="top",
             reads_q=False,
             target="greedy",
             node=node.GREEDY,
@@ -126,27 +136,29 @@ RULES: dict[str, Rule] = {
             device_by_default="always",
         ),
         Rule(
-            "kseq",
-            "SpecTr's K-SEQ: k iid candidates accepted with min(1, p / (rho q))",
-            "iid",
+            name="kseq",
+            summary="SpecTr's K-SEQ: k iid candidates accepted with min(1, p / (rho q))",
+            candidates="iid",
             reads_q=True,
             target="sampling",
             node=node.KSEQ,
             mixed_trees="host",
         ),
         Rule(
-            "optimal",
-            "k iid candidates: the optimal transport plan, acceptance = alpha*",
-            "iid",
+            name="optimal",
+            summary="k iid candidates: the optimal transport plan, acceptance = alpha*",
+            candidates="iid",
             reads_q=True,
             target="sampling",
             node=node.OPTIMAL,
             mixed_trees="host",
         ),
         Rule(
-            "traversal",
-            "Traversal Verification: sequence-level, leaf to root; siblings without replacement",
-            "wor",
+            name="traversal",
+            summary=(
+                "Traversal Verification: sequence-level, leaf to root; siblings without replacement"
+            ),
+            candidates="wor",
             reads_q=True,
             target="sampling",
             node=node.WITHOUT_REPLACEMENT,  # one node of a traversal is mcss-wor

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from mcsd.sampling import SamplingConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TreeResult:
     accepted: tuple[int, ...]  # accepted node indices, root side first
     ranks: tuple[int, ...]  # sibling rank of each accepted node
@@ -59,13 +59,15 @@ def walk_path(
         row = node + 1
         if not children:
             bonus = rule.emitted(p[row], generator)
-            return TreeResult(tuple(accepted), tuple(ranks), bonus, True)
+            return TreeResult(accepted=tuple(accepted), ranks=tuple(ranks), token=bonus, bonus=True)
         node_rule = rule if fixed is None or not fixed[row] else Mixed(rule, fixed[row])
         result = node_rule.verify(
             p[row], None if q is None else q[row], [node_tokens[c] for c in children], generator
         )
         if result.accepted == NONE_ACCEPTED:
-            return TreeResult(tuple(accepted), tuple(ranks), result.token, False)
+            return TreeResult(
+                accepted=tuple(accepted), ranks=tuple(ranks), token=result.token, bonus=False
+            )
         node = children[result.accepted]
         accepted.append(node)
         ranks.append(result.accepted)
@@ -131,7 +133,7 @@ def traverse(
         return False, [], [], -1, False
 
     _, path, ranks, token, bonus = visit(ROOT, 1.0)
-    return TreeResult(tuple(path), tuple(ranks), token, bonus)
+    return TreeResult(accepted=tuple(path), ranks=tuple(ranks), token=token, bonus=bonus)
 
 
 Walk = Callable[
