@@ -2,7 +2,8 @@
 
 For N = 1 .. 32 (default), target and draft of the pair, as a chain (``chain_mask``) and as a
 tree of the same size (a root with N - 1 children: the widest mask), through the runtime
-protocol (``mcsd.bench.sweep.forward_time``: fastest of ``--repeats`` after a warm-up). Prints a
+protocol (chains: ``mcsd.budget.StepCost.probe``, the median of ``--repeats`` after a warm-up;
+the star: the fastest of ``--repeats``). Prints a
 table of milliseconds and multiples of the N = 1 cost and writes it as JSON.
 
     python bench/llamacpp_decode_cost.py --threads 2 --out bench-out/decode_cost.json
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mcsd.api import load_pair
-from mcsd.bench.sweep import forward_time
+from mcsd.budget import StepCost
 from mcsd.config import LlamaCppConfig
 from mcsd.models.base import Runtime, chain_mask
 
@@ -63,9 +64,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for role, model in (("target", pair.target), ("draft", pair.draft)):
-        forward_time(model, context, 1, repeats=1)  # warm-up
+        chains = StepCost.probe(model, sizes, context=context, repeats=args.repeats)
         for n in sizes:
-            chain = forward_time(model, context, n, args.repeats)
+            chain = chains(n)
             star = star_time(model, context, n, args.repeats) if n > 1 else chain
             rows.append({"model": role, "n": n, "chain_ms": 1e3 * chain, "tree_ms": 1e3 * star})
     print(f"{'model':<7} {'N':>3} {'chain ms':>9} {'x N=1':>6} {'tree ms':>8} {'x N=1':>6}")

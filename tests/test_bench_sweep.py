@@ -3,12 +3,15 @@ and tuned defaults; the simulation is checked against the real engine on toy mod
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import spec_decode, tiny_causal_lm
 
 from mcsd.bench import sweep
 from mcsd.bench.tuned import save_tuned, tuned_entry, tuned_key, tuned_key_for
+from mcsd.budget import PairCost, StepCost
 from mcsd.config import GREEDY, SpecConfig
 from mcsd.engine import autoregressive_decode
 from mcsd.tree import TokenTree
@@ -42,13 +45,17 @@ def test_top_paths_tree_and_k_configs() -> None:
 
 
 def test_cost_model() -> None:
-    costs = sweep.CostModel(100, [1, 2, 4], target=[1.0, 1.0, 2.0], draft=[0.25, 0.5, 0.5])
-    assert costs.target_time(3) == pytest.approx(1.5)
-    assert costs.target_time(6) == pytest.approx(3.0)  # extrapolated with the last slope
-    costs.overhead = 0.1
+    """The sweep prices a step with mcsd.budget's model, its fixed seconds measured by tune."""
+    target, draft = StepCost((1, 2, 4), (1.0, 1.0, 2.0)), StepCost((1, 2, 4), (0.25, 0.5, 0.5))
+    costs = PairCost(target=target, draft=draft, overhead=0.0)
+    assert costs.target(3) == pytest.approx(1.5)
+    assert costs.target(6) == pytest.approx(3.0)  # extrapolated with the last slope
+    costs = replace(costs, fixed=0.1)
     # (2,1): draft runs the root (1 token) and level 1 (2 nodes), not the leaves; target 5 tokens.
     tree = TokenTree.from_config("2,1")
     assert costs.step_time(tree) == pytest.approx(0.25 + 0.5 + 2.5 + 0.1)
+    (ranked,) = sweep.rank_candidates([tree], [[0, 1, 0, 0]], costs)
+    assert ranked.step_time == costs.step_time(tree) and ranked.name == "2,1"
 
 
 def test_simulation_matches_the_engine() -> None:

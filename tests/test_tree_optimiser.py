@@ -5,18 +5,19 @@ plain decoding when no tree pays."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from mcsd.bench.optimise import (
     NO_SPECULATION,
-    StepCosts,
+    _node_price,
     acceptance_from_steps,
     best_tree,
     choose,
-    expected_accepted_length,
 )
+from mcsd.budget import PairCost, StepCost, expected_length
 from mcsd.tree import ROOT, TokenTree
 
 
@@ -48,7 +49,15 @@ def _tree(forest: tuple) -> TokenTree:
 ALL_TREES = [_tree(f) for n in range(1, 7) for f in _plane_forests(n)]
 
 
-def _random_case(seed: int) -> tuple[list[list[float]], StepCosts]:
+def costs_of(target: list[float], level: float = 0.0, node: float = 0.0, **rest) -> PairCost:
+    """A step cost with ``target[n - 1]`` the target's forward of n tokens and a draft forward
+    of n tokens costing ``level + node * n``."""
+    tokens = tuple(range(1, len(target) + 1))
+    draft = StepCost((1, 2), (level + node, level + 2 * node))
+    return PairCost(target=StepCost(tokens, tuple(target)), draft=draft, **rest)
+
+
+def _random_case(seed: int) -> tuple[list[list[float]], PairCost]:
     rng = random.Random(seed)
     depth, width = rng.randint(2, 4), rng.randint(1, 4)
     acceptance = []
@@ -59,12 +68,12 @@ def _random_case(seed: int) -> tuple[list[list[float]], StepCosts]:
     target = [1.0]
     for _ in range(7):
         target.append(target[-1] + rng.choice([0.0, 0.02, 0.1, 0.4]))
-    costs = StepCosts(
-        tuple(target),
+    costs = costs_of(
+        target,
+        level=rng.uniform(0.0, 0.5),
+        node=rng.choice([0.0, 0.05]),
+        overhead=rng.choice([0.0, rng.uniform(0.0, 0.2)]),
         fixed=rng.uniform(0.0, 0.3),
-        draft_level=rng.uniform(0.0, 0.5),
-        draft_node=rng.choice([0.0, 0.05]),
-        plain_overhead=rng.uniform(0.0, 0.1),
     )
     return acceptance, costs
 
@@ -74,7 +83,7 @@ def test_pick_is_the_brute_force_optimum(seed: int) -> None:
     acceptance, costs = _random_case(seed)
     budget = 6
     rate = {
-        t: expected_accepted_length(t, acceptance) / costs.step_time(t)
+        t: expected_length(t, acceptance) / costs.step_time(t)
         for t in ALL_TREES
         if t.num_nodes <= budget
     }
@@ -87,11 +96,11 @@ def test_pick_is_the_brute_force_optimum(seed: int) -> None:
 
 @pytest.mark.parametrize("max_depth", [1, 2, 3])
 def test_depth_limit_is_respected(max_depth: int) -> None:
-    acceptance, costs = [[0.9, 0.05]] * 4, StepCosts((1.0,) * 8)
+    acceptance, costs = [[0.9, 0.05]] * 4, costs_of([1.0] * 8)
     pick = best_tree(acceptance, costs, 6, max_depth=max_depth)
     assert pick.tree is not None and pick.tree.max_depth <= max_depth
     within = [t for t in ALL_TREES if t.max_depth <= max_depth]
-    best = max(expected_accepted_length(t, acceptance) for t in within)
+    best = max(expected_length(t, acceptance) for t in within)
     assert pick.accepted_length == pytest.approx(best, rel=1e-12)
 
 
@@ -113,7 +122,7 @@ def test_expected_accepted_length_matches_simulation() -> None:
                 break
             node, length = children[rank], length + 1
         total += length
-    formula = expected_accepted_length(tree, acceptance)
+    formula = expected_length(tree, acceptance)
     assert formula == pytest.approx(1 + 0.8 * (1 + 0.8 * (1 + 0.7)))
     # standard deviation of one walk <= 1.5: 5 sigma of the mean
     assert abs(total / walks - formula) < 5 * 1.5 / walks**0.5
@@ -121,7 +130,7 @@ def test_expected_accepted_length_matches_simulation() -> None:
 
 def test_no_speculation_when_no_tree_pays() -> None:
     """Low acceptance and a step that costs much more than a plain forward: plain decoding."""
-    costs = StepCosts((1.0, 1.6, 2.0, 2.5, 3.0), fixed=0.4, draft_level=0.4)
+    costs = costs_of([1.0, 1.6, 2.0, 2.5, 3.0], level=0.4, overhead=0.0)
     low = choose([[0.1, 0.05], [0.1]], costs, 4)
     assert low.tree is None and low.name == NO_SPECULATION
     assert low.tokens_per_s == pytest.approx(1.0)
@@ -132,12 +141,9 @@ def test_no_speculation_when_no_tree_pays() -> None:
 def test_cheap_wide_forwards_favour_wide_trees() -> None:
     """Flat target costs (GPU-like): the whole budget; steep ones (CPU-like): a short chain."""
     acceptance = [[0.6, 0.15, 0.08, 0.04]] * 4
-    flat = best_tree(acceptance, StepCosts((1.0,) * 17, draft_level=0.1), 16)
-    steep = best_tree(
-        acceptance,
-        StepCosts(tuple(1.0 + 0.3 * n for n in range(17)), draft_level=0.1),
-        16,
-    )
+    flat = best_tree(acceptance, costs_of([1.0] * 17, level=0.1, overhead=0.0), 16)
+    steep_target = [1.0 + 0.3 * n for n in range(17)]
+    steep = best_tree(acceptance, costs_of(steep_target, level=0.1, overhead=0.0), 16)
     assert flat.tree is not None and steep.tree is not None
     assert flat.tree.num_nodes == 16
     assert steep.tree.num_nodes < 6
@@ -164,37 +170,39 @@ def test_acceptance_from_step_records() -> None:
     assert table[1][1] == pytest.approx(sum(r.ranks[1:2] == (1,) for r in deeper) / len(deeper))
     assert table[1][2] == 0.0  # the tree offered 2 children at depth 2
     measured = sum(r.accepted + 1 for r in records) / len(records)
-    predicted = expected_accepted_length(TokenTree.from_config((3, 2)), table)
+    predicted = expected_length(TokenTree.from_config((3, 2)), table)
     assert abs(predicted - measured) < 5 * 1.0 / len(records) ** 0.5
 
 
-def test_step_costs_from_measured_forwards() -> None:
-    """mcsd tune's CostModel -> the optimiser's costs: an affine draft is fitted exactly."""
-    from mcsd.bench.sweep import CostModel
-
-    sizes = [1, 2, 4, 8, 16]
-    model = CostModel(
-        64, sizes, [1.0 + 0.1 * n for n in sizes], [0.2 + 0.01 * n for n in sizes], overhead=0.05
+def test_node_price_from_measured_forwards() -> None:
+    """mcsd tune's measured forwards -> the optimiser's price of an inner node: an affine draft
+    is fitted exactly (the step's own levels and target forward are priced exactly)."""
+    sizes = (1, 2, 4, 8, 16)
+    costs = PairCost(
+        target=StepCost(sizes, tuple(1.0 + 0.1 * n for n in sizes)),
+        draft=StepCost(sizes, tuple(0.2 + 0.01 * n for n in sizes)),
+        overhead=0.0,
+        fixed=0.05,
     )
-    costs = model.step_costs(8)
-    assert costs.max_nodes == 8
-    assert costs.target == pytest.approx([1.0 + 0.1 * n for n in range(1, 10)])
-    assert costs.fixed == pytest.approx(0.05 + 0.21)
-    assert costs.draft_level == pytest.approx(0.2)
-    assert costs.draft_node == pytest.approx(0.01)
-    chain = TokenTree.from_config((1, 1))
-    assert costs.step_time(chain) == pytest.approx(model.step_time(chain))
+    assert [costs.target(n) for n in range(1, 10)] == pytest.approx(
+        [1.0 + 0.1 * n for n in range(1, 10)]
+    )
+    assert _node_price(costs, 8) == pytest.approx(0.01)
+    assert _node_price(replace(costs, overhead=0.5), 8) == pytest.approx(0.015)
+    chain = TokenTree.from_config((1, 1))  # the uncached forward, one level of 1, 3 tokens
+    assert costs.step_time(chain) == pytest.approx(0.05 + 0.21 + 0.21 + 1.3)
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: best_tree([[0.5]], StepCosts((1.0, 1.0)), 0), "budget must be an integer"),
-        (lambda: best_tree([[0.5]], StepCosts((1.0, 1.0)), 4), "measured up to 1 nodes"),
-        (lambda: best_tree([[0.7, 0.6]], StepCosts((1.0, 1.0)), 1), "summing to <= 1"),
-        (lambda: best_tree([], StepCosts((1.0, 1.0)), 1), "one non-empty row"),
-        (lambda: StepCosts(()), "target costs must be positive"),
-        (lambda: StepCosts((1.0,), fixed=-1.0), "fixed must be non-negative"),
+        (lambda: best_tree([[0.5]], costs_of([1.0, 1.0]), 0), "budget must be an integer"),
+        (lambda: best_tree([[0.5]], costs_of([1.0, 1.0]), 1, 0), "max_depth must be an integer"),
+        (lambda: best_tree([[0.7, 0.6]], costs_of([1.0, 1.0]), 1), "summing to <= 1"),
+        (lambda: best_tree([], costs_of([1.0, 1.0]), 1), "one non-empty row"),
+        (lambda: costs_of([1.0]), "at least two"),
+        (lambda: costs_of([1.0, -1.0]), "seconds must be finite and >= 0"),
+        (lambda: costs_of([1.0, 1.0], fixed=-1.0), "fixed must be a number >= 0"),
     ],
 )
 def test_bad_inputs(call, message: str) -> None:

@@ -3,39 +3,33 @@ shrinks as the batch grows.
 
 A tree that is free at batch 1 (a forward of 1 + N tokens costs what a forward of one token
 costs: the weights' bytes dominate) is not free at batch 16 (16 x (1 + N) tokens are compute).
-The one step-cost model of the package (the adaptive budget here, ``mcsd tune``'s sweep and the
-tree optimiser all price a step with it): ``StepCost`` holds the measured time of one runtime's
-forward of ``T`` tokens in all (rows x tokens per row) at a few ``T`` (``StepCost.probe``, the one
-probe, runs them) and interpolates between them; ``PairCost`` prices a step of a pair:
+The package's one step-cost model (the adaptive budget, ``mcsd tune``'s sweep and the tree
+optimiser price a step with it): ``StepCost`` interpolates the measured time of a runtime's
+forward of ``T`` tokens in all (rows x tokens per row; ``StepCost.probe``, the one probe, times
+a few ``T``), and ``PairCost`` prices a step of ``B`` rows growing an ``N``-node tree:
 
-    step time  (1 + o) (target(B (N + 1)) + draft(B u) + sum over levels draft(B r_l)) + f
+    (1 + o) (target(B (N + 1)) + draft(B u) + sum over levels draft(B r_l)) + f
 
-for ``B`` rows growing an ``N``-node tree, with ``u`` the tokens per row the draft runs first
-(the pending one, and those of plain steps it skipped), ``r_l`` the nodes of level l that have
-children (the draft runs them), ``o`` the work of a speculative step outside its forwards as a
-fraction of them (verification, sampling, commits; ``BudgetDefaults.overhead``) and ``f`` the
-same in seconds (what ``mcsd tune`` measures on its chain runs). Plain decoding is ``target(B)``.
+with ``u`` the tokens per row the draft runs first (the pending one, and those of the plain
+steps it skipped), ``r_l`` the nodes of level l that have children (the draft runs them), and
+the work of a speculative step outside its forwards (verification, sampling, commits) as a
+fraction ``o`` of them (``BudgetDefaults.overhead``) or in seconds ``f`` (``mcsd tune``
+measures it). Plain decoding is ``target(B)``.
 
-One acceptance model: a node of depth d and sibling rank r is accepted with probability
-``acceptance[d-1][r]`` once its parent was, so
-
-    tokens per row and step  AL(tree) = 1 + sum over nodes of P(path to the node accepted)
-
-(``expected_length``; the 1 is the correction or bonus). It comes with two parameterisations.
-The optimiser and ``mcsd tune`` measure the whole table offline (the draft's rank of thousands
-of answer tokens, or a run's step records): a top-k draft's ranks are far from geometric. The
-budget must learn from the few steps a request has run, and price every prefix of its tree at
-run time, so it uses the one-parameter family ``acceptance[d-1][r] = (1 - a)^r a``: siblings
-are tried in order, each accepted with probability ``a`` once the earlier ones were rejected,
-so ``AL = 1 + E(root)``, ``E(u) = sum_i (1 - a)^(i-1) a (1 + E(c_i))``.
+One acceptance model (``expected_length``): a node of depth d and sibling rank r is accepted
+with probability ``acceptance[d-1][r]`` once its parent was, and a step commits
+``AL(tree) = 1 + sum over nodes of P(path to the node accepted)`` tokens (the 1: the correction
+or bonus). The optimiser and ``mcsd tune`` measure the whole table offline, from thousands of
+draft ranks (a top-k draft's ranks are far from geometric). The budget learns from the few
+steps a request has run and prices every prefix of its tree at run time, so it uses the
+one-parameter family ``(1 - a)^r a``: siblings are tried in order, each accepted with
+probability ``a`` once the earlier ones were rejected.
 
 ``TreeBudget`` picks, for a batch of ``B`` speculating rows, the tree of a ladder (the
-configured tree and its breadth-first prefixes, halving in size, down to plain decoding) with
-the most expected tokens per second, from ``a`` (a prior, ``DEFAULT_ACCEPTANCE``) and the step
-cost. The configured tree is the user's or the tuned one (``mcsd tune`` picks its shape for one
-row); the budget only ever takes a prefix of it. The choice changes which tree is verified,
-never how: every tree is verified losslessly, so the output distribution is the target's
-whatever the budget picks.
+configured tree, the user's or ``mcsd tune``'s, and its breadth-first prefixes, halving in size,
+down to plain decoding) with the most expected tokens per second at ``a`` (a prior,
+``DEFAULT_ACCEPTANCE``). The choice changes which tree is verified, never how: every tree is
+verified losslessly, so the output distribution is the target's whatever the budget picks.
 
 ``AdaptiveTree`` (one per engine, the only mutable piece) learns ``a`` online. Under the
 sibling model every candidate the verification visits is one Bernoulli(``a``) trial: on the
@@ -105,16 +99,6 @@ class StepCost:
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return max(ys[i - 1] + slope * (tokens - xs[i - 1]), min(ys))
 
-    def slope(self, up_to: int) -> float:
-        """Seconds per token of the least-squares line through the measured points of at most
-        ``up_to`` tokens (the first two at least), >= 0."""
-        first = max(2, bisect.bisect_right(self.tokens, up_to))
-        points = list(zip(self.tokens[:first], self.seconds[:first], strict=True))
-        mean_t = sum(t for t, _ in points) / len(points)
-        mean_s = sum(s for _, s in points) / len(points)
-        spread = sum((t - mean_t) ** 2 for t, _ in points)
-        return max(0.0, sum((t - mean_t) * (s - mean_s) for t, s in points) / spread)
-
     def describe(self) -> str:
         pairs = zip(self.tokens, self.seconds, strict=True)
         return ", ".join(f"{t} tok {1e3 * s:.1f} ms" for t, s in pairs)
@@ -158,7 +142,7 @@ class StepCost:
             return sorted(times[1:])[len(times[1:]) // 2]
 
         points = {rows * n: median_time(list(range(rows)), n) for n in per_row}
-        if rows > 1 and computed_rows(runtime, [0]) == 1:
+        if rows > 1 and runtime.computed_rows([0]) == 1:
             for n in per_row:
                 if n < rows * min(per_row):
                     points[n] = median_time([0], n)
@@ -201,13 +185,9 @@ class PairCost:
 
 def computed_rows(runtime: Runtime, rows: Sequence[int]) -> int:
     """The rows a forward of ``rows`` (runtime row indices) computes, what the budget is asked
-    for: on a runtime with a native subset forward (the optional ``forward_rows`` and
-    ``computed_rows`` methods, which ``mcsd.models.base.rows_forward`` uses) what it says: just
-    those rows on llama.cpp, the smallest batch size of ``mcsd.models.base.row_bucket`` holding
-    them on hf, hf-static and fast; else every row of the runtime (the toy tables: the free rows
-    run as padding and cost what real ones cost)."""
-    native = getattr(runtime, "computed_rows", None)
-    return runtime.batch_size if native is None else native(rows)
+    for: the runtime's ``computed_rows`` (every row where the others run as padding, a row
+    bucket on hf, hf-static and fast, just those rows on llama.cpp)."""
+    return runtime.computed_rows(rows)
 
 
 def expected_length(tree: TokenTree, acceptance: Acceptance) -> float:

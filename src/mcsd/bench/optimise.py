@@ -1,85 +1,45 @@
 """The tree-shape optimiser (Sequoia / OPT-Tree style): the static tree with the best expected
-tokens per second under a node budget, from measured acceptance and measured step costs.
+tokens per second under a node budget, from a measured acceptance table and measured step costs.
 
-Acceptance model (positional, as in Sequoia; measured by ``acceptance_from_steps`` from a run's
-step records, or from the draft ranks of the target's answers by ``mcsd tune``):
-``acceptance[d-1][r]`` is the probability that a
+Both models are ``mcsd.budget``'s. Acceptance: ``acceptance[d-1][r]`` is the probability that a
 node's child of sibling rank ``r`` is the accepted one, given that the node at depth ``d-1`` was
 reached; it does not depend on how many siblings there are (true for the draft's top-k under
-greedy verification: child r is accepted exactly when the target's token has draft rank r). A
-node's path probability is the product of its ranks' acceptances down from the root, and
+greedy verification: child r is accepted exactly when the target's token has draft rank r), and
+``expected_length`` gives AL(T) = 1 + the sum of the nodes' path probabilities. The table is
+measured by ``acceptance_from_steps`` from a run's step records, or from the draft ranks of the
+target's answers by ``mcsd tune``. Step cost: ``PairCost.step_time`` of one row; for a tree of N
+nodes, I of them inner (with children), of depth D, and a draft whose forwards cost
+``draft_level + draft_node * n`` for n tokens, it is
 
-    expected accepted length  AL(T) = 1 + sum over nodes u of P(path to u accepted)
+    c(T) = fixed + (1 + o) (draft(1) + draft_level (D - 1) + draft_node I + target(N + 1))
 
-(the 1 is the step's correction or bonus token). Cost model (``StepCosts``): a step of a tree
-with N nodes, I of them inner (with children), of depth D costs
-
-    c(T) = fixed + draft_level * (D - 1) + draft_node * I + target(N + 1)
-
-(``fixed``: the per-step overhead and the draft's forward over the uncached tokens; every depth
-above the deepest runs one draft forward, affine in the nodes it runs; ``target`` is the measured
-forward time of N + 1 tree tokens, any shape). Tokens per second = AL(T) / c(T).
+(every depth above the deepest runs one draft forward over its inner nodes). Tokens per second
+= AL(T) / c(T).
 
 The search: for a fixed price ``lam`` of a second, AL(T) - lam * c(T) splits over subtrees, so a
 dynamic program over (depth, sibling rank, nodes left) finds the best tree of every size N and
-depth limit D at once; Dinkelbach's iteration (lam <- AL / c of the last pick) converges to the
-best ratio in a few rounds. ``choose`` then compares with plain decoding (one target forward per
-token) and picks no speculation at all when no tree is expected to beat it.
+depth limit D at once, each inner node priced at ``lam (1 + o) draft_node`` (``draft_node``: the
+least-squares slope of the draft's measured forwards up to the budget, ``_node_price``); the
+levels and the target forward are priced with the exact step time, so where the draft's
+forwards are affine the pick is the optimum (elsewhere the DP's candidates are still compared
+at their exact cost). Dinkelbach's iteration (lam <- AL / c of the last pick) converges to the
+best ratio in a few rounds. ``choose`` then compares with plain decoding (one target forward
+per token) and picks no speculation at all when no tree is expected to beat it.
 """
 
 from __future__ import annotations
 
-import math
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from mcsd.config import NO_SPECULATION, OPTIMISER_ITERATIONS, OPTIMISER_TOLERANCE
+from mcsd.bench.defaults import OPTIMISER_ITERATIONS, OPTIMISER_TOLERANCE
+from mcsd.budget import PairCost, expected_length
+from mcsd.config import NO_SPECULATION
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
-
-
-@dataclass(frozen=True)
-class StepCosts:
-    """Seconds per step: see the module docstring. ``target[n - 1]`` is the target's forward of
-    n new tokens (n = 1 is plain decoding), measured up to the largest tree plus its root."""
-
-    target: tuple[float, ...]
-    fixed: float = 0.0  # overhead + the draft's forward over the uncached tokens
-    draft_level: float = 0.0  # each draft forward over one tree level
-    draft_node: float = 0.0  # each inner node in it
-    plain_overhead: float = 0.0  # per token of plain decoding, outside the target forward
-
-    def __post_init__(self) -> None:
-        if not self.target or any(not (t > 0 and math.isfinite(t)) for t in self.target):
-            raise ValueError("target costs must be positive seconds, one per token count 1..n")
-        for name in ("fixed", "draft_level", "draft_node", "plain_overhead"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be non-negative seconds, got {value!r}")
-
-    @property
-    def max_nodes(self) -> int:
-        return len(self.target) - 1
-
-    def step_time(self, tree: TokenTree) -> float:
-        if tree.num_nodes > self.max_nodes:
-            raise ValueError(
-                f"tree of {tree.num_nodes} nodes: costs are measured up to {self.max_nodes}"
-            )
-        inner = sum(1 for u in range(tree.num_nodes) if tree.children(u))
-        return (
-            self.fixed
-            + self.draft_level * (tree.max_depth - 1)
-            + self.draft_node * inner
-            + self.target[tree.num_nodes]
-        )
-
-    @property
-    def plain_time(self) -> float:
-        """Seconds per token of plain decoding (the target alone)."""
-        return self.target[0] + self.plain_overhead
 
 
 def _check_acceptance(acceptance: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
@@ -112,18 +72,6 @@ def acceptance_from_steps(
     return [[a / n if n else 0.0 for a in row] for row, n in zip(accepted, reached, strict=True)]
 
 
-def expected_accepted_length(tree: TokenTree, acceptance: Sequence[Sequence[float]]) -> float:
-    """AL(T) = 1 + the sum of the nodes' path probabilities (module docstring); a rank or depth
-    beyond the table is never accepted."""
-    table = _check_acceptance(acceptance)
-    reach = [0.0] * tree.num_nodes
-    for u, parent in enumerate(tree.parents):
-        d, r = tree.depth[u], tree.rank[u]
-        a = table[d - 1][r] if d <= len(table) and r < len(table[d - 1]) else 0.0
-        reach[u] = a * (1.0 if parent == ROOT else reach[parent])
-    return 1.0 + sum(reach)
-
-
 @dataclass(frozen=True)
 class Choice:
     """The optimiser's pick: a tree, or None for plain decoding."""
@@ -131,7 +79,7 @@ class Choice:
     tree: TokenTree | None
     accepted_length: float  # expected tokens per step (1 for plain decoding)
     step_time: float  # seconds
-    plain_tokens_per_s: float
+    plain_tokens_per_s: float  # one target forward per token
 
     @property
     def tokens_per_s(self) -> float:
@@ -139,16 +87,20 @@ class Choice:
 
     @property
     def name(self) -> str:
-        if self.tree is None:
-            return NO_SPECULATION
-        from mcsd.bench.sweep import tree_name
+        return NO_SPECULATION if self.tree is None else tree_name(self.tree)
 
-        return tree_name(self.tree)
+
+def tree_name(tree: TokenTree) -> str:
+    """``4,2,2`` for a k-config, else the JSON list of rank paths (both parse as ``--tree``)."""
+    config = tree.k_config()
+    if config is not None:
+        return ",".join(map(str, config))
+    return "[" + ",".join("[" + ",".join(map(str, p)) + "]" for p in tree.rank_paths()) + "]"
 
 
 def best_tree(
     acceptance: Sequence[Sequence[float]],
-    costs: StepCosts,
+    costs: PairCost,
     budget: int,
     max_depth: int | None = None,
 ) -> Choice:
@@ -157,17 +109,15 @@ def best_tree(
     table = _check_acceptance(acceptance)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-    if budget > costs.max_nodes:
-        raise ValueError(f"budget {budget}: costs are measured up to {costs.max_nodes} nodes")
     depth_limit = len(table) if max_depth is None else max_depth
     if isinstance(depth_limit, bool) or not isinstance(depth_limit, int) or depth_limit < 1:
         raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
+    plain = 1.0 / costs.step_time(None)
     lam, best = 0.0, None
     for _ in range(OPTIMISER_ITERATIONS):
         tree = _best_for_price(table, costs, budget, depth_limit, lam)
-        value = expected_accepted_length(tree, table)
-        cost = costs.step_time(tree)
-        best = Choice(tree, value, cost, 1.0 / costs.plain_time)
+        value, cost = expected_length(tree, table), costs.step_time(tree)
+        best = Choice(tree=tree, accepted_length=value, step_time=cost, plain_tokens_per_s=plain)
         if value - lam * cost <= OPTIMISER_TOLERANCE * value:
             break
         lam = value / cost
@@ -177,7 +127,7 @@ def best_tree(
 
 def choose(
     acceptance: Sequence[Sequence[float]],
-    costs: StepCosts,
+    costs: PairCost,
     budget: int,
     max_depth: int | None = None,
 ) -> Choice:
@@ -185,12 +135,13 @@ def choose(
     pick = best_tree(acceptance, costs, budget, max_depth)
     if pick.tokens_per_s > pick.plain_tokens_per_s:
         return pick
-    return Choice(None, 1.0, costs.plain_time, pick.plain_tokens_per_s)
+    plain = costs.step_time(None)
+    return Choice(tree=None, accepted_length=1.0, step_time=plain, plain_tokens_per_s=1.0 / plain)
 
 
 def _best_for_price(
     table: tuple[tuple[float, ...], ...],
-    costs: StepCosts,
+    costs: PairCost,
     budget: int,
     depth_limit: int,
     lam: float,
@@ -198,11 +149,11 @@ def _best_for_price(
     """argmax over trees of AL - lam * c. For every depth limit L, ``forest[d][r][n]`` is the
     best value of exactly n nodes placed as the children of ranks >= r of a node at depth d - 1
     and their subtrees, per unit of that node's reach (its inner nodes priced at
-    lam * draft_node each); ranks beyond the table are worth nothing, so any nodes left there
-    are leaves. The levels and the target forward are priced outside, for the tree's true depth
-    and size, so the best score over all L and N is the optimum."""
+    lam (1 + o) draft_node each); ranks beyond the table are worth nothing, so any nodes left
+    there are leaves. The levels and the target forward are priced outside, for the tree's true
+    depth and size, so the best score over all L and N is the optimum."""
     depth_limit = min(depth_limit, budget)
-    price = lam * costs.draft_node
+    price = lam * _node_price(costs, budget)
     best: tuple[float, TokenTree] | None = None
     for limit in range(1, depth_limit + 1):
         # value[d][r] [budget + 1], split[d][r][n] = nodes in the rank-r child's subtree
@@ -236,15 +187,19 @@ def _best_for_price(
             if not np.isfinite(below[n]):
                 continue
             tree = _from_shape(_shape(split, table, 1, 0, n))
-            score = (
-                expected_accepted_length(tree, table) - lam * costs.step_time(tree)
-                if lam
-                else expected_accepted_length(tree, table)
-            )
+            score = expected_length(tree, table) - (lam * costs.step_time(tree) if lam else 0.0)
             if best is None or score > best[0] + 1e-12:
                 best = (score, tree)
     assert best is not None
     return best[1]
+
+
+def _node_price(costs: PairCost, budget: int) -> float:
+    """Seconds of a step per inner node: ``(1 + o)`` times the slope of the least-squares line
+    through the draft's measured forwards of at most ``budget`` tokens (two at least)."""
+    first = max(2, bisect.bisect_right(costs.draft.tokens, budget))
+    slope = np.polyfit(costs.draft.tokens[:first], costs.draft.seconds[:first], 1)[0]
+    return (1.0 + costs.overhead) * max(0.0, float(slope))
 
 
 def _shape(split: dict, table: tuple, d: int, r: int, n: int) -> tuple:

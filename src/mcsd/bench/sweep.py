@@ -11,9 +11,8 @@ exactly and only the winners are run:
    child ``i`` of a node exactly when the next answer token has draft rank ``i``, so the accepted
    length of any tree on these answers follows from the ranks alone (up to bf16 near-ties between
    a tree forward and the teacher-forced chain forward);
-4. ``costs``: measured draft and target forward times for each number of new tokens;
-   predicted tokens/s = accepted length / (draft forwards + target forward + step overhead);
-5. the best shapes by predicted tokens/s are then run for real (``mcsd bench --sweep``).
+4. ``costs``: predicted tokens/s = accepted length / the step time of ``mcsd.budget.PairCost``;
+5. the best shapes by predicted tokens/s are then run for real (``mcsd.bench.tune`` runs it all).
 
 Candidate shapes: every non-increasing k-config up to the largest budget, the optimiser's pick
 for each budget (``mcsd.bench.optimise``: a dynamic program on the rank frequencies and the
@@ -25,21 +24,19 @@ path is never more probable than its prefix).
 
 from __future__ import annotations
 
-import bisect
 import heapq
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from mcsd.bench.optimise import StepCosts
-from mcsd.config import SweepDefaults
-from mcsd.models.base import Runtime, chain_mask, score
+from mcsd.bench.defaults import SweepDefaults
+from mcsd.bench.optimise import tree_name
+from mcsd.budget import PairCost
+from mcsd.models.base import Runtime, score
 from mcsd.tree import ROOT, TokenTree
 
 MAX_DEPTH = SweepDefaults.max_depth
-COST_SIZES = SweepDefaults.cost_sizes  # new tokens per timed forward
 
 
 # ------------------------------------------------------------------------------ ranks
@@ -66,8 +63,8 @@ def draft_ranks(
 
 @dataclass(frozen=True)
 class Simulated:
-    steps: int
-    tokens: int
+    steps: int  # verification steps
+    tokens: int  # answer tokens they produce
 
     @property
     def mean_accepted_length(self) -> float:
@@ -96,7 +93,7 @@ def simulate(tree: TokenTree, traces: Iterable[Sequence[int]]) -> Simulated:
             steps += 1
             j += accepted + 1
         tokens += n
-    return Simulated(steps, tokens)
+    return Simulated(steps=steps, tokens=tokens)
 
 
 def rank_frequencies(traces: Iterable[Sequence[int]], width: int = 16) -> list[float]:
@@ -160,118 +157,6 @@ def candidate_trees(
     return list(trees)
 
 
-# ------------------------------------------------------------------------------ costs
-
-
-@dataclass
-class CostModel:
-    """Seconds per forward of n new tokens after a fixed context, for draft and target."""
-
-    context: int
-    sizes: list[int]
-    target: list[float]
-    draft: list[float]
-    overhead: float = 0.0  # seconds per step outside the forwards (sampling, cache compaction)
-    notes: dict[str, float] = field(default_factory=dict)
-
-    def _interpolate(self, values: list[float], n: int) -> float:
-        i = bisect.bisect_left(self.sizes, n)
-        if i < len(self.sizes) and self.sizes[i] == n:
-            return values[i]
-        if i == 0:
-            return values[0]
-        if i == len(self.sizes):  # extrapolate with the last slope
-            i -= 1
-        x0, x1, y0, y1 = self.sizes[i - 1], self.sizes[i], values[i - 1], values[i]
-        return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-
-    def target_time(self, n: int) -> float:
-        return self._interpolate(self.target, n)
-
-    def draft_time(self, n: int) -> float:
-        return self._interpolate(self.draft, n)
-
-    def step_time(self, tree: TokenTree, uncached: float = 1.0) -> float:
-        """Draft forwards (the uncached tokens, then every level that has children), the target
-        forward over pending + nodes, and the per-step overhead."""
-        draft = self.draft_time(round(uncached))
-        for level in tree.levels:
-            width = sum(1 for u in level if tree.children(u))
-            if width:
-                draft += self.draft_time(width)
-        return draft + self.target_time(tree.num_nodes + 1) + self.overhead
-
-    def step_costs(self, max_nodes: int) -> StepCosts:
-        """The optimiser's cost model (``mcsd.bench.optimise.StepCosts``) up to ``max_nodes``:
-        the target's forward of every size, the draft's uncached forward and the overhead as a
-        fixed cost, and the draft's level forwards as a least-squares line over the measured
-        sizes up to ``max_nodes`` (a level forward and a price per inner node)."""
-        sizes = [n for n in self.sizes if n <= max(max_nodes, 2)] or self.sizes[:2]
-        times = [self.draft_time(n) for n in sizes]
-        mean_n, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
-        spread = sum((n - mean_n) ** 2 for n in sizes)
-        slope = sum((n - mean_n) * (t - mean_t) for n, t in zip(sizes, times, strict=True))
-        slope = max(0.0, slope / spread) if spread else 0.0
-        return StepCosts(
-            tuple(self.target_time(n) for n in range(1, max_nodes + 2)),
-            fixed=self.overhead + self.draft_time(1),
-            draft_level=max(0.0, mean_t - slope * mean_n),
-            draft_node=slope,
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "context": self.context,
-            "sizes": self.sizes,
-            "target_ms": [1e3 * t for t in self.target],
-            "draft_ms": [1e3 * t for t in self.draft],
-            "overhead_ms": 1e3 * self.overhead,
-        } | self.notes
-
-
-@torch.inference_mode()
-def forward_time(model: Runtime, context: Sequence[int], n: int, repeats: int = 5) -> float:
-    """Seconds of one forward of ``n`` new tokens after ``context``: the fastest of ``repeats``
-    (the minimum is the estimate least disturbed by other processes on the machine)."""
-    device = model.device
-    model.reset()
-    c = len(context)
-    model.forward(
-        torch.tensor([list(context)], device=device),
-        torch.arange(c, device=device)[None],
-        chain_mask(c, device=device),
-    )
-    model.commit()
-    ids = torch.tensor([[context[i % c] for i in range(n)]], device=device)  # [1, n] any tokens
-    positions = torch.arange(c, c + n, device=device)[None]
-    mask = chain_mask(n, device=device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.forward(ids, positions, mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-        model.commit([[]])  # drop the timed tokens
-    model.reset()
-    return min(times)
-
-
-def measure_costs(
-    target: Runtime,
-    draft: Runtime,
-    context: Sequence[int],
-    sizes: Sequence[int] = COST_SIZES,
-    repeats: int = 5,
-) -> CostModel:
-    """Time draft and target forwards of every size after ``context`` (one warm-up each)."""
-    forward_time(target, context, 1, repeats=1)
-    forward_time(draft, context, 1, repeats=1)
-    target_times = [forward_time(target, context, n, repeats) for n in sizes]
-    draft_times = [forward_time(draft, context, n, repeats) for n in sizes]
-    return CostModel(len(context), list(sizes), target_times, draft_times)
-
-
 # ------------------------------------------------------------------------------ ranking
 
 
@@ -290,19 +175,14 @@ class Candidate:
         return self.simulated.mean_accepted_length / self.step_time if self.step_time else 0.0
 
 
-def tree_name(tree: TokenTree) -> str:
-    """``4,2,2`` for a k-config, else the JSON list of rank paths (both parse as ``--tree``)."""
-    config = tree.k_config()
-    if config is not None:
-        return ",".join(map(str, config))
-    return "[" + ",".join("[" + ",".join(map(str, p)) + "]" for p in tree.rank_paths()) + "]"
-
-
 def rank_candidates(
-    trees: Iterable[TokenTree], traces: Sequence[Sequence[int]], costs: CostModel
+    trees: Iterable[TokenTree], traces: Sequence[Sequence[int]], costs: PairCost
 ) -> list[Candidate]:
-    """Every tree simulated and costed, best predicted tokens/s first."""
-    candidates = [Candidate(t, simulate(t, traces), costs.step_time(t)) for t in trees]
+    """Every tree simulated and costed (one row), best predicted tokens/s first."""
+    candidates = [
+        Candidate(tree=t, simulated=simulate(t, traces), step_time=costs.step_time(t))
+        for t in trees
+    ]
     return sorted(candidates, key=lambda c: -c.tokens_per_s)
 
 
