@@ -7,7 +7,7 @@ result = mcsd.generate(pair, "def fib(n):", mcsd.SpecConfig(tree="4,2,2", max_ne
 print(result.text, result.stats.summary())
 ```
 Text handling (tokenising, chat templates, stop strings, incremental detokenisation) lives here;
-the token-level loop is ``mcsd.engine.speculative_decode``.
+the token-level work is the engine's (``mcsd.engine.BatchEngine``: requests in, steps out).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from mcsd.config import (
     SpecConfig,
 )
 from mcsd.draft.context import RequestStore
-from mcsd.draft.select import make_proposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import BatchEngine, Step
+from mcsd.errors import ParamError
 from mcsd.models.base import Runtime, with_rows
 from mcsd.models.factory import load_runtime as load_model
 from mcsd.stats import Stats
@@ -79,41 +80,27 @@ class ModelPair:
 
     def batch_engine(
         self,
-        config: SpecConfig,
         batch_size: int,
         *,
-        adaptive: bool = False,
+        budget_tree: TokenTree | None = None,
         store: RequestStore | None = None,
     ) -> BatchEngine:
         """A ``BatchEngine`` of ``batch_size`` rows on this pair (copies of both runtimes with
-        caches of that many rows, weights shared; the pair's own runtimes at batch 1), its
-        proposer drafting as ``config`` asks (``mcsd.draft.select.make_proposer``; none for
-        ``tree="none"``: plain decoding). ``adaptive``: each step grows ``config``'s tree, a smaller
-        prefix of it or none (plain decoding), whichever the step cost of both models (measured
-        once per pair: ``tree_budget``) and the acceptance seen so far say is fastest
-        (``mcsd.budget``). ``store``: earlier
-        requests the context proposer may copy from. Dynamic trees and the context / mixed
-        proposers grow their trees one row at a time: batch size 1 only."""
-        if batch_size != 1 and one_row_spec(config):
-            raise ValueError(
-                f"batch_size: tree {config.describe_tree()} with proposer {config.proposer!r} "
-                f"runs one row at a time (batch_size 1); batch_size > 1 needs proposer 'model' "
-                f"with a static tree, got batch_size={batch_size}"
-            )
-        if adaptive and (one_row_spec(config) or not config.speculative):
-            raise ValueError(
-                f"adaptive: the tree budget shrinks a static draft tree; tree "
-                f"{config.describe_tree()} with proposer {config.proposer!r} has none"
-            )
+        caches of that many rows, weights shared; the pair's own runtimes at batch 1). Requests
+        of every plan can be its rows side by side: static, dynamic, context and mixed trees and
+        plain decoding (``mcsd.draft.proposer.Drafter``). ``budget_tree``: the requests growing
+        this tree with the draft grow, each step, it, a smaller prefix of it or none (plain
+        decoding), whichever the step cost of both models (measured once per pair:
+        ``tree_budget``) and the acceptance seen so far say is fastest (``mcsd.budget``).
+        ``store``: earlier requests the context may copy from."""
         target = with_rows(self.target, batch_size)
-        if not config.speculative:
-            return BatchEngine(target, None, vocab_size=self.vocab_size)
         draft = None if self.draft is None else with_rows(self.draft, batch_size)
         budget = None
-        if adaptive:
-            assert draft is not None  # proposer 'model' has one
-            budget = self.tree_budget(config.token_tree(), batch_size, runtimes=(target, draft))
-        proposer = make_proposer(config, draft, self.vocab_size, target.device, store)
+        if budget_tree is not None:
+            if draft is None:
+                raise ValueError("adaptive: the tree budget needs a draft model (load_draft=True)")
+            budget = self.tree_budget(budget_tree, batch_size, runtimes=(target, draft))
+        proposer = Drafter(draft, vocab_size=self.vocab_size, device=target.device, store=store)
         return BatchEngine(target, proposer, vocab_size=self.vocab_size, budget=budget)
 
     def tree_budget(
@@ -310,10 +297,16 @@ def _check_call(pair: object, config: object) -> SpecConfig:
     return config
 
 
-def one_row_spec(config: SpecConfig) -> bool:
-    """Whether ``config``'s trees are grown one row at a time (a dynamic tree, the context's
-    or a mixed one): such generations run as batches of one."""
-    return config.speculative and (config.dynamic is not None or config.proposer != "model")
+def adaptive_tree(config: SpecConfig) -> TokenTree:
+    """The tree an adaptive budget shrinks: ``config``'s static draft-model tree (``ValueError``
+    naming ``adaptive`` for any other)."""
+    if not config.speculative or config.dynamic is not None or config.proposer != "model":
+        raise ParamError(
+            f"adaptive: the tree budget shrinks a static draft tree; tree "
+            f"{config.describe_tree()} with proposer {config.proposer!r} has none",
+            param="adaptive",
+        )
+    return config.token_tree()
 
 
 def is_prompt_list(prompt: object) -> bool:
@@ -381,27 +374,28 @@ def _stream_rows(
 ) -> Iterator[tuple[int, Chunk, Stats]]:
     config = _check_call(pair, config)
     if batch_size is None:
-        batch_size = 1 if one_row_spec(config) else min(len(prompts), DEFAULT_MAX_BATCH)
+        batch_size = min(len(prompts), DEFAULT_MAX_BATCH)
     ids = [encode_prompt(pair.tokenizer, p, chat=chat, vocab_size=pair.vocab_size) for p in prompts]
-    engine = pair.batch_engine(config, batch_size, adaptive=adaptive, store=store)
-    waiting = list(enumerate(ids))
-    texts: dict[int, TextRow] = {}  # engine row -> its prompt's text state
+    budget_tree = adaptive_tree(config) if adaptive else None
+    engine = pair.batch_engine(batch_size, budget_tree=budget_tree, store=store)
+    stop = pair.stop_ids(config)
+    texts = {
+        engine.add_request(prompt_ids, config, stop_token_ids=stop): TextRow(
+            index, pair.tokenizer, config.stop_strings
+        )
+        for index, prompt_ids in enumerate(ids)
+    }  # every request is checked before any runs
     try:
-        while waiting or engine.rows:
-            while waiting and engine.free_rows():
-                index, prompt_ids = waiting.pop(0)
-                row = engine.add(prompt_ids, config, stop_token_ids=pair.stop_ids(config))
-                texts[row] = TextRow(index, pair.tokenizer, config.stop_strings)
-            for row, step in engine.step().items():
-                text = texts[row]
+        while engine.has_unfinished():
+            for request, step in engine.step():
+                text = texts[request]
                 chunk = text.feed(step)
                 yield text.index, chunk, text.stats
                 if chunk.finish_reason is not None:
-                    engine.remove(row)  # a stop string may end the row before the engine does
-                    del texts[row]
+                    engine.abort(request)  # a stop string may end it before the engine does
     finally:
-        for row in list(engine.rows):
-            engine.remove(row)
+        for request in texts:
+            engine.abort(request)
 
 
 class TextRow:

@@ -1,24 +1,33 @@
-"""The decoding loop (DESIGN section 1): propose a token tree, verify it in one target forward,
-accept a path losslessly, commit it.
+"""The engine (DESIGN section 1): requests in, one speculative step of every running row at a
+time, out their steps.
 
-Invariants between steps (``committed`` = prompt + generated tokens): the target's committed
-cache holds ``committed[:-1]``; the last token is *pending* (position ``L - 1``). One step:
+``add_request`` resolves a request's spec once (``mcsd.plan.resolve``), checks it against the
+models' contexts and queues it (``mcsd.request.Request``); ``step`` admits waiting requests into
+free rows (each prompt read in a forward of its own), then runs one step of every running row:
 
-1. PROPOSE  the proposer builds a tree below the pending token: node tokens, and the q each
-            node's children were drawn from (``mcsd.draft``).
-2. VERIFY   one target forward over [pending, nodes...] with the tree mask gives p for every
-            node; the rule's tree verifier (``mcsd.verify.rules.tree_verifier``: a device
-            verifier or the host walk, as the rule's record says) accepts a path and draws the
-            correction or bonus token.
-3. COMMIT   the target keeps the pending token and the accepted path, the proposer commits the
-            step; stop at a stop token or ``max_new_tokens`` without overshooting.
+1. PROPOSE  the proposer (``mcsd.draft.base.Proposer``) builds each speculating row's tree below
+            its pending token, whatever its plan (a static, dynamic, context or mixed tree): node
+            tokens, and the q each node's children were drawn from.
+2. VERIFY   one target forward over every speculating row's [pending, nodes...] (trees of
+            different shapes padded into one ``[b, M, M]`` block: padding sees only itself)
+            gives p for every node; each row's rule verifier (``mcsd.verify.rules.
+            tree_verifier``) accepts a path and draws the correction or bonus token, with one
+            host synchronisation for all rows.
+3. COMMIT   the target keeps each row's pending token and accepted path, the proposer commits
+            the step; a row stops at a stop token or its ``max_new_tokens`` without overshooting,
+            and its row is free for the next waiting request.
+
+Rows that do not speculate (``tree="none"``, or a row an adaptive budget decodes plainly this
+step) share one plain forward. Invariants between steps (``committed`` = prompt + generated
+tokens): the target's committed cache of a row holds ``committed[:-1]``; the last token is
+*pending* (position ``L - 1``).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,12 +35,15 @@ from torch import Tensor
 
 from mcsd.budget import AdaptiveTree, TreeBudget, computed_rows
 from mcsd.config import VERIFIER_CACHE, SamplingConfig, SpecConfig
-from mcsd.draft.base import BatchProposer, OneRow, Proposer, as_batch_proposer
+from mcsd.draft.base import Proposal, Proposer, RowStep
+from mcsd.errors import ParamError
 from mcsd.models.base import Runtime, chain_mask, keep_rows, reset_row, rows_forward, to_device
+from mcsd.plan import Plan, resolve
+from mcsd.request import Request
 from mcsd.sampling import draw_children, warp
 from mcsd.stats import StepRecord
 from mcsd.tree import ROOT, TokenTree
-from mcsd.verify.rules import Rule, TreeVerifier, get_rule, tree_verifier
+from mcsd.verify.rules import TreeVerifier, tree_verifier
 
 
 @dataclass(frozen=True)
@@ -41,67 +53,41 @@ class Step:
     finish_reason: str | None  # "stop" (a stop token), "length", or None (not finished)
 
 
-@dataclass
-class _Row:
-    """One sequence of the batch: its own committed tokens, config, randomness and stop rules."""
-
-    committed: list[int]  # prompt + generated tokens; the last one is pending
-    spec: SpecConfig  # read every step (``tree="none"``: a plain step)
-    generator: torch.Generator
-    stop_token_ids: frozenset[int]
-    max_new_tokens: int  # usable budget (the context may cut the asked one)
-    prefill_time: float
-    drafted: bool  # the proposer follows this row (it may speculate)
-    produced: int = 0
-    # ``planned``'s rule and tree: the tree it asked for, None when the proposer grows its own
-    # each step (a dynamic tree, the context's or a mixed one)
-    planned: SpecConfig | None = None
-    rule: Rule | None = None
-    tree: TokenTree | None = None
-
-
 class BatchEngine:
-    """Speculative decoding over the rows of ``target`` and ``proposer`` (continuous batching):
-    ``add`` a sequence to a free row between steps (its prompt is read in a forward of its
-    own), ``step`` every row once, ``remove`` a row (a finished row frees itself). The rows that
-    grow the same tree share one draft forward per level and one target forward, each row with
-    its own positions, cache length and accepted path (ragged acceptance), and one host
-    synchronisation for every row's verification where the rule has a device verifier; a row
-    asking for its own tree gets forwards of its own, and rows with ``tree="none"`` share a
-    plain decoding forward (a proposer over rows follows their tokens, a one-row one never sees
-    them). A one-row proposer (dynamic trees,
-    the context's or mixed ones: ``mcsd.draft.base.OneRow``) grows the tree of each step
-    itself, with per-step shapes. ``budget`` (``mcsd.budget.TreeBudget``): the rows growing the
-    budget's tree grow, each step, the tree an ``AdaptiveTree`` picks for the rows the forward
-    computes (``mcsd.budget.computed_rows``) and the acceptance seen so far, down to plain
-    decoding with a re-probe now and then; the choice is made before the step draws anything,
-    so it stays lossless. Each row draws from its own seeded generator in the order a batch of
-    one would, so a row's output does not depend on the rows beside it (under a budget: but
-    through the tree it is given, which follows every row's past acceptance).
-    ``proposer=None``: plain decoding only. ``speculative_decode`` is this engine with one row."""
+    """Speculative decoding of requests in the rows of ``target`` (continuous batching; see the
+    module docstring). ``proposer``: builds every speculating row's tree (``mcsd.draft.proposer.
+    Drafter``; None: plain decoding only). ``budget`` (``mcsd.budget.TreeBudget``): the rows whose
+    plan grows the budget's tree with the draft model grow, each step, the tree an
+    ``AdaptiveTree`` picks for the rows the forward computes (``mcsd.budget.computed_rows``) and
+    the acceptance seen so far, down to plain decoding with a re-probe now and then; the choice
+    is made before the step draws anything, so it stays lossless. Each request draws from its
+    own seeded generator in the order a batch of one would, so its output does not depend on
+    the rows beside it (under a budget: but through the tree it is given, which follows every
+    row's past acceptance). ``speculative_decode`` is this engine with one request."""
 
     def __init__(
         self,
         target: Runtime,
-        proposer: Proposer | BatchProposer | None,
+        proposer: Proposer | None,
         *,
         vocab_size: int,
         device_verify: bool | None = None,
         verify_dtype: torch.dtype | None = None,
         budget: TreeBudget | None = None,
     ) -> None:
-        self.target = target
-        self.budget = budget
-        self.adaptive = None if budget is None else AdaptiveTree(budget)  # learns the acceptance
-        self.proposer = None if proposer is None else as_batch_proposer(proposer)
-        if self.proposer is not None and self.proposer.batch_size != target.batch_size:
+        if proposer is not None and proposer.batch_size not in (None, target.batch_size):
             raise ValueError(
-                f"proposer holds {self.proposer.batch_size} rows and the target "
+                f"proposer holds {proposer.batch_size} rows and the target "
                 f"{target.batch_size}: build both with the same batch_size"
             )
+        self.target = target
+        self.proposer = proposer
+        self.budget = budget
+        self.adaptive = None if budget is None else AdaptiveTree(budget)  # learns the acceptance
         self.vocab_size = vocab_size
         self.device_verify, self.verify_dtype = device_verify, verify_dtype
-        self.rows: dict[int, _Row] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # row -> its request
         # per (tree shape, deterministic flags, rule, target sampling), least recently used
         # first: dynamic and context trees have a new shape most steps
         self._verifiers: OrderedDict[tuple, tuple[TreeVerifier, Tensor, Tensor]] = OrderedDict()
@@ -111,205 +97,207 @@ class BatchEngine:
     def max_batch(self) -> int:
         return self.target.batch_size
 
-    def free_rows(self) -> list[int]:
-        return [row for row in range(self.max_batch) if row not in self.rows]
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
 
-    def add(
+    def free_rows(self) -> list[int]:
+        return [row for row in range(self.max_batch) if row not in self.running]
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
         self,
-        prompt_ids: list[int],
+        prompt_ids: Sequence[int],
         spec: SpecConfig,
         *,
         stop_token_ids: frozenset[int] = frozenset(),
-    ) -> int:
-        """Start ``prompt_ids`` in a free row (between steps); returns the row."""
-        free = self.free_rows()
-        if not free:
-            raise ValueError(f"every row of the batch is busy (max_batch {self.max_batch})")
-        row = free[0]
-        if spec.speculative:
+    ) -> Request:
+        """Queue a request (it joins a free row at the next ``step``). Everything about it is
+        checked here: a bad spec or a prompt beyond the context raises ``ValueError`` now."""
+        plan = resolve(spec)
+        limits = [self.target.max_context]
+        if plan.speculative:
             if self.proposer is None:
-                raise ValueError(
+                raise ParamError(
                     f"tree {spec.describe_tree()} needs a proposer: this engine decodes plainly "
-                    "only (tree 'none')"
+                    "only (tree 'none')",
+                    param="tree",
+                    allowed="none",
                 )
-            self.proposer.check_spec(spec)
-        # A proposer over rows follows every row (a row may speculate later); a one-row one
-        # only a row that speculates.
-        drafted = self.proposer is not None and (
-            spec.speculative or not isinstance(self.proposer, OneRow)
+            self.proposer.check(plan)
+            limits.append(self.proposer.max_context(plan))
+        if plan.tree is not None and plan.tree.max_children > self.vocab_size:
+            raise ParamError(
+                f"tree {plan.tree.describe()} has more children per node than {self.vocab_size} "
+                "tokens",
+                param="tree",
+            )
+        prompt_ids = list(prompt_ids)
+        usable = _check_lengths(prompt_ids, spec.max_new_tokens, plan.max_depth, limits)
+        generator = torch.Generator(self.target.device)
+        generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
+        request = Request(
+            prompt_ids=prompt_ids,
+            spec=spec,
+            plan=plan,
+            stop_token_ids=stop_token_ids,
+            max_new_tokens=usable,
+            generator=generator,
+            committed=list(prompt_ids),
         )
-        state = _Row(
-            list(prompt_ids),
-            spec,
-            torch.Generator(self.target.device),
-            stop_token_ids,
-            0,
-            0.0,
-            drafted,
-        )
-        rule, tree = self._plan(state)
-        proposer = self.proposer if rule is not None else None
-        depth = 1
-        if proposer is not None:
-            depth = max(tree.max_depth if tree is not None else 1, proposer.max_depth)
-        state.max_new_tokens = _check_lengths(
-            self.target, proposer, prompt_ids, spec.max_new_tokens, depth
-        )
-        state.generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed()))
-        started = self._clock.mark()
-        _prefill(self.target, row, list(prompt_ids[:-1]))
-        if drafted:
-            assert self.proposer is not None
-            self.proposer.start_row(row, prompt_ids)
-        state.prefill_time = self._clock.host_seconds(started, self._clock.mark())
-        self.rows[row] = state
-        return row
+        self.waiting.append(request)
+        return request
 
-    def _plan(self, r: _Row) -> tuple[Rule | None, TokenTree | None]:
-        """``r``'s rule (None: a plain step) and tree, for its current spec."""
-        if r.planned is not r.spec:
-            spec = r.spec
-            r.rule = get_rule(spec.resolved_rule()) if spec.speculative else None
-            # the proposer's own trees (dynamic, context, mixed) vary per step: None
-            own = not spec.speculative or spec.dynamic is not None
-            r.tree = None if own or isinstance(self.proposer, OneRow) else spec.token_tree()
-            r.planned = spec
-            assert r.rule is None or r.drafted, "a row the proposer does not follow speculates"
-        return r.rule, r.tree
+    def abort(self, request: Request) -> None:
+        """End ``request`` (between steps): forgotten if it waits, its row freed if it runs."""
+        if request.finish_reason is not None:
+            return
+        if request.row is None:
+            self.waiting.remove(request)
+        else:
+            self._free(request)
+        request.finish_reason = "abort"
 
-    def remove(self, row: int) -> None:
-        """Free ``row`` (between steps): its caches are emptied for the next sequence."""
-        removed = self.rows.pop(row, None)
-        if removed is not None:
-            reset_row(self.target, row)
-            if self.proposer is not None and removed.drafted:
-                self.proposer.remove_row(row)
+    def _admit(self) -> None:
+        """Waiting requests into free rows, first come first served: each prompt is read into
+        the target in a forward of its own (the draft reads it when it first drafts)."""
+        free = self.free_rows()
+        while self.waiting and free:
+            request = self.waiting.popleft()
+            request.row = free.pop(0)
+            started = self._clock.mark()
+            self.running[request.row] = request
+            _prefill(self.target, request.row, request.prompt_ids[:-1])
+            if request.plan.speculative:
+                assert self.proposer is not None
+                self.proposer.start(request)
+            request.prefill_time = self._clock.host_seconds(started, self._clock.mark())
 
-    def step(self) -> dict[int, Step]:
-        """One step of every row (speculative, or plain for the rows that do not speculate);
-        finished rows are freed."""
-        rows = sorted(self.rows)
-        speculative = [row for row in rows if self._plan(self.rows[row])[0] is not None]
-        plain = [row for row in rows if self.rows[row].rule is None]
-        budgeted = set()  # the rows growing the budget's tree: the load and acceptance decide
-        if self.budget is not None:
-            budgeted = {row for row in speculative if self.rows[row].tree == self.budget.tree}
-        chosen = None
-        if self.adaptive is not None and budgeted:  # before this step draws anything
-            chosen = self.adaptive.choose(computed_rows(self.target, sorted(budgeted)))
-        # rows growing the same tree: one forward each (None: the proposer's own trees)
-        groups: dict[TokenTree | None, list[int]] = {}
-        for row in speculative:
-            tree = self.rows[row].tree
-            if row in budgeted:
-                if chosen is None:
-                    plain.append(row)
-                    continue
-                tree = chosen
-            groups.setdefault(tree, []).append(row)
-        steps = {}
-        for tree, group in groups.items():
-            done = self._speculative_step(group, tree)
-            if self.adaptive is not None and tree is not None and tree == chosen:
-                ranks = [done[row].record.ranks for row in group if row in budgeted]
-                self.adaptive.observe(tree, ranks)
-            steps |= done
+    def _free(self, request: Request) -> None:
+        assert request.row is not None
+        del self.running[request.row]
+        reset_row(self.target, request.row)
+        if request.cursor is not None and self.proposer is not None:
+            self.proposer.remove(request)
+        request.row = None
+
+    # ------------------------------------------------------------------ steps
+    def step(self) -> list[tuple[Request, Step]]:
+        """Admit what waits into free rows, then one step of every running request
+        (speculative, or plain for those that do not speculate); finished requests free their
+        rows. Returns each stepped request with its step, in row order."""
+        self._admit()
+        requests = [self.running[row] for row in sorted(self.running)]
+        trees = self._trees(requests)
+        speculative = [r for r in requests if trees.get(id(r), r.plan.rule) is not None]
+        plain = [r for r in requests if trees.get(id(r), r.plan.rule) is None]
+        steps: dict[int, Step] = {}
+        if speculative:
+            steps |= self._speculative_step(speculative, [trees.get(id(r)) for r in speculative])
         if plain:
-            plain.sort()
             steps |= self._plain_step(plain)
-        for row, step in steps.items():
+        done = [(r, steps[id(r)]) for r in requests]
+        for request, step in done:
             if step.finish_reason is not None:
-                self.remove(row)
-        return steps
+                self._free(request)
+                request.finish_reason = step.finish_reason
+        return done
 
-    def _plain_step(self, rows: list[int]) -> dict[int, Step]:
+    def _trees(self, requests: list[Request]) -> dict[int, TokenTree | None]:
+        """The adaptive budget's choice for the requests growing its tree (by ``id``): a tree
+        for this step, or None (plain decoding); other requests are not listed."""
+        if self.adaptive is None:
+            return {}
+        assert self.budget is not None
+        budgeted = [r for r in requests if _budgeted(r.plan, self.budget.tree)]
+        if not budgeted:
+            return {}
+        chosen = self.adaptive.choose(computed_rows(self.target, [r.row for r in budgeted]))
+        return {id(r): chosen for r in budgeted}
+
+    def _plain_step(self, requests: list[Request]) -> dict[int, Step]:
         """The target alone: one forward of every row's pending token, one token drawn per row
         from its warped p (its argmax when greedy), one host transfer."""
         started = time.perf_counter()
         device, target = self.target.device, self.target
-        state = [self.rows[row] for row in rows]
-        tokens = to_device([[r.committed[-1], len(r.committed) - 1] for r in state], device)
+        rows = [r.row for r in requests]
+        tokens = to_device([[r.committed[-1], len(r.committed) - 1] for r in requests], device)
         logits = rows_forward(
             target, rows, tokens[:, :1], tokens[:, 1:], chain_mask(1, device=device), logits="last"
         )  # [B, 1, V']
         target.commit(keep_rows(self.max_batch, {row: [0] for row in rows}))
         draws = []
-        for row, r in zip(rows, state, strict=True):
-            row_logits = logits[row, -1, : self.vocab_size]  # [V]
-            if r.spec.target.greedy:  # argmax of the one-hot p is the argmax of the logits
+        for r in requests:
+            row_logits = logits[r.row, -1, : self.vocab_size]  # [V]
+            if r.plan.target.greedy:  # argmax of the one-hot p is the argmax of the logits
                 draws.append(row_logits.argmax()[None])
             else:
-                p = warp(row_logits, r.spec.target)
+                p = warp(row_logits, r.plan.target)
                 draws.append(draw_children(p[None], 1, replacement=True, generator=r.generator)[0])
         drawn = torch.cat(draws).tolist()  # the step's host synchronisation
         elapsed = time.perf_counter() - started
         steps = {}
-        for row, r, token in zip(rows, state, drawn, strict=True):
-            if self.proposer is not None and r.drafted:  # it may speculate again
-                self.proposer.extend_row(row, [token])
-            steps[row] = self._commit_row(r, [token], StepRecord(0, 1, 0, (), 0, 0.0, elapsed))
+        for r, token in zip(requests, drawn, strict=True):
+            if r.cursor is not None:  # a speculating request decoded plainly this step
+                assert self.proposer is not None
+                self.proposer.extend(r, [token])
+            record = StepRecord(
+                accepted=0,
+                emitted=1,
+                attempted=0,
+                ranks=(),
+                tree_size=0,
+                draft_time=0.0,
+                target_time=elapsed,
+            )
+            steps[id(r)] = _commit(r, [token], record)
         return steps
 
-    def _commit_row(self, r: _Row, tokens: list[int], record: StepRecord) -> Step:
-        """Append a step's ``tokens`` to a row (cut at a stop token or its budget)."""
-        new_tokens, finish_reason = _truncate(
-            tokens, r.max_new_tokens - r.produced, r.stop_token_ids
-        )
-        if finish_reason is None and r.produced + len(new_tokens) >= r.max_new_tokens:
-            finish_reason = "length"
-        r.committed += new_tokens
-        r.produced += len(new_tokens)
-        record = replace(record, emitted=len(new_tokens), prefill_time=r.prefill_time)
-        r.prefill_time = 0.0
-        return Step(tuple(new_tokens), record, finish_reason)
-
-    def _speculative_step(self, rows: list[int], tree: TokenTree | None) -> dict[int, Step]:
-        """Propose ``tree`` (None: the proposer's own) for every row, verify every row's tree
-        in one target forward (the other rows padded), commit."""
+    def _speculative_step(
+        self, requests: list[Request], trees: list[TokenTree | None]
+    ) -> dict[int, Step]:
+        """Propose every request's tree (``trees[i]``: the budget's choice, None: its plan's
+        own), verify them all in one target forward, commit."""
         assert self.proposer is not None
-        clock, device, target = self._clock, self.target.device, self.target
-        state = [self.rows[row] for row in rows]
+        clock = self._clock
         started = clock.mark()
-        proposals = self.proposer.propose_rows(
-            rows, [r.committed for r in state], [r.generator for r in state], tree
-        )
+        proposals = self.proposer.propose(requests, trees)
         drafted = clock.mark()
-
-        tree = proposals[0].tree
         verifiers = [
-            self._verifier(tree, p.deterministic, r) for p, r in zip(proposals, state, strict=True)
+            self._verifier(p.tree, p.deterministic, r)
+            for p, r in zip(proposals, requests, strict=True)
         ]
-        _, mask, offsets = verifiers[0]
-        roots = to_device([[r.committed[-1]] for r in state], device)  # [b, 1]
-        tokens = torch.cat([roots, torch.stack([p.tokens for p in proposals])], dim=1)  # [b, N+1]
-        pending = to_device([len(r.committed) - 1 for r in state], device)  # [b]
-        logits = self._target_logits(rows, tokens, pending[:, None] + offsets, mask)
+        logits = self._target_logits(requests, proposals, verifiers)
         launched = [
             verifier.launch(p.tokens, row_logits, p.q, r.generator)
             for (verifier, _, _), p, r, row_logits in zip(
-                verifiers, proposals, state, logits, strict=True
+                verifiers, proposals, requests, logits, strict=True
             )
         ]
         outcomes = [
             verifier.finish(fetched)
             for (verifier, _, _), fetched in zip(verifiers, _fetch(launched), strict=True)
         ]  # the step's host synchronisation
-
         keep = {
-            row: [0, *(1 + a for a in result.accepted)]
-            for row, (result, _) in zip(rows, outcomes, strict=True)
+            r.row: [0, *(1 + a for a in result.accepted)]
+            for r, (result, _) in zip(requests, outcomes, strict=True)
         }
-        target.commit(keep_rows(self.max_batch, keep))
-        committed = {
-            row: (list(result.accepted), [*accepted_tokens, result.token])
-            for row, (result, accepted_tokens) in zip(rows, outcomes, strict=True)
-        }
-        self.proposer.commit_rows(committed)
+        self.target.commit(keep_rows(self.max_batch, keep))
+        for r, (result, accepted_tokens) in zip(requests, outcomes, strict=True):
+            r.committed += [*accepted_tokens, result.token]  # the proposer reads them
+        row_steps = [
+            RowStep(accepted=list(result.accepted), tokens=[*accepted_tokens, result.token])
+            for result, accepted_tokens in outcomes
+        ]
+        self.proposer.commit(requests, row_steps)
+        for r, row_step in zip(requests, row_steps, strict=True):
+            del r.committed[len(r.committed) - len(row_step.tokens) :]
         ended = clock.mark()
         draft_time = clock.device_seconds(started, drafted)
         target_time = clock.host_seconds(started, ended) - draft_time
         steps = {}
-        for row, r, p, (result, _) in zip(rows, state, proposals, outcomes, strict=True):
+        for r, p, (result, _), row_step in zip(
+            requests, proposals, outcomes, row_steps, strict=True
+        ):
             accepted = len(result.accepted)
             flags = p.deterministic
             record = StepRecord(
@@ -317,34 +305,72 @@ class BatchEngine:
                 emitted=0,
                 attempted=accepted + (0 if result.bonus else 1),
                 ranks=result.ranks,
-                tree_size=tree.num_nodes,
+                tree_size=p.tree.num_nodes,
                 accepted_context=sum(flags[a] for a in result.accepted) if flags else 0,
                 draft_time=draft_time,
                 target_time=target_time,
             )
-            steps[row] = self._commit_row(r, committed[row][1], record)
+            steps[id(r)] = _commit(r, list(row_step.tokens), record)
+        if self.adaptive is not None and self.budget is not None:
+            ranks = [
+                steps[id(r)].record.ranks
+                for r, tree in zip(requests, trees, strict=True)
+                if tree is not None
+            ]
+            chosen = next((tree for tree in trees if tree is not None), None)
+            if chosen is not None:
+                self.adaptive.observe(chosen, ranks)
         return steps
 
     def _target_logits(
-        self, rows: list[int], tokens: Tensor, positions: Tensor, mask: Tensor
+        self,
+        requests: list[Request],
+        proposals: list[Proposal],
+        verifiers: list[tuple[TreeVerifier, Tensor, Tensor]],
     ) -> list[Tensor]:
-        """The target forward of the step's trees (``tokens`` / ``positions`` ``[b, N+1]``):
-        each row's logits ``[N+1, V]`` cut to the common vocabulary."""
-        logits = rows_forward(self.target, rows, tokens, positions, mask)  # [B, N+1, V']
-        return [logits[row, :, : self.vocab_size] for row in rows]
+        """The target forward of every request's tree, ``[pending, nodes...]``: trees of
+        different sizes are padded to the largest (``M`` tokens; a padding entry sees only itself
+        and nobody sees it). Each request's logits ``[N+1, V]``, cut to the common vocabulary."""
+        device = self.target.device
+        sizes = [p.tree.num_nodes + 1 for p in proposals]
+        m = max(sizes)
+        pending = to_device([len(r.committed) - 1 for r in requests], device)  # [b]
+        roots = to_device([[r.committed[-1]] for r in requests], device)  # [b, 1]
+        if all(size == m for size in sizes):  # one tree shape: one mask for every row
+            _, mask, offsets = verifiers[0]
+            tokens = torch.cat([roots, torch.stack([p.tokens for p in proposals])], dim=1)
+            positions = pending[:, None] + offsets  # [b, M]
+        else:
+            b = len(requests)
+            tokens = torch.zeros(b, m, dtype=torch.long, device=device)  # [b, M]
+            offsets_all = torch.zeros(b, m, dtype=torch.long, device=device)  # [b, M]
+            mask = torch.eye(m, dtype=torch.bool, device=device).repeat(b, 1, 1)  # [b, M, M]
+            for i, (p, (_, tree_mask, offsets), size) in enumerate(
+                zip(proposals, verifiers, sizes, strict=True)
+            ):
+                tokens[i, 0] = roots[i, 0]
+                tokens[i, 1:size] = p.tokens
+                offsets_all[i, :size] = offsets
+                mask[i, :size, :size] = tree_mask
+            positions = pending[:, None] + offsets_all  # [b, M]
+        rows = [r.row for r in requests]
+        logits = rows_forward(self.target, rows, tokens, positions, mask)  # [B, M, V']
+        return [
+            logits[r.row, :size, : self.vocab_size] for r, size in zip(requests, sizes, strict=True)
+        ]
 
     def _verifier(
-        self, tree: TokenTree, deterministic: tuple[bool, ...] | None, row: _Row
+        self, tree: TokenTree, deterministic: tuple[bool, ...] | None, request: Request
     ) -> tuple[TreeVerifier, Tensor, Tensor]:
-        """The verifier of ``tree`` (with its nodes' ``deterministic`` flags) under ``row``'s
-        rule and target sampling, from the bounded cache (``VERIFIER_CACHE``)."""
-        assert row.rule is not None
-        key = (tree, deterministic, row.rule.name, row.spec.target)
+        """The verifier of ``tree`` (with its nodes' ``deterministic`` flags) under the
+        request's rule and target sampling, from the bounded cache (``VERIFIER_CACHE``)."""
+        plan = request.plan
+        assert plan.rule is not None
+        key = (tree, deterministic, plan.rule.name, plan.target)
         if key not in self._verifiers:
             self._verifiers[key] = _verifier(
                 tree,
-                row.rule,
-                row.spec,
+                plan,
                 self.target.device,
                 self.device_verify,
                 self.verify_dtype,
@@ -357,9 +383,29 @@ class BatchEngine:
         return self._verifiers[key]
 
 
+def _budgeted(plan: Plan, tree: TokenTree) -> bool:
+    """A request whose steps the adaptive budget picks: the draft model's static budget tree."""
+    return plan.proposer == "model" and plan.tree == tree
+
+
+def _commit(request: Request, tokens: list[int], record: StepRecord) -> Step:
+    """Append a step's ``tokens`` to a request (cut at a stop token or its budget)."""
+    new_tokens, finish_reason = _truncate(
+        tokens, request.max_new_tokens - request.produced, request.stop_token_ids
+    )
+    if finish_reason is None and request.produced + len(new_tokens) >= request.max_new_tokens:
+        finish_reason = "length"
+    request.committed += new_tokens
+    request.produced += len(new_tokens)
+    record = replace(record, emitted=len(new_tokens), prefill_time=request.prefill_time)
+    request.prefill_time = 0.0
+    request.stats.add(record)
+    return Step(tuple(new_tokens), record, finish_reason)
+
+
 def speculative_decode(
     target: Runtime,
-    proposer: Proposer | BatchProposer,
+    proposer: Proposer,
     prompt_ids: list[int],
     spec: SpecConfig,
     *,
@@ -370,9 +416,9 @@ def speculative_decode(
     budget: TreeBudget | None = None,
 ) -> Iterator[Step]:
     """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``: the
-    ``BatchEngine`` with one row (``tree="none"``: run ``autoregressive_decode``). ``budget``:
-    ``spec``'s tree is picked per step from the ladder and plain decoding (``mcsd.budget``;
-    the acceptance estimate starts from its prior).
+    ``BatchEngine`` with one request (``tree="none"``: run ``autoregressive_decode``).
+    ``budget``: ``spec``'s tree is picked per step from the ladder and plain decoding
+    (``mcsd.budget``; the acceptance estimate starts from its prior).
 
     ``vocab_size`` is the common vocabulary: logits are cut to it, so padding ids beyond the
     tokenizer are never sampled. ``device_verify``: verify every node at once on the device
@@ -389,7 +435,7 @@ def speculative_decode(
         verify_dtype=verify_dtype,
         budget=budget,
     )
-    yield from _one_row(engine, prompt_ids, spec, stop_token_ids)
+    yield from _one_request(engine, prompt_ids, spec, stop_token_ids)
 
 
 def _fetch(launched: list) -> list:
@@ -436,8 +482,7 @@ class StepClock:
 
 def _verifier(
     tree: TokenTree,
-    rule: Rule,
-    spec: SpecConfig,
+    plan: Plan,
     device: torch.device,
     device_verify: bool | None,
     verify_dtype: torch.dtype | None,
@@ -456,8 +501,9 @@ def _verifier(
     mask[:, 0] = True
     mask[1:, 1:] = tree.ancestor_mask(device)
     offsets = torch.tensor([0, *tree.depth], device=device)
+    assert plan.rule is not None
     verifier = tree_verifier(
-        tree, rule, spec.target, device, device_verify, verify_dtype, deterministic
+        tree, plan.rule, plan.target, device, device_verify, verify_dtype, deterministic
     )
     return verifier, mask, offsets
 
@@ -477,20 +523,22 @@ def autoregressive_decode(
     ``speculative_decode``."""
     spec = SpecConfig(tree="none", target=sampling, max_new_tokens=max_new_tokens, seed=seed)
     engine = BatchEngine(target, None, vocab_size=vocab_size)
-    yield from _one_row(engine, prompt_ids, spec, stop_token_ids)
+    yield from _one_request(engine, prompt_ids, spec, stop_token_ids)
 
 
-def _one_row(
+def _one_request(
     engine: BatchEngine, prompt_ids: list[int], spec: SpecConfig, stop_token_ids: frozenset[int]
 ) -> Iterator[Step]:
-    """One row's steps through ``engine`` until it finishes; the row is removed even when the
-    caller stops early."""
-    row = engine.add(prompt_ids, spec, stop_token_ids=stop_token_ids)
+    """One request's steps through ``engine`` until it finishes; it is aborted (its row freed)
+    even when the caller stops early."""
+    request = engine.add_request(prompt_ids, spec, stop_token_ids=stop_token_ids)
     try:
-        while row in engine.rows:
-            yield engine.step()[row]
+        while request.finish_reason is None:
+            for stepped, step in engine.step():
+                if stepped is request:
+                    yield step
     finally:
-        engine.remove(row)
+        engine.abort(request)
 
 
 def _prefill(model: Runtime, row: int, tokens: list[int]) -> None:
@@ -519,30 +567,28 @@ def _truncate(
 
 
 def _check_lengths(
-    target: Runtime,
-    proposer: Proposer | BatchProposer | None,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    depth: int = 1,
+    prompt_ids: list[int], max_new_tokens: int, depth: int, limits: list[int | None]
 ) -> int:
-    """Validate the prompt against the context limits (a step reaches ``depth`` positions past
-    the pending token); return the usable max_new_tokens."""
+    """Validate the prompt against the context ``limits`` (the target's, and the proposer's
+    for a speculating request; a step reaches ``depth`` positions past the pending token);
+    return the usable max_new_tokens."""
     if not prompt_ids:
-        raise ValueError("prompt must contain at least one token")
-    limits = [m.max_context for m in (target, proposer) if m is not None]
-    limits = [limit for limit in limits if limit is not None]
-    if not limits:
+        raise ParamError("prompt must contain at least one token", param="prompt")
+    known = [limit for limit in limits if limit is not None]
+    if not known:
         return max_new_tokens
-    context = min(limits)
+    context = min(known)
     if len(prompt_ids) >= context:
-        raise ValueError(
-            f"prompt has {len(prompt_ids)} tokens, at or beyond the model context of {context}"
+        raise ParamError(
+            f"prompt has {len(prompt_ids)} tokens, at or beyond the model context of {context}",
+            param="prompt",
         )
     # Each step needs positions up to (committed - 1) + max_depth.
     room = context - len(prompt_ids) - depth
     if room < 1:
-        raise ValueError(
+        raise ParamError(
             f"prompt of {len(prompt_ids)} tokens leaves no room for tree depth {depth} "
-            f"within the model context of {context}"
+            f"within the model context of {context}",
+            param="prompt",
         )
     return min(max_new_tokens, room)

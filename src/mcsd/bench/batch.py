@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from mcsd.api import ModelPair
+from mcsd.api import ModelPair, adaptive_tree
 from mcsd.bench.methods import Method
 from mcsd.bench.runner import method_pairs, turn_seed
 from mcsd.config import SpecConfig
@@ -57,7 +57,8 @@ def check_batch_methods(methods: Sequence[Method]) -> None:
 def method_engine(pair: ModelPair, method: Method, base: SpecConfig, batch: int) -> BatchEngine:
     """The batch engine of ``batch`` rows that runs ``method`` (``ar``: plain decoding rows)."""
     spec = method_spec(method, base)
-    return pair.batch_engine(spec, batch, adaptive=method.adaptive and spec.speculative)
+    budget_tree = adaptive_tree(spec) if method.adaptive and spec.speculative else None
+    return pair.batch_engine(batch, budget_tree=budget_tree)
 
 
 def method_spec(method: Method, base: SpecConfig) -> SpecConfig:
@@ -75,20 +76,20 @@ def run_batch(
     """``prompts`` through ``engine`` (``method_engine``), rows joining as others free up."""
     spec = method_spec(method, base)
     stop = pair.stop_ids(spec)
-    answers: list[list[int]] = [[] for _ in prompts]
-    stats = Stats()
-    waiting = list(enumerate(prompts))
-    index_of: dict[int, int] = {}
     started = time.perf_counter()
-    while waiting or engine.rows:
-        while waiting and engine.free_rows():
-            index, prompt_ids = waiting.pop(0)
-            row_spec = replace(spec, seed=turn_seed(base.seed, index, 0))
-            index_of[engine.add(prompt_ids, row_spec, stop_token_ids=stop)] = index
-        for row, step in engine.step().items():
-            answers[index_of[row]] += step.tokens
-            stats.add(step.record)
+    requests = [
+        engine.add_request(
+            prompt_ids, replace(spec, seed=turn_seed(base.seed, index, 0)), stop_token_ids=stop
+        )
+        for index, prompt_ids in enumerate(prompts)
+    ]
+    while engine.has_unfinished():
+        engine.step()
     seconds = time.perf_counter() - started
+    answers = [request.output_ids for request in requests]
+    stats = Stats()
+    for request in requests:
+        stats.records += request.stats.records
     return BatchResult(
         method=method.name,
         batch_size=engine.max_batch,

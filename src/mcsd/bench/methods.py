@@ -46,7 +46,7 @@ from dataclasses import KW_ONLY, dataclass, replace
 
 from mcsd.api import ModelPair
 from mcsd.config import DEFAULT_MAX_TREE_NODES, DYNAMIC_PREFIX, DynamicTreeConfig, SpecConfig
-from mcsd.draft.select import make_proposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.stats import StepRecord
 from mcsd.verify.rules import RULE_NAMES, get_rule
@@ -310,7 +310,7 @@ def run_method(
     else:
         steps = speculative_decode(
             pair.target,
-            make_proposer(spec, pair.draft, pair.vocab_size, pair.target.device),
+            Drafter(pair.draft, vocab_size=pair.vocab_size, device=pair.target.device),
             prompt_ids,
             spec,
             vocab_size=pair.vocab_size,

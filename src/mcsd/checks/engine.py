@@ -22,8 +22,7 @@ import torch
 
 from mcsd.checks.node import DEFAULT_ALPHA, Fit, goodness_of_fit
 from mcsd.config import ContextConfig, SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
-from mcsd.draft.select import make_proposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import BatchEngine, speculative_decode
 from mcsd.models.base import Runtime, score, with_rows
 from mcsd.models.toy import TableLM, sequence_distribution
@@ -224,7 +223,7 @@ def generation(case: EngineCase, target: Runtime, draft: Runtime, seed: int):  #
     """The engine's steps for one seeded generation of ``case`` (a fresh proposer around
     ``draft``, as ``case.proposer`` says)."""
     spec = case.spec(seed)
-    proposer = make_proposer(spec, draft, case.vocab, target.device)
+    proposer = Drafter(draft, vocab_size=case.vocab, device=target.device)
     return speculative_decode(
         target,
         proposer,
@@ -315,7 +314,7 @@ def batch_generations(
     else:
         target, draft = (with_rows(model, batch) for model in models)
     spec = case.spec(0)
-    proposer = ModelProposer.for_spec(draft, spec, case.vocab)
+    proposer = Drafter(draft, vocab_size=case.vocab, device=target.device)
     engine = engine_class(
         target,
         proposer,
@@ -323,16 +322,10 @@ def batch_generations(
         device_verify=case.device_verify,
         verify_dtype=torch.float32 if case.float32 else None,
     )
-    waiting = list(enumerate(jobs))
-    outputs: list[list[int]] = [[] for _ in jobs]
-    job_of: dict[int, int] = {}
-    while waiting or engine.rows:
-        while waiting and engine.free_rows():
-            job, (prompt, seed) = waiting.pop(0)
-            job_of[engine.add(list(prompt), replace(spec, seed=seed))] = job
-        for row, step in engine.step().items():
-            outputs[job_of[row]] += step.tokens
-    return outputs
+    requests = [engine.add_request(prompt, replace(spec, seed=seed)) for prompt, seed in jobs]
+    while engine.has_unfinished():
+        engine.step()
+    return [request.output_ids for request in requests]
 
 
 def run_batch_engine_case(

@@ -314,10 +314,8 @@ def adaptive_from_args(args: argparse.Namespace, spec: SpecConfig) -> tuple[bool
     line says about it (None when off). Asked for with a tree it cannot shrink (``none``, a
     dynamic tree, the context or mixed proposer) or with ``--tp`` > 1 (every rank would measure
     its own costs and pick its own trees): ``ValueError``."""
-    from mcsd.api import one_row_spec
-
     asked = args.adaptive_tree
-    static = spec.speculative and not one_row_spec(spec)
+    static = spec.speculative and spec.dynamic is None and spec.proposer == "model"
     parallel = getattr(args, "tp", 1) > 1
     if asked:
         if not static:

@@ -5,11 +5,11 @@ the positions right after its occurrences; appending a token costs O(max_ngram),
 follows the prompt and the generated tokens without re-scanning them. Each step the proposer
 matches the longest suffix of the committed tokens (ending with the pending token) in the live
 index and, opt-in, in a ``RequestStore`` of earlier requests (an object the caller owns and
-passes, e.g. one per server). The occurrences of that suffix vote for what comes next: a node's
-children are the distinct tokens that followed its path, most frequent first (at most
-``max_children``), and the tree grows best first by the share of occurrences that follow each
-path (SuffixDecoding's frequency score), within ``max_nodes`` and ``max_depth``
-(``mcsd.config.ContextConfig``).
+passes, e.g. one per server; ``mcsd.draft.proposer.Drafter`` reads it). The occurrences of
+that suffix vote for what comes next: a node's children are the distinct tokens that followed
+its path, most frequent first (at most ``max_children``), and the tree grows best first by the
+share of occurrences that follow each path (SuffixDecoding's frequency score), within
+``max_nodes`` and ``max_depth`` (``mcsd.config.ContextConfig``).
 
 The candidates are deterministic (a function of the committed tokens), so a sampling target
 verifies them with the one-hot rule (``topk``: accept c with the residual's p(c), else zero c
@@ -68,7 +68,7 @@ class SuffixIndex:
 class RequestStore:
     """Recent requests (prompt and output tokens), each indexed once, for context drafting
     across requests. Opt-in: the caller owns it (e.g. one per server) and passes it to every
-    ``ContextProposer`` that may copy from it; it keeps the ``capacity`` most recent."""
+    ``Drafter`` that may copy from it; it keeps the ``capacity`` most recent."""
 
     def __init__(self, capacity: int, max_ngram: int) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -149,46 +149,26 @@ def build_tree(occurrences: Sequence[Occurrence], config: ContextConfig) -> Cont
     return ContextTree(TokenTree(tuple(parents)), tuple(tokens))
 
 
-class ContextProposer:
-    """Proposes context trees (see the module docstring) on ``device`` (the target's).
+def context_tree(
+    index: SuffixIndex,
+    committed: Sequence[int],
+    config: ContextConfig,
+    store: RequestStore | None = None,
+) -> ContextTree | None:
+    """A request's context tree for this step (``index``: its own tokens, which must follow
+    ``committed``; ``store``: earlier requests, read only), or None when no suffix of
+    ``committed`` occurred before."""
+    assert len(index.tokens) == len(committed), "index out of step with the tokens"
+    indexes = [index, *(store.indexes[::-1] if store is not None else ())]
+    return build_tree(match(indexes, committed, config), config)
 
-    ``store``: earlier requests to copy from too (``RequestStore``), or None; the proposer only
-    reads it (the caller adds finished requests)."""
 
-    def __init__(
-        self,
-        config: ContextConfig,
-        device: torch.device | str,
-        store: RequestStore | None = None,
-    ) -> None:
-        self.config = config
-        self.device = torch.device(device)
-        self.store = store
-        self.index = SuffixIndex(config.max_ngram)
-
-    @property
-    def max_context(self) -> int | None:
-        return None
-
-    @property
-    def max_depth(self) -> int:
-        return self.config.max_depth
-
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self.index = SuffixIndex(self.config.max_ngram, prompt_ids)
-
-    def propose_host(self, committed: Sequence[int]) -> ContextTree | None:
-        """The step's context tree, or None when no suffix of ``committed`` occurred before."""
-        assert len(self.index.tokens) == len(committed), "index out of step with the tokens"
-        indexes = [self.index, *(self.store.indexes[::-1] if self.store is not None else ())]
-        return build_tree(match(indexes, committed, self.config), self.config)
-
-    def propose(self, committed: Sequence[int], generator: torch.Generator) -> Proposal:
-        found = self.propose_host(committed)
-        if found is None:  # nothing to copy: one cheap node, verified like any other
-            found = ContextTree(TokenTree((ROOT,)), (committed[-1],))
-        tokens = torch.tensor(found.tokens, dtype=torch.long, device=self.device)  # [N]
-        return Proposal(found.tree, tokens, None, (True,) * found.tree.num_nodes)
-
-    def commit(self, accepted: Sequence[int], tokens: Sequence[int]) -> None:
-        self.index.extend(tokens)
+def context_proposal(
+    found: ContextTree | None, committed: Sequence[int], device: torch.device
+) -> Proposal:
+    """The proposal of a context tree (every node deterministic); with nothing to copy, one
+    cheap node (the pending token repeated), verified like any other."""
+    if found is None:
+        found = ContextTree(TokenTree((ROOT,)), (committed[-1],))
+    tokens = torch.tensor(found.tokens, dtype=torch.long, device=device)  # [N]
+    return Proposal(found.tree, tokens, None, (True,) * found.tree.num_nodes)

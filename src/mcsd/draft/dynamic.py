@@ -2,9 +2,10 @@
 
 A node's *score* is the draft's probability of its path, P(u) = prod of q along the path from
 the pending token. Level by level, the ``width`` highest-scoring nodes of the newest depth run
-through the draft (one forward per level, tree mask over the pending block, as in
-``mcsd.draft.model``) and get children, down to ``max_depth``. How the children are picked
-decides which verification rule is lossless:
+through the draft (one forward per level of the request's own row, tree mask over its
+uncached tokens and its tree's entries in the pending block, ``mcsd.draft.model.DraftRows``)
+and get children, down to ``max_depth``. How the children are picked decides which
+verification rule is lossless:
 
 - **deterministic** (rules ``topk`` and ``greedy``): every expanded node gets the draft's top
   ``width`` tokens; when the tree is grown, the ``budget`` nodes of highest score are kept (the
@@ -31,16 +32,15 @@ power-of-two bucket, ``mcsd.models.slots``) and the draft's levels at most ``wid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from mcsd.config import DynamicTreeConfig, SamplingConfig
+from mcsd.config import DynamicTreeConfig
 from mcsd.draft.base import Proposal
-from mcsd.draft.model import DraftModelProposer
-from mcsd.models.base import Runtime
+from mcsd.draft.model import DraftRows
+from mcsd.request import Request
 from mcsd.sampling import draw_children, warp
 from mcsd.tree import ROOT, TokenTree
 
@@ -53,7 +53,7 @@ class _Grown:
     token: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)
     score: list[float] = field(default_factory=list)  # draft path probability P(u)
-    run: list[int] = field(default_factory=list)  # nodes run through the draft, in slot order
+    entry: dict[int, int] = field(default_factory=dict)  # run node -> its draft pending entry
     q: dict[int, Tensor] = field(default_factory=dict)  # ROOT / run node -> q its children had
 
     def add(self, parent: int, tokens: list[int], scores: list[float], depth: int) -> None:
@@ -64,139 +64,119 @@ class _Grown:
             self.score.append(score)
 
 
-class DynamicProposer(DraftModelProposer):
-    """A tree grown per step under ``config`` (see the module docstring).
+def grow(draft: DraftRows, request: Request, root_logits: Tensor, seen: Tensor) -> Proposal:
+    """Grow ``request``'s tree for this step (see the module docstring) below the root logits
+    ``[V]`` of the step's first draft forward (``seen`` ``[n]``: the row's uncached entries);
+    node tokens ``[N]``, q ``[N+1, V]`` (rows of nodes without children zero) or None when the
+    rule does not read it."""
+    plan = request.plan
+    config, sampling, scheme = plan.dynamic, plan.draft, plan.candidates
+    assert config is not None and scheme is not None
+    device = draft.device
+    grown = _Grown()
+    frontier = [ROOT]  # nodes whose children this level picks
+    frontier_logits = root_logits[None]  # [F, V]
+    left = config.budget
+    for depth in range(1, config.max_depth + 1):
+        q = warp(frontier_logits, sampling)  # [F, V] what the children are drawn from
+        # [F, V] what ranks them: q, or for a greedy draft (one-hot q) its softmax
+        scores = torch.softmax(frontier_logits.float(), -1) if sampling.greedy else q
+        for u, row in zip(frontier, q, strict=True):
+            grown.q[u] = row
+        first = len(grown.token)
+        k = min(config.width, draft.vocab_size)
+        parent_scores = torch.tensor(
+            [1.0 if u == ROOT else grown.score[u] for u in frontier], device=device
+        )  # [F]
+        if scheme.prune:  # every expanded node gets k children, the best are kept below
+            counts = [k] * len(frontier)
+        else:  # the level's slots, allotted before anything is drawn
+            counts = _counts(scores, parent_scores, min(left, k))
+            left -= sum(counts)
+        if scheme.deterministic:
+            top = torch.topk(scores, k, dim=-1).indices  # [F, k] the draft's top-k per node
+        for i, (u, count) in enumerate(zip(frontier, counts, strict=True)):
+            if count == 0:
+                continue
+            if scheme.deterministic:
+                tokens = top[i, :count]
+            else:
+                tokens = draw_children(
+                    q[i : i + 1], count, replacement=False, generator=request.generator
+                )[0]  # [count] in draw order
+            child_scores = (parent_scores[i] * scores[i, tokens]).tolist()
+            grown.add(u, tokens.tolist(), child_scores, depth)
+        newest = range(first, len(grown.token))
+        if depth == config.max_depth or left == 0 or not newest:
+            break
+        ranked = sorted(newest, key=lambda v: (-grown.score[v], v))
+        frontier = sorted(ranked[: config.width])
+        frontier_logits = _run_level(draft, request, grown, frontier, seen)
+    return _proposal(draft, request, grown, config, prune=scheme.prune)
 
-    ``deterministic``: the draft's top-k and the keep-the-best-``budget`` selection (rules
-    ``topk`` / ``greedy``, and any greedy draft); else children sampled without replacement
-    with their counts fixed before the draw (``mcss-wor``). ``return_q``: the proposal carries
-    q (the rule reads it)."""
 
-    def __init__(
-        self,
-        draft: Runtime,
-        config: DynamicTreeConfig,
-        sampling: SamplingConfig,
-        *,
-        vocab_size: int,
-        deterministic: bool,
-        return_q: bool,
-    ) -> None:
-        super().__init__(draft, sampling, vocab_size=vocab_size)
-        self.config = config
-        # how children are picked: the draft's top-k, or drawn without replacement from q
-        self.deterministic = deterministic or sampling.greedy
-        # how the tree is shaped: grow wide and keep the best budget nodes (only lossless for
-        # deterministic candidates), or allot each level's children before drawing them
-        self.prune = self.deterministic
-        self.return_q = return_q
+def _counts(scores: Tensor, parent_scores: Tensor, slots: int) -> list[int]:
+    """Children per frontier node for a sampled level: the ``slots`` best expected child
+    scores P(u) * (j-th largest q_u(.)), j < ``slots``. Depends only on the frontier's own
+    q and scores, never on the draws it allots."""
+    expected = parent_scores[:, None] * torch.topk(scores, slots, dim=-1).values  # [F, s]
+    best = torch.topk(expected.flatten(), slots).indices  # [slots]
+    return torch.bincount(best // slots, minlength=len(parent_scores)).tolist()
 
-    @property
-    def max_depth(self) -> int:
-        return self.config.max_depth
 
-    def propose(self, committed: Sequence[int], generator: torch.Generator) -> Proposal:
-        """Grow this step's tree; node tokens ``[N]``, q ``[N+1, V]`` (rows of nodes without
-        children zero) or None when the rule does not read it."""
-        config, device = self.config, self.draft.device
-        root_logits, n, pending = self.run_uncached(committed)
-        grown = _Grown()
-        frontier = [ROOT]  # nodes whose children this level picks
-        frontier_logits = root_logits[None]  # [F, V]
-        left = config.budget
-        for depth in range(1, config.max_depth + 1):
-            q = warp(frontier_logits, self.sampling)  # [F, V] what the children are drawn from
-            # [F, V] what ranks them: q, or for a greedy draft (one-hot q) its softmax
-            scores = torch.softmax(frontier_logits.float(), -1) if self.sampling.greedy else q
-            for u, row in zip(frontier, q, strict=True):
-                grown.q[u] = row
-            first = len(grown.token)
-            k = min(config.width, self.vocab_size)
-            parent_scores = torch.tensor(
-                [1.0 if u == ROOT else grown.score[u] for u in frontier], device=device
-            )  # [F]
-            if self.prune:  # every expanded node gets k children, the best are kept below
-                counts = [k] * len(frontier)
-            else:  # the level's slots, allotted before anything is drawn
-                counts = self._counts(scores, parent_scores, min(left, k))
-                left -= sum(counts)
-            if self.deterministic:
-                top = torch.topk(scores, k, dim=-1).indices  # [F, k] the draft's top-k per node
-            for i, (u, count) in enumerate(zip(frontier, counts, strict=True)):
-                if count == 0:
-                    continue
-                if self.deterministic:
-                    tokens = top[i, :count]
-                else:
-                    tokens = draw_children(
-                        q[i : i + 1], count, replacement=False, generator=generator
-                    )[0]  # [count] in draw order
-                child_scores = (parent_scores[i] * scores[i, tokens]).tolist()
-                grown.add(u, tokens.tolist(), child_scores, depth)
-            newest = range(first, len(grown.token))
-            if depth == config.max_depth or left == 0 or not newest:
-                break
-            ranked = sorted(newest, key=lambda v: (-grown.score[v], v))
-            frontier = sorted(ranked[: config.width])
-            frontier_logits = self._run_level(grown, frontier, n, pending)
-        return self._proposal(grown)
+def _run_level(
+    draft: DraftRows, request: Request, grown: _Grown, frontier: list[int], seen: Tensor
+) -> Tensor:
+    """Run ``frontier`` (nodes of one depth) through the draft on the request's row: logits
+    ``[F, V]``. Each sees the row's uncached tokens, its ancestors (run at earlier levels, at
+    their pending entries) and itself."""
+    device = draft.device
+    width = draft.draft.pending_length
+    f = len(frontier)
+    mask = torch.zeros(f, width + f, dtype=torch.bool)  # [F, P + F]
+    mask[:, : seen.shape[0]] = seen.cpu()
+    for i, u in enumerate(frontier):
+        mask[i, width + i] = True
+        ancestor = grown.parent[u]
+        while ancestor != ROOT:
+            mask[i, grown.entry[ancestor]] = True
+            ancestor = grown.parent[ancestor]
+        grown.entry[u] = width + i
+    pending = len(request.committed) - 1
+    tokens = torch.tensor([[grown.token[u] for u in frontier]], device=device)  # [1, F]
+    positions = torch.tensor([[pending + grown.depth[u] for u in frontier]], device=device)
+    out = draft.forward([request.row], tokens, positions, mask.to(device))  # [1, F, V]
+    return out[0]
 
-    @staticmethod
-    def _counts(scores: Tensor, parent_scores: Tensor, slots: int) -> list[int]:
-        """Children per frontier node for a sampled level: the ``slots`` best expected child
-        scores P(u) * (j-th largest q_u(.)), j < ``slots``. Depends only on the frontier's own
-        q and scores, never on the draws it allots."""
-        expected = parent_scores[:, None] * torch.topk(scores, slots, dim=-1).values  # [F, s]
-        best = torch.topk(expected.flatten(), slots).indices  # [slots]
-        return torch.bincount(best // slots, minlength=len(parent_scores)).tolist()
 
-    def _run_level(self, grown: _Grown, frontier: list[int], n: int, pending: int) -> Tensor:
-        """Run ``frontier`` (nodes of one depth) through the draft: logits ``[F, V]``. Each
-        sees the uncached tokens, its ancestors (run at earlier levels) and itself."""
-        device = self.draft.device
-        slot = {u: s for s, u in enumerate(grown.run)}
-        before = len(grown.run)
-        mask = torch.zeros(len(frontier), n + before + len(frontier), dtype=torch.bool)
-        mask[:, :n] = True
-        for i, u in enumerate(frontier):
-            mask[i, n + before + i] = True
-            ancestor = grown.parent[u]
-            while ancestor != ROOT:
-                mask[i, n + slot[ancestor]] = True
-                ancestor = grown.parent[ancestor]
-        grown.run += frontier
-        tokens = torch.tensor([[grown.token[u] for u in frontier]], device=device)  # [1, F]
-        positions = torch.tensor([[pending + grown.depth[u] for u in frontier]], device=device)
-        out = self.draft.forward(tokens, positions, mask.to(device))  # [1, F, V']
-        return out[0, :, : self.vocab_size]
-
-    def _proposal(self, grown: _Grown) -> Proposal:
-        """Keep the best ``budget`` nodes (deterministic mode) and lay them out in BFS order,
-        siblings in draw order; record the slots of the kept nodes the draft ran."""
-        device = self.draft.device
-        nodes = range(len(grown.token))
-        kept = sorted(nodes, key=lambda v: (-grown.score[v], v))[: self.config.budget]
-        if not self.prune:
-            kept = list(nodes)
-        index: dict[int, int] = {ROOT: ROOT}
-        order = sorted(kept, key=lambda v: (grown.depth[v], v))
-        # BFS: by depth, then by the parent's new index, then in draw order
-        layout: list[int] = []
-        for depth in sorted({grown.depth[v] for v in order}):
-            level = [v for v in order if grown.depth[v] == depth]
-            level.sort(key=lambda v: (index[grown.parent[v]], v))
-            for v in level:
-                index[v] = len(layout)
-                layout.append(v)
-        tree = TokenTree(tuple(index[grown.parent[v]] for v in layout))
-        tokens = torch.tensor([grown.token[v] for v in layout], device=device)  # [N]
-        run_slot = {u: s for s, u in enumerate(grown.run)}
-        self.slot = {index[u]: run_slot[u] for u in layout if u in run_slot}
-        q = None
-        if self.return_q:
-            q = torch.zeros(len(layout) + 1, self.vocab_size, device=device)  # [N+1, V]
-            q[0] = grown.q[ROOT]
-            for u in layout:
-                if tree.children(index[u]):
-                    q[index[u] + 1] = grown.q[u]
-        return Proposal(tree, tokens, q)
+def _proposal(
+    draft: DraftRows, request: Request, grown: _Grown, config: DynamicTreeConfig, *, prune: bool
+) -> Proposal:
+    """Keep the best ``budget`` nodes (deterministic mode) and lay them out in BFS order,
+    siblings in draw order; record the pending entries of the kept nodes the draft ran."""
+    device = draft.device
+    nodes = range(len(grown.token))
+    kept = sorted(nodes, key=lambda v: (-grown.score[v], v))[: config.budget]
+    if not prune:
+        kept = list(nodes)
+    index: dict[int, int] = {ROOT: ROOT}
+    order = sorted(kept, key=lambda v: (grown.depth[v], v))
+    # BFS: by depth, then by the parent's new index, then in draw order
+    layout: list[int] = []
+    for depth in sorted({grown.depth[v] for v in order}):
+        level = [v for v in order if grown.depth[v] == depth]
+        level.sort(key=lambda v: (index[grown.parent[v]], v))
+        for v in level:
+            index[v] = len(layout)
+            layout.append(v)
+    tree = TokenTree(tuple(index[grown.parent[v]] for v in layout))
+    tokens = torch.tensor([grown.token[v] for v in layout], device=device)  # [N]
+    request.cursor.draft.entries = {index[u]: grown.entry[u] for u in layout if u in grown.entry}
+    q = None
+    if request.plan.candidates.return_q:
+        q = torch.zeros(len(layout) + 1, draft.vocab_size, device=device)  # [N+1, V]
+        q[0] = grown.q[ROOT]
+        for u in layout:
+            if tree.children(index[u]):
+                q[index[u] + 1] = grown.q[u]
+    return Proposal(tree, tokens, q)

@@ -1,7 +1,7 @@
 """Mixed trees: the draft model's tree and the context's tree below the same pending token.
 
-Each step the draft model grows its static tree (``mcsd.draft.model``) and the context proposer
-its tree of copied continuations (``mcsd.draft.context``); the step's tree holds both as one trie
+Each step the draft model grows its static tree (``mcsd.draft.model``) and the context its
+tree of copied continuations (``mcsd.draft.context``); the step's tree holds both as one trie
 (``merge``): where a context path and a draft path agree, the draft's drawn children continue
 below the context node, and below every node the deterministic (context) candidates come before
 the drawn siblings. The proposal flags every node
@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from mcsd.draft.base import Proposal
-from mcsd.draft.context import ContextProposer
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.context import ContextTree
 from mcsd.tree import ROOT, TokenTree
 
 
@@ -91,53 +90,31 @@ def merge(
     )
 
 
-class MixedProposer:
-    """Draft-model and context candidates in one tree (see the module docstring)."""
+def mixed_proposal(drawn: Proposal, found: ContextTree | None) -> tuple[Proposal, Merged | None]:
+    """The step's union of the draft's ``drawn`` proposal and the context tree ``found`` (the
+    draft's proposal alone when the context has no match), and the union (what the commit maps
+    accepted nodes back to the draft's tree with: ``Merged.draft_node``)."""
+    if found is None:
+        return drawn, None
+    device = drawn.tokens.device
+    draft_tokens = drawn.tokens.tolist()  # the twins depend on the drawn tokens
+    merged = merge(found.tree, found.tokens, drawn.tree, draft_tokens, device)
+    context_tokens = torch.tensor(found.tokens, dtype=torch.long, device=device)
+    tokens = torch.cat([context_tokens, drawn.tokens])[merged.order]  # [C + D]
+    q = None
+    if drawn.q is not None:
+        q = torch.cat([drawn.q, torch.zeros_like(drawn.q[:1])])[merged.q_rows]  # [C+D+1, V]
+    return Proposal(merged.tree, tokens, q, merged.deterministic), merged
 
-    def __init__(self, model: ModelProposer, context: ContextProposer) -> None:
-        self.model = model
-        self.context = context
-        self._last: Merged | None = None
 
-    @property
-    def max_context(self) -> int | None:
-        return self.model.max_context
-
-    @property
-    def max_depth(self) -> int:
-        return max(self.model.max_depth, self.context.max_depth)
-
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self.model.start(prompt_ids)
-        self.context.start(prompt_ids)
-
-    def propose(self, committed: Sequence[int], generator: torch.Generator) -> Proposal:
-        drawn = self.model.propose(committed, generator)
-        found = self.context.propose_host(committed)
-        if found is None:
-            self._last = None
-            return drawn
-        device = drawn.tokens.device
-        draft_tokens = drawn.tokens.tolist()  # the twins depend on the drawn tokens
-        merged = merge(found.tree, found.tokens, drawn.tree, draft_tokens, device)
-        self._last = merged
-        context_tokens = torch.tensor(found.tokens, dtype=torch.long, device=device)
-        tokens = torch.cat([context_tokens, drawn.tokens])[merged.order]  # [C + D]
-        q = None
-        if drawn.q is not None:
-            q = torch.cat([drawn.q, torch.zeros_like(drawn.q[:1])])[merged.q_rows]  # [C+D+1, V]
-        return Proposal(merged.tree, tokens, q, merged.deterministic)
-
-    def commit(self, accepted: Sequence[int], tokens: Sequence[int]) -> None:
-        """The draft keeps the accepted nodes it drafted or has a twin of (a path of its tree
-        from the root); the rest of the tokens are new to it."""
-        merged = self._last
-        drafted = list(accepted)
-        if merged is not None:
-            drafted = []
-            for a in accepted:
-                if merged.draft_node[a] < 0:
-                    break
-                drafted.append(merged.draft_node[a])
-        self.model.commit(drafted, tokens)
-        self.context.commit(accepted, tokens)
+def drafted_nodes(merged: Merged | None, accepted: Sequence[int]) -> list[int]:
+    """The accepted nodes of a union as nodes of the draft's tree: those it drafted or has a
+    twin of (a path of its tree from the root), up to the first it never saw."""
+    if merged is None:
+        return list(accepted)
+    drafted = []
+    for a in accepted:
+        if merged.draft_node[a] < 0:
+            break
+        drafted.append(merged.draft_node[a])
+    return drafted

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 from mcsd import __version__
 from mcsd.api import Chunk, ModelPair
+from mcsd.api import adaptive_tree as adaptive_tree_of
 from mcsd.config import SpecConfig
 from mcsd.server.auth import BearerAuth
 from mcsd.server.defaults import ServeDefaults, ServeLimits
@@ -92,7 +93,7 @@ def create_app(
         max_queue=max_queue,
         max_prompt_tokens=serve_limits.max_prompt_tokens,
         max_batch=max_batch,
-        adaptive=adaptive_tree,
+        budget_tree=adaptive_tree_of(defaults) if adaptive_tree else None,
     )
     metrics = scheduler.metrics
     contexts = [m.max_context for m in (pair.target, pair.draft) if m is not None and m.max_context]

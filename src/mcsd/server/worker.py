@@ -1,19 +1,17 @@
-"""Continuous batching: a worker thread runs up to ``max_batch`` generations as rows of batch
-engines (``mcsd.engine.BatchEngine``) and admits waiting requests from a bounded first-in-first-out
-queue as rows free up.
+"""Continuous batching: a worker thread feeds the requests of a bounded first-in-first-out
+queue to one engine (``mcsd.engine.BatchEngine``) of ``max_batch`` rows and posts every step.
 
-Each step of the loop admits waiting jobs into free rows (a new request joins at the next step;
-its prompt is read in a forward of its own), runs one speculative step of every engine and posts
-every row's chunk to its job. Rows whose requests draft the same way (draft sampling, rule)
-share an engine, whatever tree they grow (``"tree": "none"``: plain decoding beside them); a
-request with other draft settings gets an engine of its own, stepped in turn. The HTTP side
-(asyncio) submits a ``Job`` and reads its events from an ``asyncio.Queue`` (posted with
-``loop.call_soon_threadsafe``). Cancelling a job (client gone) removes it from the queue if it
-waits, or frees its row before the next step if it runs, so a disconnect frees its row within
-one speculative step. A failure inside a step fails the rows of
-that engine (500, or 503 for device out-of-memory: ``mcsd.server.failures``) and the engine is
-rebuilt; the other engines' requests carry on. A request whose trees are grown one row at a
-time (a dynamic tree: ``mcsd.api.one_row_spec``) gets an engine of one row of its own.
+Each turn of the loop takes as many waiting jobs as there are free rows, tokenises them and
+adds them to the engine (which admits them into rows at its next step; a prompt is read in a
+forward of its own), runs one step of the engine and posts every row's chunk to its job.
+Requests of every kind share the engine and its forwards: static, dynamic, context and mixed
+trees, any rule and draft sampling, and plain decoding (``"tree": "none"``), each with its own
+plan. The HTTP side (asyncio) submits a ``Job`` and reads its events from an ``asyncio.Queue``
+(posted with ``loop.call_soon_threadsafe``). Cancelling a job (client gone) removes it from the
+queue if it waits, or aborts its request before the next step if it runs, so a disconnect frees
+its row within one speculative step. A failure inside a step fails the running requests (500,
+or 503 for device out-of-memory: ``mcsd.server.failures``) and the engine is rebuilt for the
+next request.
 
 Tokenising happens in the worker thread too: a tokenizer is not safe to use from two threads.
 The waiting requests live in an ``AdmissionQueue`` (``mcsd.server.admission``): beyond the free
@@ -24,20 +22,22 @@ waiting requests still finish.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from mcsd.api import Chunk, ModelPair, Prompt, TextRow, encode_prompt, one_row_spec
+from mcsd.api import Chunk, ModelPair, Prompt, TextRow, encode_prompt
 from mcsd.config import SpecConfig
 from mcsd.engine import BatchEngine, Step
+from mcsd.errors import ParamError
+from mcsd.request import Request
 from mcsd.server.admission import AdmissionQueue, Closed, QueueFull
 from mcsd.server.failures import failure_of
 from mcsd.server.metrics import Metrics
-from mcsd.server.schemas import APIError
+from mcsd.server.schemas import APIError, param_error
 from mcsd.stats import Stats
+from mcsd.tree import TokenTree
 
 log = logging.getLogger("mcsd.server")
 
@@ -93,23 +93,12 @@ class Job:
             self.cancelled.set()
 
 
-EngineKey = tuple  # what rows of one engine share: draft sampling and rule
-PLAIN: EngineKey = ("plain",)  # an engine without a proposer: rows without speculation only
-
-
-def engine_key(spec: SpecConfig) -> EngineKey:
-    """Requests with the same key can be rows of one engine: one proposer drafts for all (each
-    row grows its own static tree; rows without speculation decode plainly beside them)."""
-    return (spec.draft_sampling, spec.resolved_rule())
-
-
 @dataclass
 class _Running:
-    """A job in a row: its engine, row, text state and timings."""
+    """A job's request in the engine, its text state and timings."""
 
     job: Job
-    key: EngineKey
-    row: int
+    request: Request
     text: TextRow
     started: float
     first: float | None = None
@@ -127,7 +116,7 @@ class Scheduler:
         max_queue: int,
         max_prompt_tokens: int | None = None,
         max_batch: int = 1,
-        adaptive: bool = False,
+        budget_tree: TokenTree | None = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -136,13 +125,13 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens  # None: the models' context decides
-        self.adaptive = adaptive  # each engine measures its step cost; trees shrink with the batch
+        # the requests growing this tree get the adaptive budget (it shrinks with the batch)
+        self.budget_tree = budget_tree
         # the free rows' requests pass through it too: submit counts only those beyond them
         self.queue: AdmissionQueue[Job] = AdmissionQueue(max_queue + max_batch)
         self._held = 0  # requests taken from the queue and not finished (admitted or running)
-        self._running: list[_Running] = []
-        self._engines: dict[EngineKey, BatchEngine] = {}
-        self._one_row_keys = itertools.count()
+        self._running: dict[Request, _Running] = {}
+        self._engine: BatchEngine | None = None  # built for the first request, after a failure
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -173,7 +162,7 @@ class Scheduler:
             self.queue.close()
             for job in self.queue.clear():
                 job.cancelled.set()
-            for running in self._running:
+            for running in self._running.values():
                 running.job.cancelled.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -208,7 +197,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             if self._stopping:
-                for running in list(self._running):
+                for running in list(self._running.values()):
                     self._end(running, "cancelled")
                 return
             free = self.max_batch - self._held
@@ -229,98 +218,66 @@ class Scheduler:
             for job in admitted:
                 self._admit(job)
             self._drop_cancelled()
-            for key in list(self._engines):
-                self._step(key)
+            self._step()
 
-    def _key(self, spec: SpecConfig) -> EngineKey:
-        """The engine a request runs in: one of its own for one-row trees, any engine with a
-        proposer over rows for a request without speculation, else by draft settings."""
-        if one_row_spec(spec):
-            return ("one-row", next(self._one_row_keys))
-        if not spec.speculative:
-            shared = [key for key in self._engines if key[0] != "one-row"]
-            return shared[0] if shared else PLAIN
-        return engine_key(spec)
-
-    def _engine(self, key: EngineKey, spec: SpecConfig) -> BatchEngine:
-        if key not in self._engines:
-            if key[0] == "one-row":
-                # a batch of one; beside other engines, on caches of its own (weights shared)
-                pair = self.pair
-                if self.max_batch > 1:
-                    draft = pair.draft
-                    pair = replace(
-                        pair,
-                        target=pair.target.with_rows(1),  # type: ignore[attr-defined]
-                        draft=None if draft is None else draft.with_rows(1),  # type: ignore[attr-defined]
-                    )
-                self._engines[key] = pair.batch_engine(spec, 1)
-            else:
-                adaptive = self.adaptive and spec.speculative
-                self._engines[key] = self.pair.batch_engine(spec, self.max_batch, adaptive=adaptive)
-        return self._engines[key]
+    @property
+    def engine(self) -> BatchEngine:
+        """The engine of every request (built on first use, again after a failed step)."""
+        if self._engine is None:
+            self._engine = self.pair.batch_engine(self.max_batch, budget_tree=self.budget_tree)
+        return self._engine
 
     def _admit(self, job: Job) -> None:
-        """Tokenise ``job`` and start it in a row (a 400 when its prompt is refused)."""
+        """Tokenise ``job`` and add it to the engine (a 400 when its prompt or spec is
+        refused: everything about a request is checked before it is queued)."""
         started = time.perf_counter()
         self.metrics.queue_time.observe(started - job.arrival)
         if job.cancelled.is_set():  # the client left between leaving the queue and now
             self._finish_job(job, "cancelled")
             return
-        key: EngineKey | None = None
         try:
-            prompt_ids = encode_prompt(self.pair.tokenizer, job.prompt, chat=job.chat)
-            job.prompt_tokens = len(prompt_ids)
-            _check_prompt_tokens(job.prompt_tokens, self.max_prompt_tokens)
-            key = self._key(job.spec)
-            engine = self._engine(key, job.spec)
-            row = engine.add(prompt_ids, job.spec, stop_token_ids=self.pair.stop_ids(job.spec))
+            try:
+                prompt_ids = encode_prompt(self.pair.tokenizer, job.prompt, chat=job.chat)
+                job.prompt_tokens = len(prompt_ids)
+                _check_prompt_tokens(job.prompt_tokens, self.max_prompt_tokens)
+            except ValueError as error:
+                raise ParamError(str(error), param="prompt") from error
+            stop = self.pair.stop_ids(job.spec)
+            request = self.engine.add_request(prompt_ids, job.spec, stop_token_ids=stop)
         except ValueError as error:
             # Before the first token a ValueError is the request's fault (prompt beyond the
             # context, empty prompt, a tree wider than the vocabulary): a 400.
-            message = str(error)
-            param = job.prompt_param if "prompt" in message else None
-            if param is not None and not message.startswith(param):
-                message = f"{param}: {message}"  # e.g. "messages: prompt has 9000 tokens..."
-            job.post(Failed(APIError(400, message, param=param), True))
-            self._forget_one_row(key)
+            job.post(Failed(_request_error(error, job.prompt_param), True))
             self._finish_job(job, "invalid")
             return
         except Exception as error:
             self._fail(job, error, True)
-            self._forget_one_row(key)
             self._finish_job(job, "error")
             return
         text = TextRow(0, self.pair.tokenizer, job.spec.stop_strings)
         with self._condition:
-            self._running.append(_Running(job, key, row, text, started, last=started))
+            self._running[request] = _Running(job, request, text, started, last=started)
 
     def _drop_cancelled(self) -> None:
-        for running in list(self._running):
+        for running in list(self._running.values()):
             if running.job.cancelled.is_set():
                 self._end(running, "cancelled")
 
-    def _step(self, key: EngineKey) -> None:
-        """One step of the engine ``key``; every row's chunk to its job."""
-        engine = self._engines.get(key)
-        if engine is None:  # freed with its one request earlier in this loop
-            return
-        rows = {r.row: r for r in self._running if r.key == key}
-        if not rows:
-            if len(self._engines) > 1:  # keep one idle engine, free the others' caches
-                del self._engines[key]
+    def _step(self) -> None:
+        """One step of the engine; every request's chunk to its job."""
+        if not self._running:
             return
         try:
-            steps = engine.step()
+            steps = self.engine.step()
             self.metrics.observe_batch(len(steps))
         except Exception as error:
-            del self._engines[key]  # its caches are mid-step: rebuild it for the next request
-            for running in rows.values():
+            self._engine = None  # its caches are mid-step: rebuild it for the next request
+            for running in list(self._running.values()):
                 self._fail(running.job, error, running.first is None)
-                self._end(running, "error", remove=False)
+                self._end(running, "error", abort=False)
             return
-        for row, step in steps.items():
-            running = rows[row]
+        for request, step in steps:
+            running = self._running[request]
             try:
                 self._post_step(running, step)
             except Exception as error:  # e.g. detokenising: this row fails, the others go on
@@ -328,7 +285,7 @@ class Scheduler:
                 self._end(running, "error")
 
     def _post_step(self, running: _Running, step: Step) -> None:
-        """Send one step of ``running``'s row to its client; end the row when it finished."""
+        """Send one step of ``running``'s request to its client; end it when it finished."""
         metrics, job = self.metrics, running.job
         chunk = running.text.feed(step)
         now = time.perf_counter()
@@ -348,25 +305,19 @@ class Scheduler:
             job.post(Finished(chunk.finish_reason, running.text.stats))
             self._end(running, chunk.finish_reason)
 
-    def _end(self, running: _Running, outcome: str, *, remove: bool = True) -> None:
-        """Free ``running``'s row and record its outcome."""
-        engine = self._engines.get(running.key)
-        if remove and engine is not None:
-            engine.remove(running.row)
-        self._forget_one_row(running.key)
+    def _end(self, running: _Running, outcome: str, *, abort: bool = True) -> None:
+        """Free ``running``'s row (a stop string or a cancel ends it before the engine does)
+        and record its outcome."""
+        if abort and self._engine is not None:
+            self._engine.abort(running.request)
         with self._condition:
-            self._running.remove(running)
+            del self._running[running.request]
         job, metrics = running.job, self.metrics
         if job.completion_tokens > 1 and running.first is not None:
             metrics.tpot.observe((running.last - running.first) / (job.completion_tokens - 1))
         if outcome != "error":
             metrics.e2e.observe(time.perf_counter() - job.arrival)
         self._finish_job(job, outcome, observed=True)
-
-    def _forget_one_row(self, key: EngineKey | None) -> None:
-        """A one-row engine serves one request: free it with its request."""
-        if key is not None and key[0] == "one-row":
-            self._engines.pop(key, None)
 
     def _finish_job(self, job: Job, outcome: str, *, observed: bool = False) -> None:
         """Record a taken request's outcome; its row (if any) is free again."""
@@ -382,6 +333,17 @@ class Scheduler:
         log.exception("generation failed")
         job.done = True
         job.post(Failed(failure_of(error), before_output))
+
+
+def _request_error(error: ValueError, prompt_param: str) -> APIError:
+    """The 400 of a refused request: ``param`` from the error (``ParamError``), the prompt's
+    errors under the request field the prompt came from ("prompt" or "messages")."""
+    message = str(error)
+    if isinstance(error, ParamError) and error.param == "prompt":
+        if not message.startswith(prompt_param):
+            message = f"{prompt_param}: {message}"  # e.g. "messages: prompt has 9000 tokens..."
+        return APIError(400, message, param=prompt_param)
+    return param_error(error)
 
 
 def _check_prompt_tokens(tokens: int, limit: int | None) -> None:
