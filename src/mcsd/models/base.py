@@ -239,10 +239,7 @@ class RuntimeBase:
         check_batch_size(batch_size)
         if batch_size == self.batch_size:
             return self
-        raise ValueError(
-            f"batch_size: runtime {self.name} holds one row; batch_size > 1 runs on the "
-            f"{ROW_RUNTIMES} runtimes, got batch_size={batch_size}"
-        )
+        raise one_row(self.name, batch_size)
 
     def forward_hidden(
         self,
@@ -418,7 +415,17 @@ def with_rows(runtime: Runtime, batch_size: int) -> Runtime:
     check_batch_size(batch_size)
     if runtime.batch_size == batch_size:
         return runtime
+    if not getattr(runtime, "resizable", False):  # an object that declares nothing: one row
+        raise one_row(runtime.name, batch_size)
     return runtime.with_rows(batch_size)
+
+
+def one_row(name: str, batch_size: int) -> ValueError:
+    """The refusal of ``batch_size`` rows by the runtime ``name``, which holds one row."""
+    return ValueError(
+        f"batch_size: runtime {name} holds one row; batch_size > 1 runs on the {ROW_RUNTIMES} "
+        f"runtimes, got batch_size={batch_size}"
+    )
 
 
 def check_hidden(runtime: Runtime, hidden_layers: Sequence[int]) -> tuple[int, ...]:
