@@ -184,6 +184,66 @@ def load_pair(
     ``mcsd.models.fast.parallel.launch`` or torchrun); ``check_ranks``: check every step that
     the ranks agree (``ParallelConfig``). ``load_draft=False``: the target alone, for
     ``proposer="context"`` (candidates copied from the context, no draft forward)."""
+    target, draft = _pair_names(target, draft)
+    parallel = ParallelConfig(size=tp, check_ranks=check_ranks)
+    kind = _pair_runtime(target, runtime, parallel, device=device, dtype=dtype, compile=compile)
+    options: dict[str, Any] = dict(
+        runtime=kind,  # auto resolved once, for the target: both models on one runtime
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        progress=progress,
+        llamacpp=llamacpp,
+    )
+    target_model, tokenizer, eos = load_model(
+        target, device=device, compile=compile == "all", parallel=parallel, **options
+    )
+    if not load_draft:
+        return ModelPair(
+            target=target_model,
+            draft=None,
+            tokenizer=tokenizer,
+            target_name=target,
+            draft_name="none",
+            eos_token_ids=eos,
+        )
+    draft_model, draft_tokenizer, _ = load_model(
+        draft,
+        device=_draft_device(device, parallel),
+        compile=compile in ("draft", "all"),
+        **options,
+    )
+    check_same_tokenizer(tokenizer, draft_tokenizer)
+    return ModelPair(
+        target=target_model,
+        draft=draft_model,
+        tokenizer=tokenizer,
+        target_name=target,
+        draft_name=draft,
+        eos_token_ids=eos,
+    )
+
+
+def _pair_names(target: str | None, draft: str | None) -> tuple[str, str]:
+    """The names to load, None meaning the default pair's."""
+    from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    for role, name in (("target", target), ("draft", draft)):
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ParamError(
+                f"{role} must be a model name, directory or HF id, got {name!r}",
+                param=role,
+                allowed="a model name, directory or HF id",
+            )
+    return target or DEFAULT_TARGET, draft or DEFAULT_DRAFT
+
+
+def _pair_runtime(
+    target: str, runtime: str, parallel: ParallelConfig, *, device: Any, dtype: Any, compile: str
+) -> str:
+    """The runtime both models load on, ``auto`` resolved once from the target and logged.
+
+    Every option is refused here, before the target loads, by the factory's own checks (those
+    ``load_runtime`` runs for each model), so a bad draft option never costs a target load."""
     from mcsd.models.factory import (
         check_options,
         check_parallel,
@@ -191,47 +251,33 @@ def load_pair(
         parse_device,
         runtime_kind,
     )
-    from mcsd.sources import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if compile not in COMPILE_CHOICES:
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
-    for role, name in (("target", target), ("draft", draft)):
-        if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise ValueError(f"{role} must be a model name, directory or HF id, got {name!r}")
-    target = target or DEFAULT_TARGET
-    draft = draft or DEFAULT_DRAFT
+        raise ParamError(
+            f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}",
+            param="compile",
+            allowed=", ".join(COMPILE_CHOICES),
+        )
     torch_device = parse_device(device)
-    parallel = check_parallel(ParallelConfig(size=tp, check_ranks=check_ranks), runtime)
-    if parallel.size > 1:
-        runtime = "fast"
-    kind = runtime_kind(runtime, torch_device, target, dtype)  # refuse bad options first
+    parallel = check_parallel(parallel, runtime)
+    kind = runtime_kind("fast" if parallel.size > 1 else runtime, torch_device, target, dtype)
     check_options(kind, compile=compile != "none", max_length=None, dtype=dtype)
-    if runtime == "auto":
+    if runtime == "auto" and parallel.size == 1:
         log_auto_choice(kind, torch_device)
-    kwargs: dict[str, Any] = dict(
-        runtime=kind.name,  # auto resolved once, for the target: both models on one runtime
-        dtype=dtype,
-        device=device,
-        attn_implementation=attn_implementation,
-        progress=progress,
-        llamacpp=llamacpp,
-    )
-    target_model, tokenizer, eos = load_model(
-        target, compile=compile == "all", parallel=parallel, **kwargs
-    )
-    if not load_draft:
-        return ModelPair(target_model, None, tokenizer, target, "none", eos)
-    if parallel.size > 1:  # the draft replicated, on this rank's device
-        import torch.distributed as dist
+    return kind.name
 
-        from mcsd.models.fast.parallel import rank_device
 
-        kwargs["device"] = rank_device(torch_device, dist.get_rank())
-    draft_model, draft_tokenizer, _ = load_model(
-        draft, compile=compile in ("draft", "all"), **kwargs
-    )
-    check_same_tokenizer(tokenizer, draft_tokenizer)
-    return ModelPair(target_model, draft_model, tokenizer, target, draft, eos)
+def _draft_device(device: Any, parallel: ParallelConfig) -> Any:
+    """Where the draft loads: the target's device, or this rank's under tensor parallelism (the
+    draft is replicated on every rank)."""
+    if parallel.size == 1:
+        return device
+    import torch.distributed as dist
+
+    from mcsd.models.factory import parse_device
+    from mcsd.models.fast.parallel import rank_device
+
+    return rank_device(parse_device(device), dist.get_rank())
 
 
 def check_same_tokenizer(target_tokenizer: Any, draft_tokenizer: Any) -> None:
