@@ -22,7 +22,6 @@ SRC = Path(mcsd.__file__).parent
 # entry, so the list cannot outlive the circle).
 KNOWN_CIRCLES: set[tuple[str, ...]] = {
     ("mcsd.draft.dynamic", "mcsd.draft.model"),  # the draft/ rewrite (one row-aware proposer)
-    ("mcsd.bench.optimise", "mcsd.bench.sweep"),  # one step-cost model (mcsd.budget)
 }
 
 

@@ -3,27 +3,26 @@ shrinks as the batch grows.
 
 A tree that is free at batch 1 (a forward of 1 + N tokens costs what a forward of one token
 costs: the weights' bytes dominate) is not free at batch 16 (16 x (1 + N) tokens are compute).
-The package's one step-cost model (the adaptive budget, ``mcsd tune``'s sweep and the tree
-optimiser price a step with it): ``StepCost`` interpolates the measured time of a runtime's
-forward of ``T`` tokens in all (rows x tokens per row; ``StepCost.probe``, the one probe, times
-a few ``T``), and ``PairCost`` prices a step of ``B`` rows growing an ``N``-node tree:
+The one step-cost model (the budget, ``mcsd tune``'s sweep and the optimiser use it):
+``StepCost`` interpolates a runtime's measured forward time of ``T`` tokens in all (rows x
+tokens per row; ``StepCost.probe``, the one probe, times a few), and ``PairCost`` prices a step
+of ``B`` rows growing an ``N``-node tree:
 
     (1 + o) (target(B (N + 1)) + draft(B u) + sum over levels draft(B r_l)) + f
 
-with ``u`` the tokens per row the draft runs first (the pending one, and those of the plain
-steps it skipped), ``r_l`` the nodes of level l that have children (the draft runs them), and
-the work of a speculative step outside its forwards (verification, sampling, commits) as a
-fraction ``o`` of them (``BudgetDefaults.overhead``) or in seconds ``f`` (``mcsd tune``
-measures it). Plain decoding is ``target(B)``.
+with ``u`` the tokens per row the draft runs first (the pending one, and those of plain steps
+it skipped), ``r_l`` the nodes of level l that have children, and a speculative step's work
+outside its forwards (verification, sampling, commits) as a fraction ``o`` of them
+(``BudgetDefaults.overhead``) or in seconds ``f`` (``mcsd tune`` measures it). Plain decoding
+is ``target(B)``.
 
 One acceptance model (``expected_length``): a node of depth d and sibling rank r is accepted
-with probability ``acceptance[d-1][r]`` once its parent was, and a step commits
-``AL(tree) = 1 + sum over nodes of P(path to the node accepted)`` tokens (the 1: the correction
-or bonus). The optimiser and ``mcsd tune`` measure the whole table offline, from thousands of
-draft ranks (a top-k draft's ranks are far from geometric). The budget learns from the few
-steps a request has run and prices every prefix of its tree at run time, so it uses the
-one-parameter family ``(1 - a)^r a``: siblings are tried in order, each accepted with
-probability ``a`` once the earlier ones were rejected.
+with probability ``acceptance[d-1][r]`` once its parent was, and a step commits ``AL = 1 +
+sum over nodes of P(path accepted)`` tokens (the 1: the correction or bonus). The optimiser and
+``mcsd tune`` measure the whole table offline from thousands of draft ranks (a top-k draft's
+are far from geometric); the budget learns from the few steps run so far, so it fits the
+one-parameter family ``(1 - a)^r a``: siblings tried in order, each accepted with probability
+``a`` once the earlier ones were rejected.
 
 ``TreeBudget`` picks, for a batch of ``B`` speculating rows, the tree of a ladder (the
 configured tree, the user's or ``mcsd tune``'s, and its breadth-first prefixes, halving in size,
@@ -72,9 +71,6 @@ from mcsd.config import EXPECTED_LENGTH_CACHE, BudgetDefaults
 from mcsd.models.base import Runtime, chain_mask, rows_forward
 from mcsd.tree import ROOT, TokenTree
 
-# a candidate's acceptance probability (geometric), or one row of rank probabilities per depth
-Acceptance = float | Sequence[Sequence[float]]
-
 
 @dataclass(frozen=True)
 class StepCost:
@@ -120,6 +116,7 @@ class StepCost:
         for the totals below those (fewer busy rows than the batch holds). Empties the
         runtime."""
         rows, device, c = runtime.batch_size, runtime.device, len(context)
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
         runtime.reset()
         if c:
             ids = torch.tensor([list(context)] * rows, device=device)  # [rows, c]
@@ -133,10 +130,10 @@ class StepCost:
             mask = chain_mask(n, device=device)  # [n, n]: nothing pending
             times = []
             for _ in range(repeats + 1):
-                _synchronize(device)
+                synchronize(device)
                 started = time.perf_counter()
                 rows_forward(runtime, timed, ids, positions, mask, logits="all")
-                _synchronize(device)
+                synchronize(device)
                 times.append(time.perf_counter() - started)
                 runtime.commit([[]] * rows)  # drop the timed tokens
             return sorted(times[1:])[len(times[1:]) // 2]
@@ -149,11 +146,6 @@ class StepCost:
         runtime.reset()
         measured = sorted(points)
         return cls(tuple(measured), tuple(points[t] for t in measured))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -190,7 +182,7 @@ def computed_rows(runtime: Runtime, rows: Sequence[int]) -> int:
     return runtime.computed_rows(rows)
 
 
-def expected_length(tree: TokenTree, acceptance: Acceptance) -> float:
+def expected_length(tree: TokenTree, acceptance: float | Sequence[Sequence[float]]) -> float:
     """Expected tokens a step of ``tree`` commits (accepted nodes + the correction / bonus) when
     a node of depth d and sibling rank r is accepted with probability ``acceptance[d-1][r]``
     once its parent was (a rank or depth beyond the table: never), or ``(1 - a)^r a`` for a
@@ -281,16 +273,14 @@ class TreeBudget:
         def name(tree: TokenTree | None) -> str:
             return "plain decoding" if tree is None else f"tree {tree.describe()}"
 
+        plain = "once plain, stays plain (a re-probe never pays)"
         if self.reprobe_pays(rows):
             plain = f"re-probes every {self.reprobe} plain steps"
-        else:
-            plain = "once plain, stays plain (a re-probe never pays)"
-        costs = self.costs
+        target, draft = self.costs.target.describe(), self.costs.draft.describe()
         return (
-            f"measured step cost: target {costs.target.describe()}; draft "
-            f"{costs.draft.describe()}; at the prior acceptance {self.acceptance:.2f}: "
-            f"{name(self.tree_for(rows))}, at acceptance 1: {name(self.tree_for(rows, 1.0))}; "
-            f"{plain}"
+            f"measured step cost: target {target}; draft {draft}; at the prior acceptance "
+            f"{self.acceptance:.2f}: {name(self.tree_for(rows))}, at acceptance 1: "
+            f"{name(self.tree_for(rows, 1.0))}; {plain}"
         )
 
 

@@ -1,20 +1,18 @@
 """The tree-shape optimiser (Sequoia / OPT-Tree style): the static tree with the best expected
 tokens per second under a node budget, from a measured acceptance table and measured step costs.
 
-Both models are ``mcsd.budget``'s. Acceptance: ``acceptance[d-1][r]`` is the probability that a
-node's child of sibling rank ``r`` is the accepted one, given that the node at depth ``d-1`` was
-reached; it does not depend on how many siblings there are (true for the draft's top-k under
-greedy verification: child r is accepted exactly when the target's token has draft rank r), and
-``expected_length`` gives AL(T) = 1 + the sum of the nodes' path probabilities. The table is
-measured by ``acceptance_from_steps`` from a run's step records, or from the draft ranks of the
-target's answers by ``mcsd tune``. Step cost: ``PairCost.step_time`` of one row; for a tree of N
-nodes, I of them inner (with children), of depth D, and a draft whose forwards cost
-``draft_level + draft_node * n`` for n tokens, it is
+Both models are ``mcsd.budget``'s. Acceptance: ``acceptance[d-1][r]``, the probability that a
+node's child of sibling rank r is the accepted one once the node (depth d-1) was reached,
+whatever the number of siblings (true for the draft's top-k under greedy verification: child r
+is accepted exactly when the target's token has draft rank r); ``expected_length`` gives AL(T).
+``acceptance_from_steps`` measures it from a run's step records, ``mcsd tune`` from the draft
+ranks of the target's answers. Step cost: ``PairCost.step_time`` of one row; with a draft
+forward of n tokens costing ``draft_level + draft_node n``, a tree of N nodes, I of them inner
+(with children), of depth D costs
 
     c(T) = fixed + (1 + o) (draft(1) + draft_level (D - 1) + draft_node I + target(N + 1))
 
-(every depth above the deepest runs one draft forward over its inner nodes). Tokens per second
-= AL(T) / c(T).
+(every depth above the deepest runs one draft forward). Tokens per second = AL(T) / c(T).
 
 The search: for a fixed price ``lam`` of a second, AL(T) - lam * c(T) splits over subtrees, so a
 dynamic program over (depth, sibling rank, nodes left) finds the best tree of every size N and

@@ -98,14 +98,8 @@ def simulate(tree: TokenTree, traces: Iterable[Sequence[int]]) -> Simulated:
 
 def rank_frequencies(traces: Iterable[Sequence[int]], width: int = 16) -> list[float]:
     """P(rank = r) over all answer tokens, r < width."""
-    counts = [0] * width
-    total = 0
-    for ranks in traces:
-        for r in ranks:
-            total += 1
-            if r < width:
-                counts[r] += 1
-    return [c / total if total else 0.0 for c in counts]
+    ranks = [r for trace in traces for r in trace]
+    return [ranks.count(r) / len(ranks) if ranks else 0.0 for r in range(width)]
 
 
 def top_paths_tree(frequencies: Sequence[float], budget: int, max_depth: int) -> TokenTree:

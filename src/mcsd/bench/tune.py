@@ -184,13 +184,8 @@ def tuned_tree(measured: dict[str, Any], prediction: Prediction) -> dict[str, An
     else:
         tree = parse_method(name).tree
     row = measured[name]
-    return {
-        "tree": tree,
-        "source": "measured",
-        "tuned_for": "greedy",
-        "tokens_per_s": row["tokens_per_s"],
-        "mean_accepted_length": row["mean_accepted_length"],
-        "speedup_vs_ar": row.get("speedup_vs_ar"),
+    return {"tree": tree, "source": "measured", "tuned_for": "greedy"} | {
+        key: row.get(key) for key in ("tokens_per_s", "mean_accepted_length", "speedup_vs_ar")
     }
 
 

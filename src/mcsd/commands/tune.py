@@ -1,17 +1,13 @@
 """``mcsd tune`` (and ``mcsd bench --sweep``): find the fastest tree shape for a pair here.
 
-Greedy decoding only: the acceptance of every candidate shape is simulated exactly from the
-draft's ranks of the target's answers, its step time predicted from measured forward costs, and
-the best predicted shapes are then run for real against the target alone (the pipeline is
-``mcsd.bench.tune``; this module parses, prints and writes). ``mcsd tune`` saves the fastest
-measured tree in the cache's tuned.json, or ``none`` (the target alone) when plain decoding was
-faster than every tree.
+This module parses, prints and writes; the pipeline is ``mcsd.bench.tune`` (greedy decoding:
+every shape simulated from the draft's ranks of the target's answers, the best run for real).
+``mcsd tune`` saves the fastest measured tree, or ``none`` (the target alone), in the cache's
+tuned.json, keyed by (target, draft, device, dtype, runtime); ``generate``, ``bench`` and
+``serve`` use it when ``--tree`` is not given and say so in their first log line.
 
 mcsd tune --n 4 --max-new-tokens 128
 mcsd bench --sweep --temperature 0 --budgets 4,8,16,32,64 --verify 4 --out sweep-out
-
-The saved tree is keyed by (target, draft, device, dtype, runtime); ``generate``, ``bench`` and
-``serve`` use it when ``--tree`` is not given and say so in their first log line.
 """
 
 from __future__ import annotations
@@ -52,14 +48,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _budgets(text: str) -> list[int]:
+def _budgets(text: str) -> tuple[int, ...]:
     try:
         budgets = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
         raise ValueError(f"--budgets must be comma-separated integers, got {text!r}") from None
     if not budgets or budgets[0] < 1:
         raise ValueError(f"--budgets must be positive integers, got {text!r}")
-    return budgets
+    return tuple(budgets)
 
 
 def _log(message: str) -> None:
@@ -96,7 +92,7 @@ def run_sweep(args: argparse.Namespace, *, save: bool) -> int:
     chat = not args.no_chat and getattr(pair.tokenizer, "chat_template", None) is not None
     config = tune.TuneConfig(
         base=base,
-        budgets=tuple(budgets),
+        budgets=budgets,
         max_depth=args.max_depth,
         verify=args.verify,
         chat=chat,
