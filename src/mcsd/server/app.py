@@ -87,7 +87,6 @@ def create_app(
     ``mcsd.server.drain.DrainingServer``)."""
     defaults = defaults or SpecConfig()
     serve_limits = limits or ServeLimits()
-    model_name = model_name or pair.target_name
     scheduler = Scheduler(
         pair,
         max_queue=max_queue,
@@ -95,17 +94,26 @@ def create_app(
         max_batch=max_batch,
         budget_tree=adaptive_tree_of(defaults) if adaptive_tree else None,
     )
-    metrics = scheduler.metrics
-    contexts = [m.max_context for m in (pair.target, pair.draft) if m is not None and m.max_context]
-    context = min(contexts) if contexts else UNBOUNDED_MAX_TOKENS
-    request_limits = Limits(
-        vocab_size=pair.vocab_size,
-        max_tokens=min(context, serve_limits.max_tokens or context),
-        max_stop=serve_limits.max_stop,
-        max_stop_length=serve_limits.max_stop_length,
+    server = _Server(
+        pair,
+        defaults,
+        serve_limits,
+        scheduler,
+        model_name=model_name or pair.target_name,
+        max_queue=max_queue,
+        max_batch=max_batch,
     )
-    max_body_bytes = serve_limits.max_body_bytes
-    created = int(time.time())
+    app = FastAPI(title="mcsd", version=__version__, lifespan=_lifespan(scheduler))
+    app.state.scheduler = scheduler
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
+    _add_error_handlers(app)
+    server.add_routes(app)
+    return app
+
+
+def _lifespan(scheduler: Scheduler) -> Any:
+    """The worker runs while the app does."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,10 +121,11 @@ def create_app(
         yield
         await asyncio.to_thread(scheduler.stop)
 
-    app = FastAPI(title="mcsd", version=__version__, lifespan=lifespan)
-    app.state.scheduler = scheduler
-    if api_key is not None:
-        app.add_middleware(BearerAuth, key=api_key)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is an OpenAI error object; a stack trace never reaches a client."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -139,8 +148,50 @@ def create_app(
         message = f"internal error: {type(error).__name__}"
         return JSONResponse(APIError(500, message, type="server_error").body(), status_code=500)
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
+
+class _Server:
+    """The endpoints over one scheduler: what a request may ask for (``Limits``), the model
+    card, and a generation's path from the request body to its response or event stream."""
+
+    def __init__(
+        self,
+        pair: ModelPair,
+        defaults: SpecConfig,
+        serve_limits: ServeLimits,
+        scheduler: Scheduler,
+        *,
+        model_name: str,
+        max_queue: int,
+        max_batch: int,
+    ) -> None:
+        self.pair = pair
+        self.defaults = defaults
+        self.serve_limits = serve_limits
+        self.scheduler = scheduler
+        self.metrics = scheduler.metrics
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        models = (pair.target, pair.draft)
+        contexts = [m.max_context for m in models if m is not None and m.max_context]
+        self.context = min(contexts) if contexts else UNBOUNDED_MAX_TOKENS
+        self.limits = Limits(
+            vocab_size=pair.vocab_size,
+            max_tokens=min(self.context, serve_limits.max_tokens or self.context),
+            max_stop=serve_limits.max_stop,
+            max_stop_length=serve_limits.max_stop_length,
+        )
+        self.created = int(time.time())
+
+    def add_routes(self, app: FastAPI) -> None:
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.prometheus)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+
+    async def health(self) -> JSONResponse:
+        scheduler = self.scheduler
         state = "draining" if scheduler.queue.closed else "unavailable"
         status = {
             "status": "ok" if scheduler.alive else state,
@@ -149,25 +200,28 @@ def create_app(
         }
         return JSONResponse(status, status_code=200 if scheduler.alive else 503)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
-            "id": model_name,
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict[str, Any]:
+        defaults, limits, max_batch = self.defaults, self.limits, self.max_batch
+        return {
+            "id": self.model_name,
             "object": "model",
-            "created": created,
+            "created": self.created,
             "owned_by": "mcsd",
-            "max_model_len": context,
+            "max_model_len": self.context,
             "mcsd": {
-                "target": pair.target_name,
-                "draft": pair.draft_name,
+                "target": self.pair.target_name,
+                "draft": self.pair.draft_name,
                 "max_concurrent_generations": max_batch,
                 "batching": max_batch > 1,
                 "scheduling": f"continuous batching of up to {max_batch} generations; requests "
-                f"wait in a FIFO queue of at most {max_queue}, beyond which the server answers 429",
+                f"wait in a FIFO queue of at most {self.max_queue}, beyond which the server "
+                "answers 429",
                 "defaults": {
                     "tree": defaults.describe_tree(),
                     "rule": defaults.rule or "auto",
@@ -178,61 +232,49 @@ def create_app(
                     "max_tokens": defaults.max_new_tokens,
                 },
                 "limits": {
-                    "max_body_bytes": max_body_bytes,
-                    "max_prompt_tokens": serve_limits.max_prompt_tokens or context,
-                    "max_tokens": request_limits.max_tokens,
-                    "max_stop": request_limits.max_stop,
-                    "max_stop_length": request_limits.max_stop_length,
-                    "max_queue": max_queue,
+                    "max_body_bytes": self.serve_limits.max_body_bytes,
+                    "max_prompt_tokens": self.serve_limits.max_prompt_tokens or self.context,
+                    "max_tokens": limits.max_tokens,
+                    "max_stop": limits.max_stop,
+                    "max_stop_length": limits.max_stop_length,
+                    "max_queue": self.max_queue,
                 },
             },
         }
-        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        with _count_invalid(metrics):
-            body = parse_request(CompletionRequest, await _read_json(request, max_body_bytes))
+    async def completions(self, request: Request) -> Response:
+        with _count_invalid(self.metrics):
+            body = await self._parse(request, CompletionRequest)
             assert isinstance(body, CompletionRequest)
-            _check_model(body.model, model_name)
-            prompt = prompt_of(body, request_limits)
-            spec = spec_for(body, defaults, request_limits)
-        return await _generate(request, body, prompt, spec, chat=False)
+            prompt = prompt_of(body, self.limits)
+            spec = spec_for(body, self.defaults, self.limits)
+        return await self._generate(request, body, prompt, spec, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        with _count_invalid(metrics):
-            body = parse_request(ChatCompletionRequest, await _read_json(request, max_body_bytes))
+    async def chat_completions(self, request: Request) -> Response:
+        with _count_invalid(self.metrics):
+            body = await self._parse(request, ChatCompletionRequest)
             assert isinstance(body, ChatCompletionRequest)
-            _check_model(body.model, model_name)
             messages = messages_of(body)
-            spec = spec_for(body, defaults, request_limits)
-        return await _generate(request, body, messages, spec, chat=True)
+            spec = spec_for(body, self.defaults, self.limits)
+        return await self._generate(request, body, messages, spec, chat=True)
+
+    async def _parse(self, request: Request, model: type[Any]) -> Any:
+        """The request's body, read within the size limit and validated, for this model."""
+        body = parse_request(model, await _read_json(request, self.serve_limits.max_body_bytes))
+        _check_model(body.model, self.model_name)
+        return body
 
     async def _generate(
-        request: Request, body: Any, prompt: Any, spec: SpecConfig, *, chat: bool
+        self, request: Request, body: Any, prompt: Any, spec: SpecConfig, *, chat: bool
     ) -> Response:
+        """Queue the generation, wait for its first event, then answer: a stream of events or
+        one response with every chunk."""
         job = Job(prompt, chat, spec, "messages" if chat else "prompt", asyncio.get_running_loop())
-        try:
-            scheduler.submit(job)
-        except QueueFull:
-            metrics.requests.labels("rejected").inc()
-            raise APIError(
-                429,
-                f"the server is busy: every row of {max_batch} is generating and {max_queue} "
-                "requests are already waiting (--max-queue); retry later",
-                type="rate_limit_error",
-                code="queue_full",
-            ) from None
-        except ShuttingDown:
-            metrics.requests.labels("unavailable").inc()
-            raise APIError(
-                503, "the server is shutting down", type="server_error", code="unavailable"
-            ) from None
-        view = _View(chat, model_name, body.return_token_ids, spec)
+        self._submit(job)
+        view = _View(chat, self.model_name, body.return_token_ids, spec)
         streaming = False  # once the response streams, _sse owns the job's cancellation
         try:
-            first = await _next_event(request, job)  # waits for our turn and the first step
+            first = await self._next_event(request, job)  # waits for our turn and the first step
             if isinstance(first, Failed):
                 raise first.error
             if body.stream:
@@ -241,24 +283,49 @@ def create_app(
                 )
                 streaming = True
                 return StreamingResponse(
-                    _sse(job, first, view, include_usage),
+                    self._sse(job, first, view, include_usage),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                    background=BackgroundTask(scheduler.cancel, job),
+                    background=BackgroundTask(self.scheduler.cancel, job),
                 )
-            chunks: list[Chunk] = [first]
-            while not isinstance(event := await _next_event(request, job), Finished | Failed):
-                chunks.append(event)
-            if isinstance(event, Failed):
-                raise event.error
-            return JSONResponse(view.response(chunks, event, job))
+            return JSONResponse(await self._whole_response(request, job, first, view))
         except _Disconnected:
             return Response(status_code=499)  # nobody reads it; the job is already cancelled
         finally:
             if not streaming:
-                scheduler.cancel(job)  # a no-op unless something above broke off early
+                self.scheduler.cancel(job)  # a no-op unless something above broke off early
 
-    async def _next_event(request: Request, job: Job) -> Any:
+    def _submit(self, job: Job) -> None:
+        """Queue the job: 429 when the queue is full, 503 while the server shuts down."""
+        try:
+            self.scheduler.submit(job)
+        except QueueFull:
+            self.metrics.requests.labels("rejected").inc()
+            raise APIError(
+                429,
+                f"the server is busy: every row of {self.max_batch} is generating and "
+                f"{self.max_queue} requests are already waiting (--max-queue); retry later",
+                type="rate_limit_error",
+                code="queue_full",
+            ) from None
+        except ShuttingDown:
+            self.metrics.requests.labels("unavailable").inc()
+            raise APIError(
+                503, "the server is shutting down", type="server_error", code="unavailable"
+            ) from None
+
+    async def _whole_response(
+        self, request: Request, job: Job, first: Chunk, view: _View
+    ) -> dict[str, Any]:
+        """Every chunk of a non-streamed generation, as one response."""
+        chunks: list[Chunk] = [first]
+        while not isinstance(event := await self._next_event(request, job), Finished | Failed):
+            chunks.append(event)
+        if isinstance(event, Failed):
+            raise event.error
+        return view.response(chunks, event, job)
+
+    async def _next_event(self, request: Request, job: Job) -> Any:
         """The job's next event; cancels the job if the client goes away meanwhile (checked at
         least every ``DISCONNECT_POLL_S``, also while events keep arriving)."""
         while True:
@@ -266,14 +333,16 @@ def create_app(
             if now - job.client_checked >= DISCONNECT_POLL_S:
                 job.client_checked = now
                 if await request.is_disconnected():
-                    scheduler.cancel(job)
+                    self.scheduler.cancel(job)
                     raise _Disconnected
             try:
                 return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
             except TimeoutError:
                 pass
 
-    async def _sse(job: Job, event: Any, view: _View, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(
+        self, job: Job, event: Any, view: _View, include_usage: bool
+    ) -> AsyncIterator[str]:
         # A client that disconnects makes Starlette cancel this generator; ``finally`` and the
         # response's background task then cancel the job, which stops after the current step.
         try:
@@ -290,9 +359,7 @@ def create_app(
                 event = await job.events.get()
             yield "data: [DONE]\n\n"
         finally:
-            scheduler.cancel(job)
-
-    return app
+            self.scheduler.cancel(job)
 
 
 @contextmanager
