@@ -62,7 +62,7 @@ import bisect
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from functools import cache, lru_cache
 
 import torch
@@ -145,10 +145,10 @@ class StepCost:
                     points[n] = median_time([0], n)
         runtime.reset()
         measured = sorted(points)
-        return cls(tuple(measured), tuple(points[t] for t in measured))
+        return cls(tokens=tuple(measured), seconds=tuple(points[t] for t in measured))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairCost:
     """Seconds of one step of a target and a draft (``step_time``; the module docstring)."""
 
@@ -231,6 +231,7 @@ class TreeBudget:
     ``AdaptiveTree`` (``BudgetDefaults``)."""
 
     tree: TokenTree  # the configured tree: the largest one a row grows
+    _: KW_ONLY
     costs: PairCost
     acceptance: float = BudgetDefaults.acceptance
     prior_trials: float = BudgetDefaults.prior_trials

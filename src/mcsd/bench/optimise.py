@@ -70,7 +70,7 @@ def acceptance_from_steps(
     return [[a / n if n else 0.0 for a in row] for row, n in zip(accepted, reached, strict=True)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Choice:
     """The optimiser's pick: a tree, or None for plain decoding."""
 

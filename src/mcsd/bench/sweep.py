@@ -154,7 +154,7 @@ def candidate_trees(
 # ------------------------------------------------------------------------------ ranking
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Candidate:
     tree: TokenTree
     simulated: Simulated

@@ -33,7 +33,7 @@ from mcsd.config import NO_SPECULATION, SpecConfig
 CHAIN = parse_method(SweepDefaults.chain)  # gives the reference answers, calibrates the step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TuneConfig:
     """What a sweep runs (``mcsd tune``'s options)."""
 
@@ -46,7 +46,7 @@ class TuneConfig:
     progress: bool = True  # progress bars while measuring
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class References:
     """The target's greedy answers, one per question."""
 
@@ -55,7 +55,7 @@ class References:
     traces: list[list[int]]  # the draft's rank of each answer token given the true prefix
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Prediction:
     """What the simulation predicts: the step cost it priced with, the optimiser's picks and
     every candidate shape, best predicted tokens/s first."""

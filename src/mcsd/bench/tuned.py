@@ -2,7 +2,9 @@
 
 Keyed by target, draft, device type, dtype and runtime: the best tree depends on all of them.
 ``generate``, ``bench`` and ``serve`` use the saved tree when ``--tree`` is not given
-(``mcsd.commands.options.tree_default``) and say so in their first log line.
+(``mcsd.commands.options.tree_default``) and say so in their first log line. The tree is tuned
+for one row; under an adaptive budget (``mcsd.budget``) it is the largest tree a row grows, and
+the budget picks a prefix of it per step from the load and the acceptance seen.
 """
 
 from __future__ import annotations
