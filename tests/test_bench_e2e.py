@@ -281,7 +281,12 @@ def test_generate_adaptive_tree(tiny_pair, capsys) -> None:
     assert err[0] == "mcsd: adaptive tree (--adaptive-tree)"
     assert sum("adaptive tree: measured step cost: target" in line for line in err) == 1
     adaptive = json.loads(captured.out)
-    assert adaptive["stats"]["plain_steps"] >= 0
+    stats = adaptive["stats"]
+    speculative = stats["steps"] - stats["plain_steps"]
+    nodes = round(stats["mean_tree_size"] * stats["steps"])
+    # a plain step verifies no node and commits one token; any other verifies 1 to 4 (2,1) nodes
+    assert 0 <= stats["plain_steps"] <= stats["accept_lengths"].count(1)
+    assert speculative <= nodes <= 4 * speculative
     assert main(["generate", *run, "--tree", "none"]) == 0
     assert adaptive["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
     assert main(["generate", *run, "--tree", "2,1", "--no-adaptive-tree"]) == 0
