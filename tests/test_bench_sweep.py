@@ -58,6 +58,21 @@ def test_cost_model() -> None:
     assert ranked.step_time == costs.step_time(tree) and ranked.name == "2,1"
 
 
+def test_probe_after_a_context() -> None:
+    """tune's probe (the budget's, after a context committed in every row): one point per size
+    in all rows, each the median of its repeats after a warm-up; the runtime is left empty."""
+    from mcsd.models.hf import HFModel
+    from mcsd.models.toy import TableLM
+
+    table = TableLM.random(4, batch_size=2)
+    cost = StepCost.probe(table, (1, 3), context=[1, 2, 3], repeats=2)
+    assert cost.tokens == (2, 6) and all(s > 0 for s in cost.seconds)
+    assert table.forward_calls == 1 + 2 * 3 and table.cache_lengths() == (0, 0)
+    hf = HFModel(tiny_causal_lm(seed=0, layers=1, vocab=64, hidden=32, sharpen=None))
+    cost = StepCost.probe(hf, (1, 4), context=list(range(10)), repeats=1)
+    assert cost.tokens == (1, 4) and hf.cache_lengths() == (0,)
+
+
 def test_simulation_matches_the_engine() -> None:
     """AL predicted from draft ranks equals the engine's, for several shapes (toy HF models)."""
     from mcsd.models.hf import HFModel
