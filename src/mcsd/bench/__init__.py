@@ -8,5 +8,9 @@ would otherwise run, on real prompt sets.
 - ``runner``    runs every method on every prompt, interleaved prompt by prompt, after a warm-up;
 - ``report``    the rich table, ``summary.json`` and Spec-Bench answer files;
 - ``plots``     PNG figures (matplotlib);
-- ``sweep``     tree shapes under node budgets: simulated acceptance + measured forward costs.
+- ``batch``     throughput at batch > 1 (``--batch-size``);
+- ``sweep``     tree shapes under node budgets: simulated acceptance + measured forward costs;
+- ``optimise``  the tree-shape optimiser; ``tune`` the pipeline of ``mcsd tune``; ``tuned`` the
+                trees it saved;
+- ``defaults``  the defaults of ``mcsd bench`` and ``mcsd tune``.
 """
