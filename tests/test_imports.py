@@ -17,13 +17,6 @@ import mcsd
 
 SRC = Path(mcsd.__file__).parent
 
-# Circles that other parts of issue 23 are removing while this test lands, each written as its
-# modules in sorted order. Remove an entry once its circle is gone (the test fails on a stale
-# entry, so the list cannot outlive the circle).
-KNOWN_CIRCLES: set[tuple[str, ...]] = {
-    ("mcsd.draft.dynamic", "mcsd.draft.model"),  # the draft/ rewrite (one row-aware proposer)
-}
-
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
@@ -140,11 +133,8 @@ def test_the_walk_sees_every_kind_of_import(tmp_path):
 
 def test_no_import_circles():
     graph = import_graph()
-    found = circles(graph)
-    new = sorted(found - KNOWN_CIRCLES)
-    assert not new, "import circles:\n" + "\n".join(describe(c, graph) for c in new)
-    stale = sorted(KNOWN_CIRCLES - found)
-    assert not stale, f"circles gone, remove them from KNOWN_CIRCLES: {stale}"
+    found = sorted(circles(graph))
+    assert not found, "import circles:\n" + "\n".join(describe(c, graph) for c in found)
 
 
 def test_no_runtime_module_imports_bench():
