@@ -474,26 +474,6 @@ class SpecConfig:
         return rule
 
 
-# ``mcsd tune`` / ``mcsd bench --sweep``: the sweep and the tree-shape optimiser; these belong in
-# mcsd.bench.defaults (which exports them) and move there once their modules import them from it
-@dataclass(frozen=True, kw_only=True)
-class SweepDefaults:
-    """``mcsd tune`` / ``mcsd bench --sweep`` (``mcsd.bench.sweep``)."""
-
-    budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
-    verify: int = 3  # best predicted shapes run for real
-    max_depth: int = 10
-    n: int = 4  # prompts per dataset for mcsd tune
-    out: str = "tune-out"
-    chain: str = "sps:4"  # produces the reference answers (and calibrates the step overhead)
-    cost_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
-
-
-# The tree-shape optimiser (mcsd.bench.optimise): Dinkelbach rounds on the tokens/s ratio
-OPTIMISER_ITERATIONS = 20  # it converges in 3-6 on measured tables
-OPTIMISER_TOLERANCE = 1e-9  # relative: stop when no tree beats the current ratio by more
-
-
 @dataclass(frozen=True, kw_only=True)
 class BudgetDefaults:
     """The adaptive tree budget (``mcsd.budget``)."""

@@ -7,12 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# mcsd.bench.sweep, mcsd.bench.optimise and mcsd.commands.tune still import these three from
-# mcsd.config; they move here once those modules (rewritten in issue 23) import them from here
-from mcsd.config import OPTIMISER_ITERATIONS as OPTIMISER_ITERATIONS
-from mcsd.config import OPTIMISER_TOLERANCE as OPTIMISER_TOLERANCE
-from mcsd.config import SweepDefaults as SweepDefaults
-
 
 @dataclass(frozen=True, kw_only=True)
 class BenchDefaults:
@@ -43,3 +37,21 @@ class BenchDefaults:
     seed: int = 0  # a benchmark is reproducible unless asked otherwise
     out: str = "bench-out"
     warmup_tokens: int = 16  # enough to run every tree level and the verification shapes once
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepDefaults:
+    """``mcsd tune`` / ``mcsd bench --sweep`` (``mcsd.bench.sweep``)."""
+
+    budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
+    verify: int = 3  # best predicted shapes run for real
+    max_depth: int = 10
+    n: int = 4  # prompts per dataset for mcsd tune
+    out: str = "tune-out"
+    chain: str = "sps:4"  # produces the reference answers (and calibrates the step overhead)
+    cost_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
+
+
+# The tree-shape optimiser (mcsd.bench.optimise): Dinkelbach rounds on the tokens/s ratio
+OPTIMISER_ITERATIONS = 20  # it converges in 3-6 on measured tables
+OPTIMISER_TOLERANCE = 1e-9  # relative: stop when no tree beats the current ratio by more
