@@ -23,9 +23,10 @@ becomes logits (``_logits``). Everything else is here, once:
 - CUDA graphs: on a CUDA device every (b, n_pad, A) shape is captured once and replayed
   (``mcsd.models.graphs.GraphRunner``), through the subclass's compiled function if it has one.
   A forward that returns no logits is a prefill: it runs eagerly (never compiled, never
-  captured: prompt lengths are one-offs), as does one beyond ``max_graph_tokens``, and one
-  that returns hidden states (``forward_hidden``, through the subclass's ``_body_hidden``;
-  the same attention as a captured forward of its shape, so the same numbers).
+  captured: prompt lengths are one-offs), as does one beyond ``max_graph_tokens``. A forward
+  that also returns hidden states (``forward_hidden``, the subclass's ``_body_hidden``) is
+  captured per (shape, layers) too, never compiled, with the attention of a plain forward of
+  its shape (so the same numbers as the plain forward without ``compile``).
 
 A forward issues no host synchronisation: tokens, positions and masks arrive as device tensors,
 the write slots are computed on the device, committed lengths live on the host.
@@ -193,12 +194,19 @@ class SlotCacheRuntime(BucketRows):
             return self._body(tokens_in, positions_in, mask_view, slots, attend, compiled=True)
 
         captured = capturable and logits != "none"
-        hidden = None
-        if layers:
+
+        def stacked() -> Tensor:  # [len(layers) + 1, b, n_pad, H]: the hidden states, then out
             out, hidden = self._body_hidden(
                 tokens_in, positions_in, mask_view, slots, attend, explicit=captured, layers=layers
             )
-            hidden = hidden[:, :, :n]  # [len(layers), b, n, H]
+            return torch.cat([hidden, out[None]])
+
+        hidden = None
+        if layers:
+            key = (batch, padded, attend, layers)
+            # a captured graph's output is its buffer, which the next replay overwrites: copied
+            states = self._graphs.run(key, stacked).clone() if captured else stacked()
+            out, hidden = states[-1], states[:-1, :, :n]  # [b, n_pad, H], [len(layers), b, n, H]
         elif captured:
             out = self._graphs.run((batch, padded, attend), graphed)
         else:
