@@ -11,7 +11,7 @@
   root-to-node path read from scratch) and a forward of some rows after ragged prefills; their
   logits and the cache afterwards are those of the plain forward;
 - hf-static, llama.cpp and the toy table refuse hidden states, naming the runtime and
-  ``hf and fast``.
+  ``hf and fast``; the fast runtime on two tensor-parallel ranks (gloo) returns those of one.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from mcsd.models.base import (
 )
 from mcsd.models.cheap import RestrictedVocabModel
 from mcsd.models.fast import FastModel, build, read_architecture
+from mcsd.models.fast.parallel import ParallelFastModel, Shard, build_shard, launch
 from mcsd.models.hf import HFModel
 from mcsd.models.static import StaticHFModel
 from mcsd.models.toy import TableLM
@@ -262,3 +263,32 @@ def test_hidden_states_of_some_rows_equal_transformers(checkpoint, kind: str) ->
         want = reference_hidden(model, texts[row] + tokens[i].tolist())[:, -2:]  # [3, 2, H]
         torch.testing.assert_close(scored.hidden[:, row], want, atol=1e-4, rtol=0)
     assert hidden.pending_length == 2 and hidden.cache_lengths() == plain.cache_lengths()
+
+
+def tree_hidden(runtime: Runtime) -> Scored:
+    """A prefill of 6 tokens, then the tree (2, 2) after the last, with hidden states."""
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 40]])
+    runtime.forward(prompt, torch.arange(6)[None], chain_mask(6), logits="none")
+    runtime.commit()
+    tree = TokenTree.from_config((2, 2))
+    tokens = torch.tensor([[41, 3, 60, 7, 11, 5, 23]])
+    positions = 6 + torch.tensor([0, *tree.depth])[None]
+    return runtime.forward_hidden(tokens, positions, tree_block(tree), hidden_layers=LAYERS)
+
+
+def hidden_worker(rank: int, world: int, directory: str) -> Scored:
+    arch = read_architecture(directory)
+    shard = Shard(rank, world)
+    cpu = torch.device("cpu")
+    lm = build_shard(
+        arch, shard, dtype=torch.float32, device=cpu, max_length=128, directory=directory
+    )
+    return tree_hidden(ParallelFastModel(lm, shard, vocab_size=arch.vocab_size, max_graph_tokens=8))
+
+
+def test_hidden_states_on_two_tensor_parallel_ranks_equal_one(checkpoint) -> None:
+    directory = checkpoint[1]
+    two = launch(hidden_worker, 2, (str(directory),), device=torch.device("cpu"))
+    one = tree_hidden(runtime(checkpoint, "fast"))
+    torch.testing.assert_close(two.hidden, one.hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(two.logits, one.logits, atol=1e-5, rtol=0)
