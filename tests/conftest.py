@@ -143,11 +143,11 @@ def greedy_reference(
 
 
 def spec_decode(target: Any, draft: Any, prompt: list[int], spec: Any, vocab: int, **kw: Any):
-    """The steps of one speculative generation (``ModelProposer`` around ``draft``)."""
-    from mcsd.draft.model import ModelProposer
+    """The steps of one speculative generation (a ``Drafter`` around ``draft``)."""
+    from mcsd.draft.proposer import Drafter
     from mcsd.engine import speculative_decode
 
-    proposer = ModelProposer.for_spec(draft, spec, vocab)
+    proposer = Drafter(draft, vocab_size=vocab)
     return speculative_decode(target, proposer, prompt, spec, vocab_size=vocab, **kw)
 
 

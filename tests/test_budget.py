@@ -26,7 +26,7 @@ from mcsd.budget import (
 )
 from mcsd.checks.engine import BATCH_PROMPTS, EngineCase, batch_generations, run_batch_engine_case
 from mcsd.config import SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import BatchEngine, Step, autoregressive_decode, speculative_decode
 from mcsd.models.toy import TableLM
 from mcsd.sampling import draw_children, warp
@@ -114,7 +114,7 @@ def test_budgeted_greedy_rows_equal_batch_one(batch: int) -> None:
     target, draft = case.models()
     for (prompt, seed), out in zip(jobs, budgeted, strict=True):
         spec = case.spec(seed)
-        proposer = ModelProposer.for_spec(draft, spec, 4)
+        proposer = Drafter(draft, vocab_size=4)
         alone = speculative_decode(target, proposer, list(prompt), spec, vocab_size=4)
         assert out == [t for step in alone for t in step.tokens]
 
@@ -130,19 +130,19 @@ def test_rows_with_their_own_trees_share_an_engine() -> None:
     """Rows asking for different trees (and one none) in one engine: each as alone."""
     case = EngineCase("mcss-wor", "4,2,2", length=5)
     target, draft = case.models_for_batch(3)
-    engine = BatchEngine(target, ModelProposer.for_spec(draft, case.spec(0), 4), vocab_size=4)
+    engine = BatchEngine(target, Drafter(draft, vocab_size=4), vocab_size=4)
     asks = {"4,2,2": (1, 2), "2,1": (3,), "1,1,1": (0, 1, 2, 3)}
-    rows = {engine.add(list(p), replace(case.spec(7), tree=t)): (t, p) for t, p in asks.items()}
-    outputs = {row: [] for row in rows}
-    while engine.rows:
-        for row, step in engine.step().items():
-            outputs[row] += step.tokens
+    requests = {
+        engine.add_request(list(p), replace(case.spec(7), tree=t)): (t, p) for t, p in asks.items()
+    }
+    while engine.has_unfinished():
+        engine.step()
     one_target, one_draft = case.models()
-    for row, (tree, prompt) in rows.items():
+    for request, (tree, prompt) in requests.items():
         spec = replace(case.spec(7), tree=tree)
-        proposer = ModelProposer.for_spec(one_draft, spec, 4)
+        proposer = Drafter(one_draft, vocab_size=4)
         alone = speculative_decode(one_target, proposer, list(prompt), spec, vocab_size=4)
-        assert outputs[row] == [t for step in alone for t in step.tokens], tree
+        assert request.output_ids == [t for step in alone for t in step.tokens], tree
 
 
 # ------------------------------------------------------------------ online acceptance
@@ -159,7 +159,7 @@ def constant(p: list[float]) -> TableLM:
 
 
 def decode(target, draft, spec: SpecConfig, budget: TreeBudget, prompt=(1, 2)) -> list[Step]:
-    proposer = ModelProposer.for_spec(draft, spec, target.vocab_size)
+    proposer = Drafter(draft, vocab_size=target.vocab_size)
     steps = speculative_decode(
         target, proposer, list(prompt), spec, vocab_size=target.vocab_size, budget=budget
     )
@@ -221,9 +221,7 @@ def test_estimate_converges_to_the_known_acceptance() -> None:
     spec = SpecConfig(tree="1,1,1", rule="sps", max_new_tokens=600, seed=5)
     costs = PairCost(target=FLAT, draft=StepCost((1, 100), (0.01, 0.01)))
     budget = TreeBudget(CHAIN, costs=costs, weight=0.005)
-    engine = BatchEngine(
-        target, ModelProposer.for_spec(draft, spec, 4), vocab_size=4, budget=budget
-    )
+    engine = BatchEngine(target, Drafter(draft, vocab_size=4), vocab_size=4, budget=budget)
     steps = list(_rows_of(engine, spec))
     assert all(step.record.tree_size == 3 for step in steps)  # the chain pays all along
     assert engine.adaptive is not None
@@ -231,9 +229,9 @@ def test_estimate_converges_to_the_known_acceptance() -> None:
 
 
 def _rows_of(engine: BatchEngine, spec: SpecConfig, prompt=(1, 2)):
-    row = engine.add(list(prompt), spec)
-    while row in engine.rows:
-        yield engine.step()[row]
+    request = engine.add_request(list(prompt), spec)
+    while request.finish_reason is None:
+        yield from (step for stepped, step in engine.step() if stepped is request)
 
 
 def test_a_draft_that_never_matches_switches_to_plain_and_reprobes() -> None:
@@ -291,7 +289,7 @@ def test_a_draft_equal_to_the_target_keeps_the_full_tree() -> None:
     budget = TreeBudget(TREE, costs=PairCost(target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02))))
     engine = BatchEngine(
         target,
-        ModelProposer.for_spec(TableLM.random(4, seed=11), spec, 4),
+        Drafter(TableLM.random(4, seed=11), vocab_size=4),
         vocab_size=4,
         budget=budget,
     )
@@ -325,9 +323,9 @@ def adaptive_engine(budget: TreeBudget) -> type[BatchEngine]:
             Adaptive.forwards["plain"] += 1
             return super()._plain_step(rows)
 
-        def _speculative_step(self, rows, tree):
+        def _speculative_step(self, rows, trees):
             Adaptive.forwards["speculative"] += 1
-            return super()._speculative_step(rows, tree)
+            return super()._speculative_step(rows, trees)
 
     return Adaptive
 
@@ -374,13 +372,14 @@ class Peeking(AdaptiveTree):
         self.engine = engine
 
     def choose(self, rows: int) -> TokenTree | None:
-        (row,) = self.engine.rows.values()
-        proposer = self.engine.proposer
+        (row,) = self.engine.running.values()
+        draft = self.engine.proposer.model.draft
         context = tuple(row.committed)
-        q = warp(torch.log(proposer.draft.table(context)).float()[None], proposer.sampling)
+        q = warp(torch.log(draft.table(context)).float()[None], row.plan.draft)
         copy = torch.Generator().manual_seed(0)
         copy.set_state(row.generator.get_state())
-        first = draw_children(q, 1, replacement=proposer.replacement, generator=copy)[0, 0]
+        replacement = row.plan.candidates.replacement
+        first = draw_children(q, 1, replacement=replacement, generator=copy)[0, 0]
         best = int(self.engine.target.table(context).argmax())
         return self.budget.tree if int(first) == best else None
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from mcsd.config import ContextConfig, SamplingConfig, SpecConfig
-from mcsd.draft.context import ContextProposer, RequestStore, SuffixIndex, build_tree, match
-from mcsd.draft.select import make_proposer
+from mcsd.draft.context import RequestStore, SuffixIndex, build_tree, match
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.models.toy import TableLM
+from mcsd.plan import resolve
+from mcsd.request import one_request
 from mcsd.tree import ROOT
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -97,9 +99,10 @@ def test_tree_bounds_and_paths_occur_in_the_context(seed: int) -> None:
 
 
 def test_no_match_proposes_one_node() -> None:
-    proposer = ContextProposer(ContextConfig(), "cpu")
-    proposer.start([1, 2, 3])
-    proposal = proposer.propose([1, 2, 3], torch.Generator())
+    proposer = Drafter(None, vocab_size=8, device="cpu")
+    request = one_request(SpecConfig(proposer="context"), [1, 2, 3], torch.Generator())
+    proposer.start(request)
+    (proposal,) = proposer.propose([request], [None])
     assert proposal.tree.num_nodes == 1 and proposal.tokens.tolist() == [3]
     assert proposal.q is None and proposal.deterministic == (True,)
 
@@ -124,7 +127,7 @@ def test_bad_proposer_choices() -> None:
         SpecConfig(context={"max_nodes": 4})
     assert SpecConfig(proposer="context").resolved_rule() == "topk"
     with pytest.raises(ValueError, match="needs a draft model"):
-        make_proposer(SpecConfig(proposer="mixed"), None, 8, "cpu")
+        Drafter(None, vocab_size=8, device="cpu").check(resolve(SpecConfig(proposer="mixed")))
 
 
 PROMPT = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 4, 0, 1, 2]
@@ -139,7 +142,7 @@ def test_greedy_output_is_target_greedy_on_tables(proposer: str, seed: int) -> N
     spec = SpecConfig(tree="2,2", target=GREEDY, max_new_tokens=40, proposer=proposer)
     steps = list(
         speculative_decode(
-            target, make_proposer(spec, draft, vocab, "cpu"), PROMPT, spec, vocab_size=vocab
+            target, Drafter(draft, vocab_size=vocab, device="cpu"), PROMPT, spec, vocab_size=vocab
         )
     )
     reference = autoregressive_decode(target, PROMPT, GREEDY, 40, vocab_size=vocab)
@@ -162,7 +165,7 @@ def test_greedy_output_is_target_greedy_on_a_tiny_hf_model(proposer: str) -> Non
     prompt = [5, 9, 14, 3, 5, 9, 14, 7, 5, 9]
     spec = SpecConfig(tree="2,1", target=GREEDY, max_new_tokens=24, proposer=proposer)
     steps = speculative_decode(
-        target, make_proposer(spec, draft, vocab, "cpu"), prompt, spec, vocab_size=vocab
+        target, Drafter(draft, vocab_size=vocab, device="cpu"), prompt, spec, vocab_size=vocab
     )
     reference = autoregressive_decode(target, prompt, GREEDY, 24, vocab_size=vocab)
     assert [t for s in steps for t in s.tokens] == [t for s in reference for t in s.tokens]

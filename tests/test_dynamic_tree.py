@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
 
+import mcsd.plan as plan_module
 from mcsd import engine
 from mcsd.checks.engine import EngineCase, run_engine_case, tiny_fast
 from mcsd.config import DynamicTreeConfig, SamplingConfig, SpecConfig
-from mcsd.draft.dynamic import DynamicProposer
-from mcsd.draft.model import DraftModelProposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import autoregressive_decode, speculative_decode
 from mcsd.models.toy import TableLM
+from mcsd.request import one_request
 from mcsd.verify.rules import node_outcome
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,19 +83,18 @@ def test_sampled_draws_pruned_by_probability_are_caught(monkeypatch: pytest.Monk
     """The deterministic mode's keep-the-best-budget pruning applied to sampled candidates,
     verified with mcss-wor as if each node's children were a draw without replacement: the
     whole-engine test that passes the real proposer must reject it."""
-    original = DynamicProposer.__init__
+    original = plan_module.candidate_scheme
 
-    def pruning(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.prune = True
+    def pruning(rule, draft):
+        return replace(original(rule, draft), prune=True)
 
-    monkeypatch.setattr(DynamicProposer, "__init__", pruning)
+    monkeypatch.setattr(plan_module, "candidate_scheme", pruning)
     result = run_engine_case(EngineCase("mcss-wor", "dynamic"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 
 
 def _steps(spec: SpecConfig, target, draft, vocab: int, prompt=(1, 2)):
-    proposer = DraftModelProposer.for_spec(draft, spec, vocab)
+    proposer = Drafter(draft, vocab_size=vocab)
     return list(speculative_decode(target, proposer, list(prompt), spec, vocab_size=vocab))
 
 
@@ -166,16 +167,15 @@ def test_proposal_is_a_bfs_tree_with_the_draft_q() -> None:
     exactly what its children were drawn from; leaves' rows are zero."""
     draft = TableLM.random(6, seed=23)
     sampling = SamplingConfig(temperature=0.8)
-    proposer = DynamicProposer(
-        draft,
-        DynamicTreeConfig(budget=8, width=3, max_depth=3),
-        sampling,
-        vocab_size=6,
-        deterministic=False,
-        return_q=True,
+    spec = SpecConfig(
+        tree=DynamicTreeConfig(budget=8, width=3, max_depth=3),
+        rule="mcss-wor",
+        draft=sampling,
     )
-    proposer.start([1, 2])
-    proposal = proposer.propose([1, 2], torch.Generator().manual_seed(0))
+    proposer = Drafter(draft, vocab_size=6)
+    request = one_request(spec, [1, 2], torch.Generator().manual_seed(0))
+    proposer.start(request)
+    (proposal,) = proposer.propose([request], [None])
     tree, tokens, q = proposal.tree, proposal.tokens.tolist(), proposal.q
     assert q is not None and tree.num_nodes == 8
     table = TableLM.random(6, seed=23)
@@ -210,7 +210,7 @@ def test_verifier_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(engine, "_verifier", tracked)
     monkeypatch.setattr(engine, "VERIFIER_CACHE", 2)
-    proposer = DraftModelProposer.for_spec(models[1], spec, 6)
+    proposer = Drafter(models[1], vocab_size=6)
     tokens = []
     for step in speculative_decode(models[0], proposer, [1, 2], spec, vocab_size=6):
         tokens.append(step.tokens)

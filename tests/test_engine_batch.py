@@ -26,9 +26,11 @@ from mcsd.checks.engine import (
     run_engine_steps,
 )
 from mcsd.config import SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import BatchEngine, autoregressive_decode, speculative_decode
 from mcsd.models.hf import HFModel
+from mcsd.models.toy import TableLM
+from mcsd.request import Request
 from mcsd.verify.rules import RULES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,11 +74,13 @@ def test_rows_equal_batch_one(case: EngineCase) -> None:
 class SharedGenerator(BatchEngine):
     """Broken: every row draws from the first row's generator."""
 
-    def add(self, prompt_ids, spec, **kwargs) -> int:
-        row = super().add(prompt_ids, spec, **kwargs)
-        first = self.rows[min(self.rows)]
-        self.rows[row].generator = first.generator
-        return row
+    first: Request | None = None
+
+    def add_request(self, prompt_ids, spec, **kwargs) -> Request:
+        request = super().add_request(prompt_ids, spec, **kwargs)
+        self.first = self.first or request
+        request.generator = self.first.generator
+        return request
 
 
 def test_rows_sharing_a_generator_are_caught() -> None:
@@ -90,16 +94,16 @@ def test_rows_of_different_lengths_finish_at_different_steps() -> None:
     case = EngineCase("mcss-wor", "2,2", vocab=4)
     target, draft = case.models_for_batch(2)
     spec = case.spec(3)
-    engine = BatchEngine(target, ModelProposer.for_spec(draft, spec, 4), vocab_size=4)
-    short = engine.add([1, 2], replace(spec, max_new_tokens=2))
-    long = engine.add([3], replace(spec, max_new_tokens=9))
-    finished: dict[int, int] = {}
+    engine = BatchEngine(target, Drafter(draft, vocab_size=4), vocab_size=4)
+    short = engine.add_request([1, 2], replace(spec, max_new_tokens=2))
+    long = engine.add_request([3], replace(spec, max_new_tokens=9))
+    finished: dict[Request, int] = {}
     steps = 0
-    while engine.rows:
+    while engine.has_unfinished():
         steps += 1
-        for row, step in engine.step().items():
+        for request, step in engine.step():
             if step.finish_reason is not None:
-                finished[row] = steps
+                finished[request] = steps
     assert finished[short] < finished[long]
     assert engine.free_rows() == [0, 1]
 
@@ -113,8 +117,8 @@ def test_batch_of_four_is_lossless(case: EngineCase) -> None:
 class NeighbourLogits(BatchEngine):
     """Broken: each row is verified against the next row's target logits (another row's cache)."""
 
-    def _target_logits(self, rows, tokens, positions, mask):
-        logits = super()._target_logits(rows, tokens, positions, mask)
+    def _target_logits(self, requests, proposals, verifiers):
+        logits = super()._target_logits(requests, proposals, verifiers)
         return logits[1:] + logits[:1]
 
 
@@ -138,7 +142,7 @@ def test_hf_rows_equal_batch_one(temperature: float) -> None:
     one = (HFModel(target_lm), HFModel(draft_lm))
     alone = []
     for i, prompt in enumerate(prompts):
-        proposer = ModelProposer.for_spec(one[1], replace(spec, seed=i), vocab)
+        proposer = Drafter(one[1], vocab_size=vocab)
         steps = speculative_decode(
             one[0], proposer, prompt, replace(spec, seed=i), vocab_size=vocab
         )
@@ -146,68 +150,66 @@ def test_hf_rows_equal_batch_one(temperature: float) -> None:
     if temperature == 0.0:
         assert alone == [greedy_reference(target_lm, p, 12) for p in prompts]
     target, draft = HFModel(target_lm, batch_size=3), HFModel(draft_lm, batch_size=3)
-    engine = BatchEngine(target, ModelProposer.for_spec(draft, spec, vocab), vocab_size=vocab)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    waiting, job_of = list(enumerate(prompts)), {}
-    while waiting or engine.rows:
-        while waiting and engine.free_rows():
-            job, prompt = waiting.pop(0)
-            job_of[engine.add(prompt, replace(spec, seed=job))] = job
-        for row, step in engine.step().items():
-            outputs[job_of[row]] += step.tokens
-    assert outputs == alone
+    engine = BatchEngine(target, Drafter(draft, vocab_size=vocab), vocab_size=vocab)
+    requests = [engine.add_request(p, replace(spec, seed=i)) for i, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        engine.step()
+    assert [request.output_ids for request in requests] == alone
 
 
 def test_plain_rows_beside_speculative_rows() -> None:
     """Rows asking for no speculation (``tree="none"``) decode plainly beside speculative
-    rows; each row equals its batch-1 run (plain: ``autoregressive_decode``), and a plain row's
-    tokens reach the draft when it speculates again (a row switching mid-generation)."""
+    rows; each row equals its batch-1 run (plain: ``autoregressive_decode``), and a plain step's
+    tokens reach the draft when the row speculates again (a speculating request decoded
+    plainly for its first steps, as an adaptive budget may)."""
     case = EngineCase("mcss-wor", "4,2,2", length=6)
     spec = case.spec(0)
     plain = replace(spec, tree="none", rule=None)
     target, draft = case.models_for_batch(3)
-    engine = BatchEngine(target, ModelProposer.for_spec(draft, spec, 4), vocab_size=4)
-    rows = {
-        engine.add([1, 2], replace(spec, seed=1)): ("spec", (1, 2), 1),
-        engine.add([3], replace(plain, seed=2)): ("plain", (3,), 2),
-        engine.add([0, 1, 2, 3], replace(plain, seed=3)): ("switch", (0, 1, 2, 3), 3),
+
+    class PlainFirst(BatchEngine):
+        """The third request steps plainly until its third step."""
+
+        steps = 0
+
+        def _trees(self, requests):
+            self.steps += 1
+            return {id(r): None for r in requests if r is switch and self.steps < 3}
+
+    engine = PlainFirst(target, Drafter(draft, vocab_size=4), vocab_size=4)
+    kinds = {
+        engine.add_request([1, 2], replace(spec, seed=1)): ("spec", (1, 2), 1),
+        engine.add_request([3], replace(plain, seed=2)): ("plain", (3,), 2),
     }
-    outputs: dict[int, list[int]] = {row: [] for row in rows}
-    steps = 0
-    while engine.rows:
-        steps += 1
-        if steps == 3 and 2 in engine.rows:  # the third row speculates from its third step
-            engine.rows[2].spec = replace(spec, seed=3)
-        for row, step in engine.step().items():
-            outputs[row] += step.tokens
+    switch = engine.add_request([0, 1, 2, 3], replace(spec, seed=3))
+    kinds[switch] = ("switch", (0, 1, 2, 3), 3)
+    while engine.has_unfinished():
+        engine.step()
     one_target, _ = case.models()
-    for row, (kind, prompt, seed) in rows.items():
+    for request, (kind, prompt, seed) in kinds.items():
         if kind == "spec":
-            assert outputs[row] == batch_one(case, prompt, seed)
+            assert request.output_ids == batch_one(case, prompt, seed)
         elif kind == "plain":
             alone = autoregressive_decode(
                 one_target, list(prompt), spec.target, 6, vocab_size=4, seed=seed
             )
-            assert outputs[row] == [t for step in alone for t in step.tokens]
+            assert request.output_ids == [t for step in alone for t in step.tokens]
         else:
-            assert len(outputs[row]) == 6
+            assert len(request.output_ids) == 6
+            assert [r.tree_size for r in request.stats.records[:2]] == [0, 0]
+            assert all(r.tree_size for r in request.stats.records[2:])
 
 
 def test_mixed_plain_and_speculative_steps_are_lossless() -> None:
     """Every row alternates plain and speculative steps (the adaptive budget may switch a row
     off and on): still the target's distribution."""
 
-    speculating: dict[int, SpecConfig] = {}  # row -> its spec while it steps plainly
-
     class Alternating(BatchEngine):
-        def step(self):
-            for row, r in self.rows.items():
-                if r.spec.speculative:
-                    speculating[row] = r.spec
-                    r.spec = replace(r.spec, tree="none", rule=None)
-                else:
-                    r.spec = speculating[row]
-            return super().step()
+        plain_turn = False
+
+        def _trees(self, requests):
+            self.plain_turn = not self.plain_turn
+            return {id(r): None for r in requests} if self.plain_turn else {}
 
     fits = run_batch_engine_case(
         EngineCase("mcss-wor", "2,2", length=4), TRIALS // 2, seed=2, engine_class=Alternating
@@ -224,26 +226,81 @@ def test_generate_list_with_adaptive_tree_equals_target_greedy() -> None:
     pair = ModelPair(HFModel(target_lm), HFModel(draft_lm), None)
     prompts = [[5, 9, 11], [3], [40, 41, 42, 43]]
     spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature=0.0), max_new_tokens=10)
-    engine = pair.batch_engine(spec, 2, adaptive=True)
+    engine = pair.batch_engine(2, budget_tree=spec.token_tree())
     assert engine.budget is not None and engine.budget.tree == spec.token_tree()
     results = generate(pair, prompts, spec, batch_size=2, adaptive=True)
     assert [r.token_ids for r in results] == [greedy_reference(target_lm, p, 10) for p in prompts]
 
 
-def test_a_row_drafted_otherwise_is_refused() -> None:
-    case = EngineCase("mcss-wor", "2,2")
-    target, draft = case.models_for_batch(2)
-    engine = BatchEngine(target, ModelProposer.for_spec(draft, case.spec(0), 4), vocab_size=4)
-    with pytest.raises(ValueError, match="needs candidates drawn otherwise"):
-        engine.add([1, 2], replace(case.spec(0), rule="mcss"))
-    assert engine.free_rows() == [0, 1]
+MIXED_PROMPTS = [[1, 2, 3, 1, 2], [4], [5, 6, 1, 2, 5, 6, 1], [7, 1], [2, 2, 2, 2]]
 
 
-def test_one_row_proposers_run_at_batch_one() -> None:
-    """Dynamic trees and the context proposer grow their trees one row at a time (``OneRow``):
-    a list of prompts runs them one after the other, each as it runs alone (greedy: the
-    target's own output; sampled: its seeded single run); a larger batch is refused, naming
-    ``batch_size``, and so is the adaptive budget."""
+def mixed_specs(temperature: float) -> list[SpecConfig]:
+    """Requests of every kind: a static tree, a dynamic tree, the context's tree, plain
+    decoding, and a static tree under another rule and draft sampling."""
+    target = SamplingConfig(temperature=temperature)
+    other = "greedy" if temperature == 0 else "mcss"
+    return [
+        SpecConfig(tree="4,2,2", target=target, max_new_tokens=16, seed=0),
+        SpecConfig(tree="dynamic:6:2:3", target=target, max_new_tokens=16, seed=1),
+        SpecConfig(proposer="context", target=target, max_new_tokens=16, seed=2),
+        SpecConfig(tree="none", target=target, max_new_tokens=16, seed=3),
+        SpecConfig(
+            tree="2,2",
+            rule=other,
+            target=target,
+            draft=SamplingConfig(temperature=0.7),
+            max_new_tokens=16,
+            seed=4,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_requests_of_every_kind_share_one_engine(temperature: float) -> None:
+    """A fixed tree, a dynamic tree, a context tree, plain decoding and another rule's tree as
+    rows of one engine at once: every speculating row's tree is verified in one target forward
+    per step, and each request equals its output alone (greedy exactly, seeded identically:
+    float64 toy tables)."""
+    target, draft = TableLM.random(8, seed=11), TableLM.random(8, seed=23)
+    specs = mixed_specs(temperature)
+    alone = []
+    for prompt, spec in zip(MIXED_PROMPTS, specs, strict=True):
+        engine = BatchEngine(target, Drafter(draft, vocab_size=8), vocab_size=8)
+        request = engine.add_request(prompt, spec)
+        while engine.has_unfinished():
+            engine.step()
+        alone.append(request.output_ids)
+    if temperature == 0.0:
+        plain = autoregressive_decode(target, MIXED_PROMPTS[0], specs[0].target, 16, vocab_size=8)
+        assert alone[0] == [t for step in plain for t in step.tokens]
+    rows = len(specs)
+    many = target.with_rows(rows)
+    forwards: list[int] = []  # new tokens of each target forward
+    original = many.forward
+
+    def counted(tokens, positions, tree_mask, **kwargs):
+        forwards.append(tokens.shape[1])
+        return original(tokens, positions, tree_mask, **kwargs)
+
+    many.forward = counted  # type: ignore[method-assign]
+    engine = BatchEngine(many, Drafter(draft.with_rows(rows), vocab_size=8), vocab_size=8)
+    requests = [engine.add_request(p, s) for p, s in zip(MIXED_PROMPTS, specs, strict=True)]
+    engine.step()  # admits all five (a prefill each), then one step of every row
+    prefills = len([p for p in MIXED_PROMPTS if len(p) > 1])
+    assert len(forwards) == prefills + 2  # one forward for four trees, one plain forward
+    sizes = {r.stats.records[0].tree_size for r in requests if r.plan.speculative}
+    assert len(sizes) > 1  # trees of different shapes in that one forward
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_ids for r in requests] == alone
+    assert engine.free_rows() == list(range(rows))
+
+
+def test_dynamic_and_context_trees_run_in_batches() -> None:
+    """Dynamic trees and the context's trees run as rows of a batch like static ones: a list
+    of prompts at batch 3 gives each the target's own greedy output; the adaptive budget, which
+    shrinks a static draft tree, refuses them naming ``adaptive``."""
     from mcsd.api import ModelPair, generate
 
     target_lm, draft_lm = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1, layers=1)
@@ -254,17 +311,15 @@ def test_one_row_proposers_run_at_batch_one() -> None:
         SpecConfig(tree="dynamic:8:4:2", target=greedy, max_new_tokens=8),
         SpecConfig(proposer="context", target=greedy, max_new_tokens=8),
     ):
-        results = generate(pair, prompts, spec)
+        results = generate(pair, prompts, spec, batch_size=3)
         assert [r.token_ids for r in results] == [
             greedy_reference(target_lm, p, 8) for p in prompts
         ]
-        with pytest.raises(ValueError, match=r"batch_size: tree .* runs one row at a time"):
-            generate(pair, prompts, spec, batch_size=2)
         with pytest.raises(ValueError, match="adaptive"):
             generate(pair, prompts, spec, adaptive=True)
     sampled = SpecConfig(tree="dynamic:8:4:2", max_new_tokens=8, seed=3)
     alone = [generate(pair, p, sampled).token_ids for p in prompts]
-    assert [r.token_ids for r in generate(pair, prompts, sampled)] == alone
+    assert [r.token_ids for r in generate(pair, prompts, sampled, batch_size=1)] == alone
 
 
 def test_one_prompt_with_adaptive_tree() -> None:

@@ -9,10 +9,12 @@ with the same count rejects a deliberately broken engine (test_wrong_engine_is_c
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+import mcsd.plan as plan_module
 from mcsd.checks.engine import DYNAMIC_TREES, EngineCase, engine_cases, run_engine_case
-from mcsd.draft.model import ModelProposer
 
 TRIALS = 3000
 
@@ -33,29 +35,24 @@ def test_engine_output_is_target_distribution(case: EngineCase) -> None:
 def test_wrong_engine_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """Draw candidates without replacement but verify them with the iid rule (mcss): a classic
     mismatch between drafting and verification. The same test must reject it."""
-    original = ModelProposer.__init__
+    original = plan_module.candidate_scheme
 
-    def without_replacement(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.replacement = False
+    def without_replacement(rule, draft):
+        return replace(original(rule, draft), replacement=False)
 
-    monkeypatch.setattr(ModelProposer, "__init__", without_replacement)
-    # the engine would refuse the mismatch up front (check_spec): let it through to be caught
-    monkeypatch.setattr(ModelProposer, "check_spec", lambda self, spec: None)
+    monkeypatch.setattr(plan_module, "candidate_scheme", without_replacement)
     result = run_engine_case(EngineCase("mcss", "4,2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 
 
 def test_greedy_draft_with_sampled_verification_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The paper code's bias: a deterministic (top-k) draft verified as if sampled from q."""
-    original = ModelProposer.__init__
+    original = plan_module.candidate_scheme
 
-    def deterministic(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.deterministic = True
+    def deterministic(rule, draft):
+        return replace(original(rule, draft), deterministic=True)
 
-    monkeypatch.setattr(ModelProposer, "__init__", deterministic)
-    monkeypatch.setattr(ModelProposer, "check_spec", lambda self, spec: None)
+    monkeypatch.setattr(plan_module, "candidate_scheme", deterministic)
     result = run_engine_case(EngineCase("mcss", "2,2"), TRIALS, seed=1)
     assert not result.fit.passed, result.fit
 

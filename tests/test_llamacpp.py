@@ -30,10 +30,12 @@ from mcsd.bench.methods import parse_method, run_method
 from mcsd.checks.engine import EngineCase, run_engine_case
 from mcsd.checks.tiny_gguf import TinyGGUF
 from mcsd.config import GREEDY, LlamaCppConfig, SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.base import RowStep
+from mcsd.draft.proposer import Drafter
 from mcsd.models import factory
 from mcsd.models.base import chain_mask, score
 from mcsd.models.llamacpp import GGUFTokenizer, LlamaCppModel, load_llamacpp
+from mcsd.request import one_request
 from mcsd.tree import TokenTree
 
 TINY = LlamaCppConfig(context=64, pending_cells=64, batch=32, sequences=32, threads=1)
@@ -196,10 +198,11 @@ def test_draft_levels_match_per_path_scoring(tiny) -> None:
     spec = SpecConfig(
         tree="3,2,2", rule="mcss", target=SamplingConfig(temperature=1.0), max_new_tokens=4
     )
-    proposer = ModelProposer.for_spec(draft, spec, 4)
+    proposer = Drafter(draft, vocab_size=4)
     prompt = [1, 2, 0, 3]
-    proposer.start(prompt)
-    proposal = proposer.propose(prompt, torch.Generator().manual_seed(0))
+    request = one_request(spec, prompt, torch.Generator().manual_seed(0))
+    proposer.start(request)
+    (proposal,) = proposer.propose([request], [None])
     nodes = proposal.tokens.tolist()
     tree = proposal.tree
     reference = LlamaCppModel(draft.path, draft.config)
@@ -215,15 +218,17 @@ def test_draft_commit_then_next_step(tiny) -> None:
     proposal's first level equals the draft's top tokens after the committed text."""
     _, draft = tiny
     spec = SpecConfig(tree="2,2,1", target=GREEDY, max_new_tokens=4)
-    proposer = ModelProposer.for_spec(draft, spec, 4)
+    proposer = Drafter(draft, vocab_size=4)
     prompt = [1, 2, 0]
-    proposer.start(prompt)
-    proposal = proposer.propose(prompt, torch.Generator())
+    request = one_request(spec, prompt, torch.Generator())
+    proposer.start(request)
+    (proposal,) = proposer.propose([request], [None])
     second = proposal.tree.children(1)[1]  # the second child of the second root child
     path = [int(proposal.tokens[u]) for u in (1, second)]
-    proposer.commit([1, second], [*path, 3])
+    proposer.commit([request], [RowStep(accepted=[1, second], tokens=[*path, 3])])
     committed = [*prompt, *path, 3]
-    after = proposer.propose(committed, torch.Generator())
+    request.committed = committed
+    (after,) = proposer.propose([request], [None])
     fresh = score(LlamaCppModel(draft.path, draft.config), committed)[-1]
     assert after.tokens[:2].tolist() == torch.topk(fresh, 2).indices.tolist()
 
@@ -516,7 +521,7 @@ def test_greedy_emits_the_verify_argmax_and_matches_llamacpp_greedy(prompt: str,
         tree="2,2", target=GREEDY, draft=SamplingConfig(temperature=0.0), max_new_tokens=40
     )
     ids = tokenizer(prompt)["input_ids"]
-    proposer = ModelProposer.for_spec(draft, spec, len(tokenizer))
+    proposer = Drafter(draft, vocab_size=len(tokenizer))
     steps = list(
         speculative_decode(
             recorder, proposer, ids, spec, vocab_size=len(tokenizer), stop_token_ids=frozenset(eos)

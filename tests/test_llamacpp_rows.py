@@ -242,23 +242,29 @@ def test_draft_rows_with_uncached_tokens_of_different_lengths(tiny_paths, single
     """The draft over 2 rows, one with 6 uncached tokens and one with 1 (left-padded: the
     padding tokens are roots with ids of their own): each row's proposal and q equal its
     proposal alone."""
-    from mcsd.draft.model import ModelProposer
+    from mcsd.draft.proposer import Drafter
+    from mcsd.request import one_request
 
     draft = LlamaCppModel(tiny_paths["draft"], ROWS)
     spec = SpecConfig(
         tree="2,2", rule="mcss", target=SamplingConfig(temperature=1.0), max_new_tokens=4
     )
     committed = [[1, 2, 0, 3, 1, 2, 0, 1], [2]]
-    together = ModelProposer.for_spec(draft.with_rows(2), spec, 4)
-    together.start_row(0, committed[0][:3])
-    together.extend_row(0, committed[0][3:])
-    together.start_row(1, committed[1])
-    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
-    proposals = together.propose_rows([0, 1], committed, generators)
+    together = Drafter(draft.with_rows(2), vocab_size=4)
+    requests = [
+        one_request(spec, committed[0][:3], torch.Generator().manual_seed(1), row=0),
+        one_request(spec, committed[1], torch.Generator().manual_seed(2), row=1),
+    ]
+    for request in requests:
+        together.start(request)
+    together.extend(requests[0], committed[0][3:])
+    requests[0].committed = list(committed[0])
+    proposals = together.propose(requests, [None, None])
     for row, proposal in enumerate(proposals):
-        alone = ModelProposer.for_spec(draft, spec, 4)
-        alone.start(committed[row])
-        expected = alone.propose(committed[row], torch.Generator().manual_seed(row + 1))
+        alone = Drafter(draft, vocab_size=4)
+        request = one_request(spec, committed[row], torch.Generator().manual_seed(row + 1))
+        alone.start(request)
+        (expected,) = alone.propose([request], [None])
         assert proposal.tokens.tolist() == expected.tokens.tolist(), row
         assert max_diff(proposal.q, expected.q) < EXACT, row
 

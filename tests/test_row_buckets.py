@@ -25,7 +25,7 @@ from conftest import greedy_reference, tiny_causal_lm
 
 from mcsd.budget import computed_rows
 from mcsd.config import SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import BatchEngine, speculative_decode
 from mcsd.models.base import chain_mask, row_bucket, row_buckets, rows_forward
 from mcsd.models.fast import FastModel, build, read_architecture
@@ -133,16 +133,13 @@ def test_subsets_equal_each_row_alone(models, kind: str) -> None:
 def generate_rows(engine: BatchEngine, prompts, spec: SpecConfig) -> list[list[int]]:
     """``prompts`` through the engine's rows as they free up (late joins), one seed and length
     each."""
-    outputs: list[list[int]] = [[] for _ in prompts]
-    waiting, job_of = list(enumerate(prompts)), {}
-    while waiting or engine.rows:
-        while waiting and engine.free_rows():
-            job, prompt = waiting.pop(0)
-            row_spec = replace(spec, seed=job, max_new_tokens=LENGTHS[job])
-            job_of[engine.add(prompt, row_spec)] = job
-        for row, step in engine.step().items():
-            outputs[job_of[row]] += step.tokens
-    return outputs
+    requests = [
+        engine.add_request(prompt, replace(spec, seed=job, max_new_tokens=LENGTHS[job]))
+        for job, prompt in enumerate(prompts)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    return [request.output_ids for request in requests]
 
 
 PROMPTS = [[5, 9, 11], [3], [40, 41, 42, 43, 44, 45, 46], [7, 7], [90, 1, 2, 3], [12, 13]]
@@ -153,7 +150,7 @@ def engine_outputs(models, kind: str, temperature: float, cls=None) -> list[list
     spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature=temperature))
     target = runtime(models, kind, "target", 4, cls)
     draft = runtime(models, kind, "draft", 4, cls)
-    engine = BatchEngine(target, ModelProposer.for_spec(draft, spec, VOCAB), vocab_size=VOCAB)
+    engine = BatchEngine(target, Drafter(draft, vocab_size=VOCAB), vocab_size=VOCAB)
     recorder = Recorder(target)
     outputs = generate_rows(engine, PROMPTS, spec)
     assert min(recorder.steps) == 1  # the busy rows changed: smaller buckets ran
@@ -166,7 +163,7 @@ def alone_outputs(models, kind: str, temperature: float) -> list[list[int]]:
     for i, prompt in enumerate(PROMPTS):
         row_spec = replace(spec, seed=i, max_new_tokens=LENGTHS[i])
         target, draft = runtime(models, kind, "target", 1), runtime(models, kind, "draft", 1)
-        proposer = ModelProposer.for_spec(draft, row_spec, VOCAB)
+        proposer = Drafter(draft, vocab_size=VOCAB)
         steps = speculative_decode(target, proposer, prompt, row_spec, vocab_size=VOCAB)
         out.append([t for step in steps for t in step.tokens])
     return out

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -700,11 +701,9 @@ def test_no_nan_in_mean_accepted_length_before_any_request() -> None:
 # ---------------------------------------------------------------------------- continuous batching
 
 
-@pytest.fixture(scope="module")
-def batched_server(model_dir: Path) -> Iterator[str]:
-    """A second server on its own copy of the pair, decoding up to 4 requests side by side."""
-    defaults = SpecConfig(target=SamplingConfig(temperature=1.0), max_new_tokens=16)
-    app = create_app(_load(model_dir), defaults, model_name="tiny", max_queue=8, max_batch=4)
+@contextmanager
+def _serving(app) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a free port; its base address."""
     config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -713,9 +712,20 @@ def batched_server(model_dir: Path) -> Iterator[str]:
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{config.port}"
-    uv.should_exit = True
-    thread.join(15)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def batched_server(model_dir: Path) -> Iterator[str]:
+    """A second server on its own copy of the pair, decoding up to 4 requests side by side."""
+    defaults = SpecConfig(target=SamplingConfig(temperature=1.0), max_new_tokens=16)
+    app = create_app(_load(model_dir), defaults, model_name="tiny", max_queue=8, max_batch=4)
+    with _serving(app) as server:
+        yield server
 
 
 def test_concurrent_requests_equal_single_answers(
@@ -723,7 +733,7 @@ def test_concurrent_requests_equal_single_answers(
 ) -> None:
     """9 concurrent clients (4 rows, the others waiting, joining as rows free) with prompts of
     different lengths and lengths of answer, chat and completion, one with its own tree, one
-    without speculation, one with a dynamic tree (an engine of one row of its own): every
+    without speculation, one with a dynamic tree (a row beside the others): every
     answer at temperature 0 equals the single-request one."""
     prompts = [PROMPT, "Once upon a time", "x", "def add(a, b):\n    return"] * 2
     lengths = [24, 9, 17, 5, 12, 30, 3, 20]
@@ -768,6 +778,49 @@ def test_concurrent_requests_equal_single_answers(
     _wait_idle(batched_server)
     meta = httpx.get(f"{batched_server}/v1/models").json()["data"][0]["mcsd"]
     assert meta["max_concurrent_generations"] == 4 and meta["batching"] is True
+
+
+def test_dynamic_and_fixed_trees_share_one_forward(model_dir: Path, reference: ModelPair) -> None:
+    """A dynamic-tree request and a fixed-tree request served at once are rows of one engine:
+    some step verifies both trees in one target forward, and each answer equals its single
+    greedy generation."""
+    defaults = SpecConfig(target=GREEDY, max_new_tokens=24)
+    app = create_app(_load(model_dir), defaults, model_name="tiny", max_queue=8, max_batch=4)
+    engine = app.state.scheduler.engine
+    forwards: list[set[str]] = []  # per target tree forward: the kinds of tree it held
+    original = engine._target_logits
+
+    def recording(requests, proposals, verifiers):
+        forwards.append({"dynamic" if r.plan.dynamic else "fixed" for r in requests})
+        return original(requests, proposals, verifiers)
+
+    engine._target_logits = recording
+    trees = ["dynamic:8:4:2", "4,2,2"]
+    expected = [
+        generate(reference, PROMPT, SpecConfig(tree=t, target=GREEDY, max_new_tokens=24)).text
+        for t in trees
+    ]
+    with _serving(app) as server:
+        client = openai.AsyncOpenAI(
+            base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+
+        async def completion(tree: str) -> str:
+            response = await client.completions.create(
+                model="tiny",
+                prompt=PROMPT,
+                max_tokens=24,
+                temperature=0,
+                extra_body={"mcsd": {"tree": tree}},
+            )
+            return response.choices[0].text
+
+        async def both() -> list[str]:
+            return await asyncio.gather(*(completion(t) for t in trees))
+
+        answers = asyncio.run(both())
+    assert answers == expected
+    assert {"dynamic", "fixed"} in forwards, forwards
 
 
 def test_batched_disconnect_frees_its_row(batched_server: str) -> None:

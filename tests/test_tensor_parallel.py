@@ -24,7 +24,7 @@ from test_bench_e2e import tiny_tokenizer
 from mcsd.api import load_pair
 from mcsd.cli import main
 from mcsd.config import GREEDY, ParallelConfig, SamplingConfig, SpecConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.draft.proposer import Drafter
 from mcsd.engine import BatchEngine
 from mcsd.models.base import chain_mask, with_rows
 from mcsd.models.fast import FastModel, build, read_architecture
@@ -100,14 +100,13 @@ def rows_run(target: FastModel, draft: FastModel, vocab: int) -> list[list[int]]
     """Two prompts as rows of one batch engine (copies of two rows: ``with_rows``), greedy."""
     engine = BatchEngine(
         with_rows(target, 2),
-        ModelProposer.for_spec(with_rows(draft, 2), GREEDY_SPEC, vocab),
+        Drafter(with_rows(draft, 2), vocab_size=vocab),
         vocab_size=vocab,
     )
-    outputs = {engine.add(prompt, GREEDY_SPEC): [] for prompt in (PROMPT, PROMPT[:3])}
-    while engine.rows:
-        for row, step in engine.step().items():
-            outputs[row] += step.tokens
-    return list(outputs.values())
+    requests = [engine.add_request(prompt, GREEDY_SPEC) for prompt in (PROMPT, PROMPT[:3])]
+    while engine.has_unfinished():
+        engine.step()
+    return [request.output_ids for request in requests]
 
 
 def runs(target: FastModel, draft_dir: Path, vocab: int) -> dict[str, object]:

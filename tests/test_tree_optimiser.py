@@ -154,13 +154,13 @@ def test_acceptance_from_step_records() -> None:
     on toy tables; the table matches the records counted by hand and its AL prediction for the
     tree that ran is the measured AL (same steps, no model error: 5 sigma)."""
     from mcsd.config import GREEDY, SpecConfig
-    from mcsd.draft.model import DraftModelProposer
+    from mcsd.draft.proposer import Drafter
     from mcsd.engine import speculative_decode
     from mcsd.models.toy import TableLM
 
     target, draft = TableLM.random(6, seed=3), TableLM.random(6, seed=4)
     spec = SpecConfig(tree="3,2", target=GREEDY, max_new_tokens=400, seed=0)
-    proposer = DraftModelProposer.for_spec(draft, spec, 6)
+    proposer = Drafter(draft, vocab_size=6)
     steps = list(speculative_decode(target, proposer, [1, 2], spec, vocab_size=6))
     records = [step.record for step in steps[:-1]]  # the last step may be cut by the length
     table = acceptance_from_steps(records, 2, 3)

@@ -4,7 +4,7 @@
   the emitted token against p (``mcsd.checks.node.monte_carlo``).
 - Tree walk: toy target/draft table LMs (``mcsd.models.toy.TableLM``) indexed by context (the
   tokens after the root), a tree drafted level by level from the draft by the engine's
-  ``ModelProposer``, p from one target forward over the tree, ``verify_tree``. The emitted tokens
+  ``Drafter``, p from one target forward over the tree, ``verify_tree``. The emitted tokens
   (accepted path + correction/bonus) are completed to a fixed length L = depth + 1 with tokens
   sampled from the target table. A lossless step followed by the target itself is the target,
   so the completed sequences must follow prod_t p(x_t | x_<t) exactly: a chi-square over all
@@ -45,9 +45,10 @@ from mcsd.checks.node import (
     run_checks,
 )
 from mcsd.commands import check as check_command
-from mcsd.config import GREEDY, SamplingConfig
-from mcsd.draft.model import ModelProposer
+from mcsd.config import GREEDY, SamplingConfig, SpecConfig
+from mcsd.draft.proposer import Drafter
 from mcsd.models.toy import TableLM
+from mcsd.request import one_request
 from mcsd.sampling import sample, warp
 from mcsd.tree import TokenTree
 from mcsd.verify import NodeResult, get_rule, verify_tree
@@ -153,15 +154,13 @@ def run_tree(
     """Counts ``[V**L]`` of the completed emitted sequences (L = depth + 1), and the number of
     accepted tokens over all trials."""
     record = get_rule(rule)
-    proposer = ModelProposer(
-        toy.draft,
-        tree,
-        GREEDY if record.deterministic else SamplingConfig(temperature=1.0),
-        vocab_size=toy.vocab,
-        replacement=record.replacement,
-        deterministic=record.deterministic,
-        return_q=True,
+    spec = SpecConfig(
+        tree=tree,
+        rule=rule,
+        target=toy.target_sampling,
+        draft=GREEDY if record.deterministic else SamplingConfig(temperature=1.0),
     )
+    proposer = Drafter(toy.draft, vocab_size=toy.vocab)
     mask = torch.zeros(tree.num_nodes + 1, tree.num_nodes + 1, dtype=torch.bool)
     mask[:, 0] = True
     mask[1:, 1:] = tree.ancestor_mask()
@@ -170,8 +169,9 @@ def run_tree(
     counts = [0] * toy.vocab**length
     accepted_tokens = 0
     for _ in range(trials):
-        proposer.start([ROOT_TOKEN])
-        proposal = proposer.propose([ROOT_TOKEN], generator)
+        request = one_request(spec, [ROOT_TOKEN], generator)
+        proposer.start(request)
+        (proposal,) = proposer.propose([request], [None])
         tokens = torch.cat([torch.tensor([ROOT_TOKEN]), proposal.tokens])[None]  # [1, N+1]
         toy.target.reset()
         p = warp(toy.target.forward(tokens, positions, mask)[0], toy.target_sampling)

@@ -282,15 +282,11 @@ class BatchEngine:
             for r, (result, _) in zip(requests, outcomes, strict=True)
         }
         self.target.commit(keep_rows(self.max_batch, keep))
-        for r, (result, accepted_tokens) in zip(requests, outcomes, strict=True):
-            r.committed += [*accepted_tokens, result.token]  # the proposer reads them
         row_steps = [
             RowStep(accepted=list(result.accepted), tokens=[*accepted_tokens, result.token])
             for result, accepted_tokens in outcomes
         ]
         self.proposer.commit(requests, row_steps)
-        for r, row_step in zip(requests, row_steps, strict=True):
-            del r.committed[len(r.committed) - len(row_step.tokens) :]
         ended = clock.mark()
         draft_time = clock.device_seconds(started, drafted)
         target_time = clock.host_seconds(started, ended) - draft_time

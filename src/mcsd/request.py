@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mcsd.config import SpecConfig
-from mcsd.plan import Plan
+from mcsd.plan import Plan, resolve
 from mcsd.stats import Stats
 
 
@@ -48,3 +48,20 @@ class Request:
     def output_ids(self) -> list[int]:
         """The generated tokens so far."""
         return self.committed[len(self.prompt_ids) :]
+
+
+def one_request(
+    spec: SpecConfig, prompt_ids: list[int], generator: torch.Generator, *, row: int = 0
+) -> Request:
+    """A request in ``row`` outside any engine, for driving a proposer by hand (the statistical
+    checks of one step): its plan resolved, no stop tokens, the whole budget usable."""
+    return Request(
+        prompt_ids=list(prompt_ids),
+        spec=spec,
+        plan=resolve(spec),
+        stop_token_ids=frozenset(),
+        max_new_tokens=spec.max_new_tokens,
+        generator=generator,
+        committed=list(prompt_ids),
+        row=row,
+    )
