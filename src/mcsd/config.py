@@ -211,6 +211,26 @@ class DynamicTreeConfig:
         return f"{DYNAMIC_PREFIX}:{self.budget}:{self.width}:{self.max_depth}"
 
 
+def parse_tree(tree: object, max_tree_nodes: int) -> TokenTree | DynamicTreeConfig | str:
+    """A ``SpecConfig.tree`` value parsed: a ``TokenTree``, a ``DynamicTreeConfig`` or
+    ``NO_SPECULATION`` (``ValueError`` for a bad shape or a tree beyond ``max_tree_nodes``). The
+    one parser of trees: the spec and the server's request fields use it."""
+    if isinstance(tree, str) and tree.strip().startswith(DYNAMIC_PREFIX):
+        tree = DynamicTreeConfig.parse(tree)
+    if isinstance(tree, str) and tree.strip() == NO_SPECULATION:
+        return NO_SPECULATION
+    if isinstance(tree, DynamicTreeConfig):
+        if tree.budget > max_tree_nodes:
+            raise ParamError(
+                f"dynamic tree budget {tree.budget} is more than the limit "
+                f"max_tree_nodes={max_tree_nodes}",
+                param="tree",
+                allowed=f"a budget <= max_tree_nodes ({max_tree_nodes})",
+            )
+        return tree
+    return TokenTree.parse(tree, max_nodes=max_tree_nodes)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpecConfig:
     """One speculative generation: tree, verification rule, both samplers, stopping.
@@ -313,22 +333,7 @@ class SpecConfig:
         self.resolved_rule()
 
     def _built_tree(self) -> TokenTree | DynamicTreeConfig | str:
-        """``tree`` parsed: a ``TokenTree``, a ``DynamicTreeConfig`` or ``NO_SPECULATION``."""
-        tree = self.tree
-        if isinstance(tree, str) and tree.strip().startswith(DYNAMIC_PREFIX):
-            tree = DynamicTreeConfig.parse(tree)
-        if isinstance(tree, str) and tree.strip() == NO_SPECULATION:
-            return NO_SPECULATION
-        if isinstance(tree, DynamicTreeConfig):
-            if tree.budget > self.max_tree_nodes:
-                raise ParamError(
-                    f"dynamic tree budget {tree.budget} is more than the limit "
-                    f"max_tree_nodes={self.max_tree_nodes}",
-                    param="tree",
-                    allowed=f"a budget <= max_tree_nodes ({self.max_tree_nodes})",
-                )
-            return tree
-        return TokenTree.parse(tree, max_nodes=self.max_tree_nodes)
+        return parse_tree(self.tree, self.max_tree_nodes)
 
     def _check_seed(self) -> None:
         """None, or an integer torch.Generator.manual_seed takes (one of 64 bits)."""

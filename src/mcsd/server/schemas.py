@@ -24,10 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcsd.config import DYNAMIC_PREFIX, NO_SPECULATION, SamplingConfig, SpecConfig
+from mcsd.config import NO_SPECULATION, SamplingConfig, SpecConfig, parse_tree
 from mcsd.errors import ParamError
 from mcsd.server.defaults import ServeLimits
-from mcsd.tree import TokenTree
 from mcsd.verify.rules import get_rule
 
 
@@ -333,12 +332,7 @@ def spec_for(request: _Generation, defaults: SpecConfig, limits: Limits) -> Spec
     tree = defaults.tree
     if options.tree is not None:
         try:
-            if isinstance(options.tree, str) and options.tree.strip().startswith(
-                (DYNAMIC_PREFIX, NO_SPECULATION)
-            ):
-                tree = SpecConfig(tree=options.tree, max_tree_nodes=defaults.max_tree_nodes).tree
-            else:
-                tree = TokenTree.parse(options.tree, max_nodes=defaults.max_tree_nodes)
+            tree = parse_tree(options.tree, defaults.max_tree_nodes)
         except ValueError as error:
             raise invalid(f"mcsd.tree: {error}", "mcsd.tree") from None
     # the server's rule is for its trees: a request without speculation verifies nothing
