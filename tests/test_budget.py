@@ -27,7 +27,7 @@ from mcsd.budget import (
 from mcsd.checks.engine import BATCH_PROMPTS, EngineCase, batch_generations, run_batch_engine_case
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.proposer import Drafter
-from mcsd.engine import BatchEngine, Step, autoregressive_decode, speculative_decode
+from mcsd.engine import Engine, Step, autoregressive_decode, speculative_decode
 from mcsd.models.toy import TableLM
 from mcsd.sampling import draw_children, warp
 from mcsd.stats import Stats
@@ -94,7 +94,7 @@ def test_probe_measures_a_runtime() -> None:
     assert budget.costs.draft.tokens == (1, 2, 4, 8)
 
 
-class Budgeted(BatchEngine):
+class Budgeted(Engine):
     """The engine under a budget that gives a 3-node tree to one row, one node each to two and
     plain decoding to three rows or more (rows of the runtime: free ones run as padding)."""
 
@@ -130,7 +130,7 @@ def test_rows_with_their_own_trees_share_an_engine() -> None:
     """Rows asking for different trees (and one none) in one engine: each as alone."""
     case = EngineCase("mcss-wor", "4,2,2", length=5)
     target, draft = case.models_for_batch(3)
-    engine = BatchEngine(target, Drafter(draft, vocab_size=4), vocab_size=4)
+    engine = Engine(target, Drafter(draft, vocab_size=4), vocab_size=4)
     asks = {"4,2,2": (1, 2), "2,1": (3,), "1,1,1": (0, 1, 2, 3)}
     requests = {
         engine.add_request(list(p), replace(case.spec(7), tree=t)): (t, p) for t, p in asks.items()
@@ -221,14 +221,14 @@ def test_estimate_converges_to_the_known_acceptance() -> None:
     spec = SpecConfig(tree="1,1,1", rule="sps", max_new_tokens=600, seed=5)
     costs = PairCost(target=FLAT, draft=StepCost((1, 100), (0.01, 0.01)))
     budget = TreeBudget(CHAIN, costs=costs, weight=0.005)
-    engine = BatchEngine(target, Drafter(draft, vocab_size=4), vocab_size=4, budget=budget)
+    engine = Engine(target, Drafter(draft, vocab_size=4), vocab_size=4, budget=budget)
     steps = list(_rows_of(engine, spec))
     assert all(step.record.tree_size == 3 for step in steps)  # the chain pays all along
     assert engine.adaptive is not None
     assert engine.adaptive.estimate.value == pytest.approx(0.4, abs=0.07)
 
 
-def _rows_of(engine: BatchEngine, spec: SpecConfig, prompt=(1, 2)):
+def _rows_of(engine: Engine, spec: SpecConfig, prompt=(1, 2)):
     request = engine.add_request(list(prompt), spec)
     while request.finish_reason is None:
         yield from (step for stepped, step in engine.step() if stepped is request)
@@ -287,7 +287,7 @@ def test_a_draft_equal_to_the_target_keeps_the_full_tree() -> None:
     target = TableLM.random(4, seed=11)
     spec = SpecConfig(tree="4,2,2", target=SamplingConfig(temperature=0.0), max_new_tokens=30)
     budget = TreeBudget(TREE, costs=PairCost(target=FLAT, draft=StepCost((1, 1000), (0.01, 0.02))))
-    engine = BatchEngine(
+    engine = Engine(
         target,
         Drafter(TableLM.random(4, seed=11), vocab_size=4),
         vocab_size=4,
@@ -310,10 +310,10 @@ def mid_budget(tree: TokenTree, reprobe: int = 2, draft_cost: float = 0.8) -> Tr
     return TreeBudget(tree, costs=costs, weight=0.3, reprobe=reprobe)
 
 
-def adaptive_engine(budget: TreeBudget) -> type[BatchEngine]:
-    """A ``BatchEngine`` under ``budget`` that counts its plain and speculative forwards."""
+def adaptive_engine(budget: TreeBudget) -> type[Engine]:
+    """A ``Engine`` under ``budget`` that counts its plain and speculative forwards."""
 
-    class Adaptive(BatchEngine):
+    class Adaptive(Engine):
         forwards: ClassVar[Counter[str]] = Counter()
 
         def __init__(self, *args, **kwargs) -> None:
@@ -367,7 +367,7 @@ class Peeking(AdaptiveTree):
     """Deliberately wrong: speculates only when the draft's first candidate (drawn from a copy
     of the row's generator, so the step draws it again) is the target's argmax."""
 
-    def __init__(self, engine: BatchEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         super().__init__(mid_budget(TREE))
         self.engine = engine
 
@@ -388,7 +388,7 @@ def test_a_controller_that_peeks_at_the_step_is_caught() -> None:
     """The check that passes the real controller fails one that decides from this step's
     draws (``mcsd.budget``'s docstring: ``choose`` sees a row count, nothing drawn)."""
 
-    class PeekingEngine(BatchEngine):
+    class PeekingEngine(Engine):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, budget=mid_budget(TREE), **kwargs)
             self.adaptive = Peeking(self)

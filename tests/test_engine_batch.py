@@ -1,4 +1,4 @@
-"""The engine over B rows (``mcsd.engine.BatchEngine``, continuous batching).
+"""The engine over B rows (``mcsd.engine.Engine``, continuous batching).
 
 - Each row's output equals the batch-1 output of the same prompt and seed, whatever shares the
   batch: ragged prompts, rows finishing at different steps, rows joining late (toy table LMs for
@@ -27,7 +27,7 @@ from mcsd.checks.engine import (
 )
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.proposer import Drafter
-from mcsd.engine import BatchEngine, autoregressive_decode, speculative_decode
+from mcsd.engine import Engine, autoregressive_decode, speculative_decode
 from mcsd.models.hf import HFModel
 from mcsd.models.toy import TableLM
 from mcsd.request import Request
@@ -71,7 +71,7 @@ def test_rows_equal_batch_one(case: EngineCase) -> None:
     assert batched == [batch_one(case, prompt, seed) for prompt, seed in jobs]
 
 
-class SharedGenerator(BatchEngine):
+class SharedGenerator(Engine):
     """Broken: every row draws from the first row's generator."""
 
     first: Request | None = None
@@ -94,7 +94,7 @@ def test_rows_of_different_lengths_finish_at_different_steps() -> None:
     case = EngineCase("mcss-wor", "2,2", vocab=4)
     target, draft = case.models_for_batch(2)
     spec = case.spec(3)
-    engine = BatchEngine(target, Drafter(draft, vocab_size=4), vocab_size=4)
+    engine = Engine(target, Drafter(draft, vocab_size=4), vocab_size=4)
     short = engine.add_request([1, 2], replace(spec, max_new_tokens=2))
     long = engine.add_request([3], replace(spec, max_new_tokens=9))
     finished: dict[Request, int] = {}
@@ -114,7 +114,7 @@ def test_batch_of_four_is_lossless(case: EngineCase) -> None:
     assert all(fit.passed for fit in fits), (case.describe(), fits)
 
 
-class NeighbourLogits(BatchEngine):
+class NeighbourLogits(Engine):
     """Broken: each row is verified against the next row's target logits (another row's cache)."""
 
     def _target_logits(self, requests, proposals, verifiers):
@@ -150,7 +150,7 @@ def test_hf_rows_equal_batch_one(temperature: float) -> None:
     if temperature == 0.0:
         assert alone == [greedy_reference(target_lm, p, 12) for p in prompts]
     target, draft = HFModel(target_lm, batch_size=3), HFModel(draft_lm, batch_size=3)
-    engine = BatchEngine(target, Drafter(draft, vocab_size=vocab), vocab_size=vocab)
+    engine = Engine(target, Drafter(draft, vocab_size=vocab), vocab_size=vocab)
     requests = [engine.add_request(p, replace(spec, seed=i)) for i, p in enumerate(prompts)]
     while engine.has_unfinished():
         engine.step()
@@ -167,7 +167,7 @@ def test_plain_rows_beside_speculative_rows() -> None:
     plain = replace(spec, tree="none", rule=None)
     target, draft = case.models_for_batch(3)
 
-    class PlainFirst(BatchEngine):
+    class PlainFirst(Engine):
         """The third request steps plainly until its third step."""
 
         steps = 0
@@ -204,7 +204,7 @@ def test_mixed_plain_and_speculative_steps_are_lossless() -> None:
     """Every row alternates plain and speculative steps (the adaptive budget may switch a row
     off and on): still the target's distribution."""
 
-    class Alternating(BatchEngine):
+    class Alternating(Engine):
         plain_turn = False
 
         def _trees(self, requests):
@@ -266,7 +266,7 @@ def test_requests_of_every_kind_share_one_engine(temperature: float) -> None:
     specs = mixed_specs(temperature)
     alone = []
     for prompt, spec in zip(MIXED_PROMPTS, specs, strict=True):
-        engine = BatchEngine(target, Drafter(draft, vocab_size=8), vocab_size=8)
+        engine = Engine(target, Drafter(draft, vocab_size=8), vocab_size=8)
         request = engine.add_request(prompt, spec)
         while engine.has_unfinished():
             engine.step()
@@ -284,7 +284,7 @@ def test_requests_of_every_kind_share_one_engine(temperature: float) -> None:
         return original(tokens, positions, tree_mask, **kwargs)
 
     many.forward = counted  # type: ignore[method-assign]
-    engine = BatchEngine(many, Drafter(draft.with_rows(rows), vocab_size=8), vocab_size=8)
+    engine = Engine(many, Drafter(draft.with_rows(rows), vocab_size=8), vocab_size=8)
     requests = [engine.add_request(p, s) for p, s in zip(MIXED_PROMPTS, specs, strict=True)]
     engine.step()  # admits all five (a prefill each), then one step of every row
     prefills = len([p for p in MIXED_PROMPTS if len(p) > 1])

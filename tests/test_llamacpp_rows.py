@@ -36,7 +36,7 @@ from mcsd.api import generate, load_pair
 from mcsd.checks.engine import EngineCase, batch_generations, run_batch_engine_case
 from mcsd.checks.tiny_gguf import TinyGGUF
 from mcsd.config import GREEDY, LlamaCppConfig, SamplingConfig, SpecConfig
-from mcsd.engine import BatchEngine
+from mcsd.engine import Engine
 from mcsd.models.base import chain_mask, rows_forward, score, with_rows
 from mcsd.models.llamacpp import LlamaCppModel
 from mcsd.tree import TokenTree
@@ -349,7 +349,7 @@ def test_generate_a_list_of_prompts_equals_each_alone(pair) -> None:
     ]
 
 
-class NeighbourLogits(BatchEngine):
+class NeighbourLogits(Engine):
     """Broken: each row is verified against the next row's target logits."""
 
     def _target_logits(self, rows, tokens, positions, mask):
@@ -358,7 +358,7 @@ class NeighbourLogits(BatchEngine):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("engine_class", [BatchEngine, NeighbourLogits], ids=["engine", "broken"])
+@pytest.mark.parametrize("engine_class", [Engine, NeighbourLogits], ids=["engine", "broken"])
 def test_batch_of_four_through_llamacpp_is_lossless(pair, engine_class) -> None:
     """Four prompts side by side in 4 rows of llama.cpp: each prompt's sequences against the
     target's own exact distribution; a row reading its neighbour's logits fails the same test."""
@@ -370,7 +370,7 @@ def test_batch_of_four_through_llamacpp_is_lossless(pair, engine_class) -> None:
         engine_class=engine_class,
     )
     passed = all(fit.passed for fit in fits)
-    assert passed is (engine_class is BatchEngine), fits
+    assert passed is (engine_class is Engine), fits
 
 
 # ---------------------------------------------------------------------------- server and CLI

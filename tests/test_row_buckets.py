@@ -26,7 +26,7 @@ from conftest import greedy_reference, tiny_causal_lm
 from mcsd.budget import computed_rows
 from mcsd.config import SamplingConfig, SpecConfig
 from mcsd.draft.proposer import Drafter
-from mcsd.engine import BatchEngine, speculative_decode
+from mcsd.engine import Engine, speculative_decode
 from mcsd.models.base import chain_mask, row_bucket, row_buckets, rows_forward
 from mcsd.models.fast import FastModel, build, read_architecture
 from mcsd.models.hf import HFModel
@@ -130,7 +130,7 @@ def test_subsets_equal_each_row_alone(models, kind: str) -> None:
     assert recorder.batches == [1, 2, 4, 4, 8, 8]
 
 
-def generate_rows(engine: BatchEngine, prompts, spec: SpecConfig) -> list[list[int]]:
+def generate_rows(engine: Engine, prompts, spec: SpecConfig) -> list[list[int]]:
     """``prompts`` through the engine's rows as they free up (late joins), one seed and length
     each."""
     requests = [
@@ -150,7 +150,7 @@ def engine_outputs(models, kind: str, temperature: float, cls=None) -> list[list
     spec = SpecConfig(tree="3,2", target=SamplingConfig(temperature=temperature))
     target = runtime(models, kind, "target", 4, cls)
     draft = runtime(models, kind, "draft", 4, cls)
-    engine = BatchEngine(target, Drafter(draft, vocab_size=VOCAB), vocab_size=VOCAB)
+    engine = Engine(target, Drafter(draft, vocab_size=VOCAB), vocab_size=VOCAB)
     recorder = Recorder(target)
     outputs = generate_rows(engine, PROMPTS, spec)
     assert min(recorder.steps) == 1  # the busy rows changed: smaller buckets ran

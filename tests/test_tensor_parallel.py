@@ -25,7 +25,7 @@ from mcsd.api import load_pair
 from mcsd.cli import main
 from mcsd.config import GREEDY, ParallelConfig, SamplingConfig, SpecConfig
 from mcsd.draft.proposer import Drafter
-from mcsd.engine import BatchEngine
+from mcsd.engine import Engine
 from mcsd.models.base import chain_mask, with_rows
 from mcsd.models.fast import FastModel, build, read_architecture
 from mcsd.models.fast.parallel import (
@@ -41,7 +41,12 @@ from mcsd.models.fast.parallel import (
 from mcsd.tree import TokenTree
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# one xdist worker: the module fixture runs the 2- and 4-rank groups once, and this process
+# joins process groups (rank 0)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.xdist_group("tensor-parallel"),
+]
 VOCABS = {"llama": 98, "qwen2": 96}
 HEADS = {"num_attention_heads": 8, "num_key_value_heads": 4}
 GREEDY_SPEC = SpecConfig(tree=(2, 2, 1), target=GREEDY, max_new_tokens=24)
@@ -98,7 +103,7 @@ def logits_run(runtime: FastModel, vocab: int) -> list[torch.Tensor]:
 
 def rows_run(target: FastModel, draft: FastModel, vocab: int) -> list[list[int]]:
     """Two prompts as rows of one batch engine (copies of two rows: ``with_rows``), greedy."""
-    engine = BatchEngine(
+    engine = Engine(
         with_rows(target, 2),
         Drafter(with_rows(draft, 2), vocab_size=vocab),
         vocab_size=vocab,

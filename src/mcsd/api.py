@@ -7,7 +7,7 @@ result = mcsd.generate(pair, "def fib(n):", mcsd.SpecConfig(tree="4,2,2", max_ne
 print(result.text, result.stats.summary())
 ```
 Text handling (tokenising, chat templates, stop strings, incremental detokenisation) lives here;
-the token-level work is the engine's (``mcsd.engine.BatchEngine``: requests in, steps out).
+the token-level work is the engine's (``mcsd.engine.Engine``: requests in, steps out).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mcsd.config import (
 )
 from mcsd.draft.context import RequestStore
 from mcsd.draft.proposer import Drafter
-from mcsd.engine import BatchEngine, Step
+from mcsd.engine import Engine, Step
 from mcsd.errors import ParamError
 from mcsd.models.base import Runtime, with_rows
 from mcsd.models.factory import load_runtime as load_model
@@ -84,8 +84,8 @@ class ModelPair:
         *,
         budget_tree: TokenTree | None = None,
         store: RequestStore | None = None,
-    ) -> BatchEngine:
-        """A ``BatchEngine`` of ``batch_size`` rows on this pair (copies of both runtimes with
+    ) -> Engine:
+        """A ``Engine`` of ``batch_size`` rows on this pair (copies of both runtimes with
         caches of that many rows, weights shared; the pair's own runtimes at batch 1). Requests
         of every plan can be its rows side by side: static, dynamic, context and mixed trees and
         plain decoding (``mcsd.draft.proposer.Drafter``). ``budget_tree``: the requests growing
@@ -101,7 +101,7 @@ class ModelPair:
                 raise ValueError("adaptive: the tree budget needs a draft model (load_draft=True)")
             budget = self.tree_budget(budget_tree, batch_size, runtimes=(target, draft))
         proposer = Drafter(draft, vocab_size=self.vocab_size, device=target.device, store=store)
-        return BatchEngine(target, proposer, vocab_size=self.vocab_size, budget=budget)
+        return Engine(target, proposer, vocab_size=self.vocab_size, budget=budget)
 
     def tree_budget(
         self,

@@ -53,7 +53,7 @@ class Step:
     finish_reason: str | None  # "stop" (a stop token), "length", or None (not finished)
 
 
-class BatchEngine:
+class Engine:
     """Speculative decoding of requests in the rows of ``target`` (continuous batching; see the
     module docstring). ``proposer``: builds every speculating row's tree (``mcsd.draft.proposer.
     Drafter``; None: plain decoding only). ``budget`` (``mcsd.budget.TreeBudget``): the rows whose
@@ -412,7 +412,7 @@ def speculative_decode(
     budget: TreeBudget | None = None,
 ) -> Iterator[Step]:
     """Yield one ``Step`` per target forward until a stop token or ``max_new_tokens``: the
-    ``BatchEngine`` with one request (``tree="none"``: run ``autoregressive_decode``).
+    ``Engine`` with one request (``tree="none"``: run ``autoregressive_decode``).
     ``budget``: ``spec``'s tree is picked per step from the ladder and plain decoding
     (``mcsd.budget``; the acceptance estimate starts from its prior).
 
@@ -423,7 +423,7 @@ def speculative_decode(
     verifiers' residual work (default float32 on CUDA, float64 elsewhere)."""
     if not spec.speculative:
         raise ValueError("tree 'none' is plain decoding: run autoregressive_decode")
-    engine = BatchEngine(
+    engine = Engine(
         target,
         proposer,
         vocab_size=vocab_size,
@@ -515,15 +515,15 @@ def autoregressive_decode(
     seed: int | None = None,
 ) -> Iterator[Step]:
     """The target alone, one token per forward (the baseline ``ar`` of ``mcsd bench``): the
-    ``BatchEngine``'s plain steps on one row, through the same runtime, warping and stopping as
+    ``Engine``'s plain steps on one row, through the same runtime, warping and stopping as
     ``speculative_decode``."""
     spec = SpecConfig(tree="none", target=sampling, max_new_tokens=max_new_tokens, seed=seed)
-    engine = BatchEngine(target, None, vocab_size=vocab_size)
+    engine = Engine(target, None, vocab_size=vocab_size)
     yield from _one_request(engine, prompt_ids, spec, stop_token_ids)
 
 
 def _one_request(
-    engine: BatchEngine, prompt_ids: list[int], spec: SpecConfig, stop_token_ids: frozenset[int]
+    engine: Engine, prompt_ids: list[int], spec: SpecConfig, stop_token_ids: frozenset[int]
 ) -> Iterator[Step]:
     """One request's steps through ``engine`` until it finishes; it is aborted (its row freed)
     even when the caller stops early."""

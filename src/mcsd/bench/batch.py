@@ -18,7 +18,7 @@ from mcsd.api import ModelPair, adaptive_tree
 from mcsd.bench.methods import Method
 from mcsd.bench.runner import method_pairs, turn_seed
 from mcsd.config import SpecConfig
-from mcsd.engine import BatchEngine
+from mcsd.engine import Engine
 from mcsd.stats import Stats
 
 BATCH_KINDS = ("ar", "sps", "tree")  # methods that run as rows of the batch engine
@@ -54,7 +54,7 @@ def check_batch_methods(methods: Sequence[Method]) -> None:
         )
 
 
-def method_engine(pair: ModelPair, method: Method, base: SpecConfig, batch: int) -> BatchEngine:
+def method_engine(pair: ModelPair, method: Method, base: SpecConfig, batch: int) -> Engine:
     """The batch engine of ``batch`` rows that runs ``method`` (``ar``: plain decoding rows)."""
     spec = method_spec(method, base)
     budget_tree = adaptive_tree(spec) if method.adaptive and spec.speculative else None
@@ -68,7 +68,7 @@ def method_spec(method: Method, base: SpecConfig) -> SpecConfig:
 
 def run_batch(
     pair: ModelPair,
-    engine: BatchEngine,
+    engine: Engine,
     prompts: Sequence[list[int]],
     method: Method,
     base: SpecConfig,

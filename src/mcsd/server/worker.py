@@ -1,5 +1,5 @@
 """Continuous batching: a worker thread feeds the requests of a bounded first-in-first-out
-queue to one engine (``mcsd.engine.BatchEngine``) of ``max_batch`` rows and posts every step.
+queue to one engine (``mcsd.engine.Engine``) of ``max_batch`` rows and posts every step.
 
 Each turn of the loop takes as many waiting jobs as there are free rows, tokenises them and
 adds them to the engine (which admits them into rows at its next step; a prompt is read in a
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from mcsd.api import Chunk, ModelPair, Prompt, TextRow, encode_prompt
 from mcsd.config import SpecConfig
-from mcsd.engine import BatchEngine, Step
+from mcsd.engine import Engine, Step
 from mcsd.errors import ParamError
 from mcsd.request import Request
 from mcsd.server.admission import AdmissionQueue, Closed, QueueFull
@@ -131,7 +131,7 @@ class Scheduler:
         self.queue: AdmissionQueue[Job] = AdmissionQueue(max_queue + max_batch)
         self._held = 0  # requests taken from the queue and not finished (admitted or running)
         self._running: dict[Request, _Running] = {}
-        self._engine: BatchEngine | None = None  # built for the first request, after a failure
+        self._engine: Engine | None = None  # built for the first request, after a failure
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -221,7 +221,7 @@ class Scheduler:
             self._step()
 
     @property
-    def engine(self) -> BatchEngine:
+    def engine(self) -> Engine:
         """The engine of every request (built on first use, again after a failed step)."""
         if self._engine is None:
             self._engine = self.pair.batch_engine(self.max_batch, budget_tree=self.budget_tree)
