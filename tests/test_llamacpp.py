@@ -451,6 +451,7 @@ def test_multi_token_batch_decodes(smollm2) -> None:
     assert max_diff(torch.stack(single), batched).max() < TOLERANCE
 
 
+@pytest.mark.xdist_group("qwen-pair")  # the worker of tests/test_real_pair.py: one conversion
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
 def test_real_tree_logits_and_the_wrong_mask_control(
@@ -572,6 +573,7 @@ MESSAGES = [
 ]
 
 
+@pytest.mark.xdist_group("qwen-pair")  # the worker of tests/test_real_pair.py: one conversion
 @pytest.mark.slow
 @pytest.mark.parametrize("name", QWEN)
 def test_gguf_tokenizer_matches_transformers(name: str) -> None:
@@ -600,6 +602,7 @@ def test_gguf_tokenizer_matches_transformers(name: str) -> None:
     assert ours.eos_token_id == theirs.eos_token_id
 
 
+@pytest.mark.xdist_group("qwen-pair")  # the worker of tests/test_real_pair.py: one conversion
 @pytest.mark.slow
 def test_default_pair_runs_on_llamacpp_without_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default pair on auto (CPU): llama.cpp, GGUFs kept in the cache, no conversion."""
