@@ -14,12 +14,13 @@ Every comparison goes through ``assert_matches`` (chi-square p-value >= ALPHA, T
 that holds with probability 1 - ALPHA, no impossible outcome), with fixed seeds.
 
 Trial counts (the whole file must stay under a minute on 2 cores; one trial costs 50-200 us of
-Python): 20,000 per node case, 8,000 per tree (64-81 sequences, ~100 expected draws each).
-They still catch a wrong rule: for a bias of TV distance d the chi-square statistic grows like
-n * sum(delta_i^2 / p_i) >= 4 n d^2, so d = 0.03 at n = 20,000 gives >= 72 on a handful of
-degrees of freedom (p-value ~1e-14 against ALPHA = 1e-4). The two wrong rules at the end have
-d > 0.04 (asserted from the exact enumeration) and the same helper rejects them; tree-walk bugs
-(bonus or q taken from the wrong row) give d > 0.1 on every tree here.
+Python): 20,000 per node case, 5,000 per tree (64-81 sequences, 23-29 degrees of freedom once
+bins expecting few draws are pooled). They still catch a wrong rule: for a bias of TV distance d
+the chi-square statistic grows like n * sum(delta_i^2 / p_i) >= 4 n d^2, so d = 0.03 at
+n = 20,000 gives >= 72 on a handful of degrees of freedom (p-value ~1e-14 against
+ALPHA = 1e-4). The two wrong rules at the end have d > 0.04 (asserted from the exact
+enumeration) and the same helper rejects them; tree-walk bugs (bonus or q taken from the wrong
+row) give d > 0.1 on every tree here. The tree count is sized by that power (TREE_TRIALS).
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ from mcsd.verify import NodeResult, get_rule, verify_tree
 
 ALPHA = 1e-4  # per assertion; all seeded, so a pass is reproducible, not luck
 NODE_TRIALS = 20_000
-TREE_TRIALS = 8_000
+# Sized by power (was 8,000; a tree walk took 45-111 s on a 2-core Zen 1 EPYC): a tree-walk bug
+# of TV distance d >= 0.1 has noncentrality >= 4 n d^2 = 200, missed at ALPHA = 1e-4 on 23-29
+# dof with probability <= 1.4e-13 (noncentral chi-square; 6e-28 at 8,000). Measured (1,500
+# trials, every case): a node's p and bonus taken from its parent's row adds >= 0.81 to the
+# statistic per trial (missed never), its q from the parent's row >= 0.13 per trial (>= 650 at
+# 5,000), least on optimal's path tree, 0.042 (212: missed w.p. ~3e-9; 1e-15 at 8,000). The
+# seeded samples are the first 5,000 of the 8,000 and pass (p >= 0.065).
+TREE_TRIALS = 5_000
 
 
 def assert_matches(
