@@ -352,8 +352,8 @@ def test_generate_a_list_of_prompts_equals_each_alone(pair) -> None:
 class NeighbourLogits(Engine):
     """Broken: each row is verified against the next row's target logits."""
 
-    def _target_logits(self, rows, tokens, positions, mask):
-        logits = super()._target_logits(rows, tokens, positions, mask)
+    def _target_logits(self, requests, proposals, verifiers):
+        logits = super()._target_logits(requests, proposals, verifiers)
         return logits[1:] + logits[:1]
 
 
