@@ -9,10 +9,12 @@ free rows (each prompt read in a forward of its own), then runs one step of ever
             its pending token, whatever its plan (a static, dynamic, context or mixed tree): node
             tokens, and the q each node's children were drawn from.
 2. VERIFY   one target forward over every speculating row's [pending, nodes...] (trees of
-            different shapes padded into one ``[b, M, M]`` block: padding sees only itself)
-            gives p for every node; each row's rule verifier (``mcsd.verify.rules.
-            tree_verifier``) accepts a path and draws the correction or bonus token, with one
-            host synchronisation for all rows.
+            different shapes padded into one ``[b, M, M]`` block, padding seeing only itself:
+            a 64-token forward of the fast runtime costs 1.06-1.13x a one-token one on the
+            H200, docs/benchmarks.md, so padding costs a few percent where a forward per
+            shape would cost a whole forward) gives p for every node; each row's rule
+            verifier (``mcsd.verify.rules.tree_verifier``) accepts a path and draws the
+            correction or bonus token, with one host synchronisation for all rows.
 3. COMMIT   the target keeps each row's pending token and accepted path, the proposer commits
             the step; a row stops at a stop token or its ``max_new_tokens`` without overshooting,
             and its row is free for the next waiting request.
