@@ -342,3 +342,26 @@ def test_one_prompt_with_adaptive_tree() -> None:
     runs.append(generate(pair, prompt, sampled, adaptive=True).token_ids)
     assert runs[0] == runs[1] and pair.tree_budget(greedy.token_tree()) is budget
     assert pair.with_cheap_draft(int8=True)._budgets == {}  # another draft: measured anew
+
+
+def test_abort_a_waiting_and_a_running_request() -> None:
+    """``abort`` forgets a waiting request and frees a running one's row at once; the others
+    run on as if alone, and a bad request is refused when it is added, naming the field."""
+    case = EngineCase("mcss-wor", "2,2", vocab=4)
+    target, draft = case.models_for_batch(2)
+    engine = Engine(target, Drafter(draft, vocab_size=4), vocab_size=4)
+    spec = replace(case.spec(5), max_new_tokens=6)
+    first, second, third = (engine.add_request([1, 2], spec) for _ in range(3))
+    engine.abort(third)  # still waiting
+    assert third.status == "finished" and third.finish_reason == "abort"
+    engine.step()
+    assert (first.status, second.status) == ("running", "running")
+    engine.abort(second)
+    assert second.row is None and engine.free_rows() == [1]
+    while engine.has_unfinished():
+        engine.step()
+    assert first.output_ids == batch_one(replace(case, length=6), (1, 2), 5)
+    assert second.produced < 6 and not third.output_ids
+    with pytest.raises(ValueError, match="prompt must contain at least one token") as refused:
+        engine.add_request([], spec)
+    assert refused.value.param == "prompt"
