@@ -11,7 +11,8 @@
   tests that do not need bf16 itself: emulated bf16 is several times slower than float32).
 
 Under pytest-xdist (``-n 2``, README command 2 and ``.ci/run``) each worker runs torch on one
-thread, so that N workers fill N cores without oversubscribing them; tests that must share a
+thread, so that N workers fill N cores without oversubscribing them (a statistical tree walk took
+40 s at torch's default two threads on a busy 2-core machine, 5 s on one); tests that must share a
 worker (one module fixture that is expensive to build, a process group) carry an
 ``xdist_group`` mark, which ``--dist loadgroup`` (pyproject.toml) honours.
 """
