@@ -22,7 +22,7 @@ from mcsd.draft.dynamic import grow
 from mcsd.draft.mixed import Merged, drafted_nodes, mixed_proposal
 from mcsd.draft.model import DraftCursor, DraftRows, Uncached
 from mcsd.errors import ParamError
-from mcsd.models.base import Runtime
+from mcsd.models.base import Runtime, to_device
 from mcsd.plan import Plan
 from mcsd.request import Request
 from mcsd.tree import TokenTree
@@ -117,12 +117,11 @@ class Drafter:
                 assert tree is not None
                 groups.setdefault(tree, []).append(j)
             for tree, members in groups.items():
-                index = torch.tensor(members, device=first.logits.device)
-                grown = model.static_tree(
-                    [requests[drafted[j]] for j in members],
-                    tree,
-                    Uncached(first.logits[index], first.seen[index]),
-                )
+                rows = first  # every drafted request grows this tree: no gather
+                if len(members) < len(drafted):
+                    index = to_device(members, first.logits.device)  # no host synchronisation
+                    rows = Uncached(first.logits[index], first.seen[index])
+                grown = model.static_tree([requests[drafted[j]] for j in members], tree, rows)
                 for j, proposal in zip(members, grown, strict=True):
                     proposals[drafted[j]] = proposal
             for j, i in enumerate(drafted):
