@@ -51,10 +51,12 @@ class Drafter:
         device: torch.device | str | None = None,
         store: RequestStore | None = None,
     ) -> None:
-        if draft is None and device is None:
-            raise ValueError("device: a Drafter without a draft model needs the target's device")
+        if device is None:
+            if draft is None:
+                raise ValueError("device: a Drafter without a draft model needs the target's")
+            device = draft.device
         self.model = None if draft is None else DraftRows(draft, vocab_size)
-        self.device = torch.device(device) if device is not None else draft.device  # type: ignore[union-attr]
+        self.device = torch.device(device)
         self.store = store
 
     @property
