@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": "mcsd.commands.bench",
     "tune": "mcsd.commands.tune",
     "serve": "mcsd.commands.serve",
+    "train-head": "mcsd.commands.train_head",
 }
 
 

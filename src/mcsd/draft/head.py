@@ -68,7 +68,11 @@ class HeadConfig:
         if len(set(layers)) != len(layers):
             raise ValueError(f"HeadConfig.feature_layers repeats a layer: {layers!r}")
         object.__setattr__(self, "feature_layers", layers)
-        object.__setattr__(self, "recipe", dict(self.recipe))
+        try:  # as head.json will hold it: JSON types only (tuples become lists)
+            recipe = json.loads(json.dumps(dict(self.recipe)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"HeadConfig.recipe must be JSON data: {error}") from None
+        object.__setattr__(self, "recipe", recipe)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -168,7 +172,10 @@ class DraftHead(nn.Module):
         kv: Tensor,  # [1, 2, B, KV, L, hd] the head's cache
         explicit: bool = False,
     ) -> Tensor:
-        """The predicted next features ``[B, n, D]`` (not normed); keys/values in ``kv``."""
+        """The predicted next features ``[B, n, D]`` (not normed); keys/values in ``kv``.
+
+        Drafting runs under ``torch.inference_mode``; a forward that records gradients needs a
+        ``kv`` inside the graph, not a leaf (``mcsd.draft.train.head_loss`` makes one)."""
         x = torch.cat([self._target.embed(tokens), features], dim=-1)  # [B, n, 2D]
         x = self.fc(x)  # [B, n, D]
         cos = self.cos_table[positions].to(x.dtype)[:, None]  # [B, 1, n, hd]
