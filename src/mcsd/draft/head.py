@@ -220,14 +220,19 @@ def target_parts(lm: Any) -> TargetParts:
     return TargetParts(embed=lm.embed, norm=lm.norm, head=lm.head)
 
 
-def save_head(head: DraftHead, config: HeadConfig, directory: str | Path) -> Path:
-    """Write the head's own weights (``head.safetensors``) and ``head.json``; returns the
-    directory."""
+def save_head(
+    head: DraftHead, config: HeadConfig, directory: str | Path, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write the head's own weights (``head.safetensors``, in ``dtype``: default the head's) and
+    ``head.json``; returns the directory."""
     from safetensors.torch import save_file
 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().cpu() for name, t in head.state_dict().items()}
+    state = {
+        name: t.detach().to(dtype or t.dtype).contiguous().cpu()
+        for name, t in head.state_dict().items()
+    }
     save_file(state, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
     return path
