@@ -299,6 +299,8 @@ def head_loss(
     # and autograd replays the second view after the first write.
     kv = head.new_cache(b, levels * n, dtype=dtype).requires_grad_(torch.is_grad_enabled()).clone()
     feature = features[:, :n]  # [B, n, D]
+    log_p_all = F.log_softmax(target_logits, dim=-1)  # [B, T, V] once for every level
+    labels_all = target_logits.argmax(-1)  # [B, T] the target's greedy tokens
     total = torch.zeros((), device=device)
     top1: list[float] = []
     hits: list[Tensor] = []
@@ -316,13 +318,13 @@ def head_loss(
                    slots=slots, kv=kv)  # fmt: skip
         # [B, n, D] predicted f_{i+j+1}
         logits = head.logits(out[:, :valid])  # [B, valid, V]
-        reference = target_logits[:, j + 1 :]  # [B, valid, V] the target at i + j + 1
+        log_p = log_p_all[:, j + 1 :]  # [B, valid, V] the target at i + j + 1
+        labels = labels_all[:, j + 1 :]  # [B, valid]
         log_q = F.log_softmax(logits, dim=-1)
         if config.loss == "kl":
-            log_p = F.log_softmax(reference, dim=-1)
             level_loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         else:
-            level_loss = F.nll_loss(log_q.flatten(0, 1), reference.argmax(-1).flatten())
+            level_loss = F.nll_loss(log_q.flatten(0, 1), labels.flatten())
         if regress:
             truth = features[:, j + 1 :].float()  # [B, valid, D]
             level_loss = level_loss + config.feature_weight * F.smooth_l1_loss(
@@ -331,7 +333,7 @@ def head_loss(
         weight = config.ttt_decay**j
         total = total + weight * level_loss
         weights += weight
-        hit = logits.argmax(-1) == reference.argmax(-1)  # [B, valid]
+        hit = logits.argmax(-1) == labels  # [B, valid]
         top1.append(hit.float().mean().item())
         hits.append(hit[:, : n - levels + 1])  # the indices every level scores
         feature = out  # the next level reads the head's own prediction
